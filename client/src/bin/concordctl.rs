@@ -1,0 +1,303 @@
+//! `concordctl`: the command-line client of concord (docs/cli.md).
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use concord_client::api::{Consistency, KeySpan, KeyValue, PutRequest, RangeRequest, ResponseHeader, TxnOpResponse};
+use concord_client::{txn_syntax, Client, ClientConfig, Error};
+use serde_json::{json, Value};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "concordctl", version, about = "Command-line client of concord")]
+struct Cli {
+    /// Client config (endpoints + CA); `concord dev` writes one into its data dir.
+    #[arg(long, env = "CONCORD_CONFIG", default_value = "concord-dev/concordctl.toml", global = true)]
+    config: PathBuf,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Text, global = true)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Put VALUE under KEY.
+    Put {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+        /// Print the previous key-value.
+        #[arg(long)]
+        prev_kv: bool,
+    },
+    /// Read KEY (or every key with prefix KEY).
+    Get {
+        /// The key.
+        key: String,
+        /// Read at this revision of the key's range (0 = latest).
+        #[arg(long, default_value_t = 0)]
+        rev: u64,
+        /// linearizable, follower or serializable.
+        #[arg(long, default_value = "linearizable")]
+        consistency: Consistency,
+        /// Treat KEY as a prefix.
+        #[arg(long)]
+        prefix: bool,
+    },
+    /// Delete KEY (or every key with prefix KEY).
+    Del {
+        /// The key.
+        key: String,
+        /// Treat KEY as a prefix.
+        #[arg(long)]
+        prefix: bool,
+        /// Print the deleted key-values.
+        #[arg(long)]
+        prev_kv: bool,
+    },
+    /// Read the keys in [START, END), or with prefix START.
+    Range {
+        /// First key.
+        start: String,
+        /// End key (exclusive); omitted: every key >= START.
+        end: Option<String>,
+        /// Treat START as a prefix.
+        #[arg(long)]
+        prefix: bool,
+        /// At most this many keys (0 = all).
+        #[arg(long, default_value_t = 0)]
+        limit: u64,
+        /// Keys only, no values.
+        #[arg(long)]
+        keys_only: bool,
+        /// Only count.
+        #[arg(long)]
+        count_only: bool,
+        /// Descending key order.
+        #[arg(long)]
+        descending: bool,
+        /// Read at this revision (0 = latest).
+        #[arg(long, default_value_t = 0)]
+        rev: u64,
+        /// linearizable, follower or serializable.
+        #[arg(long, default_value = "linearizable")]
+        consistency: Consistency,
+    },
+    /// Run a txn read from FILE or stdin (syntax: docs/cli.md).
+    Txn {
+        /// File with the txn; `-` or omitted reads stdin.
+        file: Option<PathBuf>,
+    },
+    /// Compact every range at REV (capped at each range's revision).
+    Compact {
+        /// The compaction point.
+        rev: u64,
+    },
+    /// Nodes, ranges, leaders and revisions.
+    Status,
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn kv_json(kv: &KeyValue) -> Value {
+    json!({
+        "key": text(&kv.key),
+        "value": text(&kv.value),
+        "create_revision": kv.create_revision,
+        "mod_revision": kv.mod_revision,
+        "version": kv.version,
+        "lease": kv.lease,
+    })
+}
+
+fn headers_json(headers: &[ResponseHeader]) -> Value {
+    Value::Array(headers.iter().map(|h| json!({"range_id": h.range_id, "revision": h.revision})).collect())
+}
+
+/// The single revision of a response that visited one range; for several, the largest.
+fn revision(headers: &[ResponseHeader]) -> u64 {
+    headers.iter().map(|h| h.revision).max().unwrap_or(0)
+}
+
+fn print_kvs(kvs: &[KeyValue], keys_only: bool) {
+    for kv in kvs {
+        println!("{}", text(&kv.key));
+        if !keys_only {
+            println!("{}", text(&kv.value));
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Error> {
+    let json = cli.output == Output::Json;
+    let client = Client::connect(ClientConfig::from_file(&cli.config)?).await?;
+    match cli.command {
+        Command::Put { key, value, prev_kv } => {
+            let r = client.put_with(PutRequest { key: key.into_bytes(), value: value.into_bytes(), lease: 0, prev_kv }).await?;
+            if json {
+                println!("{}", json!({"revision": r.header.revision, "range_id": r.header.range_id, "prev_kv": r.prev_kv.as_ref().map(kv_json)}));
+            } else {
+                println!("OK");
+                if let Some(kv) = r.prev_kv {
+                    print_kvs(&[kv], false);
+                }
+            }
+        }
+        Command::Get { key, rev, consistency, prefix } => {
+            let span = if prefix { KeySpan::prefix(key) } else { KeySpan::key(key) };
+            let mut req = RangeRequest::new(span);
+            req.revision = rev;
+            let r = client.range(req, consistency).await?;
+            if json {
+                println!("{}", json!({"kvs": r.kvs.iter().map(kv_json).collect::<Vec<_>>(), "count": r.count, "more": r.more, "revision": revision(&r.headers), "headers": headers_json(&r.headers)}));
+            } else {
+                print_kvs(&r.kvs, false);
+            }
+        }
+        Command::Del { key, prefix, prev_kv } => {
+            let span = if prefix { KeySpan::prefix(key) } else { KeySpan::key(key) };
+            let r = client.delete(span, prev_kv).await?;
+            if json {
+                println!("{}", json!({"deleted": r.deleted, "prev_kvs": r.prev_kvs.iter().map(kv_json).collect::<Vec<_>>(), "revision": revision(&r.headers), "headers": headers_json(&r.headers)}));
+            } else {
+                println!("{}", r.deleted);
+                print_kvs(&r.prev_kvs, false);
+            }
+        }
+        Command::Range { start, end, prefix, limit, keys_only, count_only, descending, rev, consistency } => {
+            let span = match (prefix, end) {
+                (true, None) => KeySpan::prefix(start),
+                (false, Some(end)) => KeySpan::interval(start, end),
+                (false, None) => KeySpan::interval(start, Vec::new()),
+                (true, Some(_)) => return Err(Error::Config("--prefix takes no END".into())),
+            };
+            let req = RangeRequest { span, revision: rev, limit, keys_only, count_only, descending };
+            let r = client.range(req, consistency).await?;
+            if json {
+                println!("{}", json!({"kvs": r.kvs.iter().map(kv_json).collect::<Vec<_>>(), "count": r.count, "more": r.more, "revision": revision(&r.headers), "headers": headers_json(&r.headers)}));
+            } else if count_only {
+                println!("{}", r.count);
+            } else {
+                print_kvs(&r.kvs, keys_only);
+            }
+        }
+        Command::Txn { file } => {
+            let mut src = String::new();
+            match file.as_deref() {
+                None => std::io::stdin().read_to_string(&mut src).map(|_| ()),
+                Some(p) if p.as_os_str() == "-" => std::io::stdin().read_to_string(&mut src).map(|_| ()),
+                Some(p) => std::fs::read_to_string(p).map(|s| src = s),
+            }
+            .map_err(|e| Error::Config(format!("reading the txn: {e}")))?;
+            let txn = txn_syntax::parse(&src).map_err(|e| Error::Config(e.to_string()))?;
+            let r = client.txn(txn).await?;
+            if json {
+                let responses: Vec<Value> = r
+                    .responses
+                    .iter()
+                    .map(|op| match op {
+                        TxnOpResponse::Put(p) => json!({"put": {"revision": p.header.revision}}),
+                        TxnOpResponse::Range(g) => json!({"get": {"kvs": g.kvs.iter().map(kv_json).collect::<Vec<_>>(), "count": g.count}}),
+                        TxnOpResponse::Delete(d) => json!({"del": {"deleted": d.deleted}}),
+                    })
+                    .collect();
+                println!("{}", json!({"succeeded": r.succeeded, "revision": r.header.revision, "range_id": r.header.range_id, "responses": responses}));
+            } else {
+                println!("{}", if r.succeeded { "SUCCESS" } else { "FAILURE" });
+                for op in &r.responses {
+                    match op {
+                        TxnOpResponse::Put(_) => println!("OK"),
+                        TxnOpResponse::Range(g) => print_kvs(&g.kvs, false),
+                        TxnOpResponse::Delete(d) => println!("{}", d.deleted),
+                    }
+                }
+            }
+        }
+        Command::Compact { rev } => {
+            let results = client.compact(rev).await?;
+            let ranges = client.routes().ranges;
+            let mut rows = Vec::new();
+            for (desc, r) in ranges.iter().zip(results) {
+                match r {
+                    Ok(c) => {
+                        rows.push(json!({"range_id": desc.id, "compact_revision": c.compact_revision, "revision": c.header.revision}));
+                        if !json {
+                            println!("range {}: compacted at {}", desc.id, c.compact_revision);
+                        }
+                    }
+                    Err(Error::Api(concord_client::api::ApiError::Compacted { compact_revision })) => {
+                        rows.push(json!({"range_id": desc.id, "compact_revision": compact_revision, "already": true}));
+                        if !json {
+                            println!("range {}: already compacted at {compact_revision}", desc.id);
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if json {
+                println!("{}", Value::Array(rows));
+            }
+        }
+        Command::Status => {
+            let statuses = client.status().await;
+            if json {
+                let nodes: Vec<Value> = statuses
+                    .iter()
+                    .map(|(addr, s)| match s {
+                        Ok(s) => json!({"endpoint": addr, "node_id": s.node_id, "fsyncs": s.storage.fsyncs, "appends": s.storage.appends,
+                            "ranges": s.ranges.iter().map(|r| json!({"id": r.id, "start": text(&r.start), "end": text(&r.end), "epoch": r.epoch,
+                                "replicas": r.replicas, "leader": r.leader, "term": r.term, "revision": r.revision, "applied_index": r.applied_index})).collect::<Vec<_>>()}),
+                        Err(e) => json!({"endpoint": addr, "error": e.to_string(), "code": e.code()}),
+                    })
+                    .collect();
+                println!("{}", json!({"nodes": nodes}));
+            } else {
+                for (addr, s) in &statuses {
+                    match s {
+                        Ok(s) => {
+                            println!("node {} at {addr}: {} ranges, {} leading, {} fsyncs for {} appends", s.node_id, s.ranges.len(),
+                                s.ranges.iter().filter(|r| r.leader == Some(s.node_id)).count(), s.storage.fsyncs, s.storage.appends);
+                        }
+                        Err(e) => println!("{addr}: unreachable ({e})"),
+                    }
+                }
+                if let Some((_, Ok(s))) = statuses.iter().find(|(_, s)| s.is_ok()) {
+                    println!("{:>5}  {:<10} {:<10} {:>6}  {:<9} {:>8}", "RANGE", "START", "END", "LEADER", "REPLICAS", "REVISION");
+                    for r in &s.ranges {
+                        let replicas = r.replicas.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",");
+                        let leader = r.leader.map_or("-".to_string(), |l| l.to_string());
+                        println!("{:>5}  {:<10} {:<10} {:>6}  {:<9} {:>8}", r.id, format!("{:?}", text(&r.start)), format!("{:?}", text(&r.end)), leader, replicas, r.revision);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {} [{}]", e, e.code());
+            ExitCode::FAILURE
+        }
+    }
+}

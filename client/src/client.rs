@@ -1,0 +1,387 @@
+//! The client: connections, the route cache, routing and retries.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use concord_placement::RangeDescriptor;
+use concord_transport::api::{
+    ApiError, ClientReply, ClientRequest, ClientResponse, CompactResponse, Consistency, DeleteRequest, KeySpan, KeyValue,
+    KvRequest, KvResponse, NodeId, PutRequest, PutResponse, RangeRequest, ResponseHeader, RouteTable, StatusResponse,
+    TxnRequest, TxnResponse,
+};
+use concord_transport::endpoint::{self, ConnectionLimits};
+use concord_transport::{wire, SERVER_NAME};
+
+use crate::{ClientConfig, Error};
+
+/// Largest response frame the client accepts.
+pub const RESPONSE_BYTES_MAX: usize = 256 << 20;
+/// Pause before retrying a range that has no leader yet, times the attempt number.
+const RETRY_BACKOFF_MS: u64 = 50;
+
+/// The result of a read that may span ranges.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RangeResult {
+    /// Keys found, in the requested order.
+    pub kvs: Vec<KeyValue>,
+    /// Keys matched in all ranges visited (before the limit).
+    pub count: u64,
+    /// Whether the limit cut the result short.
+    pub more: bool,
+    /// One header per range visited, in visiting order.
+    pub headers: Vec<ResponseHeader>,
+}
+
+/// The result of a delete that may span ranges.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeleteResult {
+    /// Keys deleted.
+    pub deleted: u64,
+    /// The deleted key-values, when asked for.
+    pub prev_kvs: Vec<KeyValue>,
+    /// One header per range visited.
+    pub headers: Vec<ResponseHeader>,
+}
+
+/// A connection to a concord cluster. Cheap to clone; clones share connections and routes.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ClientConfig,
+    endpoint: quinn::Endpoint,
+    conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    routes: RwLock<RouteTable>,
+    /// Spreads follower / serializable reads over replicas.
+    next_replica: AtomicUsize,
+}
+
+fn is_write(request: &KvRequest) -> bool {
+    !matches!(request, KvRequest::Range(..))
+}
+
+impl Client {
+    /// Connects to the cluster: fetches the route table from the first reachable endpoint.
+    pub async fn connect(config: ClientConfig) -> Result<Self, Error> {
+        if config.endpoints.is_empty() {
+            return Err(Error::Config("no endpoints".into()));
+        }
+        let endpoint = endpoint::client_endpoint(&config.ca, &ConnectionLimits::default()).map_err(|e| Error::Config(e.to_string()))?;
+        let inner = Arc::new(Inner {
+            config,
+            endpoint,
+            conns: Mutex::new(HashMap::new()),
+            routes: RwLock::new(RouteTable { ranges: vec![], leaders: Default::default(), nodes: vec![] }),
+            next_replica: AtomicUsize::new(0),
+        });
+        let client = Self { inner };
+        client.refresh_routes().await?;
+        Ok(client)
+    }
+
+    /// The cached route table.
+    pub fn routes(&self) -> RouteTable {
+        self.inner.routes.read().expect("routes lock").clone()
+    }
+
+    /// Fetches the route table again from any reachable node.
+    pub async fn refresh_routes(&self) -> Result<(), Error> {
+        let mut last = Error::Config("no endpoints".into());
+        for addr in self.candidate_addrs() {
+            match self.inner.send(&addr, &ClientRequest::Routes).await {
+                Ok(Ok(ClientReply::Routes(table))) => {
+                    *self.inner.routes.write().expect("routes lock") = table;
+                    return Ok(());
+                }
+                Ok(Ok(other)) => last = Error::Protocol(format!("unexpected reply {other:?}")),
+                Ok(Err(e)) => last = Error::Api(e),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Every address worth trying: the known nodes, then the configured endpoints.
+    fn candidate_addrs(&self) -> Vec<String> {
+        let mut addrs: Vec<String> = self.routes().nodes.iter().map(|n| n.addr.clone()).collect();
+        for e in &self.inner.config.endpoints {
+            if !addrs.contains(e) {
+                addrs.push(e.clone());
+            }
+        }
+        addrs
+    }
+
+    fn node_addr(&self, node: NodeId) -> Option<String> {
+        self.routes().nodes.iter().find(|n| n.id == node).map(|n| n.addr.clone())
+    }
+
+    /// Sends `request` to the range `desc`, routing and retrying (bounded).
+    async fn call_range(&self, desc: &RangeDescriptor, request: KvRequest) -> Result<KvResponse, Error> {
+        let attempts_max = self.inner.config.attempts_max;
+        let mut desc = desc.clone();
+        let mut last: Option<Error> = None;
+        let mut avoid: Option<NodeId> = None;
+        for attempt in 0..attempts_max {
+            let target = self.pick_node(&desc, &request, attempt, avoid);
+            let Some(addr) = target.and_then(|n| self.node_addr(n)) else {
+                self.refresh_routes().await.ok();
+                last = Some(Error::Config(format!("no address for a replica of range {}", desc.id)));
+                continue;
+            };
+            let frame = ClientRequest::Kv { range_id: desc.id, epoch: desc.epoch, request: request.clone() };
+            let outcome = self.inner.send(&addr, &frame).await;
+            match outcome {
+                Ok(Ok(ClientReply::Kv(resp))) => return Ok(resp),
+                Ok(Ok(other)) => return Err(Error::Protocol(format!("unexpected reply {other:?}"))),
+                Ok(Err(ApiError::NotLeader { range_id, leader_hint })) => {
+                    {
+                        let mut routes = self.inner.routes.write().expect("routes lock");
+                        match leader_hint {
+                            Some(l) if Some(l) != target => {
+                                routes.leaders.insert(range_id, l);
+                            }
+                            _ => {
+                                routes.leaders.remove(&range_id);
+                                avoid = target;
+                            }
+                        }
+                    }
+                    if leader_hint.is_none() {
+                        tokio::time::sleep(Duration::from_millis(RETRY_BACKOFF_MS * (attempt as u64 + 1))).await;
+                    }
+                    last = Some(Error::Api(ApiError::NotLeader { range_id, leader_hint }));
+                }
+                Ok(Err(e @ (ApiError::StaleEpoch { .. } | ApiError::RangeNotFound { .. } | ApiError::KeyOutsideRange { .. }))) => {
+                    self.refresh_routes().await.ok();
+                    if let Some(d) = self.routes().ranges.iter().find(|r| r.id == desc.id) {
+                        desc = d.clone();
+                    }
+                    last = Some(Error::Api(e));
+                }
+                Ok(Err(e @ ApiError::Unavailable { .. })) => {
+                    // Not proposed (reads, or a refused write): safe to retry after a pause.
+                    avoid = target;
+                    tokio::time::sleep(Duration::from_millis(RETRY_BACKOFF_MS * (attempt as u64 + 1))).await;
+                    last = Some(Error::Api(e));
+                }
+                Ok(Err(e)) => return Err(Error::Api(e)),
+                Err(e @ Error::Connect { .. }) => {
+                    // Never delivered: safe to retry elsewhere.
+                    avoid = target;
+                    self.inner.routes.write().expect("routes lock").leaders.remove(&desc.id);
+                    last = Some(e);
+                }
+                Err(e) if is_write(&request) => return Err(e), // sent: the outcome is unknown
+                Err(e) => {
+                    avoid = target;
+                    last = Some(e);
+                }
+            }
+        }
+        Err(Error::Exhausted { attempts: attempts_max, last: Box::new(last.expect("at least one attempt")) })
+    }
+
+    fn pick_node(&self, desc: &RangeDescriptor, request: &KvRequest, attempt: u32, avoid: Option<NodeId>) -> Option<NodeId> {
+        let routes = self.inner.routes.read().expect("routes lock");
+        let candidates: Vec<NodeId> = desc.replicas.iter().copied().filter(|n| Some(*n) != avoid).collect();
+        let candidates = if candidates.is_empty() { desc.replicas.clone() } else { candidates };
+        let spread = |offset: usize| candidates.get(offset % candidates.len().max(1)).copied();
+        match request {
+            KvRequest::Range(_, Consistency::Follower | Consistency::Serializable) => {
+                spread(self.inner.next_replica.fetch_add(1, Ordering::Relaxed))
+            }
+            _ => match routes.leaders.get(&desc.id) {
+                Some(l) if Some(*l) != avoid => Some(*l),
+                _ => spread(attempt as usize),
+            },
+        }
+    }
+
+    /// Puts `value` under `key`.
+    pub async fn put(&self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Result<PutResponse, Error> {
+        self.put_with(PutRequest { key: key.into(), value: value.into(), lease: 0, prev_kv: false }).await
+    }
+
+    /// Puts with every option of [`PutRequest`].
+    pub async fn put_with(&self, put: PutRequest) -> Result<PutResponse, Error> {
+        let desc = self.locate(&put.key);
+        match self.call_range(&desc, KvRequest::Put(put)).await? {
+            KvResponse::Put(r) => Ok(r),
+            other => Err(Error::Protocol(format!("unexpected response {other:?}"))),
+        }
+    }
+
+    /// Reads `key` (linearizable).
+    pub async fn get(&self, key: impl Into<Vec<u8>>) -> Result<RangeResult, Error> {
+        self.range(RangeRequest::new(KeySpan::key(key)), Consistency::Linearizable).await
+    }
+
+    /// Reads a key, prefix or interval at `consistency`, visiting each range in key order
+    /// (reverse order when descending) until the limit is reached.
+    pub async fn range(&self, req: RangeRequest, consistency: Consistency) -> Result<RangeResult, Error> {
+        let mut descs = self.overlapping(&req.span);
+        if req.descending {
+            descs.reverse();
+        }
+        let mut result = RangeResult::default();
+        for desc in descs {
+            let mut part = req.clone();
+            part.span = clip(&desc, &req.span);
+            if req.limit != 0 {
+                let have = result.kvs.len() as u64;
+                if have >= req.limit && !req.count_only {
+                    // Keep counting in the remaining ranges only if the caller wants the count.
+                    part.count_only = true;
+                } else {
+                    part.limit = req.limit - have;
+                }
+            }
+            let KvResponse::Range(r) = self.call_range(&desc, KvRequest::Range(part, consistency)).await? else {
+                return Err(Error::Protocol("expected a range response".into()));
+            };
+            result.count += r.count;
+            result.kvs.extend(r.kvs);
+            result.headers.push(r.header);
+        }
+        result.more = req.limit != 0 && result.count > req.limit;
+        Ok(result)
+    }
+
+    /// Deletes a key, prefix or interval, range by range in key order.
+    pub async fn delete(&self, span: KeySpan, prev_kv: bool) -> Result<DeleteResult, Error> {
+        let mut result = DeleteResult::default();
+        for desc in self.overlapping(&span) {
+            let req = DeleteRequest { span: clip(&desc, &span), prev_kv };
+            let KvResponse::Delete(r) = self.call_range(&desc, KvRequest::Delete(req)).await? else {
+                return Err(Error::Protocol("expected a delete response".into()));
+            };
+            result.deleted += r.deleted;
+            result.prev_kvs.extend(r.prev_kvs);
+            result.headers.push(r.header);
+        }
+        Ok(result)
+    }
+
+    /// Runs a txn. All its keys must lie in one range, else [`ApiError::CrossRange`].
+    pub async fn txn(&self, txn: TxnRequest) -> Result<TxnResponse, Error> {
+        let mut ranges: Vec<RangeDescriptor> = txn.spans().iter().flat_map(|s| self.overlapping(s)).collect();
+        ranges.sort_by_key(|d| d.id);
+        ranges.dedup_by_key(|d| d.id);
+        let desc = match ranges.as_slice() {
+            [] => self.locate(b""),
+            [one] => one.clone(),
+            many => return Err(Error::Api(ApiError::CrossRange { ranges: many.iter().map(|d| d.id).collect() })),
+        };
+        match self.call_range(&desc, KvRequest::Txn(txn)).await? {
+            KvResponse::Txn(r) => Ok(r),
+            other => Err(Error::Protocol(format!("unexpected response {other:?}"))),
+        }
+    }
+
+    /// Compacts every range at `revision` (capped at each range's own revision). Returns one
+    /// result per range: a range already compacted at or past that point answers `Compacted`.
+    pub async fn compact(&self, revision: u64) -> Result<Vec<Result<CompactResponse, Error>>, Error> {
+        let mut results = Vec::new();
+        for desc in self.routes().ranges {
+            results.push(match self.call_range(&desc, KvRequest::Compact { revision }).await {
+                Ok(KvResponse::Compact(r)) => Ok(r),
+                Ok(other) => Err(Error::Protocol(format!("unexpected response {other:?}"))),
+                Err(e) => Err(e),
+            });
+        }
+        Ok(results)
+    }
+
+    /// Status of every node (an unreachable node gives its error).
+    pub async fn status(&self) -> Vec<(String, Result<StatusResponse, Error>)> {
+        let mut out = Vec::new();
+        for addr in self.candidate_addrs() {
+            let r = match self.inner.send(&addr, &ClientRequest::Status).await {
+                Ok(Ok(ClientReply::Status(s))) => Ok(s),
+                Ok(Ok(other)) => Err(Error::Protocol(format!("unexpected reply {other:?}"))),
+                Ok(Err(e)) => Err(Error::Api(e)),
+                Err(e) => Err(e),
+            };
+            out.push((addr, r));
+        }
+        out
+    }
+
+    /// Sends raw bytes as a request frame to `addr` and returns the decoded response
+    /// (for protocol tests: malformed frames, unknown versions).
+    pub async fn send_raw(&self, addr: &str, bytes: &[u8]) -> Result<ClientResponse, Error> {
+        self.inner.exchange(addr, bytes).await
+    }
+
+    fn locate(&self, key: &[u8]) -> RangeDescriptor {
+        let routes = self.inner.routes.read().expect("routes lock");
+        routes.ranges.iter().find(|r| r.contains(key)).cloned().expect("the route table covers the keyspace")
+    }
+
+    fn overlapping(&self, span: &KeySpan) -> Vec<RangeDescriptor> {
+        let (start, end) = span.bounds();
+        let routes = self.inner.routes.read().expect("routes lock");
+        routes.ranges.iter().filter(|r| r.overlaps(&start, &end)).cloned().collect()
+    }
+}
+
+/// The part of `span` inside `desc`, as a span.
+fn clip(desc: &RangeDescriptor, span: &KeySpan) -> KeySpan {
+    match &span.end {
+        None => span.clone(),
+        Some(end) => {
+            let (start, end) = desc.clip(&span.key, end);
+            KeySpan { key: start, end: Some(end) }
+        }
+    }
+}
+
+impl Inner {
+    async fn connection(&self, addr: &str) -> Result<quinn::Connection, Error> {
+        let connect_err = |reason: String| Error::Connect { addr: addr.to_string(), reason };
+        let sock: SocketAddr = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|e| connect_err(e.to_string()))?
+            .next()
+            .ok_or_else(|| connect_err("no address".into()))?;
+        if let Some(c) = self.conns.lock().expect("conns lock").get(&sock) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let connecting = self.endpoint.connect(sock, SERVER_NAME).map_err(|e| connect_err(e.to_string()))?;
+        let conn = tokio::time::timeout(self.config.connect_timeout, connecting)
+            .await
+            .map_err(|_| connect_err("handshake timed out".into()))?
+            .map_err(|e| connect_err(e.to_string()))?;
+        self.conns.lock().expect("conns lock").insert(sock, conn.clone());
+        Ok(conn)
+    }
+
+    async fn send(&self, addr: &str, request: &ClientRequest) -> Result<ClientResponse, Error> {
+        self.exchange(addr, &wire::encode_frame(request)).await
+    }
+
+    async fn exchange(&self, addr: &str, frame: &[u8]) -> Result<ClientResponse, Error> {
+        let conn = self.connection(addr).await?;
+        let timeout = self.config.request_timeout;
+        let connect_err = |reason: String| Error::Connect { addr: addr.to_string(), reason };
+        // Opening the stream and writing are "not delivered" failures; after the write the
+        // outcome is unknown.
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| connect_err(e.to_string()))?;
+        send.write_all(frame).await.map_err(|e| Error::Protocol(format!("{addr}: {e}")))?;
+        let _ = send.finish();
+        match tokio::time::timeout(timeout, wire::read_frame::<_, ClientResponse>(&mut recv, RESPONSE_BYTES_MAX)).await {
+            Err(_) => Err(Error::Timeout(timeout)),
+            Ok(Err(wire::WireError::Io(e))) => Err(Error::Protocol(format!("{addr}: {e}"))),
+            Ok(Err(e)) => Err(Error::Protocol(e.to_string())),
+            Ok(Ok(r)) => Ok(r),
+        }
+    }
+}

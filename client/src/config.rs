@@ -1,0 +1,60 @@
+//! Client configuration and the `concordctl.toml` file format.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::Error;
+
+/// How to reach a cluster.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Node addresses (`host:port`); any one is enough to learn the rest.
+    pub endpoints: Vec<String>,
+    /// The cluster CA certificate to trust.
+    pub ca: PathBuf,
+    /// Deadline of one request attempt.
+    pub request_timeout: Duration,
+    /// Deadline of a QUIC handshake with one node.
+    pub connect_timeout: Duration,
+    /// Attempts per request (routing retries included).
+    pub attempts_max: u32,
+}
+
+#[derive(Deserialize)]
+struct File {
+    endpoints: Vec<String>,
+    ca: PathBuf,
+    request_timeout_ms: Option<u64>,
+    attempts_max: Option<u32>,
+}
+
+impl ClientConfig {
+    /// A configuration for `endpoints` trusting `ca`, with default timeouts.
+    pub fn new(endpoints: Vec<String>, ca: PathBuf) -> Self {
+        Self {
+            endpoints,
+            ca,
+            request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(1),
+            attempts_max: 12,
+        }
+    }
+
+    /// Reads a `concordctl.toml` (`endpoints = [...]`, `ca = "..."`, optional
+    /// `request_timeout_ms`, `attempts_max`); a relative `ca` is relative to the file.
+    pub fn from_file(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let file: File = toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let ca = if file.ca.is_relative() { path.parent().unwrap_or(Path::new(".")).join(file.ca) } else { file.ca };
+        let mut config = Self::new(file.endpoints, ca);
+        if let Some(ms) = file.request_timeout_ms {
+            config.request_timeout = Duration::from_millis(ms);
+        }
+        if let Some(n) = file.attempts_max {
+            config.attempts_max = n.max(1);
+        }
+        Ok(config)
+    }
+}

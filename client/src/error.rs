@@ -1,0 +1,51 @@
+//! Client errors, each with a stable code.
+
+use concord_transport::api::ApiError;
+
+/// What can go wrong with a request.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// The cluster refused the request (see [`ApiError::code`]).
+    #[error("{0}")]
+    Api(#[from] ApiError),
+    /// No node could be reached.
+    #[error("cannot reach {addr}: {reason}")]
+    Connect {
+        /// The address tried last.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The request did not complete within the deadline; a write's outcome is unknown.
+    #[error("request timed out after {0:?}")]
+    Timeout(std::time::Duration),
+    /// Every attempt failed; the last error is attached.
+    #[error("gave up after {attempts} attempts: {last}")]
+    Exhausted {
+        /// Attempts made.
+        attempts: u32,
+        /// The last error.
+        last: Box<Error>,
+    },
+    /// The configuration is unusable.
+    #[error("config: {0}")]
+    Config(String),
+    /// The server sent something this client does not understand.
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+impl Error {
+    /// A stable code: the server's for [`Error::Api`], else one of `CONNECT`, `TIMEOUT`,
+    /// `EXHAUSTED`, `CONFIG`, `PROTOCOL`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Api(e) => e.code(),
+            Self::Connect { .. } => "CONNECT",
+            Self::Timeout(_) => "TIMEOUT",
+            Self::Exhausted { .. } => "EXHAUSTED",
+            Self::Config(_) => "CONFIG",
+            Self::Protocol(_) => "PROTOCOL",
+        }
+    }
+}

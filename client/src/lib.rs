@@ -1,0 +1,25 @@
+//! concord-client: the async Rust client of concord.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), concord_client::Error> {
+//! use concord_client::{Client, ClientConfig};
+//! let client = Client::connect(ClientConfig::from_file("concord-dev/concordctl.toml".as_ref())?).await?;
+//! client.put("hello", "world").await?;
+//! let kv = client.get("hello").await?.kvs.pop();
+//! # Ok(()) }
+//! ```
+//!
+//! The client caches the route table (ranges, replicas, leader hints), sends each request to
+//! the node that can serve it, follows `NotLeader` hints, refreshes routes on `StaleEpoch` /
+//! `RangeNotFound`, and retries a bounded number of times. A write is retried only when the
+//! error proves it was not applied (see docs/consistency.md); `Indeterminate` is returned as is.
+
+mod client;
+mod config;
+mod error;
+pub mod txn_syntax;
+
+pub use client::{Client, DeleteResult, RangeResult};
+pub use concord_transport::api;
+pub use config::ClientConfig;
+pub use error::Error;

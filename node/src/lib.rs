@@ -1,0 +1,16 @@
+//! concord-node: a storage node of concord.
+//!
+//! - [`mvcc`]: the pure MVCC state machine of one range.
+//! - [`storage`]: RocksDB storage of every group, with the group-commit writer.
+//! - [`network`]: Raft traffic between nodes over QUIC.
+//! - [`node`]: the node itself: groups, client protocol, reads at each consistency level.
+//! - [`dev`]: `concord dev`, a local cluster in one process.
+
+pub mod dev;
+pub mod mvcc;
+pub mod network;
+pub mod node;
+pub mod raft_types;
+pub mod storage;
+
+pub use node::{BoundNode, Node, NodeConfig, RaftSettings, StartError};

@@ -1,0 +1,128 @@
+//! The `concord` server binary: `concord dev` (a local cluster) and `concord node` (one node).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use concord_node::dev::{self, DevOptions};
+use concord_node::{BoundNode, NodeConfig};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "concord", version, about = "concord: a strongly consistent, sharded coordination store")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct LimitArgs {
+    /// Largest key, in bytes.
+    #[arg(long, default_value_t = 4096)]
+    key_bytes_max: usize,
+    /// Largest value, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    value_bytes_max: usize,
+    /// Largest request frame, in bytes.
+    #[arg(long, default_value_t = 2 << 20)]
+    request_bytes_max: usize,
+    /// Most operations in one txn.
+    #[arg(long, default_value_t = 128)]
+    txn_ops_max: usize,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a local cluster in this process (all nodes on 127.0.0.1) until Ctrl-C.
+    Dev {
+        /// Number of nodes (first start only).
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Number of ranges, each its own Raft group (first start only).
+        #[arg(long, default_value_t = 8)]
+        ranges: usize,
+        /// Cluster directory; a second run on it resumes with all data.
+        #[arg(long, default_value = "concord-dev")]
+        data_dir: PathBuf,
+    },
+    /// Run one node of a multi-process cluster.
+    Node {
+        /// This node's id (one of --peers).
+        #[arg(long)]
+        id: u64,
+        /// Address to listen on (UDP).
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Every member, this node included: `1=127.0.0.1:7001,2=127.0.0.1:7002,...`.
+        #[arg(long, value_delimiter = ',')]
+        peers: Vec<String>,
+        /// Data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Certificate directory shared by the cluster (the CA is created there if missing).
+        #[arg(long)]
+        cert_dir: PathBuf,
+        /// Number of ranges (must match on every node and every restart).
+        #[arg(long, default_value_t = 8)]
+        ranges: usize,
+        /// Also write a concordctl.toml for this cluster to this path.
+        #[arg(long)]
+        client_config: Option<PathBuf>,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+}
+
+fn parse_peers(peers: &[String]) -> anyhow::Result<BTreeMap<u64, SocketAddr>> {
+    peers
+        .iter()
+        .map(|p| {
+            let (id, addr) = p.split_once('=').with_context(|| format!("peer {p:?} is not ID=ADDR"))?;
+            Ok((id.parse().with_context(|| format!("peer id {id:?}"))?, addr.parse().with_context(|| format!("peer address {addr:?}"))?))
+        })
+        .collect()
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CONCORD_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Dev { nodes, ranges, data_dir } => {
+            dev::run(DevOptions { nodes, ranges, data_dir }, shutdown_signal()).await?;
+        }
+        Command::Node { id, listen, peers, data_dir, cert_dir, ranges, client_config, limits } => {
+            let members = parse_peers(&peers)?;
+            let mut config = NodeConfig::new(id, listen, data_dir, cert_dir.clone());
+            config.ranges = ranges;
+            config.limits = concord_transport::api::RequestLimits {
+                key_bytes_max: limits.key_bytes_max,
+                value_bytes_max: limits.value_bytes_max,
+                request_bytes_max: limits.request_bytes_max,
+                txn_ops_max: limits.txn_ops_max,
+            };
+            let node = BoundNode::bind(config)?.start(members.clone()).await?;
+            if let Some(path) = client_config {
+                dev::write_client_config(&path, &members.values().copied().collect::<Vec<_>>(), &cert_dir)?;
+            }
+            eprintln!("concord node {id} serving on {}", node.local_addr());
+            shutdown_signal().await;
+            node.shutdown().await;
+        }
+    }
+    Ok(())
+}

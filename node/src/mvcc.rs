@@ -1,0 +1,583 @@
+//! The MVCC key-value state of one range: a pure state machine, no I/O.
+//!
+//! Modelled on etcd's mvcc: every write bumps the range's *revision*; each key keeps its
+//! history of versions `(revision, value | tombstone)`; a read at revision R sees, per key, the
+//! newest version at or below R. Applying a command returns its response and appends the
+//! [`Mutation`]s that the storage shell persists in the same write as the applied log index
+//! (STYLE.md 1: a pure core, an I/O shell).
+//!
+//! **Invariant:** the revision only grows, and every version's revision is at most the
+//! range's revision; histories are sorted by revision. Checked on every write.
+//!
+//! A write at revision R may produce several versions (a txn, a multi-key delete); they share
+//! the main revision R and are told apart by a sub-revision, as in etcd.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use concord_transport::api::{
+    ApiError, Compare, CompareOp, CompareTarget, CompactResponse, DeleteRequest, DeleteResponse, KeySpan, KeyValue,
+    KvResponse, PutRequest, PutResponse, RangeId, RangeRequest, RangeResponse, ResponseHeader, TxnOp, TxnOpResponse,
+    TxnRequest, TxnResponse,
+};
+use serde::{Deserialize, Serialize};
+
+/// A write command replicated through a range's Raft log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Put one key.
+    Put(PutRequest),
+    /// Delete a key, prefix or interval (clipped to the range by the node).
+    Delete(DeleteRequest),
+    /// Compare-and-swap transaction.
+    Txn(TxnRequest),
+    /// Compact revisions older than `revision`.
+    Compact {
+        /// The compaction point (capped at the range's revision).
+        revision: u64,
+    },
+}
+
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        match self {
+            Self::Put(p) => write!(f, "put {:?} ({} bytes)", text(&p.key), p.value.len()),
+            Self::Delete(d) => write!(f, "delete {:?}..{:?}", text(&d.span.key), d.span.end.as_deref().map(text)),
+            Self::Txn(t) => write!(f, "txn ({} ops)", t.op_count()),
+            Self::Compact { revision } => write!(f, "compact {revision}"),
+        }
+    }
+}
+
+/// Position of a version: the write's main revision and its index within that write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Rev {
+    /// The range revision of the write.
+    pub main: u64,
+    /// Index of this version within the write.
+    pub sub: u32,
+}
+
+/// A live value of a key at some revision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// The value.
+    pub value: Vec<u8>,
+    /// Revision at which this incarnation of the key was created.
+    pub create_revision: u64,
+    /// Modifications since creation.
+    pub version: u64,
+    /// Attached lease, 0 for none.
+    pub lease: i64,
+}
+
+/// One version in a key's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Version {
+    /// When it was written.
+    pub rev: Rev,
+    /// The value, or `None` for a deletion (tombstone).
+    pub record: Option<Record>,
+}
+
+/// A change for the storage shell to persist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mutation {
+    /// Store version `rev` of `key`.
+    Put {
+        /// Version position.
+        rev: Rev,
+        /// The key.
+        key: Vec<u8>,
+        /// The value, or `None` for a tombstone.
+        record: Option<Record>,
+    },
+    /// Forget version `rev` (compaction).
+    Remove {
+        /// Version position.
+        rev: Rev,
+    },
+}
+
+/// The MVCC state of one range.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mvcc {
+    range_id: RangeId,
+    revision: u64,
+    compact_revision: u64,
+    /// Key → its versions, oldest first. A key whose history is empty is removed.
+    index: BTreeMap<Vec<u8>, Vec<Version>>,
+}
+
+fn kv(key: &[u8], rev: Rev, record: &Record, keys_only: bool) -> KeyValue {
+    KeyValue {
+        key: key.to_vec(),
+        value: if keys_only { Vec::new() } else { record.value.clone() },
+        create_revision: record.create_revision,
+        mod_revision: rev.main,
+        version: record.version,
+        lease: record.lease,
+    }
+}
+
+fn span_bounds(span: &KeySpan) -> (Bound<Vec<u8>>, Bound<Vec<u8>>) {
+    match &span.end {
+        None => (Bound::Included(span.key.clone()), Bound::Included(span.key.clone())),
+        Some(end) if end.is_empty() => (Bound::Included(span.key.clone()), Bound::Unbounded),
+        Some(end) => (Bound::Included(span.key.clone()), Bound::Excluded(end.clone())),
+    }
+}
+
+/// The state of a write in progress: its revision and the next sub-revision.
+struct WriteCursor {
+    main: u64,
+    sub: u32,
+}
+
+impl WriteCursor {
+    fn next(&mut self) -> Rev {
+        let rev = Rev { main: self.main, sub: self.sub };
+        self.sub += 1;
+        rev
+    }
+}
+
+impl Mvcc {
+    /// An empty range state.
+    pub fn new(range_id: RangeId) -> Self {
+        Self { range_id, ..Self::default() }
+    }
+
+    /// Rebuilds a range from persisted versions (in any order) and its persisted counters.
+    pub fn restore(
+        range_id: RangeId,
+        revision: u64,
+        compact_revision: u64,
+        versions: impl IntoIterator<Item = (Vec<u8>, Version)>,
+    ) -> Self {
+        let mut index: BTreeMap<Vec<u8>, Vec<Version>> = BTreeMap::new();
+        for (key, v) in versions {
+            index.entry(key).or_default().push(v);
+        }
+        for history in index.values_mut() {
+            history.sort_by_key(|v| v.rev);
+        }
+        let mvcc = Self { range_id, revision, compact_revision, index };
+        mvcc.check_invariants();
+        mvcc
+    }
+
+    /// The range this state belongs to.
+    pub fn range_id(&self) -> RangeId {
+        self.range_id
+    }
+
+    /// The range's current revision.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// The oldest revision still readable.
+    pub fn compact_revision(&self) -> u64 {
+        self.compact_revision
+    }
+
+    /// Number of keys with any history (live or tombstoned).
+    pub fn key_count(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Every stored version, for snapshots and tests.
+    pub fn versions(&self) -> impl Iterator<Item = (&[u8], &Version)> {
+        self.index.iter().flat_map(|(k, h)| h.iter().map(move |v| (k.as_slice(), v)))
+    }
+
+    fn header(&self) -> ResponseHeader {
+        ResponseHeader { range_id: self.range_id, revision: self.revision }
+    }
+
+    /// Crashes on a broken invariant (STYLE.md 6); cheap enough for debug builds only.
+    fn check_invariants(&self) {
+        if cfg!(debug_assertions) {
+            assert!(self.compact_revision <= self.revision, "compact revision above revision");
+            for (key, history) in &self.index {
+                assert!(!history.is_empty(), "empty history for {key:?}");
+                assert!(history.windows(2).all(|w| w[0].rev < w[1].rev), "history of {key:?} not sorted");
+                assert!(history.last().expect("non-empty").rev.main <= self.revision, "version above revision");
+            }
+        }
+    }
+
+    /// The live record of `key` at revision `at`, with its revision.
+    fn live_at(&self, key: &[u8], at: u64) -> Option<(Rev, &Record)> {
+        let history = self.index.get(key)?;
+        let v = history.iter().rev().find(|v| v.rev.main <= at)?;
+        v.record.as_ref().map(|r| (v.rev, r))
+    }
+
+    /// Reads `req` at its revision (0 = latest).
+    pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse, ApiError> {
+        let at = if req.revision == 0 { self.revision } else { req.revision };
+        if at > self.revision {
+            return Err(ApiError::FutureRevision { revision: at, current: self.revision });
+        }
+        if at < self.compact_revision {
+            return Err(ApiError::Compacted { compact_revision: self.compact_revision });
+        }
+        Ok(self.range_at(req, at))
+    }
+
+    fn range_at(&self, req: &RangeRequest, at: u64) -> RangeResponse {
+        let matches = self.index.range(span_bounds(&req.span)).filter_map(|(k, _)| {
+            self.live_at(k, at).map(|(rev, rec)| (k, rev, rec))
+        });
+        let matched: Vec<_> =
+            if req.descending { matches.collect::<Vec<_>>().into_iter().rev().collect() } else { matches.collect() };
+        let count = matched.len() as u64;
+        let limit = if req.limit == 0 { usize::MAX } else { req.limit as usize };
+        let kvs = if req.count_only {
+            Vec::new()
+        } else {
+            matched.iter().take(limit).map(|(k, rev, rec)| kv(k, *rev, rec, req.keys_only)).collect()
+        };
+        RangeResponse { header: self.header(), kvs, count, more: count > limit as u64 }
+    }
+
+    fn put_at(&mut self, cursor: &mut WriteCursor, put: &PutRequest, out: &mut Vec<Mutation>) -> PutResponse {
+        let prev = self.live_at(&put.key, u64::MAX).map(|(rev, rec)| (rev, rec.clone()));
+        let record = Record {
+            value: put.value.clone(),
+            create_revision: prev.as_ref().map_or(cursor.main, |(_, r)| r.create_revision),
+            version: prev.as_ref().map_or(1, |(_, r)| r.version + 1),
+            lease: put.lease,
+        };
+        let rev = cursor.next();
+        out.push(Mutation::Put { rev, key: put.key.clone(), record: Some(record.clone()) });
+        self.index.entry(put.key.clone()).or_default().push(Version { rev, record: Some(record) });
+        PutResponse {
+            header: ResponseHeader { range_id: self.range_id, revision: cursor.main },
+            prev_kv: if put.prev_kv { prev.map(|(rev, r)| kv(&put.key, rev, &r, false)) } else { None },
+        }
+    }
+
+    fn delete_at(&mut self, cursor: &mut WriteCursor, del: &DeleteRequest, out: &mut Vec<Mutation>) -> DeleteResponse {
+        let live: Vec<(Vec<u8>, KeyValue)> = self
+            .index
+            .range(span_bounds(&del.span))
+            .filter_map(|(k, _)| self.live_at(k, u64::MAX).map(|(rev, rec)| (k.clone(), kv(k, rev, rec, false))))
+            .collect();
+        for (key, _) in &live {
+            let rev = cursor.next();
+            out.push(Mutation::Put { rev, key: key.clone(), record: None });
+            self.index.get_mut(key).expect("live key is indexed").push(Version { rev, record: None });
+        }
+        DeleteResponse {
+            header: ResponseHeader { range_id: self.range_id, revision: cursor.main },
+            deleted: live.len() as u64,
+            prev_kvs: if del.prev_kv { live.into_iter().map(|(_, kv)| kv).collect() } else { Vec::new() },
+        }
+    }
+
+    fn compare_holds(&self, c: &Compare) -> bool {
+        let live = self.live_at(&c.key, u64::MAX);
+        let ord = match &c.target {
+            // An absent key has no value: every value compare fails, as in etcd.
+            CompareTarget::Value(v) => match live {
+                Some((_, r)) => r.value.as_slice().cmp(v.as_slice()),
+                None => return false,
+            },
+            CompareTarget::Version(n) => live.map_or(0, |(_, r)| r.version).cmp(n),
+            CompareTarget::CreateRevision(n) => live.map_or(0, |(_, r)| r.create_revision).cmp(n),
+            CompareTarget::ModRevision(n) => live.map_or(0, |(rev, _)| rev.main).cmp(n),
+        };
+        match c.op {
+            CompareOp::Equal => ord.is_eq(),
+            CompareOp::NotEqual => ord.is_ne(),
+            CompareOp::Less => ord.is_lt(),
+            CompareOp::Greater => ord.is_gt(),
+        }
+    }
+
+    /// Applies a replicated command. Deterministic: every replica computes the same response
+    /// and mutations. A refused command (e.g. compaction of the future) changes nothing.
+    pub fn apply(&mut self, cmd: &Command, out: &mut Vec<Mutation>) -> Result<KvResponse, ApiError> {
+        let before = self.revision;
+        let mut cursor = WriteCursor { main: self.revision + 1, sub: 0 };
+        let first_mutation = out.len();
+        let response = match cmd {
+            Command::Put(put) => KvResponse::Put(self.put_at(&mut cursor, put, out)),
+            Command::Delete(del) => KvResponse::Delete(self.delete_at(&mut cursor, del, out)),
+            Command::Txn(txn) => KvResponse::Txn(self.txn(&mut cursor, txn, out)),
+            Command::Compact { revision } => return self.compact(*revision, out).map(KvResponse::Compact),
+        };
+        if out.len() > first_mutation {
+            self.revision = cursor.main;
+        }
+        assert!(self.revision >= before, "revision went backwards");
+        self.check_invariants();
+        Ok(with_revision(response, self.revision))
+    }
+
+    fn txn(&mut self, cursor: &mut WriteCursor, txn: &TxnRequest, out: &mut Vec<Mutation>) -> TxnResponse {
+        let succeeded = txn.compares.iter().all(|c| self.compare_holds(c));
+        let ops = if succeeded { &txn.success } else { &txn.failure };
+        let mut responses = Vec::with_capacity(ops.len());
+        for op in ops {
+            responses.push(match op {
+                TxnOp::Put(p) => TxnOpResponse::Put(self.put_at(cursor, p, out)),
+                TxnOp::Delete(d) => TxnOpResponse::Delete(self.delete_at(cursor, d, out)),
+                // Reads see the txn's own earlier writes, as in etcd.
+                TxnOp::Range(r) => TxnOpResponse::Range(self.range_at(r, u64::MAX)),
+            });
+        }
+        TxnResponse { header: self.header(), succeeded, responses }
+    }
+
+    fn compact(&mut self, revision: u64, out: &mut Vec<Mutation>) -> Result<CompactResponse, ApiError> {
+        let revision = revision.min(self.revision);
+        if revision <= self.compact_revision {
+            return Err(ApiError::Compacted { compact_revision: self.compact_revision });
+        }
+        self.index.retain(|_, history| {
+            // Keep the newest version at or below the compaction point (unless it is a
+            // tombstone) and everything after it.
+            if let Some(keep_from) = history.iter().rposition(|v| v.rev.main <= revision) {
+                let drop_to = if history[keep_from].record.is_none() { keep_from + 1 } else { keep_from };
+                for v in history.drain(..drop_to) {
+                    out.push(Mutation::Remove { rev: v.rev });
+                }
+            }
+            !history.is_empty()
+        });
+        self.compact_revision = revision;
+        self.check_invariants();
+        Ok(CompactResponse { header: self.header(), compact_revision: revision })
+    }
+}
+
+/// Sets the header revision of a write's response (and of its txn sub-responses that are
+/// reads) to the range revision after the write.
+fn with_revision(mut response: KvResponse, revision: u64) -> KvResponse {
+    match &mut response {
+        KvResponse::Put(r) => r.header.revision = revision,
+        KvResponse::Delete(r) => r.header.revision = revision,
+        KvResponse::Txn(r) => {
+            r.header.revision = revision;
+            for sub in &mut r.responses {
+                match sub {
+                    TxnOpResponse::Put(p) => p.header.revision = revision,
+                    TxnOpResponse::Delete(d) => d.header.revision = revision,
+                    TxnOpResponse::Range(g) => g.header.revision = revision,
+                }
+            }
+        }
+        KvResponse::Range(r) => r.header.revision = revision,
+        KvResponse::Compact(r) => r.header.revision = revision,
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(key: &str, value: &str) -> Command {
+        Command::Put(PutRequest { key: key.into(), value: value.into(), lease: 0, prev_kv: true })
+    }
+    fn del(span: KeySpan) -> Command {
+        Command::Delete(DeleteRequest { span, prev_kv: true })
+    }
+    fn apply(m: &mut Mvcc, cmd: Command) -> KvResponse {
+        m.apply(&cmd, &mut Vec::new()).unwrap()
+    }
+    fn get(m: &Mvcc, key: &str, rev: u64) -> Option<KeyValue> {
+        let mut req = RangeRequest::new(KeySpan::key(key));
+        req.revision = rev;
+        m.range(&req).unwrap().kvs.pop()
+    }
+    fn keys(r: &RangeResponse) -> Vec<String> {
+        r.kvs.iter().map(|kv| String::from_utf8(kv.key.clone()).unwrap()).collect()
+    }
+
+    #[test]
+    fn revisions_versions_and_history() {
+        let mut m = Mvcc::new(7);
+        let KvResponse::Put(r1) = apply(&mut m, put("a", "1")) else { panic!() };
+        assert_eq!(r1.header, ResponseHeader { range_id: 7, revision: 1 });
+        assert_eq!(r1.prev_kv, None);
+        let KvResponse::Put(r2) = apply(&mut m, put("a", "2")) else { panic!() };
+        assert_eq!(r2.header.revision, 2);
+        assert_eq!(r2.prev_kv.unwrap().value, b"1");
+        let a = get(&m, "a", 0).unwrap();
+        assert_eq!((a.create_revision, a.mod_revision, a.version, a.value.as_slice()), (1, 2, 2, &b"2"[..]));
+        assert_eq!(get(&m, "a", 1).unwrap().value, b"1", "reads at a past revision see the past");
+        apply(&mut m, del(KeySpan::key("a")));
+        assert_eq!(m.revision(), 3);
+        assert_eq!(get(&m, "a", 0), None);
+        assert_eq!(get(&m, "a", 2).unwrap().value, b"2");
+        apply(&mut m, put("a", "3"));
+        let a = get(&m, "a", 0).unwrap();
+        assert_eq!((a.create_revision, a.version), (4, 1), "a re-created key starts a new incarnation");
+    }
+
+    #[test]
+    fn deleting_nothing_does_not_bump_the_revision() {
+        let mut m = Mvcc::new(1);
+        let KvResponse::Delete(d) = apply(&mut m, del(KeySpan::key("x"))) else { panic!() };
+        assert_eq!((d.deleted, d.header.revision, m.revision()), (0, 0, 0));
+    }
+
+    #[test]
+    fn scans_skip_deleted_keys_and_honour_limit_order_and_count() {
+        let mut m = Mvcc::new(1);
+        for k in ["a", "b", "c", "d", "e"] {
+            apply(&mut m, put(k, k));
+        }
+        apply(&mut m, del(KeySpan::key("c")));
+        let mut req = RangeRequest::new(KeySpan::interval("a", "e"));
+        let r = m.range(&req).unwrap();
+        assert_eq!(keys(&r), ["a", "b", "d"]);
+        assert_eq!((r.count, r.more), (3, false));
+        req.limit = 2;
+        req.descending = true;
+        let r = m.range(&req).unwrap();
+        assert_eq!(keys(&r), ["d", "b"]);
+        assert_eq!((r.count, r.more), (3, true));
+        req.count_only = true;
+        let r = m.range(&req).unwrap();
+        assert!(r.kvs.is_empty());
+        assert_eq!(r.count, 3);
+        let mut req = RangeRequest::new(KeySpan::prefix(""));
+        req.keys_only = true;
+        let r = m.range(&req).unwrap();
+        assert_eq!(keys(&r), ["a", "b", "d", "e"]);
+        assert!(r.kvs.iter().all(|kv| kv.value.is_empty()));
+        req.revision = 3; // before "d", "e" and the delete of "c"
+        assert_eq!(keys(&m.range(&req).unwrap()), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn delete_prefix_and_interval_share_one_revision() {
+        let mut m = Mvcc::new(1);
+        for k in ["p/1", "p/2", "q"] {
+            apply(&mut m, put(k, "v"));
+        }
+        let KvResponse::Delete(d) = apply(&mut m, del(KeySpan::prefix("p/"))) else { panic!() };
+        assert_eq!(d.deleted, 2);
+        assert_eq!(d.prev_kvs.len(), 2);
+        assert_eq!(m.revision(), 4);
+        assert!(get(&m, "q", 0).is_some());
+    }
+
+    fn cmp(key: &str, op: CompareOp, target: CompareTarget) -> Compare {
+        Compare { key: key.into(), op, target }
+    }
+
+    fn txn_succeeds(m: &mut Mvcc, c: Compare) -> bool {
+        let txn = TxnRequest { compares: vec![c], success: vec![], failure: vec![] };
+        let KvResponse::Txn(t) = apply(m, Command::Txn(txn)) else { panic!() };
+        t.succeeded
+    }
+
+    #[test]
+    fn every_txn_compare() {
+        use CompareOp::*;
+        use CompareTarget::*;
+        let mut m = Mvcc::new(1);
+        apply(&mut m, put("k", "m")); // rev 1
+        apply(&mut m, put("other", "x")); // rev 2
+        apply(&mut m, put("k", "m")); // rev 3: version 2, create 1, mod 3
+        let cases = [
+            (Value(b"m".to_vec()), [true, false, false, false]),
+            (Value(b"a".to_vec()), [false, true, false, true]),
+            (Value(b"z".to_vec()), [false, true, true, false]),
+            (Version(2), [true, false, false, false]),
+            (Version(3), [false, true, true, false]),
+            (CreateRevision(1), [true, false, false, false]),
+            (CreateRevision(0), [false, true, false, true]),
+            (ModRevision(3), [true, false, false, false]),
+            (ModRevision(4), [false, true, true, false]),
+        ];
+        for (target, expected) in cases {
+            for (op, want) in [Equal, NotEqual, Less, Greater].into_iter().zip(expected) {
+                assert_eq!(txn_succeeds(&mut m, cmp("k", op, target.clone())), want, "{op:?} {target:?}");
+            }
+        }
+        // An absent key: version/revisions are 0, value compares never hold.
+        assert!(txn_succeeds(&mut m, cmp("absent", Equal, Version(0))));
+        assert!(txn_succeeds(&mut m, cmp("absent", Equal, CreateRevision(0))));
+        assert!(!txn_succeeds(&mut m, cmp("absent", Equal, Value(vec![]))));
+        assert!(!txn_succeeds(&mut m, cmp("absent", NotEqual, Value(vec![]))));
+        assert_eq!(m.revision(), 3, "txns without writes do not bump the revision");
+    }
+
+    #[test]
+    fn txn_branches_are_atomic_at_one_revision_and_reads_see_own_writes() {
+        let mut m = Mvcc::new(1);
+        apply(&mut m, put("a", "1"));
+        let txn = TxnRequest {
+            compares: vec![cmp("a", CompareOp::Equal, CompareTarget::Value(b"1".to_vec()))],
+            success: vec![
+                TxnOp::Put(PutRequest { key: "a".into(), value: "2".into(), lease: 0, prev_kv: false }),
+                TxnOp::Put(PutRequest { key: "b".into(), value: "2".into(), lease: 0, prev_kv: false }),
+                TxnOp::Range(RangeRequest::new(KeySpan::prefix(""))),
+            ],
+            failure: vec![TxnOp::Delete(DeleteRequest { span: KeySpan::key("a"), prev_kv: false })],
+        };
+        let KvResponse::Txn(t) = apply(&mut m, Command::Txn(txn.clone())) else { panic!() };
+        assert!(t.succeeded);
+        assert_eq!(t.header.revision, 2);
+        let TxnOpResponse::Range(r) = &t.responses[2] else { panic!() };
+        assert_eq!(keys(r), ["a", "b"]);
+        assert!(r.kvs.iter().all(|kv| kv.mod_revision == 2 && kv.value == b"2"));
+        // Same txn again: the compare fails, the failure branch runs.
+        let KvResponse::Txn(t) = apply(&mut m, Command::Txn(txn)) else { panic!() };
+        assert!(!t.succeeded);
+        assert_eq!(m.revision(), 3);
+        assert_eq!(get(&m, "a", 0), None);
+    }
+
+    #[test]
+    fn compaction_drops_old_revisions_only() {
+        let mut m = Mvcc::new(1);
+        apply(&mut m, put("a", "1")); // 1
+        apply(&mut m, put("a", "2")); // 2
+        apply(&mut m, put("b", "1")); // 3
+        apply(&mut m, del(KeySpan::key("b"))); // 4
+        apply(&mut m, put("a", "3")); // 5
+        let mut out = Vec::new();
+        let r = m.apply(&Command::Compact { revision: 4 }, &mut out).unwrap();
+        assert!(matches!(r, KvResponse::Compact(CompactResponse { compact_revision: 4, .. })));
+        // a@1 dropped (a@2 is the newest at 4), b@3 and its tombstone dropped.
+        let removed: Vec<_> = out.iter().map(|m| match m { Mutation::Remove { rev } => rev.main, _ => 0 }).collect();
+        assert_eq!(removed, [1, 3, 4]);
+        assert_eq!(get(&m, "a", 4).unwrap().value, b"2");
+        assert_eq!(get(&m, "a", 0).unwrap().value, b"3");
+        let mut req = RangeRequest::new(KeySpan::key("a"));
+        req.revision = 3;
+        assert_eq!(m.range(&req).unwrap_err(), ApiError::Compacted { compact_revision: 4 });
+        req.revision = 9;
+        assert_eq!(m.range(&req).unwrap_err(), ApiError::FutureRevision { revision: 9, current: 5 });
+        assert_eq!(
+            m.apply(&Command::Compact { revision: 3 }, &mut Vec::new()).unwrap_err(),
+            ApiError::Compacted { compact_revision: 4 }
+        );
+        assert_eq!(m.key_count(), 1);
+    }
+
+    #[test]
+    fn restore_rebuilds_the_same_state() {
+        let mut m = Mvcc::new(3);
+        let mut out = Vec::new();
+        for c in [put("a", "1"), put("b", "2"), del(KeySpan::key("a")), put("a", "4")] {
+            m.apply(&c, &mut out).unwrap();
+        }
+        let versions = out.into_iter().rev().map(|mu| match mu {
+            Mutation::Put { rev, key, record } => (key, Version { rev, record }),
+            Mutation::Remove { .. } => unreachable!(),
+        });
+        let restored = Mvcc::restore(3, m.revision(), m.compact_revision(), versions);
+        assert_eq!(restored, m);
+    }
+}

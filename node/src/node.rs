@@ -1,0 +1,548 @@
+//! A storage node: its QUIC endpoint, its RocksDB, and its replica of every range group.
+//!
+//! Lifecycle: [`BoundNode::bind`] creates certificates and binds the endpoint (so a test or
+//! `concord dev` can learn every port first), [`BoundNode::start`] opens storage, starts one
+//! openraft instance per range and serves the client and peer protocols;
+//! [`Node::shutdown`] stops it all and releases the database.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use concord_placement::{bootstrap_layout, RangeDescriptor, RangeTable};
+use concord_transport::api::{
+    ApiError, ClientReply, ClientRequest, ClientResponse, Consistency, KvRequest, KvResponse, NodeAddr, NodeId,
+    RangeId, RangeStatus, RequestLimits, RouteTable, StatusResponse, StorageCounters,
+};
+use concord_transport::endpoint::{self, ConnectionLimits};
+use concord_transport::wire::{self, WireError, WIRE_VERSION};
+use concord_transport::{tls, ALPN_CLIENT, ALPN_PEER};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::raft::linearizable_read::{Linearizer, LinearizerOption, ReadLogId};
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::{BasicNode, Config, SnapshotPolicy};
+use tokio::task::JoinSet;
+
+use crate::mvcc::Command;
+use crate::network::{read_peer_frame, NetworkFactory, PeerError, PeerFrame, PeerReply, PeerRequest, Peers};
+use crate::raft_types::Raft;
+use crate::storage::{Engine, LogStore, RangeState, StateMachine};
+
+/// Raft timing and log-retention settings.
+#[derive(Debug, Clone)]
+pub struct RaftSettings {
+    /// Leader heartbeat period.
+    pub heartbeat_interval_ms: u64,
+    /// Election timeout lower bound; the leader lease derives from the upper bound.
+    pub election_timeout_min_ms: u64,
+    /// Election timeout upper bound.
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many applied entries.
+    pub snapshot_logs_since_last: u64,
+    /// Entries kept in the log below the last snapshot (for slow followers).
+    pub logs_kept_after_snapshot: u64,
+    /// How long a follower read waits to apply the leader's read index.
+    pub follower_read_timeout_ms: u64,
+}
+
+impl Default for RaftSettings {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 1_000,
+            election_timeout_max_ms: 2_000,
+            snapshot_logs_since_last: 10_000,
+            logs_kept_after_snapshot: 1_000,
+            follower_read_timeout_ms: 2_000,
+        }
+    }
+}
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's id (≥ 1).
+    pub id: NodeId,
+    /// Address to bind (`127.0.0.1:0` picks a port).
+    pub listen: SocketAddr,
+    /// Data directory (RocksDB lives in `DIR/db`).
+    pub data_dir: PathBuf,
+    /// Certificate directory (the cluster CA and node certificates; created if empty).
+    pub cert_dir: PathBuf,
+    /// Number of bootstrap ranges.
+    pub ranges: usize,
+    /// Request limits.
+    pub limits: RequestLimits,
+    /// Connection limits.
+    pub connection: ConnectionLimits,
+    /// Raft settings.
+    pub raft: RaftSettings,
+}
+
+impl NodeConfig {
+    /// A configuration with defaults for node `id` storing under `data_dir`, certificates in
+    /// `cert_dir`, listening on `listen`.
+    pub fn new(id: NodeId, listen: SocketAddr, data_dir: PathBuf, cert_dir: PathBuf) -> Self {
+        Self {
+            id,
+            listen,
+            data_dir,
+            cert_dir,
+            ranges: 8,
+            limits: RequestLimits::default(),
+            connection: ConnectionLimits::default(),
+            raft: RaftSettings::default(),
+        }
+    }
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Certificates or the endpoint failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tls::TlsError),
+    /// Storage failed to open.
+    #[error("storage: {0}")]
+    Storage(#[from] std::io::Error),
+    /// Raft failed to start.
+    #[error("raft: {0}")]
+    Raft(String),
+    /// The configuration contradicts itself or the data directory.
+    #[error("config: {0}")]
+    Config(String),
+}
+
+/// A node with its endpoint bound, not yet serving.
+pub struct BoundNode {
+    config: NodeConfig,
+    endpoint: quinn::Endpoint,
+}
+
+impl BoundNode {
+    /// Creates certificates if needed and binds the endpoint.
+    pub fn bind(config: NodeConfig) -> Result<Self, StartError> {
+        let certs = tls::ensure_node_cert(&config.cert_dir, config.id, &[config.listen.ip()])?;
+        let endpoint = endpoint::node_endpoint(config.listen, &certs, &config.connection)?;
+        Ok(Self { config, endpoint })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint.local_addr().expect("bound endpoint has an address")
+    }
+
+    /// Starts the node as a member of the cluster `members` (node id → address, this node
+    /// included). On a fresh data directory every range group is initialised with all members.
+    pub async fn start(self, members: BTreeMap<NodeId, SocketAddr>) -> Result<Node, StartError> {
+        let BoundNode { config, endpoint } = self;
+        if !members.contains_key(&config.id) {
+            return Err(StartError::Config(format!("node {} is not among the members {members:?}", config.id)));
+        }
+        std::fs::create_dir_all(&config.data_dir)?;
+        check_layout(&config, &members)?;
+        let engine = Engine::open(&config.data_dir.join("db"))?;
+        let node_ids: Vec<NodeId> = members.keys().copied().collect();
+        let table = bootstrap_layout(config.ranges, &node_ids);
+        let peers = Arc::new(Peers::new(config.id, endpoint.clone(), members.clone()));
+        let raft_config = Arc::new(
+            Config {
+                cluster_name: "concord".into(),
+                heartbeat_interval: config.raft.heartbeat_interval_ms,
+                election_timeout_min: config.raft.election_timeout_min_ms,
+                election_timeout_max: config.raft.election_timeout_max_ms,
+                snapshot_policy: SnapshotPolicy::LogsSinceLast(config.raft.snapshot_logs_since_last),
+                max_in_snapshot_log_to_keep: config.raft.logs_kept_after_snapshot,
+                enable_pre_vote: Some(true),
+                ..Default::default()
+            }
+            .validate()
+            .map_err(|e| StartError::Raft(e.to_string()))?,
+        );
+        let membership: BTreeMap<NodeId, BasicNode> =
+            members.iter().map(|(id, addr)| (*id, BasicNode::new(addr.to_string()))).collect();
+        let mut groups = BTreeMap::new();
+        for desc in table.ranges() {
+            let log = LogStore::new(engine.clone(), desc.id);
+            let sm = StateMachine::open(engine.clone(), desc.id)?;
+            let state = sm.state();
+            let network = NetworkFactory { peers: peers.clone(), group: desc.id };
+            let raft = Raft::new(config.id, raft_config.clone(), network, log, sm)
+                .await
+                .map_err(|e| StartError::Raft(e.to_string()))?;
+            if !raft.is_initialized().await.map_err(|e| StartError::Raft(e.to_string()))? {
+                // Every member initialises with the same membership: safe in openraft, and no
+                // node has to be special at first start.
+                if let Err(e) = raft.initialize(membership.clone()).await {
+                    tracing::debug!(range = desc.id, "initialize: {e}");
+                }
+            }
+            groups.insert(desc.id, Group { descriptor: desc.clone(), raft, state });
+        }
+        let inner = Arc::new(NodeInner { config, engine, peers, table, groups });
+        let mut tasks = JoinSet::new();
+        tasks.spawn(accept_loop(inner.clone(), endpoint.clone()));
+        Ok(Node { inner: Some(inner), endpoint, tasks })
+    }
+}
+
+/// The range count and members are fixed at first start; a restart must agree.
+fn check_layout(config: &NodeConfig, members: &BTreeMap<NodeId, SocketAddr>) -> Result<(), StartError> {
+    let path = config.data_dir.join("layout");
+    let ids: Vec<String> = members.keys().map(|id| id.to_string()).collect();
+    let layout = format!("ranges={}\nmembers={}\n", config.ranges, ids.join(","));
+    match std::fs::read_to_string(&path) {
+        Ok(existing) if existing == layout => Ok(()),
+        Ok(existing) => Err(StartError::Config(format!(
+            "{} was created with {:?}, but this start asks for {:?}",
+            path.display(),
+            existing.trim(),
+            layout.trim()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(std::fs::write(&path, layout)?),
+        Err(e) => Err(e.into()),
+    }
+}
+
+struct Group {
+    descriptor: RangeDescriptor,
+    raft: Raft,
+    state: Arc<RwLock<RangeState>>,
+}
+
+struct NodeInner {
+    config: NodeConfig,
+    engine: Arc<Engine>,
+    peers: Arc<Peers>,
+    table: RangeTable,
+    groups: BTreeMap<RangeId, Group>,
+}
+
+/// A running node.
+pub struct Node {
+    inner: Option<Arc<NodeInner>>,
+    endpoint: quinn::Endpoint,
+    tasks: JoinSet<()>,
+}
+
+impl Node {
+    fn inner(&self) -> &Arc<NodeInner> {
+        self.inner.as_ref().expect("node is running")
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.inner().config.id
+    }
+
+    /// The address the node serves on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint.local_addr().expect("bound endpoint has an address")
+    }
+
+    /// The group-commit counters of this node's storage.
+    pub fn storage_counters(&self) -> StorageCounters {
+        storage_counters(&self.inner().engine)
+    }
+
+    /// The ids of the ranges this node leads now.
+    pub fn led_ranges(&self) -> Vec<RangeId> {
+        self.inner().groups.iter().filter(|(_, g)| g.raft.is_leader()).map(|(id, _)| *id).collect()
+    }
+
+    /// Waits until every range has a leader known to this node, at most `timeout`.
+    pub async fn wait_for_leaders(&self, timeout: Duration) -> Result<(), String> {
+        for (id, g) in &self.inner().groups {
+            g.raft
+                .wait(Some(timeout))
+                .metrics(|m| m.current_leader.is_some(), "leader known")
+                .await
+                .map_err(|e| format!("node {} range {id}: no leader within {timeout:?}: {e}", self.id()))?;
+        }
+        Ok(())
+    }
+
+    /// Stops serving, shuts every group down and releases the database.
+    pub async fn shutdown(mut self) {
+        self.endpoint.close(0u32.into(), b"shutdown");
+        self.tasks.shutdown().await;
+        let inner = self.inner.take().expect("node is running");
+        for g in inner.groups.values() {
+            if let Err(e) = g.raft.shutdown().await {
+                tracing::warn!("shutting down range {}: {e}", g.descriptor.id);
+            }
+        }
+        let engine = inner.engine.clone();
+        drop(inner);
+        // openraft's tasks drop their storage handles as they finish; wait (bounded) until this
+        // is the last handle, so that the database is closed when shutdown returns.
+        for _ in 0..500 {
+            if Arc::strong_count(&engine) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if Arc::strong_count(&engine) != 1 {
+            tracing::warn!("storage still referenced after shutdown");
+        }
+        drop(engine);
+        self.endpoint.wait_idle().await;
+    }
+}
+
+fn storage_counters(engine: &Engine) -> StorageCounters {
+    let c = engine.commit().counters();
+    StorageCounters { fsyncs: c.fsyncs.load(Ordering::Relaxed), appends: c.appends.load(Ordering::Relaxed) }
+}
+
+async fn accept_loop(inner: Arc<NodeInner>, endpoint: quinn::Endpoint) {
+    let mut conns = JoinSet::new();
+    while let Some(incoming) = endpoint.accept().await {
+        let inner = inner.clone();
+        conns.spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => return tracing::debug!("handshake failed: {e}"),
+            };
+            let alpn = conn
+                .handshake_data()
+                .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+                .and_then(|d| d.protocol);
+            match alpn.as_deref() {
+                Some(ALPN_CLIENT) => serve_connection(inner, conn, false).await,
+                Some(ALPN_PEER) => serve_connection(inner, conn, true).await,
+                _ => conn.close(1u32.into(), b"unknown protocol"),
+            }
+        });
+        // Reap finished connection tasks so the set does not grow without bound.
+        while conns.try_join_next().is_some() {}
+    }
+}
+
+async fn serve_connection(inner: Arc<NodeInner>, conn: quinn::Connection, peer: bool) {
+    let mut streams = JoinSet::new();
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => break,
+        };
+        let inner = inner.clone();
+        let conn = conn.clone();
+        if peer {
+            streams.spawn(async move { serve_peer_stream(inner, conn, send, recv).await });
+        } else {
+            streams.spawn(async move { serve_client_stream(inner, send, recv).await });
+        }
+        while streams.try_join_next().is_some() {}
+    }
+}
+
+async fn serve_client_stream(inner: Arc<NodeInner>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let limits = inner.config.limits;
+    let response: ClientResponse = match wire::read_frame_bytes(&mut recv, limits.request_bytes_max).await {
+        Err(WireError::TooLarge { len, max_bytes }) => Err(ApiError::RequestTooLarge { size: len, max: max_bytes }),
+        Err(WireError::UnsupportedVersion { got }) => Err(ApiError::UnsupportedVersion { got, supported: WIRE_VERSION }),
+        Err(e) => Err(ApiError::Malformed(e.to_string())),
+        Ok(bytes) => match wire::decode::<ClientRequest>(&bytes) {
+            Err(e) => Err(ApiError::Malformed(e.to_string())),
+            Ok(request) => handle_client(&inner, request).await,
+        },
+    };
+    // The client may have gone; nothing to do then.
+    let _ = wire::write_frame(&mut send, &response).await;
+    let _ = send.finish();
+}
+
+async fn handle_client(inner: &NodeInner, request: ClientRequest) -> ClientResponse {
+    match request {
+        ClientRequest::Routes => Ok(ClientReply::Routes(inner.routes())),
+        ClientRequest::Status => Ok(ClientReply::Status(inner.status())),
+        ClientRequest::Kv { range_id, epoch, request } => inner.handle_kv(range_id, epoch, request).await.map(ClientReply::Kv),
+    }
+}
+
+fn not_leader(range_id: RangeId, leader_hint: Option<NodeId>) -> ApiError {
+    ApiError::NotLeader { range_id, leader_hint }
+}
+
+impl NodeInner {
+    fn routes(&self) -> RouteTable {
+        let leaders = self
+            .groups
+            .iter()
+            .filter_map(|(id, g)| g.raft.metrics().borrow_watched().current_leader.map(|l| (*id, l)))
+            .collect();
+        RouteTable { ranges: self.table.ranges().to_vec(), leaders, nodes: self.node_addrs() }
+    }
+
+    fn node_addrs(&self) -> Vec<NodeAddr> {
+        self.peers.addrs().into_iter().map(|(id, addr)| NodeAddr { id, addr: addr.to_string() }).collect()
+    }
+
+    fn status(&self) -> StatusResponse {
+        let ranges = self
+            .groups
+            .values()
+            .map(|g| {
+                let m = g.raft.metrics().borrow_watched().clone();
+                let d = &g.descriptor;
+                RangeStatus {
+                    id: d.id,
+                    start: d.start.clone(),
+                    end: d.end.clone(),
+                    epoch: d.epoch,
+                    replicas: d.replicas.clone(),
+                    leader: m.current_leader,
+                    term: m.current_term,
+                    revision: g.state.read().expect("range state lock").mvcc.revision(),
+                    applied_index: m.last_applied.map_or(0, |l| l.index()),
+                }
+            })
+            .collect();
+        StatusResponse { node_id: self.config.id, nodes: self.node_addrs(), ranges, storage: storage_counters(&self.engine) }
+    }
+
+    /// Checks that every key the request touches lies in `desc`.
+    fn check_keys(&self, desc: &RangeDescriptor, request: &KvRequest) -> Result<(), ApiError> {
+        let inside = |span: &concord_transport::api::KeySpan| {
+            let (start, end) = span.bounds();
+            desc.contains(&start) && (desc.end.is_empty() || (!end.is_empty() && end <= desc.end))
+        };
+        let outside = || ApiError::KeyOutsideRange { range_id: desc.id };
+        match request {
+            KvRequest::Put(p) => desc.contains(&p.key).then_some(()).ok_or_else(outside),
+            KvRequest::Range(r, _) => inside(&r.span).then_some(()).ok_or_else(outside),
+            KvRequest::Delete(d) => inside(&d.span).then_some(()).ok_or_else(outside),
+            KvRequest::Compact { .. } => Ok(()),
+            KvRequest::Txn(t) => {
+                let spans = t.spans();
+                if spans.iter().all(inside) {
+                    return Ok(());
+                }
+                let mut ranges: Vec<RangeId> = spans
+                    .iter()
+                    .flat_map(|s| {
+                        let (start, end) = s.bounds();
+                        self.table.overlapping(&start, &end).map(|r| r.id).collect::<Vec<_>>()
+                    })
+                    .collect();
+                ranges.sort_unstable();
+                ranges.dedup();
+                Err(ApiError::CrossRange { ranges })
+            }
+        }
+    }
+
+    async fn handle_kv(&self, range_id: RangeId, epoch: u64, request: KvRequest) -> Result<KvResponse, ApiError> {
+        let group = self.groups.get(&range_id).ok_or(ApiError::RangeNotFound { range_id })?;
+        if epoch != group.descriptor.epoch {
+            return Err(ApiError::StaleEpoch { range_id, current_epoch: group.descriptor.epoch });
+        }
+        self.config.limits.check(&request)?;
+        self.check_keys(&group.descriptor, &request)?;
+        let command = match request {
+            KvRequest::Range(req, consistency) => {
+                self.read_barrier(group, consistency).await?;
+                let state = group.state.read().expect("range state lock");
+                return state.mvcc.range(&req).map(KvResponse::Range);
+            }
+            KvRequest::Put(p) => Command::Put(p),
+            KvRequest::Delete(d) => Command::Delete(d),
+            KvRequest::Txn(t) => Command::Txn(t),
+            KvRequest::Compact { revision } => Command::Compact { revision },
+        };
+        // Refuse before proposing when not leader: then NotLeader always means "not applied",
+        // and the client may retry it elsewhere without risking a second effect.
+        if let Err(f) = group.raft.as_leader() {
+            return Err(not_leader(range_id, f.leader_id));
+        }
+        match group.raft.client_write(command).await {
+            Ok(resp) => resp.data.0,
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(ApiError::Indeterminate {
+                range_id,
+                reason: format!("leadership moved to {:?} while the write was in flight", f.leader_id),
+            }),
+            Err(e) => Err(ApiError::Indeterminate { range_id, reason: e.to_string() }),
+        }
+    }
+
+    /// Waits until a read at `consistency` may be served from local state.
+    async fn read_barrier(&self, group: &Group, consistency: Consistency) -> Result<(), ApiError> {
+        let range_id = group.descriptor.id;
+        let lease_or_read_index = LinearizerOption::new(None, true);
+        match consistency {
+            Consistency::Serializable => Ok(()),
+            Consistency::Linearizable => group.raft.ensure_linearizable(lease_or_read_index).await.map(|_| ()).map_err(|e| {
+                match e.forward_to_leader() {
+                    Some(f) => not_leader(range_id, f.leader_id),
+                    None => ApiError::Unavailable { range_id, reason: e.to_string() },
+                }
+            }),
+            Consistency::Follower => {
+                if group.raft.is_leader() {
+                    return Box::pin(self.read_barrier(group, Consistency::Linearizable)).await;
+                }
+                let leader = group
+                    .raft
+                    .current_leader()
+                    .await
+                    .ok_or_else(|| ApiError::Unavailable { range_id, reason: "no leader known".into() })?;
+                let timeout = Duration::from_millis(self.config.raft.follower_read_timeout_ms);
+                let read_log_id = match self.peers.call(leader, range_id, PeerRequest::ReadIndex, timeout).await {
+                    Ok(PeerReply::ReadIndex { read_log_id }) => read_log_id,
+                    Ok(other) => return Err(ApiError::Internal(format!("unexpected reply {other:?}"))),
+                    Err(e) => return Err(ApiError::Unavailable { range_id, reason: e.to_string() }),
+                };
+                let linearizer = Linearizer::new(leader, ReadLogId::from_log_id(read_log_id), None);
+                match linearizer.try_await_ready(&group.raft, Some(timeout)).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(_)) => Err(ApiError::Unavailable { range_id, reason: "follower did not catch up in time".into() }),
+                    Err(e) => Err(ApiError::Unavailable { range_id, reason: e.to_string() }),
+                }
+            }
+        }
+    }
+
+    async fn handle_peer(&self, frame: PeerFrame) -> PeerReply {
+        let Some(group) = self.groups.get(&frame.group) else {
+            return PeerReply::Error(PeerError::NoSuchGroup(frame.group));
+        };
+        let raft_err = |e: &dyn std::fmt::Display| PeerReply::Error(PeerError::Raft(e.to_string()));
+        match frame.request {
+            PeerRequest::Append(rpc) => group.raft.append_entries(rpc).await.map_or_else(|e| raft_err(&e), PeerReply::Append),
+            PeerRequest::Vote(rpc) => group.raft.vote(rpc).await.map_or_else(|e| raft_err(&e), PeerReply::Vote),
+            PeerRequest::PreVote(rpc) => group.raft.pre_vote(rpc).await.map_or_else(|e| raft_err(&e), PeerReply::Vote),
+            PeerRequest::Snapshot { vote, meta, data } => {
+                let snapshot = openraft::alias::SnapshotOf::<crate::raft_types::TypeConfig, _> {
+                    meta,
+                    snapshot: crate::raft_types::SnapshotData::new(data),
+                };
+                group.raft.install_full_snapshot(vote, snapshot).await.map_or_else(|e| raft_err(&e), PeerReply::Snapshot)
+            }
+            PeerRequest::ReadIndex => {
+                match group.raft.get_read_linearizer(LinearizerOption::new(None, true)).await {
+                    Ok(l) => PeerReply::ReadIndex { read_log_id: l.read_log_id().log_id().clone() },
+                    Err(e) => match e.forward_to_leader() {
+                        Some(f) => PeerReply::Error(PeerError::NotLeader(f.leader_id)),
+                        None => raft_err(&e),
+                    },
+                }
+            }
+        }
+    }
+}
+
+async fn serve_peer_stream(inner: Arc<NodeInner>, conn: quinn::Connection, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let reply = match read_peer_frame(&mut recv).await {
+        Ok(frame) => {
+            inner.peers.adopt(frame.from, &conn);
+            inner.handle_peer(frame).await
+        }
+        Err(e) => PeerReply::Error(PeerError::BadFrame(e.to_string())),
+    };
+    let _ = wire::write_frame(&mut send, &reply).await;
+    let _ = send.finish();
+}

@@ -1,0 +1,114 @@
+//! The node's single durability writer: one WAL sync for the pending appends of all groups.
+//!
+//! Groups write their log entries unsynced (readable at once, as openraft requires) and hand
+//! the IO callback here. The writer thread takes everything queued, syncs the WAL once, then
+//! completes every callback of the batch. While a sync runs, new callbacks queue up and form
+//! the next batch: the batch grows with the load, so fsyncs per second stay flat as groups
+//! and clients grow (the TiKV StoreWriter lesson).
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use openraft::storage::IOFlushed;
+use rocksdb::DB;
+
+use crate::raft_types::TypeConfig;
+
+/// Most jobs completed by one sync (a limit on everything, STYLE.md 7).
+pub const BATCH_JOBS_MAX: usize = 4096;
+/// Jobs queued before submitters wait.
+pub const QUEUE_JOBS_MAX: usize = 65_536;
+
+enum Job {
+    /// A log append to acknowledge to openraft once durable.
+    Append(IOFlushed<TypeConfig>),
+    /// A caller waiting for durability (votes, snapshot installs).
+    Wait(tokio::sync::oneshot::Sender<io::Result<()>>),
+}
+
+/// Counters of the writer, exposed for tests and `concordctl status`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// WAL syncs performed.
+    pub fsyncs: AtomicU64,
+    /// Appends made durable.
+    pub appends: AtomicU64,
+}
+
+/// Handle to the writer thread; cheap to clone through `Arc<Engine>`.
+pub struct GroupCommit {
+    tx: Sender<Job>,
+    counters: Arc<Counters>,
+}
+
+impl GroupCommit {
+    /// Starts the writer thread for `db`. It ends when the last handle is dropped.
+    pub fn start(db: Arc<DB>) -> Self {
+        let (tx, rx) = crossbeam_channel::bounded(QUEUE_JOBS_MAX);
+        let counters = Arc::new(Counters::default());
+        let c = counters.clone();
+        thread::Builder::new()
+            .name("group-commit".into())
+            .spawn(move || run(db, rx, c))
+            .expect("spawning the group-commit thread");
+        Self { tx, counters }
+    }
+
+    /// The writer's counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    fn submit(&self, job: Job) {
+        match self.tx.try_send(job) {
+            Ok(()) => {}
+            // Back-pressure: the queue is full, so wait for room (bounded by the writer's pace).
+            Err(TrySendError::Full(job)) => self.tx.send(job).expect("group-commit writer alive"),
+            Err(TrySendError::Disconnected(_)) => panic!("group-commit writer stopped"),
+        }
+    }
+
+    /// Completes `callback` once everything written before this call is durable.
+    pub fn after_sync(&self, callback: IOFlushed<TypeConfig>) {
+        self.submit(Job::Append(callback));
+    }
+
+    /// Returns once everything written before this call is durable.
+    pub async fn sync(&self) -> io::Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(Job::Wait(tx));
+        rx.await.map_err(|_| io::Error::other("group-commit writer stopped"))?
+    }
+}
+
+fn run(db: Arc<DB>, rx: Receiver<Job>, counters: Arc<Counters>) {
+    let mut batch = Vec::with_capacity(BATCH_JOBS_MAX);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < BATCH_JOBS_MAX {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let result = db.flush_wal(true);
+        counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let mut appends = 0;
+        for job in batch.drain(..) {
+            let r = result.as_ref().map(|_| ()).map_err(|e| io::Error::other(e.to_string()));
+            match job {
+                Job::Append(cb) => {
+                    appends += 1;
+                    cb.io_completed(r);
+                }
+                Job::Wait(tx) => {
+                    let _ = tx.send(r);
+                }
+            }
+        }
+        counters.appends.fetch_add(appends, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,211 @@
+//! openraft state machine of one group: the range's [`Mvcc`] in memory, persisted in RocksDB.
+//!
+//! The in-memory state answers reads; every applied batch is written to the `kv` and `sm`
+//! column families in one RocksDB write (unsynced: the log is the durable record, and the
+//! shared WAL keeps the order). A restart rebuilds the state from those column families and
+//! openraft re-applies the log above the persisted last-applied id.
+
+use std::io;
+use std::sync::{Arc, RwLock};
+
+use futures::{Stream, TryStreamExt};
+use openraft::entry::RaftEntry;
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend};
+use rocksdb::{Direction, IteratorMode, WriteBatch};
+
+use super::{decode, encode, group_key, to_io, Engine, CF_KV, CF_SM};
+use crate::mvcc::{Mutation, Mvcc, Record, Rev, Version};
+use crate::raft_types::{CommandResult, LogId, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig};
+
+const TAG_APPLIED: u8 = 1;
+const TAG_MEMBERSHIP: u8 = 2;
+const TAG_COUNTERS: u8 = 3;
+const TAG_SNAPSHOT: u8 = 4;
+
+type Snapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotData>;
+
+/// The applied state of one range, shared between the state machine and the read path.
+#[derive(Debug)]
+pub struct RangeState {
+    /// The key-value data.
+    pub mvcc: Mvcc,
+    /// The last log id applied.
+    pub last_applied: Option<LogId>,
+    /// The last membership applied.
+    pub membership: StoredMembership,
+}
+
+/// The state machine of group `gid`.
+#[derive(Clone)]
+pub struct StateMachine {
+    gid: u64,
+    engine: Arc<Engine>,
+    state: Arc<RwLock<RangeState>>,
+}
+
+fn kv_key(gid: u64, rev: Rev) -> Vec<u8> {
+    let mut suffix = [0u8; 12];
+    suffix[..8].copy_from_slice(&rev.main.to_be_bytes());
+    suffix[8..].copy_from_slice(&rev.sub.to_be_bytes());
+    group_key(gid, &suffix)
+}
+
+fn parse_kv_key(key: &[u8]) -> Rev {
+    Rev {
+        main: u64::from_be_bytes(key[8..16].try_into().expect("20-byte kv key")),
+        sub: u32::from_be_bytes(key[16..20].try_into().expect("20-byte kv key")),
+    }
+}
+
+impl StateMachine {
+    /// Opens the state machine of group `gid`, rebuilding its state from `engine`.
+    pub fn open(engine: Arc<Engine>, gid: u64) -> io::Result<Self> {
+        let db = engine.db();
+        let sm = engine.cf(CF_SM);
+        let get = |tag: u8| db.get_cf(sm, group_key(gid, &[tag])).map_err(to_io);
+        let last_applied: Option<LogId> = get(TAG_APPLIED)?.map(|b| decode(&b)).transpose()?.flatten();
+        let membership: StoredMembership = get(TAG_MEMBERSHIP)?.map(|b| decode(&b)).transpose()?.unwrap_or_default();
+        let (revision, compact_revision): (u64, u64) = get(TAG_COUNTERS)?.map(|b| decode(&b)).transpose()?.unwrap_or_default();
+        let mut versions = Vec::new();
+        let start = group_key(gid, &[]);
+        for item in db.iterator_cf(engine.cf(CF_KV), IteratorMode::From(&start, Direction::Forward)) {
+            let (key, value) = item.map_err(to_io)?;
+            if key[..8] != gid.to_be_bytes() {
+                break;
+            }
+            let (user_key, record): (Vec<u8>, Option<Record>) = decode(&value)?;
+            versions.push((user_key, Version { rev: parse_kv_key(&key), record }));
+        }
+        let mvcc = Mvcc::restore(gid, revision, compact_revision, versions);
+        let state = RangeState { mvcc, last_applied, membership };
+        Ok(Self { gid, engine, state: Arc::new(RwLock::new(state)) })
+    }
+
+    /// The shared state, for the read path.
+    pub fn state(&self) -> Arc<RwLock<RangeState>> {
+        self.state.clone()
+    }
+
+    fn write_counters(&self, batch: &mut WriteBatch, state: &RangeState) {
+        let sm = self.engine.cf(CF_SM);
+        batch.put_cf(sm, group_key(self.gid, &[TAG_APPLIED]), encode(&state.last_applied));
+        batch.put_cf(sm, group_key(self.gid, &[TAG_MEMBERSHIP]), encode(&state.membership));
+        let counters = (state.mvcc.revision(), state.mvcc.compact_revision());
+        batch.put_cf(sm, group_key(self.gid, &[TAG_COUNTERS]), encode(&counters));
+    }
+
+    fn snapshot_of(&self, state: &RangeState) -> (SnapshotMeta, Vec<u8>) {
+        let meta = SnapshotMeta { last_log_id: state.last_applied.clone(), last_membership: state.membership.clone() };
+        (meta, encode(&state.mvcc))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotData;
+
+    async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
+        let (meta, data) = {
+            let state = self.state.read().expect("range state lock");
+            self.snapshot_of(&state)
+        };
+        let record = encode(&(&meta, &data));
+        let db = self.engine.db();
+        db.put_cf(self.engine.cf(CF_SM), group_key(self.gid, &[TAG_SNAPSHOT]), record).map_err(to_io)?;
+        Ok(Snapshot { meta, snapshot: SnapshotData::new(data) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotData;
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
+        let state = self.state.read().expect("range state lock");
+        Ok((state.last_applied.clone(), state.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> io::Result<()>
+    where
+        Strm: Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
+    {
+        // Gather the batch first: the lock must not be held across an await.
+        let mut items = Vec::new();
+        while let Some(item) = entries.try_next().await? {
+            items.push(item);
+        }
+        let mut batch = WriteBatch::default();
+        let mut mutations = Vec::new();
+        let mut replies = Vec::new();
+        {
+            let cf_kv = self.engine.cf(CF_KV);
+            // Held across the batch so readers see whole batches (never a torn txn).
+            let mut state = self.state.write().expect("range state lock");
+            for (entry, responder) in items {
+                let log_id = entry.log_id();
+                if let Some(applied) = &state.last_applied {
+                    assert!(log_id.index() > applied.index(), "applied index went backwards");
+                }
+                let result = match entry.payload {
+                    EntryPayload::Blank => None,
+                    EntryPayload::Normal(cmd) => Some(state.mvcc.apply(&cmd, &mut mutations)),
+                    EntryPayload::Membership(m) => {
+                        state.membership = StoredMembership::new(Some(log_id.clone()), m);
+                        None
+                    }
+                };
+                state.last_applied = Some(log_id);
+                for m in mutations.drain(..) {
+                    match m {
+                        Mutation::Put { rev, key, record } => {
+                            batch.put_cf(cf_kv, kv_key(self.gid, rev), encode(&(key, record)))
+                        }
+                        Mutation::Remove { rev } => batch.delete_cf(cf_kv, kv_key(self.gid, rev)),
+                    }
+                }
+                if let Some(responder) = responder {
+                    replies.push((responder, result));
+                }
+            }
+            self.write_counters(&mut batch, &state);
+        }
+        self.engine.db().write(batch).map_err(to_io)?;
+        for (responder, result) in replies {
+            let result = result.unwrap_or_else(|| Err(concord_transport::api::ApiError::Internal("no command".into())));
+            responder.send(CommandResult(result));
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> io::Result<()> {
+        let data = snapshot.into_inner();
+        let mvcc: Mvcc = decode(&data)?;
+        assert_eq!(mvcc.range_id(), self.gid, "snapshot of another range");
+        let mut batch = WriteBatch::default();
+        let cf_kv = self.engine.cf(CF_KV);
+        batch.delete_range_cf(cf_kv, group_key(self.gid, &[]), group_key(self.gid, &[0xff; 12]));
+        for (key, v) in mvcc.versions() {
+            batch.put_cf(cf_kv, kv_key(self.gid, v.rev), encode(&(key, &v.record)));
+        }
+        let new_state = RangeState { mvcc, last_applied: meta.last_log_id.clone(), membership: meta.last_membership.clone() };
+        self.write_counters(&mut batch, &new_state);
+        batch.put_cf(self.engine.cf(CF_SM), group_key(self.gid, &[TAG_SNAPSHOT]), encode(&(meta, &data)));
+        self.engine.db().write(batch).map_err(to_io)?;
+        self.engine.commit().sync().await?;
+        *self.state.write().expect("range state lock") = new_state;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
+        let db = self.engine.db();
+        let Some(bytes) = db.get_cf(self.engine.cf(CF_SM), group_key(self.gid, &[TAG_SNAPSHOT])).map_err(to_io)? else {
+            return Ok(None);
+        };
+        let (meta, data): (SnapshotMeta, Vec<u8>) = decode(&bytes)?;
+        Ok(Some(Snapshot { meta, snapshot: SnapshotData::new(data) }))
+    }
+}

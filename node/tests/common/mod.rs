@@ -1,0 +1,135 @@
+//! Test harness: an in-process cluster driven like a script (STYLE.md 10).
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use concord_client::api::{NodeId, RangeId};
+use concord_client::{Client, ClientConfig};
+use concord_node::{BoundNode, Node, NodeConfig, RaftSettings};
+use tempfile::TempDir;
+
+/// Upper bound of every wait in these tests.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Raft settings for tests: quicker elections, frequent snapshots.
+pub fn test_raft() -> RaftSettings {
+    RaftSettings {
+        heartbeat_interval_ms: 100,
+        election_timeout_min_ms: 600,
+        election_timeout_max_ms: 1_200,
+        snapshot_logs_since_last: 200,
+        logs_kept_after_snapshot: 0,
+        follower_read_timeout_ms: 3_000,
+    }
+}
+
+/// A cluster of in-process nodes on 127.0.0.1 with OS-chosen ports.
+pub struct Cluster {
+    pub dir: TempDir,
+    pub members: BTreeMap<NodeId, SocketAddr>,
+    pub ranges: usize,
+    nodes: BTreeMap<NodeId, Option<Node>>,
+}
+
+impl Cluster {
+    fn config(dir: &TempDir, id: NodeId, listen: SocketAddr, ranges: usize) -> NodeConfig {
+        let mut c = NodeConfig::new(id, listen, dir.path().join(format!("node-{id}")), dir.path().join("certs"));
+        c.ranges = ranges;
+        c.raft = test_raft();
+        c
+    }
+
+    /// `start N nodes with R ranges`, and wait until every range has a leader.
+    pub async fn start(n: u64, ranges: usize) -> Self {
+        let dir = TempDir::new().expect("tempdir");
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let bound: Vec<BoundNode> = (1..=n).map(|id| BoundNode::bind(Self::config(&dir, id, any, ranges)).expect("bind")).collect();
+        let members: BTreeMap<NodeId, SocketAddr> = bound.iter().zip(1..).map(|(b, id)| (id, b.local_addr())).collect();
+        let mut nodes = BTreeMap::new();
+        for (b, id) in bound.into_iter().zip(1..) {
+            nodes.insert(id, Some(b.start(members.clone()).await.expect("start node")));
+        }
+        let cluster = Self { dir, members, ranges, nodes };
+        cluster.wait_ready().await;
+        cluster
+    }
+
+    pub fn node(&self, id: NodeId) -> &Node {
+        self.nodes[&id].as_ref().expect("node is running")
+    }
+
+    pub fn running(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values().flatten()
+    }
+
+    /// Every running node knows a leader of every range.
+    pub async fn wait_ready(&self) {
+        for n in self.running() {
+            n.wait_for_leaders(WAIT).await.expect("leaders elected");
+        }
+    }
+
+    /// `stop node ID` (graceful: its connections close).
+    pub async fn stop(&mut self, id: NodeId) {
+        let node = self.nodes.get_mut(&id).and_then(Option::take).expect("node is running");
+        node.shutdown().await;
+    }
+
+    /// `restart node ID` on its old address and data.
+    pub async fn restart(&mut self, id: NodeId) {
+        let config = Self::config(&self.dir, id, self.members[&id], self.ranges);
+        let node = BoundNode::bind(config).expect("rebind").start(self.members.clone()).await.expect("restart");
+        self.nodes.insert(id, Some(node));
+    }
+
+    /// The node leading `range` now, as the running nodes see it.
+    pub fn leader_of(&self, range: RangeId) -> Option<NodeId> {
+        self.running().find(|n| n.led_ranges().contains(&range)).map(|n| n.id())
+    }
+
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig::new(
+            self.members.values().map(|a| a.to_string()).collect(),
+            self.dir.path().join("certs").join("ca.pem"),
+        )
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(self.client_config()).await.expect("client connects")
+    }
+
+    pub async fn shutdown(mut self) {
+        let ids: Vec<NodeId> = self.nodes.iter().filter(|(_, n)| n.is_some()).map(|(id, _)| *id).collect();
+        for id in ids {
+            self.stop(id).await;
+        }
+    }
+}
+
+/// Polls `check` until it returns `Ok`, failing with its last message after `WAIT`.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let start = Instant::now();
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(e) if start.elapsed() > WAIT => panic!("{what}: not reached within {WAIT:?}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// A key inside `range` of the bootstrap layout, unique per `i`.
+pub fn key_in(client: &Client, range: RangeId, i: usize) -> Vec<u8> {
+    let desc = client.routes().ranges.into_iter().find(|r| r.id == range).expect("range exists");
+    let mut key = if desc.start.is_empty() { b"!".to_vec() } else { desc.start.clone() };
+    key.extend_from_slice(format!("/key-{i:05}").as_bytes());
+    assert!(desc.contains(&key));
+    key
+}

@@ -1,0 +1,195 @@
+//! Multi-process cluster of spawned `concord node` binaries on loopback: `concordctl`
+//! put/get, `kill -9` of one node (still available), restart (rejoins), and durability of
+//! acknowledged writes across `kill -9` of every node.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use common::eventually;
+use concord_client::api::{Consistency, KeySpan, RangeRequest};
+use concord_client::{Client, ClientConfig};
+use tempfile::TempDir;
+
+fn concord_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_concord"))
+}
+
+fn concordctl_bin() -> PathBuf {
+    let path = concord_bin().with_file_name("concordctl");
+    assert!(path.exists(), "{} missing: build it first (`cargo build --workspace --bins`, as scripts/test.sh does)", path.display());
+    path
+}
+
+/// A `concord node` child process; killed (by its own pid) when dropped.
+struct NodeProc {
+    child: Child,
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct ProcCluster {
+    dir: TempDir,
+    addrs: BTreeMap<u64, String>,
+    procs: BTreeMap<u64, NodeProc>,
+}
+
+impl ProcCluster {
+    fn new(n: u64) -> Self {
+        // Ports chosen by the OS; the sockets are closed just before the nodes bind them.
+        let addrs = (1..=n)
+            .map(|id| {
+                let s = UdpSocket::bind("127.0.0.1:0").expect("bind probe socket");
+                (id, s.local_addr().unwrap().to_string())
+            })
+            .collect();
+        let mut c = Self { dir: TempDir::new().unwrap(), addrs, procs: BTreeMap::new() };
+        for id in 1..=n {
+            c.spawn(id);
+        }
+        c
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("concordctl.toml")
+    }
+
+    fn spawn(&mut self, id: u64) {
+        let peers: Vec<String> = self.addrs.iter().map(|(i, a)| format!("{i}={a}")).collect();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(format!("node-{id}.log"))).unwrap();
+        let child = Command::new(concord_bin())
+            .args(["node", "--id", &id.to_string(), "--listen", &self.addrs[&id], "--peers", &peers.join(",")])
+            .arg("--data-dir")
+            .arg(self.dir.path().join(format!("node-{id}")))
+            .arg("--cert-dir")
+            .arg(self.dir.path().join("certs"))
+            .arg("--client-config")
+            .arg(self.config_path())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn concord node");
+        self.procs.insert(id, NodeProc { child });
+    }
+
+    /// `kill -9` the node.
+    fn kill(&mut self, id: u64) {
+        drop(self.procs.remove(&id).expect("node running"));
+    }
+
+    fn ctl(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(concordctl_bin()).arg("--config").arg(self.config_path()).args(args).output().expect("run concordctl");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// Every range has a leader known to every node in `nodes`.
+    async fn wait_ready(&self, nodes: usize) {
+        eventually("cluster ready", || async {
+            if !self.config_path().exists() {
+                return Err("no client config yet".into());
+            }
+            let out = self.ctl(&["status", "-o", "json"])?;
+            let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
+            let ready = v["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|n| n["ranges"].as_array().is_some_and(|r| r.iter().all(|r| !r["leader"].is_null())))
+                .count();
+            if ready >= nodes {
+                Ok(())
+            } else {
+                Err(format!("{ready} of {nodes} nodes see leaders: {out}"))
+            }
+        })
+        .await;
+    }
+
+    async fn client(&self) -> Client {
+        let mut config = ClientConfig::from_file(&self.config_path()).unwrap();
+        config.attempts_max = 30;
+        Client::connect(config).await.expect("connect")
+    }
+}
+
+fn logs(dir: &Path) -> String {
+    let mut s = String::new();
+    for id in 1..=3 {
+        s += &std::fs::read_to_string(dir.join(format!("node-{id}.log"))).unwrap_or_default();
+    }
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concordctl_against_processes_survives_kill_and_rejoin() {
+    let mut cluster = ProcCluster::new(3);
+    cluster.wait_ready(3).await;
+    assert_eq!(cluster.ctl(&["put", "greeting", "hello"]).unwrap().trim(), "OK");
+    assert_eq!(cluster.ctl(&["get", "greeting"]).unwrap(), "greeting\nhello\n");
+    let json: serde_json::Value = serde_json::from_str(&cluster.ctl(&["get", "greeting", "-o", "json"]).unwrap()).unwrap();
+    assert_eq!(json["kvs"][0]["value"], "hello");
+    assert_eq!(json["kvs"][0]["version"], 1);
+
+    cluster.kill(1);
+    eventually("available after kill -9 of node 1", || async {
+        cluster.ctl(&["put", "greeting", "again"])?;
+        let out = cluster.ctl(&["get", "greeting"])?;
+        if out == "greeting\nagain\n" { Ok(()) } else { Err(out) }
+    })
+    .await;
+    let err = cluster.ctl(&["get", "greeting", "--consistency", "bogus"]).unwrap_err();
+    assert!(err.contains("unknown consistency"), "{err}");
+
+    cluster.spawn(1);
+    cluster.wait_ready(3).await;
+    eventually("node 1 rejoined and caught up", || async {
+        let v: serde_json::Value = serde_json::from_str(&cluster.ctl(&["status", "-o", "json"])?).map_err(|e| e.to_string())?;
+        let revisions: Vec<Vec<u64>> = v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["ranges"].as_array().map(|r| r.iter().map(|r| r["revision"].as_u64().unwrap()).collect()).unwrap_or_default())
+            .collect();
+        if revisions.len() == 3 && revisions.iter().all(|r| r == &revisions[0]) { Ok(()) } else { Err(format!("{revisions:?}")) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_kill_9_of_every_node() {
+    let mut cluster = ProcCluster::new(3);
+    cluster.wait_ready(3).await;
+    let client = cluster.client().await;
+    let mut acked = Vec::new();
+    for i in 0..200 {
+        let key = format!("{}durable/{i:04}", (b'0' + (i % 75) as u8) as char);
+        client.put(key.clone(), format!("v{i}")).await.expect("put acknowledged");
+        acked.push((key, format!("v{i}")));
+    }
+    drop(client);
+    for id in 1..=3 {
+        cluster.kill(id);
+    }
+    for id in 1..=3 {
+        cluster.spawn(id);
+    }
+    cluster.wait_ready(3).await;
+    let client = cluster.client().await;
+    for (key, value) in &acked {
+        let r = client.range(RangeRequest::new(KeySpan::key(key.clone())), Consistency::Linearizable).await;
+        let r = r.unwrap_or_else(|e| panic!("read {key}: {e}\n{}", logs(cluster.dir.path())));
+        assert_eq!(r.kvs.first().map(|kv| kv.value.clone()), Some(value.clone().into_bytes()), "lost acknowledged write {key}");
+    }
+}

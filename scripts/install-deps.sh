@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs the system packages concord's build and tests need on a fresh Debian machine.
+# Idempotent: packages already present are skipped. Needs root (or sudo).
+set -euo pipefail
+
+packages=(
+  libclang-dev      # bindgen for librocksdb-sys
+  clang             # bindgen finds libclang through it
+  build-essential   # the C++ compiler for RocksDB itself
+  pkg-config
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+
+if ((${#missing[@]})); then
+  sudo_cmd=""
+  [[ $(id -u) -ne 0 ]] && sudo_cmd="sudo"
+  echo "installing: ${missing[*]}" >&2
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi

@@ -1,0 +1,716 @@
+//! The client protocol: requests, responses and errors with stable codes.
+//!
+//! Every request is one frame on its own bi-stream, answered by one [`ClientResponse`] frame.
+//! Key-value requests name the range they are meant for ([`RangeId`] and epoch, from the route
+//! table); a node that does not hold that range, or holds a newer epoch, says so with an error
+//! the client acts on ([`ApiError::StaleEpoch`], [`ApiError::NotLeader`]).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Identifies a range and its Raft group.
+pub type RangeId = u64;
+/// Identifies a node.
+pub type NodeId = u64;
+
+/// How a read is served (docs/consistency.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Consistency {
+    /// The range's leader answers under its leader lease, or after a ReadIndex round.
+    #[default]
+    Linearizable,
+    /// A follower obtains a read index from the leader, waits until applied, answers locally.
+    Follower,
+    /// Any replica answers from its local state: may be stale, never torn.
+    Serializable,
+}
+
+impl std::str::FromStr for Consistency {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "linearizable" => Ok(Self::Linearizable),
+            "follower" => Ok(Self::Follower),
+            "serializable" => Ok(Self::Serializable),
+            other => Err(format!("unknown consistency {other:?} (linearizable, follower, serializable)")),
+        }
+    }
+}
+
+/// A key with its value and MVCC metadata, as etcd reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyValue {
+    /// The key.
+    pub key: Vec<u8>,
+    /// The value (empty when the read was keys-only).
+    pub value: Vec<u8>,
+    /// Revision at which the key was created (since its last deletion).
+    pub create_revision: u64,
+    /// Revision of the key's last modification.
+    pub mod_revision: u64,
+    /// Number of modifications since creation (1 after the first put).
+    pub version: u64,
+    /// The lease the key is attached to; 0 for none.
+    pub lease: i64,
+}
+
+/// Which keys an operation touches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeySpan {
+    /// The key, or the first key of the interval.
+    pub key: Vec<u8>,
+    /// `None`: the single key; `Some(empty)`: every key `>= key`; `Some(end)`: `[key, end)`.
+    pub end: Option<Vec<u8>>,
+}
+
+impl KeySpan {
+    /// The single key `key`.
+    pub fn key(key: impl Into<Vec<u8>>) -> Self {
+        Self { key: key.into(), end: None }
+    }
+    /// Every key starting with `prefix`.
+    pub fn prefix(prefix: impl Into<Vec<u8>>) -> Self {
+        let key = prefix.into();
+        let end = concord_prefix_end(&key);
+        Self { key, end: Some(end) }
+    }
+    /// Every key in `[start, end)`; an empty `end` is unbounded.
+    pub fn interval(start: impl Into<Vec<u8>>, end: impl Into<Vec<u8>>) -> Self {
+        Self { key: start.into(), end: Some(end.into()) }
+    }
+    /// The span as a half-open interval `[start, end)` (empty end = unbounded).
+    pub fn bounds(&self) -> (Vec<u8>, Vec<u8>) {
+        match &self.end {
+            None => {
+                let mut end = self.key.clone();
+                end.push(0);
+                (self.key.clone(), end)
+            }
+            Some(end) => (self.key.clone(), end.clone()),
+        }
+    }
+    /// Whether `k` is in the span.
+    pub fn contains(&self, k: &[u8]) -> bool {
+        match &self.end {
+            None => k == self.key.as_slice(),
+            Some(end) => k >= self.key.as_slice() && (end.is_empty() || k < end.as_slice()),
+        }
+    }
+}
+
+fn concord_prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    Vec::new()
+}
+
+/// Put a value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutRequest {
+    /// The key.
+    pub key: Vec<u8>,
+    /// The value.
+    pub value: Vec<u8>,
+    /// Attach to this lease (0: none). Reserved: leases are not served yet.
+    pub lease: i64,
+    /// Return the previous key-value, if any.
+    pub prev_kv: bool,
+}
+
+/// Read keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeRequest {
+    /// The keys to read.
+    pub span: KeySpan,
+    /// Read at this revision; 0 for the latest.
+    pub revision: u64,
+    /// At most this many keys; 0 for no limit.
+    pub limit: u64,
+    /// Leave values out.
+    pub keys_only: bool,
+    /// Only count the keys.
+    pub count_only: bool,
+    /// Return keys in descending order.
+    pub descending: bool,
+}
+
+impl RangeRequest {
+    /// A plain read of `span` at the latest revision.
+    pub fn new(span: KeySpan) -> Self {
+        Self { span, revision: 0, limit: 0, keys_only: false, count_only: false, descending: false }
+    }
+}
+
+/// Delete keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteRequest {
+    /// The keys to delete.
+    pub span: KeySpan,
+    /// Return the deleted key-values.
+    pub prev_kv: bool,
+}
+
+/// What a txn compare looks at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CompareTarget {
+    /// The value (an absent key compares as never equal).
+    Value(Vec<u8>),
+    /// The version (0 for an absent key).
+    Version(u64),
+    /// The create revision (0 for an absent key).
+    CreateRevision(u64),
+    /// The mod revision (0 for an absent key).
+    ModRevision(u64),
+}
+
+/// How a txn compare compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CompareOp {
+    /// `=`
+    Equal,
+    /// `!=`
+    NotEqual,
+    /// `<`
+    Less,
+    /// `>`
+    Greater,
+}
+
+/// One condition of a txn.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compare {
+    /// The key compared.
+    pub key: Vec<u8>,
+    /// The comparison.
+    pub op: CompareOp,
+    /// What the key's current state is compared with.
+    pub target: CompareTarget,
+}
+
+/// One operation of a txn branch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxnOp {
+    /// Put.
+    Put(PutRequest),
+    /// Read (at the txn's own point; `revision` must be 0).
+    Range(RangeRequest),
+    /// Delete.
+    Delete(DeleteRequest),
+}
+
+/// Compare-and-swap: if every compare holds, run `success`, else `failure`. Atomic.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnRequest {
+    /// Conditions, all of which must hold.
+    pub compares: Vec<Compare>,
+    /// Operations run when the conditions hold.
+    pub success: Vec<TxnOp>,
+    /// Operations run otherwise.
+    pub failure: Vec<TxnOp>,
+}
+
+impl TxnRequest {
+    /// Every key (or key span) the txn touches, for range checks.
+    pub fn spans(&self) -> Vec<KeySpan> {
+        let mut spans: Vec<KeySpan> = self.compares.iter().map(|c| KeySpan::key(c.key.clone())).collect();
+        for op in self.success.iter().chain(&self.failure) {
+            spans.push(match op {
+                TxnOp::Put(p) => KeySpan::key(p.key.clone()),
+                TxnOp::Range(r) => r.span.clone(),
+                TxnOp::Delete(d) => d.span.clone(),
+            });
+        }
+        spans
+    }
+    /// Number of operations (compares + both branches), checked against `txn_ops_max`.
+    pub fn op_count(&self) -> usize {
+        self.compares.len() + self.success.len() + self.failure.len()
+    }
+}
+
+/// A key-value request addressed to one range.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvRequest {
+    /// Put.
+    Put(PutRequest),
+    /// Read, at a consistency level.
+    Range(RangeRequest, Consistency),
+    /// Delete.
+    Delete(DeleteRequest),
+    /// Compare-and-swap transaction.
+    Txn(TxnRequest),
+    /// Drop revisions older than `revision` (capped at the range's own revision).
+    Compact {
+        /// The compaction point.
+        revision: u64,
+    },
+}
+
+/// Which range a response reflects and at which revision.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResponseHeader {
+    /// The range.
+    pub range_id: RangeId,
+    /// The range's revision the response reflects.
+    pub revision: u64,
+}
+
+/// Result of a put.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutResponse {
+    /// Range and revision (the put's own revision).
+    pub header: ResponseHeader,
+    /// The previous key-value, when asked for and present.
+    pub prev_kv: Option<KeyValue>,
+}
+
+/// Result of a read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeResponse {
+    /// Range and revision.
+    pub header: ResponseHeader,
+    /// The keys found (empty when count-only).
+    pub kvs: Vec<KeyValue>,
+    /// How many keys matched (before the limit).
+    pub count: u64,
+    /// Whether the limit cut the result short.
+    pub more: bool,
+}
+
+/// Result of a delete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteResponse {
+    /// Range and revision.
+    pub header: ResponseHeader,
+    /// Number of keys deleted.
+    pub deleted: u64,
+    /// The deleted key-values, when asked for.
+    pub prev_kvs: Vec<KeyValue>,
+}
+
+/// Result of one txn operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxnOpResponse {
+    /// A put's result.
+    Put(PutResponse),
+    /// A read's result.
+    Range(RangeResponse),
+    /// A delete's result.
+    Delete(DeleteResponse),
+}
+
+/// Result of a txn.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnResponse {
+    /// Range and revision.
+    pub header: ResponseHeader,
+    /// Whether the compares held (the success branch ran).
+    pub succeeded: bool,
+    /// One result per operation of the branch that ran.
+    pub responses: Vec<TxnOpResponse>,
+}
+
+/// Result of a compaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompactResponse {
+    /// Range and revision.
+    pub header: ResponseHeader,
+    /// The compaction point now in effect.
+    pub compact_revision: u64,
+}
+
+/// The result of a [`KvRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvResponse {
+    /// A put's result.
+    Put(PutResponse),
+    /// A read's result.
+    Range(RangeResponse),
+    /// A delete's result.
+    Delete(DeleteResponse),
+    /// A txn's result.
+    Txn(TxnResponse),
+    /// A compaction's result.
+    Compact(CompactResponse),
+}
+
+impl KvResponse {
+    /// The response's header.
+    pub fn header(&self) -> ResponseHeader {
+        match self {
+            Self::Put(r) => r.header,
+            Self::Range(r) => r.header,
+            Self::Delete(r) => r.header,
+            Self::Txn(r) => r.header,
+            Self::Compact(r) => r.header,
+        }
+    }
+}
+
+/// One request frame of the client protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientRequest {
+    /// A key-value request for one range.
+    Kv {
+        /// The range the client believes holds the keys.
+        range_id: RangeId,
+        /// The epoch of the client's descriptor of that range.
+        epoch: u64,
+        /// The request.
+        request: KvRequest,
+    },
+    /// The route table: ranges, replicas, leader hints, node addresses.
+    Routes,
+    /// Cluster status as this node sees it.
+    Status,
+}
+
+/// A node and where to reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAddr {
+    /// The node.
+    pub id: NodeId,
+    /// Its QUIC address (`host:port`).
+    pub addr: String,
+}
+
+/// The route table a client caches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteTable {
+    /// Ranges in key order.
+    pub ranges: Vec<concord_range::RangeDescriptor>,
+    /// Last known leader per range.
+    pub leaders: BTreeMap<RangeId, NodeId>,
+    /// Every node's address.
+    pub nodes: Vec<NodeAddr>,
+}
+
+/// Re-exports of the placement crate's descriptor, so the protocol names one type.
+pub mod concord_range {
+    pub use concord_placement::RangeDescriptor;
+}
+
+/// One range as a node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeStatus {
+    /// The range.
+    pub id: RangeId,
+    /// First key (inclusive).
+    pub start: Vec<u8>,
+    /// End key (exclusive; empty = unbounded).
+    pub end: Vec<u8>,
+    /// Its epoch.
+    pub epoch: u64,
+    /// Replica nodes.
+    pub replicas: Vec<NodeId>,
+    /// The leader this node knows of.
+    pub leader: Option<NodeId>,
+    /// The Raft term this node is in.
+    pub term: u64,
+    /// The range's revision on this node.
+    pub revision: u64,
+    /// The last log index applied on this node.
+    pub applied_index: u64,
+}
+
+/// Group-commit counters of a node's storage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageCounters {
+    /// WAL syncs performed.
+    pub fsyncs: u64,
+    /// Log appends (from any group) made durable by those syncs.
+    pub appends: u64,
+}
+
+/// Cluster status as one node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusResponse {
+    /// The answering node.
+    pub node_id: NodeId,
+    /// Every node's address.
+    pub nodes: Vec<NodeAddr>,
+    /// Every range hosted by the answering node.
+    pub ranges: Vec<RangeStatus>,
+    /// The answering node's storage counters.
+    pub storage: StorageCounters,
+}
+
+/// A successful reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientReply {
+    /// To [`ClientRequest::Kv`].
+    Kv(KvResponse),
+    /// To [`ClientRequest::Routes`].
+    Routes(RouteTable),
+    /// To [`ClientRequest::Status`].
+    Status(StatusResponse),
+}
+
+/// One response frame of the client protocol.
+pub type ClientResponse = Result<ClientReply, ApiError>;
+
+/// A client-visible error. Each variant has a stable [`ApiError::code`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ApiError {
+    /// This node is not the leader of the range; retry at the hinted node.
+    #[error("not leader of range {range_id} (leader hint: {leader_hint:?})")]
+    NotLeader {
+        /// The range.
+        range_id: RangeId,
+        /// The leader, if known.
+        leader_hint: Option<NodeId>,
+    },
+    /// The client's descriptor of the range is out of date; refresh routes.
+    #[error("stale epoch for range {range_id}: the node has epoch {current_epoch}")]
+    StaleEpoch {
+        /// The range.
+        range_id: RangeId,
+        /// The epoch the node holds.
+        current_epoch: u64,
+    },
+    /// This node holds no replica of the range.
+    #[error("range {range_id} not found on this node")]
+    RangeNotFound {
+        /// The range.
+        range_id: RangeId,
+    },
+    /// A key of the request lies outside the range the request was sent to.
+    #[error("key outside range {range_id}")]
+    KeyOutsideRange {
+        /// The range.
+        range_id: RangeId,
+    },
+    /// A txn's keys span more than one range.
+    #[error("txn keys span ranges {ranges:?}; a txn must stay within one range")]
+    CrossRange {
+        /// The ranges involved.
+        ranges: Vec<RangeId>,
+    },
+    /// A key exceeds the size limit.
+    #[error("key of {size} bytes exceeds the limit of {max} bytes")]
+    KeyTooLarge {
+        /// The key's size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A value exceeds the size limit.
+    #[error("value of {size} bytes exceeds the limit of {max} bytes")]
+    ValueTooLarge {
+        /// The value's size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The request frame exceeds the size limit.
+    #[error("request of {size} bytes exceeds the limit of {max} bytes")]
+    RequestTooLarge {
+        /// The request's size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A txn has too many operations.
+    #[error("txn with {ops} operations exceeds the limit of {max}")]
+    TooManyTxnOps {
+        /// The txn's operation count.
+        ops: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The requested revision has been compacted.
+    #[error("revision has been compacted (compact revision {compact_revision})")]
+    Compacted {
+        /// The oldest readable revision.
+        compact_revision: u64,
+    },
+    /// The requested revision is in the future.
+    #[error("revision {revision} is newer than the range's revision {current}")]
+    FutureRevision {
+        /// The requested revision.
+        revision: u64,
+        /// The range's current revision.
+        current: u64,
+    },
+    /// The request is invalid (a bad span, a read at a revision inside a txn, ...).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The frame could not be decoded.
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    /// The frame's wire version is not spoken by this node.
+    #[error("unsupported wire version {got}; this node speaks {supported}")]
+    UnsupportedVersion {
+        /// The version received.
+        got: u8,
+        /// The version spoken.
+        supported: u8,
+    },
+    /// The range cannot serve now (no quorum, election in progress, shutting down).
+    #[error("range {range_id} unavailable: {reason}")]
+    Unavailable {
+        /// The range.
+        range_id: RangeId,
+        /// Why.
+        reason: String,
+    },
+    /// A write was proposed but its outcome is unknown (leadership changed while it was in
+    /// flight): it may or may not have been applied. Not retried automatically.
+    #[error("outcome of the write to range {range_id} is unknown: {reason}")]
+    Indeterminate {
+        /// The range.
+        range_id: RangeId,
+        /// Why.
+        reason: String,
+    },
+    /// Something failed inside the node.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The stable code of this error, for scripts and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NotLeader { .. } => "NOT_LEADER",
+            Self::StaleEpoch { .. } => "STALE_EPOCH",
+            Self::RangeNotFound { .. } => "RANGE_NOT_FOUND",
+            Self::KeyOutsideRange { .. } => "KEY_OUTSIDE_RANGE",
+            Self::CrossRange { .. } => "CROSS_RANGE",
+            Self::KeyTooLarge { .. } => "KEY_TOO_LARGE",
+            Self::ValueTooLarge { .. } => "VALUE_TOO_LARGE",
+            Self::RequestTooLarge { .. } => "REQUEST_TOO_LARGE",
+            Self::TooManyTxnOps { .. } => "TOO_MANY_TXN_OPS",
+            Self::Compacted { .. } => "COMPACTED",
+            Self::FutureRevision { .. } => "FUTURE_REVISION",
+            Self::InvalidRequest(_) => "INVALID_REQUEST",
+            Self::Malformed(_) => "MALFORMED",
+            Self::UnsupportedVersion { .. } => "UNSUPPORTED_VERSION",
+            Self::Unavailable { .. } => "UNAVAILABLE",
+            Self::Indeterminate { .. } => "INDETERMINATE",
+            Self::Internal(_) => "INTERNAL",
+        }
+    }
+}
+
+/// Size and count limits of requests (DESIGN.md "Limits"); every one configurable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestLimits {
+    /// Largest key, in bytes.
+    pub key_bytes_max: usize,
+    /// Largest value, in bytes.
+    pub value_bytes_max: usize,
+    /// Largest request frame, in bytes.
+    pub request_bytes_max: usize,
+    /// Most operations (compares + both branches) in one txn.
+    pub txn_ops_max: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self { key_bytes_max: 4 << 10, value_bytes_max: 1 << 20, request_bytes_max: 2 << 20, txn_ops_max: 128 }
+    }
+}
+
+impl RequestLimits {
+    fn check_key(&self, key: &[u8]) -> Result<(), ApiError> {
+        if key.len() > self.key_bytes_max {
+            return Err(ApiError::KeyTooLarge { size: key.len(), max: self.key_bytes_max });
+        }
+        Ok(())
+    }
+
+    fn check_span(&self, span: &KeySpan) -> Result<(), ApiError> {
+        self.check_key(&span.key)?;
+        if let Some(end) = &span.end {
+            self.check_key(end)?;
+            if !end.is_empty() && end.as_slice() <= span.key.as_slice() {
+                return Err(ApiError::InvalidRequest("span end must be after its start".into()));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_put(&self, put: &PutRequest) -> Result<(), ApiError> {
+        self.check_key(&put.key)?;
+        if put.value.len() > self.value_bytes_max {
+            return Err(ApiError::ValueTooLarge { size: put.value.len(), max: self.value_bytes_max });
+        }
+        if put.lease != 0 {
+            return Err(ApiError::InvalidRequest("leases are not supported yet; put with lease 0".into()));
+        }
+        Ok(())
+    }
+
+    /// Checks a request against the limits; nothing of a refused request is applied.
+    pub fn check(&self, request: &KvRequest) -> Result<(), ApiError> {
+        match request {
+            KvRequest::Put(p) => self.check_put(p),
+            KvRequest::Range(r, _) => self.check_span(&r.span),
+            KvRequest::Delete(d) => self.check_span(&d.span),
+            KvRequest::Compact { .. } => Ok(()),
+            KvRequest::Txn(t) => {
+                if t.op_count() > self.txn_ops_max {
+                    return Err(ApiError::TooManyTxnOps { ops: t.op_count(), max: self.txn_ops_max });
+                }
+                for c in &t.compares {
+                    self.check_key(&c.key)?;
+                    if let CompareTarget::Value(v) = &c.target {
+                        if v.len() > self.value_bytes_max {
+                            return Err(ApiError::ValueTooLarge { size: v.len(), max: self.value_bytes_max });
+                        }
+                    }
+                }
+                for op in t.success.iter().chain(&t.failure) {
+                    match op {
+                        TxnOp::Put(p) => self.check_put(p)?,
+                        TxnOp::Range(r) => {
+                            self.check_span(&r.span)?;
+                            if r.revision != 0 {
+                                return Err(ApiError::InvalidRequest("a read inside a txn reads at the txn's revision".into()));
+                            }
+                        }
+                        TxnOp::Delete(d) => self.check_span(&d.span)?,
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_refuse_oversize_and_too_many_ops() {
+        let limits = RequestLimits::default();
+        let put = |k: usize, v: usize| KvRequest::Put(PutRequest { key: vec![b'k'; k], value: vec![0; v], lease: 0, prev_kv: false });
+        assert!(limits.check(&put(4096, 1 << 20)).is_ok());
+        assert_eq!(limits.check(&put(4097, 1)).unwrap_err().code(), "KEY_TOO_LARGE");
+        assert_eq!(limits.check(&put(1, (1 << 20) + 1)).unwrap_err().code(), "VALUE_TOO_LARGE");
+        let txn = TxnRequest {
+            compares: vec![],
+            success: (0..129).map(|_| TxnOp::Delete(DeleteRequest { span: KeySpan::key("a"), prev_kv: false })).collect(),
+            failure: vec![],
+        };
+        assert_eq!(limits.check(&KvRequest::Txn(txn)).unwrap_err().code(), "TOO_MANY_TXN_OPS");
+    }
+
+    #[test]
+    fn spans() {
+        assert!(KeySpan::prefix("ab").contains(b"ab"));
+        assert!(KeySpan::prefix("ab").contains(b"abz"));
+        assert!(!KeySpan::prefix("ab").contains(b"ac"));
+        assert!(KeySpan::prefix("").contains(b"\xff"));
+        assert!(KeySpan::key("a").contains(b"a") && !KeySpan::key("a").contains(b"a\0"));
+        assert_eq!(KeySpan::key("a").bounds(), (b"a".to_vec(), b"a\0".to_vec()));
+    }
+}
