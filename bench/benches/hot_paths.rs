@@ -6,7 +6,12 @@ use concord_transport::wire;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 
 fn put(i: u64) -> Command {
-    Command::Put(PutRequest { key: format!("key/{:08}", i % 10_000).into_bytes(), value: vec![b'v'; 256], lease: 0, prev_kv: false })
+    Command::Put(PutRequest {
+        key: format!("key/{:08}", i % 10_000).into_bytes(),
+        value: vec![b'v'; 256],
+        lease: 0,
+        prev_kv: false,
+    })
 }
 
 fn mvcc(c: &mut Criterion) {
@@ -39,12 +44,23 @@ fn codec(c: &mut Criterion) {
     let request = ClientRequest::Kv {
         range_id: 3,
         epoch: 1,
-        request: KvRequest::Put(PutRequest { key: b"key/00000001".to_vec(), value: vec![b'v'; 256], lease: 0, prev_kv: false }),
+        request: KvRequest::Put(PutRequest {
+            key: b"key/00000001".to_vec(),
+            value: vec![b'v'; 256],
+            lease: 0,
+            prev_kv: false,
+        }),
     };
-    c.bench_function("wire_encode_put_256b", |b| b.iter(|| wire::encode_frame(&request)));
+    c.bench_function("wire_encode_put_256b", |b| {
+        b.iter(|| wire::encode_frame(&request))
+    });
     let frame = wire::encode_frame(&request);
     c.bench_function("wire_decode_put_256b", |b| {
-        b.iter_batched(|| frame[wire::FRAME_HEADER_LEN..].to_vec(), |p| wire::decode::<ClientRequest>(&p).unwrap(), BatchSize::SmallInput)
+        b.iter_batched(
+            || frame[wire::FRAME_HEADER_LEN..].to_vec(),
+            |p| wire::decode::<ClientRequest>(&p).unwrap(),
+            BatchSize::SmallInput,
+        )
     });
 }
 

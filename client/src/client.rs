@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use concord_placement::RangeDescriptor;
 use concord_transport::api::{
-    ApiError, ClientReply, ClientRequest, ClientResponse, CompactResponse, Consistency, DeleteRequest, KeySpan, KeyValue,
-    KvRequest, KvResponse, NodeId, PutRequest, PutResponse, RangeRequest, ResponseHeader, RouteTable, StatusResponse,
-    TxnRequest, TxnResponse,
+    ApiError, ClientReply, ClientRequest, ClientResponse, CompactResponse, Consistency,
+    DeleteRequest, KeySpan, KeyValue, KvRequest, KvResponse, NodeId, PutRequest, PutResponse,
+    RangeRequest, ResponseHeader, RouteTable, StatusResponse, TxnRequest, TxnResponse,
 };
 use concord_transport::endpoint::{self, ConnectionLimits};
 use concord_transport::{wire, SERVER_NAME};
@@ -19,8 +19,15 @@ use crate::{ClientConfig, Error};
 
 /// Largest response frame the client accepts.
 pub const RESPONSE_BYTES_MAX: usize = 256 << 20;
-/// Pause before retrying a range that has no leader yet, times the attempt number.
+/// First pause before retrying a range that has no leader; doubles per attempt.
 const RETRY_BACKOFF_MS: u64 = 50;
+/// Longest pause between attempts.
+const RETRY_BACKOFF_MAX_MS: u64 = 500;
+
+async fn backoff(attempt: u32) {
+    let ms = (RETRY_BACKOFF_MS << attempt.min(10)).min(RETRY_BACKOFF_MAX_MS);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
 
 /// The result of a read that may span ranges.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -71,12 +78,17 @@ impl Client {
         if config.endpoints.is_empty() {
             return Err(Error::Config("no endpoints".into()));
         }
-        let endpoint = endpoint::client_endpoint(&config.ca, &ConnectionLimits::default()).map_err(|e| Error::Config(e.to_string()))?;
+        let endpoint = endpoint::client_endpoint(&config.ca, &ConnectionLimits::default())
+            .map_err(|e| Error::Config(e.to_string()))?;
         let inner = Arc::new(Inner {
             config,
             endpoint,
             conns: Mutex::new(HashMap::new()),
-            routes: RwLock::new(RouteTable { ranges: vec![], leaders: Default::default(), nodes: vec![] }),
+            routes: RwLock::new(RouteTable {
+                ranges: vec![],
+                leaders: Default::default(),
+                nodes: vec![],
+            }),
             next_replica: AtomicUsize::new(0),
         });
         let client = Self { inner };
@@ -118,11 +130,19 @@ impl Client {
     }
 
     fn node_addr(&self, node: NodeId) -> Option<String> {
-        self.routes().nodes.iter().find(|n| n.id == node).map(|n| n.addr.clone())
+        self.routes()
+            .nodes
+            .iter()
+            .find(|n| n.id == node)
+            .map(|n| n.addr.clone())
     }
 
     /// Sends `request` to the range `desc`, routing and retrying (bounded).
-    async fn call_range(&self, desc: &RangeDescriptor, request: KvRequest) -> Result<KvResponse, Error> {
+    async fn call_range(
+        &self,
+        desc: &RangeDescriptor,
+        request: KvRequest,
+    ) -> Result<KvResponse, Error> {
         let attempts_max = self.inner.config.attempts_max;
         let mut desc = desc.clone();
         let mut last: Option<Error> = None;
@@ -131,33 +151,51 @@ impl Client {
             let target = self.pick_node(&desc, &request, attempt, avoid);
             let Some(addr) = target.and_then(|n| self.node_addr(n)) else {
                 self.refresh_routes().await.ok();
-                last = Some(Error::Config(format!("no address for a replica of range {}", desc.id)));
+                last = Some(Error::Config(format!(
+                    "no address for a replica of range {}",
+                    desc.id
+                )));
                 continue;
             };
-            let frame = ClientRequest::Kv { range_id: desc.id, epoch: desc.epoch, request: request.clone() };
+            let frame = ClientRequest::Kv {
+                range_id: desc.id,
+                epoch: desc.epoch,
+                request: request.clone(),
+            };
             let outcome = self.inner.send(&addr, &frame).await;
             match outcome {
                 Ok(Ok(ClientReply::Kv(resp))) => return Ok(resp),
-                Ok(Ok(other)) => return Err(Error::Protocol(format!("unexpected reply {other:?}"))),
-                Ok(Err(ApiError::NotLeader { range_id, leader_hint })) => {
+                Ok(Ok(other)) => {
+                    return Err(Error::Protocol(format!("unexpected reply {other:?}")))
+                }
+                Ok(Err(ApiError::NotLeader {
+                    range_id,
+                    leader_hint,
+                })) => {
+                    // A hint naming the node we just asked, or one we could not reach, is stale:
+                    // an election is under way, so wait for it instead of bouncing.
+                    let usable = leader_hint.filter(|l| Some(*l) != target && Some(*l) != avoid);
                     {
                         let mut routes = self.inner.routes.write().expect("routes lock");
-                        match leader_hint {
-                            Some(l) if Some(l) != target => {
-                                routes.leaders.insert(range_id, l);
-                            }
-                            _ => {
-                                routes.leaders.remove(&range_id);
-                                avoid = target;
-                            }
-                        }
+                        match usable {
+                            Some(l) => routes.leaders.insert(range_id, l),
+                            None => routes.leaders.remove(&range_id),
+                        };
                     }
-                    if leader_hint.is_none() {
-                        tokio::time::sleep(Duration::from_millis(RETRY_BACKOFF_MS * (attempt as u64 + 1))).await;
+                    if usable.is_none() {
+                        avoid = avoid.or(target);
+                        backoff(attempt).await;
                     }
-                    last = Some(Error::Api(ApiError::NotLeader { range_id, leader_hint }));
+                    last = Some(Error::Api(ApiError::NotLeader {
+                        range_id,
+                        leader_hint,
+                    }));
                 }
-                Ok(Err(e @ (ApiError::StaleEpoch { .. } | ApiError::RangeNotFound { .. } | ApiError::KeyOutsideRange { .. }))) => {
+                Ok(Err(
+                    e @ (ApiError::StaleEpoch { .. }
+                    | ApiError::RangeNotFound { .. }
+                    | ApiError::KeyOutsideRange { .. }),
+                )) => {
                     self.refresh_routes().await.ok();
                     if let Some(d) = self.routes().ranges.iter().find(|r| r.id == desc.id) {
                         desc = d.clone();
@@ -167,14 +205,19 @@ impl Client {
                 Ok(Err(e @ ApiError::Unavailable { .. })) => {
                     // Not proposed (reads, or a refused write): safe to retry after a pause.
                     avoid = target;
-                    tokio::time::sleep(Duration::from_millis(RETRY_BACKOFF_MS * (attempt as u64 + 1))).await;
+                    backoff(attempt).await;
                     last = Some(Error::Api(e));
                 }
                 Ok(Err(e)) => return Err(Error::Api(e)),
                 Err(e @ Error::Connect { .. }) => {
                     // Never delivered: safe to retry elsewhere.
                     avoid = target;
-                    self.inner.routes.write().expect("routes lock").leaders.remove(&desc.id);
+                    self.inner
+                        .routes
+                        .write()
+                        .expect("routes lock")
+                        .leaders
+                        .remove(&desc.id);
                     last = Some(e);
                 }
                 Err(e) if is_write(&request) => return Err(e), // sent: the outcome is unknown
@@ -184,13 +227,31 @@ impl Client {
                 }
             }
         }
-        Err(Error::Exhausted { attempts: attempts_max, last: Box::new(last.expect("at least one attempt")) })
+        Err(Error::Exhausted {
+            attempts: attempts_max,
+            last: Box::new(last.expect("at least one attempt")),
+        })
     }
 
-    fn pick_node(&self, desc: &RangeDescriptor, request: &KvRequest, attempt: u32, avoid: Option<NodeId>) -> Option<NodeId> {
+    fn pick_node(
+        &self,
+        desc: &RangeDescriptor,
+        request: &KvRequest,
+        attempt: u32,
+        avoid: Option<NodeId>,
+    ) -> Option<NodeId> {
         let routes = self.inner.routes.read().expect("routes lock");
-        let candidates: Vec<NodeId> = desc.replicas.iter().copied().filter(|n| Some(*n) != avoid).collect();
-        let candidates = if candidates.is_empty() { desc.replicas.clone() } else { candidates };
+        let candidates: Vec<NodeId> = desc
+            .replicas
+            .iter()
+            .copied()
+            .filter(|n| Some(*n) != avoid)
+            .collect();
+        let candidates = if candidates.is_empty() {
+            desc.replicas.clone()
+        } else {
+            candidates
+        };
         let spread = |offset: usize| candidates.get(offset % candidates.len().max(1)).copied();
         match request {
             KvRequest::Range(_, Consistency::Follower | Consistency::Serializable) => {
@@ -204,8 +265,18 @@ impl Client {
     }
 
     /// Puts `value` under `key`.
-    pub async fn put(&self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Result<PutResponse, Error> {
-        self.put_with(PutRequest { key: key.into(), value: value.into(), lease: 0, prev_kv: false }).await
+    pub async fn put(
+        &self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+    ) -> Result<PutResponse, Error> {
+        self.put_with(PutRequest {
+            key: key.into(),
+            value: value.into(),
+            lease: 0,
+            prev_kv: false,
+        })
+        .await
     }
 
     /// Puts with every option of [`PutRequest`].
@@ -219,12 +290,20 @@ impl Client {
 
     /// Reads `key` (linearizable).
     pub async fn get(&self, key: impl Into<Vec<u8>>) -> Result<RangeResult, Error> {
-        self.range(RangeRequest::new(KeySpan::key(key)), Consistency::Linearizable).await
+        self.range(
+            RangeRequest::new(KeySpan::key(key)),
+            Consistency::Linearizable,
+        )
+        .await
     }
 
     /// Reads a key, prefix or interval at `consistency`, visiting each range in key order
     /// (reverse order when descending) until the limit is reached.
-    pub async fn range(&self, req: RangeRequest, consistency: Consistency) -> Result<RangeResult, Error> {
+    pub async fn range(
+        &self,
+        req: RangeRequest,
+        consistency: Consistency,
+    ) -> Result<RangeResult, Error> {
         let mut descs = self.overlapping(&req.span);
         if req.descending {
             descs.reverse();
@@ -242,7 +321,10 @@ impl Client {
                     part.limit = req.limit - have;
                 }
             }
-            let KvResponse::Range(r) = self.call_range(&desc, KvRequest::Range(part, consistency)).await? else {
+            let KvResponse::Range(r) = self
+                .call_range(&desc, KvRequest::Range(part, consistency))
+                .await?
+            else {
                 return Err(Error::Protocol("expected a range response".into()));
             };
             result.count += r.count;
@@ -257,8 +339,12 @@ impl Client {
     pub async fn delete(&self, span: KeySpan, prev_kv: bool) -> Result<DeleteResult, Error> {
         let mut result = DeleteResult::default();
         for desc in self.overlapping(&span) {
-            let req = DeleteRequest { span: clip(&desc, &span), prev_kv };
-            let KvResponse::Delete(r) = self.call_range(&desc, KvRequest::Delete(req)).await? else {
+            let req = DeleteRequest {
+                span: clip(&desc, &span),
+                prev_kv,
+            };
+            let KvResponse::Delete(r) = self.call_range(&desc, KvRequest::Delete(req)).await?
+            else {
                 return Err(Error::Protocol("expected a delete response".into()));
             };
             result.deleted += r.deleted;
@@ -270,13 +356,21 @@ impl Client {
 
     /// Runs a txn. All its keys must lie in one range, else [`ApiError::CrossRange`].
     pub async fn txn(&self, txn: TxnRequest) -> Result<TxnResponse, Error> {
-        let mut ranges: Vec<RangeDescriptor> = txn.spans().iter().flat_map(|s| self.overlapping(s)).collect();
+        let mut ranges: Vec<RangeDescriptor> = txn
+            .spans()
+            .iter()
+            .flat_map(|s| self.overlapping(s))
+            .collect();
         ranges.sort_by_key(|d| d.id);
         ranges.dedup_by_key(|d| d.id);
         let desc = match ranges.as_slice() {
             [] => self.locate(b""),
             [one] => one.clone(),
-            many => return Err(Error::Api(ApiError::CrossRange { ranges: many.iter().map(|d| d.id).collect() })),
+            many => {
+                return Err(Error::Api(ApiError::CrossRange {
+                    ranges: many.iter().map(|d| d.id).collect(),
+                }))
+            }
         };
         match self.call_range(&desc, KvRequest::Txn(txn)).await? {
             KvResponse::Txn(r) => Ok(r),
@@ -286,14 +380,22 @@ impl Client {
 
     /// Compacts every range at `revision` (capped at each range's own revision). Returns one
     /// result per range: a range already compacted at or past that point answers `Compacted`.
-    pub async fn compact(&self, revision: u64) -> Result<Vec<Result<CompactResponse, Error>>, Error> {
+    pub async fn compact(
+        &self,
+        revision: u64,
+    ) -> Result<Vec<Result<CompactResponse, Error>>, Error> {
         let mut results = Vec::new();
         for desc in self.routes().ranges {
-            results.push(match self.call_range(&desc, KvRequest::Compact { revision }).await {
-                Ok(KvResponse::Compact(r)) => Ok(r),
-                Ok(other) => Err(Error::Protocol(format!("unexpected response {other:?}"))),
-                Err(e) => Err(e),
-            });
+            results.push(
+                match self
+                    .call_range(&desc, KvRequest::Compact { revision })
+                    .await
+                {
+                    Ok(KvResponse::Compact(r)) => Ok(r),
+                    Ok(other) => Err(Error::Protocol(format!("unexpected response {other:?}"))),
+                    Err(e) => Err(e),
+                },
+            );
         }
         Ok(results)
     }
@@ -321,13 +423,23 @@ impl Client {
 
     fn locate(&self, key: &[u8]) -> RangeDescriptor {
         let routes = self.inner.routes.read().expect("routes lock");
-        routes.ranges.iter().find(|r| r.contains(key)).cloned().expect("the route table covers the keyspace")
+        routes
+            .ranges
+            .iter()
+            .find(|r| r.contains(key))
+            .cloned()
+            .expect("the route table covers the keyspace")
     }
 
     fn overlapping(&self, span: &KeySpan) -> Vec<RangeDescriptor> {
         let (start, end) = span.bounds();
         let routes = self.inner.routes.read().expect("routes lock");
-        routes.ranges.iter().filter(|r| r.overlaps(&start, &end)).cloned().collect()
+        routes
+            .ranges
+            .iter()
+            .filter(|r| r.overlaps(&start, &end))
+            .cloned()
+            .collect()
     }
 }
 
@@ -337,14 +449,20 @@ fn clip(desc: &RangeDescriptor, span: &KeySpan) -> KeySpan {
         None => span.clone(),
         Some(end) => {
             let (start, end) = desc.clip(&span.key, end);
-            KeySpan { key: start, end: Some(end) }
+            KeySpan {
+                key: start,
+                end: Some(end),
+            }
         }
     }
 }
 
 impl Inner {
     async fn connection(&self, addr: &str) -> Result<quinn::Connection, Error> {
-        let connect_err = |reason: String| Error::Connect { addr: addr.to_string(), reason };
+        let connect_err = |reason: String| Error::Connect {
+            addr: addr.to_string(),
+            reason,
+        };
         let sock: SocketAddr = tokio::net::lookup_host(addr)
             .await
             .map_err(|e| connect_err(e.to_string()))?
@@ -355,12 +473,18 @@ impl Inner {
                 return Ok(c.clone());
             }
         }
-        let connecting = self.endpoint.connect(sock, SERVER_NAME).map_err(|e| connect_err(e.to_string()))?;
+        let connecting = self
+            .endpoint
+            .connect(sock, SERVER_NAME)
+            .map_err(|e| connect_err(e.to_string()))?;
         let conn = tokio::time::timeout(self.config.connect_timeout, connecting)
             .await
             .map_err(|_| connect_err("handshake timed out".into()))?
             .map_err(|e| connect_err(e.to_string()))?;
-        self.conns.lock().expect("conns lock").insert(sock, conn.clone());
+        self.conns
+            .lock()
+            .expect("conns lock")
+            .insert(sock, conn.clone());
         Ok(conn)
     }
 
@@ -371,13 +495,26 @@ impl Inner {
     async fn exchange(&self, addr: &str, frame: &[u8]) -> Result<ClientResponse, Error> {
         let conn = self.connection(addr).await?;
         let timeout = self.config.request_timeout;
-        let connect_err = |reason: String| Error::Connect { addr: addr.to_string(), reason };
+        let connect_err = |reason: String| Error::Connect {
+            addr: addr.to_string(),
+            reason,
+        };
         // Opening the stream and writing are "not delivered" failures; after the write the
         // outcome is unknown.
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| connect_err(e.to_string()))?;
-        send.write_all(frame).await.map_err(|e| Error::Protocol(format!("{addr}: {e}")))?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| connect_err(e.to_string()))?;
+        send.write_all(frame)
+            .await
+            .map_err(|e| Error::Protocol(format!("{addr}: {e}")))?;
         let _ = send.finish();
-        match tokio::time::timeout(timeout, wire::read_frame::<_, ClientResponse>(&mut recv, RESPONSE_BYTES_MAX)).await {
+        match tokio::time::timeout(
+            timeout,
+            wire::read_frame::<_, ClientResponse>(&mut recv, RESPONSE_BYTES_MAX),
+        )
+        .await
+        {
             Err(_) => Err(Error::Timeout(timeout)),
             Ok(Err(wire::WireError::Io(e))) => Err(Error::Protocol(format!("{addr}: {e}"))),
             Ok(Err(e)) => Err(Error::Protocol(e.to_string())),

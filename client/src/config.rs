@@ -45,9 +45,15 @@ impl ClientConfig {
     /// Reads a `concordctl.toml` (`endpoints = [...]`, `ca = "..."`, optional
     /// `request_timeout_ms`, `attempts_max`); a relative `ca` is relative to the file.
     pub fn from_file(path: &Path) -> Result<Self, Error> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-        let file: File = toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-        let ca = if file.ca.is_relative() { path.parent().unwrap_or(Path::new(".")).join(file.ca) } else { file.ca };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let file: File =
+            toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let ca = if file.ca.is_relative() {
+            path.parent().unwrap_or(Path::new(".")).join(file.ca)
+        } else {
+            file.ca
+        };
         let mut config = Self::new(file.endpoints, ca);
         if let Some(ms) = file.request_timeout_ms {
             config.request_timeout = Duration::from_millis(ms);

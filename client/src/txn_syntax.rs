@@ -17,7 +17,8 @@
 //! and `else` sections may be empty or left out.
 
 use concord_transport::api::{
-    Compare, CompareOp, CompareTarget, DeleteRequest, KeySpan, PutRequest, RangeRequest, TxnOp, TxnRequest,
+    Compare, CompareOp, CompareTarget, DeleteRequest, KeySpan, PutRequest, RangeRequest, TxnOp,
+    TxnRequest,
 };
 
 /// A syntax error with its line number (1-based).
@@ -49,7 +50,12 @@ fn words(line: &str) -> Result<Vec<String>, String> {
                     Some('\\') => match chars.next() {
                         Some(e @ ('"' | '\\')) => word.push(e),
                         Some('n') => word.push('\n'),
-                        other => return Err(format!("bad escape \\{}", other.map(String::from).unwrap_or_default())),
+                        other => {
+                            return Err(format!(
+                                "bad escape \\{}",
+                                other.map(String::from).unwrap_or_default()
+                            ))
+                        }
                     },
                     Some(ch) => word.push(ch),
                 }
@@ -69,13 +75,19 @@ fn words(line: &str) -> Result<Vec<String>, String> {
 }
 
 fn parse_compare(line: &str) -> Result<Compare, String> {
-    let open = line.find('(').ok_or("a compare looks like: mod(\"key\") = 5")?;
+    let open = line
+        .find('(')
+        .ok_or("a compare looks like: mod(\"key\") = 5")?;
     let close = line.rfind(')').ok_or("missing ')'")?;
     let target_name = line[..open].trim();
     let key = words(&line[open + 1..close])?;
-    let [key] = key.as_slice() else { return Err("one key inside the parentheses".into()) };
+    let [key] = key.as_slice() else {
+        return Err("one key inside the parentheses".into());
+    };
     let rest = words(&line[close + 1..])?;
-    let [op, value] = rest.as_slice() else { return Err("expected OP VALUE after the key".into()) };
+    let [op, value] = rest.as_slice() else {
+        return Err("expected OP VALUE after the key".into());
+    };
     let op = match op.as_str() {
         "=" | "==" => CompareOp::Equal,
         "!=" => CompareOp::NotEqual,
@@ -83,15 +95,27 @@ fn parse_compare(line: &str) -> Result<Compare, String> {
         ">" => CompareOp::Greater,
         other => return Err(format!("unknown operator {other:?} (= != < >)")),
     };
-    let number = || value.parse::<u64>().map_err(|_| format!("{target_name} compares with a number, got {value:?}"));
+    let number = || {
+        value
+            .parse::<u64>()
+            .map_err(|_| format!("{target_name} compares with a number, got {value:?}"))
+    };
     let target = match target_name {
         "value" | "val" => CompareTarget::Value(value.clone().into_bytes()),
         "version" | "ver" => CompareTarget::Version(number()?),
         "create" | "create_revision" => CompareTarget::CreateRevision(number()?),
         "mod" | "mod_revision" => CompareTarget::ModRevision(number()?),
-        other => return Err(format!("unknown compare target {other:?} (value, version, create, mod)")),
+        other => {
+            return Err(format!(
+                "unknown compare target {other:?} (value, version, create, mod)"
+            ))
+        }
     };
-    Ok(Compare { key: key.clone().into_bytes(), op, target })
+    Ok(Compare {
+        key: key.clone().into_bytes(),
+        op,
+        target,
+    })
 }
 
 fn parse_span(args: &[String]) -> Result<KeySpan, String> {
@@ -110,11 +134,19 @@ fn parse_op(line: &str) -> Result<TxnOp, String> {
     let (verb, args) = w.split_first().ok_or("empty operation")?;
     match verb.as_str() {
         "put" => match args {
-            [key, value] => Ok(TxnOp::Put(PutRequest { key: key.clone().into_bytes(), value: value.clone().into_bytes(), lease: 0, prev_kv: false })),
+            [key, value] => Ok(TxnOp::Put(PutRequest {
+                key: key.clone().into_bytes(),
+                value: value.clone().into_bytes(),
+                lease: 0,
+                prev_kv: false,
+            })),
             _ => Err("expected: put KEY VALUE".into()),
         },
         "get" => Ok(TxnOp::Range(RangeRequest::new(parse_span(args)?))),
-        "del" | "delete" => Ok(TxnOp::Delete(DeleteRequest { span: parse_span(args)?, prev_kv: false })),
+        "del" | "delete" => Ok(TxnOp::Delete(DeleteRequest {
+            span: parse_span(args)?,
+            prev_kv: false,
+        })),
         other => Err(format!("unknown operation {other:?} (put, get, del)")),
     }
 }
@@ -131,7 +163,10 @@ pub fn parse(text: &str) -> Result<TxnRequest, SyntaxError> {
     let mut section = Section::Start;
     let mut txn = TxnRequest::default();
     for (i, raw) in text.lines().enumerate() {
-        let err = |message: String| SyntaxError { line: i + 1, message };
+        let err = |message: String| SyntaxError {
+            line: i + 1,
+            message,
+        };
         let line = raw.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
@@ -140,7 +175,11 @@ pub fn parse(text: &str) -> Result<TxnRequest, SyntaxError> {
             "if" if section == Section::Start => Some(Section::If),
             "then" if matches!(section, Section::Start | Section::If) => Some(Section::Then),
             "else" if section == Section::Then => Some(Section::Else),
-            "if" | "then" | "else" => return Err(err(format!("{line:?} out of place (order: if, then, else)"))),
+            "if" | "then" | "else" => {
+                return Err(err(format!(
+                    "{line:?} out of place (order: if, then, else)"
+                )))
+            }
             _ => None,
         };
         if let Some(next) = next {
@@ -155,7 +194,10 @@ pub fn parse(text: &str) -> Result<TxnRequest, SyntaxError> {
         }
     }
     if section == Section::Start {
-        return Err(SyntaxError { line: 0, message: "empty txn".into() });
+        return Err(SyntaxError {
+            line: 0,
+            message: "empty txn".into(),
+        });
     }
     Ok(txn)
 }
@@ -183,11 +225,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(txn.compares.len(), 4);
-        assert_eq!(txn.compares[0], Compare { key: b"config".to_vec(), op: CompareOp::Equal, target: CompareTarget::ModRevision(42) });
-        assert_eq!(txn.compares[1].target, CompareTarget::Value(b"me \"too\"".to_vec()));
+        assert_eq!(
+            txn.compares[0],
+            Compare {
+                key: b"config".to_vec(),
+                op: CompareOp::Equal,
+                target: CompareTarget::ModRevision(42)
+            }
+        );
+        assert_eq!(
+            txn.compares[1].target,
+            CompareTarget::Value(b"me \"too\"".to_vec())
+        );
         assert_eq!(txn.success.len(), 3);
         assert!(matches!(&txn.success[0], TxnOp::Put(p) if p.value == b"new value"));
-        assert!(matches!(&txn.success[2], TxnOp::Delete(d) if d.span == KeySpan::interval("a", "z")));
+        assert!(
+            matches!(&txn.success[2], TxnOp::Delete(d) if d.span == KeySpan::interval("a", "z"))
+        );
         assert!(matches!(&txn.failure[0], TxnOp::Range(r) if r.span == KeySpan::prefix("p/")));
     }
 
@@ -196,7 +250,10 @@ mod tests {
         assert_eq!(parse("if\n  mod(k) ~ 1\n").unwrap_err().line, 2);
         assert_eq!(parse("then\n  frob k\n").unwrap_err().line, 2);
         assert_eq!(parse("then\nif\n").unwrap_err().line, 2);
-        assert!(parse("if\n mod(k) = x\n").unwrap_err().message.contains("number"));
+        assert!(parse("if\n mod(k) = x\n")
+            .unwrap_err()
+            .message
+            .contains("number"));
         assert!(parse("").is_err());
     }
 }

@@ -21,7 +21,11 @@ use serde_json::json;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "concord-loadgen", version, about = "Load generator for concord")]
+#[command(
+    name = "concord-loadgen",
+    version,
+    about = "Load generator for concord"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -84,7 +88,9 @@ struct RunArgs {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
     let n: u64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
@@ -121,7 +127,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = ClientConfig::from_file(&args.config).context("reading the client config")?;
     let mut clients = Vec::new();
     for _ in 0..args.connections {
-        clients.push(Client::connect(config.clone()).await.context("connecting")?);
+        clients.push(
+            Client::connect(config.clone())
+                .await
+                .context("connecting")?,
+        );
     }
     let value = vec![b'v'; args.value_size];
     if args.workload == Workload::Get {
@@ -145,7 +155,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             r?.context("pre-loading keys")?;
         }
     }
-    let key_space = if args.workload == Workload::Get { args.key_space.min(10_000) } else { args.key_space };
+    let key_space = if args.workload == Workload::Get {
+        args.key_space.min(10_000)
+    } else {
+        args.key_space
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let issued = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -153,9 +167,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     for id in 0..args.clients {
         let client = clients[id % clients.len()].clone();
         let (stop, issued, value) = (stop.clone(), issued.clone(), value.clone());
-        let (workload, consistency, ops_max, deadline) = (args.workload, args.consistency, args.ops, start + args.duration);
+        let (workload, consistency, ops_max, deadline) = (
+            args.workload,
+            args.consistency,
+            args.ops,
+            start + args.duration,
+        );
         tasks.spawn(async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+            let mut hist =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
             let mut errors: BTreeMap<String, u64> = BTreeMap::new();
             let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1));
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
@@ -166,10 +186,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let t = Instant::now();
                 let result = match workload {
                     Workload::Put => client.put(key, value.clone()).await.map(|_| ()),
-                    Workload::Get => client.range(RangeRequest::new(KeySpan::key(key)), consistency).await.map(|_| ()),
+                    Workload::Get => client
+                        .range(RangeRequest::new(KeySpan::key(key)), consistency)
+                        .await
+                        .map(|_| ()),
                 };
                 match result {
-                    Ok(()) => hist.record(t.elapsed().as_micros().max(1) as u64).expect("within bounds"),
+                    Ok(()) => hist
+                        .record(t.elapsed().as_micros().max(1) as u64)
+                        .expect("within bounds"),
                     Err(e) => *errors.entry(e.code().to_string()).or_default() += 1,
                 }
             }
@@ -210,10 +235,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.output == "json" {
         println!("{report}");
     } else {
-        println!("workload {workload} on concord: {} clients, {:.1} s", args.clients, elapsed);
+        println!(
+            "workload {workload} on concord: {} clients, {:.1} s",
+            args.clients, elapsed
+        );
         println!("  ops        {ops}");
         println!("  ops/s      {ops_per_sec:.0}");
-        println!("  p50/p90/p99/p999/max (us)  {} / {} / {} / {} / {}", hist.value_at_quantile(0.5), hist.value_at_quantile(0.9), hist.value_at_quantile(0.99), hist.value_at_quantile(0.999), hist.max());
+        println!(
+            "  p50/p90/p99/p999/max (us)  {} / {} / {} / {} / {}",
+            hist.value_at_quantile(0.5),
+            hist.value_at_quantile(0.9),
+            hist.value_at_quantile(0.99),
+            hist.value_at_quantile(0.999),
+            hist.max()
+        );
         println!("  errors     {errors:?}");
     }
     Ok(())

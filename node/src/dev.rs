@@ -43,9 +43,16 @@ pub struct ClientConfigFile {
 }
 
 /// Writes a `concordctl.toml` for `endpoints` trusting the CA in `cert_dir`.
-pub fn write_client_config(path: &Path, endpoints: &[SocketAddr], cert_dir: &Path) -> std::io::Result<()> {
+pub fn write_client_config(
+    path: &Path,
+    endpoints: &[SocketAddr],
+    cert_dir: &Path,
+) -> std::io::Result<()> {
     let ca = std::path::absolute(tls::ca_cert_path(cert_dir))?;
-    let file = ClientConfigFile { endpoints: endpoints.iter().map(|a| a.to_string()).collect(), ca };
+    let file = ClientConfigFile {
+        endpoints: endpoints.iter().map(|a| a.to_string()).collect(),
+        ca,
+    };
     std::fs::write(path, toml::to_string(&file).expect("serializable"))
 }
 
@@ -63,7 +70,10 @@ pub async fn start(opts: &DevOptions) -> Result<DevCluster, StartError> {
     let dir = std::path::absolute(&opts.data_dir)?;
     let cluster_path = dir.join("cluster.toml");
     let existing: Option<ClusterFile> = match std::fs::read_to_string(&cluster_path) {
-        Ok(s) => Some(toml::from_str(&s).map_err(|e| StartError::Config(format!("{}: {e}", cluster_path.display())))?),
+        Ok(s) => Some(
+            toml::from_str(&s)
+                .map_err(|e| StartError::Config(format!("{}: {e}", cluster_path.display())))?,
+        ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(e.into()),
     };
@@ -73,7 +83,11 @@ pub async fn start(opts: &DevOptions) -> Result<DevCluster, StartError> {
             let nodes = c
                 .nodes
                 .iter()
-                .map(|(id, a)| id.parse().map(|id| (id, *a)).map_err(|_| StartError::Config(format!("bad node id {id:?}"))))
+                .map(|(id, a)| {
+                    id.parse()
+                        .map(|id| (id, *a))
+                        .map_err(|_| StartError::Config(format!("bad node id {id:?}")))
+                })
                 .collect::<Result<_, _>>()?;
             (c.ranges, nodes)
         }
@@ -82,13 +96,17 @@ pub async fn start(opts: &DevOptions) -> Result<DevCluster, StartError> {
                 return Err(StartError::Config("--nodes must be at least 1".into()));
             }
             let any: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
-            (opts.ranges, (1..=opts.nodes as NodeId).map(|id| (id, any)).collect())
+            (
+                opts.ranges,
+                (1..=opts.nodes as NodeId).map(|id| (id, any)).collect(),
+            )
         }
     };
     let resuming = existing.is_some();
     let mut bound = Vec::new();
     for (id, addr) in &wanted {
-        let mut config = NodeConfig::new(*id, *addr, dir.join(format!("node-{id}")), cert_dir.clone());
+        let mut config =
+            NodeConfig::new(*id, *addr, dir.join(format!("node-{id}")), cert_dir.clone());
         config.ranges = ranges;
         let node = BoundNode::bind(config).map_err(|e| match resuming {
             true => StartError::Config(format!("node {id} cannot bind its port {addr} again: {e}")),
@@ -96,9 +114,13 @@ pub async fn start(opts: &DevOptions) -> Result<DevCluster, StartError> {
         })?;
         bound.push((*id, node));
     }
-    let members: BTreeMap<NodeId, SocketAddr> = bound.iter().map(|(id, b)| (*id, b.local_addr())).collect();
+    let members: BTreeMap<NodeId, SocketAddr> =
+        bound.iter().map(|(id, b)| (*id, b.local_addr())).collect();
     if !resuming {
-        let file = ClusterFile { ranges, nodes: members.iter().map(|(id, a)| (id.to_string(), *a)).collect() };
+        let file = ClusterFile {
+            ranges,
+            nodes: members.iter().map(|(id, a)| (id.to_string(), *a)).collect(),
+        };
         std::fs::write(&cluster_path, toml::to_string(&file).expect("serializable"))?;
     }
     let mut nodes = Vec::new();
@@ -106,8 +128,15 @@ pub async fn start(opts: &DevOptions) -> Result<DevCluster, StartError> {
         nodes.push(b.start(members.clone()).await?);
     }
     let client_config = dir.join("concordctl.toml");
-    write_client_config(&client_config, &members.values().copied().collect::<Vec<_>>(), &cert_dir)?;
-    Ok(DevCluster { nodes, client_config })
+    write_client_config(
+        &client_config,
+        &members.values().copied().collect::<Vec<_>>(),
+        &cert_dir,
+    )?;
+    Ok(DevCluster {
+        nodes,
+        client_config,
+    })
 }
 
 impl DevCluster {
@@ -130,15 +159,26 @@ impl DevCluster {
 /// Runs the dev cluster until `shutdown` completes (`concord dev`'s body).
 pub async fn run(opts: DevOptions, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let cluster = start(&opts).await?;
-    let addrs: Vec<String> = cluster.nodes.iter().map(|n| n.local_addr().to_string()).collect();
+    let addrs: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|n| n.local_addr().to_string())
+        .collect();
     let ready = cluster.wait_ready(Duration::from_secs(30)).await;
-    println!("concord dev: {} nodes on {}", cluster.nodes.len(), addrs.join(", "));
+    println!(
+        "concord dev: {} nodes on {}",
+        cluster.nodes.len(),
+        addrs.join(", ")
+    );
     if let Err(e) = ready {
         println!("warning: {e}");
     }
     println!("client config: {}", cluster.client_config.display());
     println!();
-    println!("  export CONCORD_CONFIG={}", cluster.client_config.display());
+    println!(
+        "  export CONCORD_CONFIG={}",
+        cluster.client_config.display()
+    );
     println!("  concordctl put hello world");
     println!("  concordctl get hello");
     println!("  concordctl status");

@@ -13,7 +13,11 @@ use concord_node::{BoundNode, NodeConfig};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "concord", version, about = "concord: a strongly consistent, sharded coordination store")]
+#[command(
+    name = "concord",
+    version,
+    about = "concord: a strongly consistent, sharded coordination store"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -81,14 +85,21 @@ fn parse_peers(peers: &[String]) -> anyhow::Result<BTreeMap<u64, SocketAddr>> {
     peers
         .iter()
         .map(|p| {
-            let (id, addr) = p.split_once('=').with_context(|| format!("peer {p:?} is not ID=ADDR"))?;
-            Ok((id.parse().with_context(|| format!("peer id {id:?}"))?, addr.parse().with_context(|| format!("peer address {addr:?}"))?))
+            let (id, addr) = p
+                .split_once('=')
+                .with_context(|| format!("peer {p:?} is not ID=ADDR"))?;
+            Ok((
+                id.parse().with_context(|| format!("peer id {id:?}"))?,
+                addr.parse()
+                    .with_context(|| format!("peer address {addr:?}"))?,
+            ))
         })
         .collect()
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -98,14 +109,38 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CONCORD_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CONCORD_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Dev { nodes, ranges, data_dir } => {
-            dev::run(DevOptions { nodes, ranges, data_dir }, shutdown_signal()).await?;
+        Command::Dev {
+            nodes,
+            ranges,
+            data_dir,
+        } => {
+            dev::run(
+                DevOptions {
+                    nodes,
+                    ranges,
+                    data_dir,
+                },
+                shutdown_signal(),
+            )
+            .await?;
         }
-        Command::Node { id, listen, peers, data_dir, cert_dir, ranges, client_config, limits } => {
+        Command::Node {
+            id,
+            listen,
+            peers,
+            data_dir,
+            cert_dir,
+            ranges,
+            client_config,
+            limits,
+        } => {
             let members = parse_peers(&peers)?;
             let mut config = NodeConfig::new(id, listen, data_dir, cert_dir.clone());
             config.ranges = ranges;
@@ -117,7 +152,11 @@ async fn main() -> anyhow::Result<()> {
             };
             let node = BoundNode::bind(config)?.start(members.clone()).await?;
             if let Some(path) = client_config {
-                dev::write_client_config(&path, &members.values().copied().collect::<Vec<_>>(), &cert_dir)?;
+                dev::write_client_config(
+                    &path,
+                    &members.values().copied().collect::<Vec<_>>(),
+                    &cert_dir,
+                )?;
             }
             eprintln!("concord node {id} serving on {}", node.local_addr());
             shutdown_signal().await;

@@ -16,9 +16,9 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use concord_transport::api::{
-    ApiError, Compare, CompareOp, CompareTarget, CompactResponse, DeleteRequest, DeleteResponse, KeySpan, KeyValue,
-    KvResponse, PutRequest, PutResponse, RangeId, RangeRequest, RangeResponse, ResponseHeader, TxnOp, TxnOpResponse,
-    TxnRequest, TxnResponse,
+    ApiError, CompactResponse, Compare, CompareOp, CompareTarget, DeleteRequest, DeleteResponse,
+    KeySpan, KeyValue, KvResponse, PutRequest, PutResponse, RangeId, RangeRequest, RangeResponse,
+    ResponseHeader, TxnOp, TxnOpResponse, TxnRequest, TxnResponse,
 };
 use serde::{Deserialize, Serialize};
 
@@ -43,7 +43,12 @@ impl std::fmt::Display for Command {
         let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         match self {
             Self::Put(p) => write!(f, "put {:?} ({} bytes)", text(&p.key), p.value.len()),
-            Self::Delete(d) => write!(f, "delete {:?}..{:?}", text(&d.span.key), d.span.end.as_deref().map(text)),
+            Self::Delete(d) => write!(
+                f,
+                "delete {:?}..{:?}",
+                text(&d.span.key),
+                d.span.end.as_deref().map(text)
+            ),
             Self::Txn(t) => write!(f, "txn ({} ops)", t.op_count()),
             Self::Compact { revision } => write!(f, "compact {revision}"),
         }
@@ -113,7 +118,11 @@ pub struct Mvcc {
 fn kv(key: &[u8], rev: Rev, record: &Record, keys_only: bool) -> KeyValue {
     KeyValue {
         key: key.to_vec(),
-        value: if keys_only { Vec::new() } else { record.value.clone() },
+        value: if keys_only {
+            Vec::new()
+        } else {
+            record.value.clone()
+        },
         create_revision: record.create_revision,
         mod_revision: rev.main,
         version: record.version,
@@ -123,9 +132,15 @@ fn kv(key: &[u8], rev: Rev, record: &Record, keys_only: bool) -> KeyValue {
 
 fn span_bounds(span: &KeySpan) -> (Bound<Vec<u8>>, Bound<Vec<u8>>) {
     match &span.end {
-        None => (Bound::Included(span.key.clone()), Bound::Included(span.key.clone())),
+        None => (
+            Bound::Included(span.key.clone()),
+            Bound::Included(span.key.clone()),
+        ),
         Some(end) if end.is_empty() => (Bound::Included(span.key.clone()), Bound::Unbounded),
-        Some(end) => (Bound::Included(span.key.clone()), Bound::Excluded(end.clone())),
+        Some(end) => (
+            Bound::Included(span.key.clone()),
+            Bound::Excluded(end.clone()),
+        ),
     }
 }
 
@@ -137,7 +152,10 @@ struct WriteCursor {
 
 impl WriteCursor {
     fn next(&mut self) -> Rev {
-        let rev = Rev { main: self.main, sub: self.sub };
+        let rev = Rev {
+            main: self.main,
+            sub: self.sub,
+        };
         self.sub += 1;
         rev
     }
@@ -146,7 +164,10 @@ impl WriteCursor {
 impl Mvcc {
     /// An empty range state.
     pub fn new(range_id: RangeId) -> Self {
-        Self { range_id, ..Self::default() }
+        Self {
+            range_id,
+            ..Self::default()
+        }
     }
 
     /// Rebuilds a range from persisted versions (in any order) and its persisted counters.
@@ -163,7 +184,12 @@ impl Mvcc {
         for history in index.values_mut() {
             history.sort_by_key(|v| v.rev);
         }
-        let mvcc = Self { range_id, revision, compact_revision, index };
+        let mvcc = Self {
+            range_id,
+            revision,
+            compact_revision,
+            index,
+        };
         mvcc.check_invariants();
         mvcc
     }
@@ -190,21 +216,35 @@ impl Mvcc {
 
     /// Every stored version, for snapshots and tests.
     pub fn versions(&self) -> impl Iterator<Item = (&[u8], &Version)> {
-        self.index.iter().flat_map(|(k, h)| h.iter().map(move |v| (k.as_slice(), v)))
+        self.index
+            .iter()
+            .flat_map(|(k, h)| h.iter().map(move |v| (k.as_slice(), v)))
     }
 
     fn header(&self) -> ResponseHeader {
-        ResponseHeader { range_id: self.range_id, revision: self.revision }
+        ResponseHeader {
+            range_id: self.range_id,
+            revision: self.revision,
+        }
     }
 
     /// Crashes on a broken invariant (STYLE.md 6); cheap enough for debug builds only.
     fn check_invariants(&self) {
         if cfg!(debug_assertions) {
-            assert!(self.compact_revision <= self.revision, "compact revision above revision");
+            assert!(
+                self.compact_revision <= self.revision,
+                "compact revision above revision"
+            );
             for (key, history) in &self.index {
                 assert!(!history.is_empty(), "empty history for {key:?}");
-                assert!(history.windows(2).all(|w| w[0].rev < w[1].rev), "history of {key:?} not sorted");
-                assert!(history.last().expect("non-empty").rev.main <= self.revision, "version above revision");
+                assert!(
+                    history.windows(2).all(|w| w[0].rev < w[1].rev),
+                    "history of {key:?} not sorted"
+                );
+                assert!(
+                    history.last().expect("non-empty").rev.main <= self.revision,
+                    "version above revision"
+                );
             }
         }
     }
@@ -218,64 +258,138 @@ impl Mvcc {
 
     /// Reads `req` at its revision (0 = latest).
     pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse, ApiError> {
-        let at = if req.revision == 0 { self.revision } else { req.revision };
+        let at = if req.revision == 0 {
+            self.revision
+        } else {
+            req.revision
+        };
         if at > self.revision {
-            return Err(ApiError::FutureRevision { revision: at, current: self.revision });
+            return Err(ApiError::FutureRevision {
+                revision: at,
+                current: self.revision,
+            });
         }
         if at < self.compact_revision {
-            return Err(ApiError::Compacted { compact_revision: self.compact_revision });
+            return Err(ApiError::Compacted {
+                compact_revision: self.compact_revision,
+            });
         }
         Ok(self.range_at(req, at))
     }
 
     fn range_at(&self, req: &RangeRequest, at: u64) -> RangeResponse {
-        let matches = self.index.range(span_bounds(&req.span)).filter_map(|(k, _)| {
-            self.live_at(k, at).map(|(rev, rec)| (k, rev, rec))
-        });
-        let matched: Vec<_> =
-            if req.descending { matches.collect::<Vec<_>>().into_iter().rev().collect() } else { matches.collect() };
+        let matches = self
+            .index
+            .range(span_bounds(&req.span))
+            .filter_map(|(k, _)| self.live_at(k, at).map(|(rev, rec)| (k, rev, rec)));
+        let matched: Vec<_> = if req.descending {
+            matches.collect::<Vec<_>>().into_iter().rev().collect()
+        } else {
+            matches.collect()
+        };
         let count = matched.len() as u64;
-        let limit = if req.limit == 0 { usize::MAX } else { req.limit as usize };
+        let limit = if req.limit == 0 {
+            usize::MAX
+        } else {
+            req.limit as usize
+        };
         let kvs = if req.count_only {
             Vec::new()
         } else {
-            matched.iter().take(limit).map(|(k, rev, rec)| kv(k, *rev, rec, req.keys_only)).collect()
+            matched
+                .iter()
+                .take(limit)
+                .map(|(k, rev, rec)| kv(k, *rev, rec, req.keys_only))
+                .collect()
         };
-        RangeResponse { header: self.header(), kvs, count, more: count > limit as u64 }
+        RangeResponse {
+            header: self.header(),
+            kvs,
+            count,
+            more: count > limit as u64,
+        }
     }
 
-    fn put_at(&mut self, cursor: &mut WriteCursor, put: &PutRequest, out: &mut Vec<Mutation>) -> PutResponse {
-        let prev = self.live_at(&put.key, u64::MAX).map(|(rev, rec)| (rev, rec.clone()));
+    fn put_at(
+        &mut self,
+        cursor: &mut WriteCursor,
+        put: &PutRequest,
+        out: &mut Vec<Mutation>,
+    ) -> PutResponse {
+        let prev = self
+            .live_at(&put.key, u64::MAX)
+            .map(|(rev, rec)| (rev, rec.clone()));
         let record = Record {
             value: put.value.clone(),
-            create_revision: prev.as_ref().map_or(cursor.main, |(_, r)| r.create_revision),
+            create_revision: prev
+                .as_ref()
+                .map_or(cursor.main, |(_, r)| r.create_revision),
             version: prev.as_ref().map_or(1, |(_, r)| r.version + 1),
             lease: put.lease,
         };
         let rev = cursor.next();
-        out.push(Mutation::Put { rev, key: put.key.clone(), record: Some(record.clone()) });
-        self.index.entry(put.key.clone()).or_default().push(Version { rev, record: Some(record) });
+        out.push(Mutation::Put {
+            rev,
+            key: put.key.clone(),
+            record: Some(record.clone()),
+        });
+        self.index
+            .entry(put.key.clone())
+            .or_default()
+            .push(Version {
+                rev,
+                record: Some(record),
+            });
         PutResponse {
-            header: ResponseHeader { range_id: self.range_id, revision: cursor.main },
-            prev_kv: if put.prev_kv { prev.map(|(rev, r)| kv(&put.key, rev, &r, false)) } else { None },
+            header: ResponseHeader {
+                range_id: self.range_id,
+                revision: cursor.main,
+            },
+            prev_kv: if put.prev_kv {
+                prev.map(|(rev, r)| kv(&put.key, rev, &r, false))
+            } else {
+                None
+            },
         }
     }
 
-    fn delete_at(&mut self, cursor: &mut WriteCursor, del: &DeleteRequest, out: &mut Vec<Mutation>) -> DeleteResponse {
+    fn delete_at(
+        &mut self,
+        cursor: &mut WriteCursor,
+        del: &DeleteRequest,
+        out: &mut Vec<Mutation>,
+    ) -> DeleteResponse {
         let live: Vec<(Vec<u8>, KeyValue)> = self
             .index
             .range(span_bounds(&del.span))
-            .filter_map(|(k, _)| self.live_at(k, u64::MAX).map(|(rev, rec)| (k.clone(), kv(k, rev, rec, false))))
+            .filter_map(|(k, _)| {
+                self.live_at(k, u64::MAX)
+                    .map(|(rev, rec)| (k.clone(), kv(k, rev, rec, false)))
+            })
             .collect();
         for (key, _) in &live {
             let rev = cursor.next();
-            out.push(Mutation::Put { rev, key: key.clone(), record: None });
-            self.index.get_mut(key).expect("live key is indexed").push(Version { rev, record: None });
+            out.push(Mutation::Put {
+                rev,
+                key: key.clone(),
+                record: None,
+            });
+            self.index
+                .get_mut(key)
+                .expect("live key is indexed")
+                .push(Version { rev, record: None });
         }
         DeleteResponse {
-            header: ResponseHeader { range_id: self.range_id, revision: cursor.main },
+            header: ResponseHeader {
+                range_id: self.range_id,
+                revision: cursor.main,
+            },
             deleted: live.len() as u64,
-            prev_kvs: if del.prev_kv { live.into_iter().map(|(_, kv)| kv).collect() } else { Vec::new() },
+            prev_kvs: if del.prev_kv {
+                live.into_iter().map(|(_, kv)| kv).collect()
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -301,15 +415,24 @@ impl Mvcc {
 
     /// Applies a replicated command. Deterministic: every replica computes the same response
     /// and mutations. A refused command (e.g. compaction of the future) changes nothing.
-    pub fn apply(&mut self, cmd: &Command, out: &mut Vec<Mutation>) -> Result<KvResponse, ApiError> {
+    pub fn apply(
+        &mut self,
+        cmd: &Command,
+        out: &mut Vec<Mutation>,
+    ) -> Result<KvResponse, ApiError> {
         let before = self.revision;
-        let mut cursor = WriteCursor { main: self.revision + 1, sub: 0 };
+        let mut cursor = WriteCursor {
+            main: self.revision + 1,
+            sub: 0,
+        };
         let first_mutation = out.len();
         let response = match cmd {
             Command::Put(put) => KvResponse::Put(self.put_at(&mut cursor, put, out)),
             Command::Delete(del) => KvResponse::Delete(self.delete_at(&mut cursor, del, out)),
             Command::Txn(txn) => KvResponse::Txn(self.txn(&mut cursor, txn, out)),
-            Command::Compact { revision } => return self.compact(*revision, out).map(KvResponse::Compact),
+            Command::Compact { revision } => {
+                return self.compact(*revision, out).map(KvResponse::Compact)
+            }
         };
         if out.len() > first_mutation {
             self.revision = cursor.main;
@@ -319,9 +442,18 @@ impl Mvcc {
         Ok(with_revision(response, self.revision))
     }
 
-    fn txn(&mut self, cursor: &mut WriteCursor, txn: &TxnRequest, out: &mut Vec<Mutation>) -> TxnResponse {
+    fn txn(
+        &mut self,
+        cursor: &mut WriteCursor,
+        txn: &TxnRequest,
+        out: &mut Vec<Mutation>,
+    ) -> TxnResponse {
         let succeeded = txn.compares.iter().all(|c| self.compare_holds(c));
-        let ops = if succeeded { &txn.success } else { &txn.failure };
+        let ops = if succeeded {
+            &txn.success
+        } else {
+            &txn.failure
+        };
         let mut responses = Vec::with_capacity(ops.len());
         for op in ops {
             responses.push(match op {
@@ -331,19 +463,33 @@ impl Mvcc {
                 TxnOp::Range(r) => TxnOpResponse::Range(self.range_at(r, u64::MAX)),
             });
         }
-        TxnResponse { header: self.header(), succeeded, responses }
+        TxnResponse {
+            header: self.header(),
+            succeeded,
+            responses,
+        }
     }
 
-    fn compact(&mut self, revision: u64, out: &mut Vec<Mutation>) -> Result<CompactResponse, ApiError> {
+    fn compact(
+        &mut self,
+        revision: u64,
+        out: &mut Vec<Mutation>,
+    ) -> Result<CompactResponse, ApiError> {
         let revision = revision.min(self.revision);
         if revision <= self.compact_revision {
-            return Err(ApiError::Compacted { compact_revision: self.compact_revision });
+            return Err(ApiError::Compacted {
+                compact_revision: self.compact_revision,
+            });
         }
         self.index.retain(|_, history| {
             // Keep the newest version at or below the compaction point (unless it is a
             // tombstone) and everything after it.
             if let Some(keep_from) = history.iter().rposition(|v| v.rev.main <= revision) {
-                let drop_to = if history[keep_from].record.is_none() { keep_from + 1 } else { keep_from };
+                let drop_to = if history[keep_from].record.is_none() {
+                    keep_from + 1
+                } else {
+                    keep_from
+                };
                 for v in history.drain(..drop_to) {
                     out.push(Mutation::Remove { rev: v.rev });
                 }
@@ -352,7 +498,10 @@ impl Mvcc {
         });
         self.compact_revision = revision;
         self.check_invariants();
-        Ok(CompactResponse { header: self.header(), compact_revision: revision })
+        Ok(CompactResponse {
+            header: self.header(),
+            compact_revision: revision,
+        })
     }
 }
 
@@ -383,10 +532,18 @@ mod tests {
     use super::*;
 
     fn put(key: &str, value: &str) -> Command {
-        Command::Put(PutRequest { key: key.into(), value: value.into(), lease: 0, prev_kv: true })
+        Command::Put(PutRequest {
+            key: key.into(),
+            value: value.into(),
+            lease: 0,
+            prev_kv: true,
+        })
     }
     fn del(span: KeySpan) -> Command {
-        Command::Delete(DeleteRequest { span, prev_kv: true })
+        Command::Delete(DeleteRequest {
+            span,
+            prev_kv: true,
+        })
     }
     fn apply(m: &mut Mvcc, cmd: Command) -> KvResponse {
         m.apply(&cmd, &mut Vec::new()).unwrap()
@@ -397,34 +554,65 @@ mod tests {
         m.range(&req).unwrap().kvs.pop()
     }
     fn keys(r: &RangeResponse) -> Vec<String> {
-        r.kvs.iter().map(|kv| String::from_utf8(kv.key.clone()).unwrap()).collect()
+        r.kvs
+            .iter()
+            .map(|kv| String::from_utf8(kv.key.clone()).unwrap())
+            .collect()
     }
 
     #[test]
     fn revisions_versions_and_history() {
         let mut m = Mvcc::new(7);
-        let KvResponse::Put(r1) = apply(&mut m, put("a", "1")) else { panic!() };
-        assert_eq!(r1.header, ResponseHeader { range_id: 7, revision: 1 });
+        let KvResponse::Put(r1) = apply(&mut m, put("a", "1")) else {
+            panic!()
+        };
+        assert_eq!(
+            r1.header,
+            ResponseHeader {
+                range_id: 7,
+                revision: 1
+            }
+        );
         assert_eq!(r1.prev_kv, None);
-        let KvResponse::Put(r2) = apply(&mut m, put("a", "2")) else { panic!() };
+        let KvResponse::Put(r2) = apply(&mut m, put("a", "2")) else {
+            panic!()
+        };
         assert_eq!(r2.header.revision, 2);
         assert_eq!(r2.prev_kv.unwrap().value, b"1");
         let a = get(&m, "a", 0).unwrap();
-        assert_eq!((a.create_revision, a.mod_revision, a.version, a.value.as_slice()), (1, 2, 2, &b"2"[..]));
-        assert_eq!(get(&m, "a", 1).unwrap().value, b"1", "reads at a past revision see the past");
+        assert_eq!(
+            (
+                a.create_revision,
+                a.mod_revision,
+                a.version,
+                a.value.as_slice()
+            ),
+            (1, 2, 2, &b"2"[..])
+        );
+        assert_eq!(
+            get(&m, "a", 1).unwrap().value,
+            b"1",
+            "reads at a past revision see the past"
+        );
         apply(&mut m, del(KeySpan::key("a")));
         assert_eq!(m.revision(), 3);
         assert_eq!(get(&m, "a", 0), None);
         assert_eq!(get(&m, "a", 2).unwrap().value, b"2");
         apply(&mut m, put("a", "3"));
         let a = get(&m, "a", 0).unwrap();
-        assert_eq!((a.create_revision, a.version), (4, 1), "a re-created key starts a new incarnation");
+        assert_eq!(
+            (a.create_revision, a.version),
+            (4, 1),
+            "a re-created key starts a new incarnation"
+        );
     }
 
     #[test]
     fn deleting_nothing_does_not_bump_the_revision() {
         let mut m = Mvcc::new(1);
-        let KvResponse::Delete(d) = apply(&mut m, del(KeySpan::key("x"))) else { panic!() };
+        let KvResponse::Delete(d) = apply(&mut m, del(KeySpan::key("x"))) else {
+            panic!()
+        };
         assert_eq!((d.deleted, d.header.revision, m.revision()), (0, 0, 0));
     }
 
@@ -463,7 +651,9 @@ mod tests {
         for k in ["p/1", "p/2", "q"] {
             apply(&mut m, put(k, "v"));
         }
-        let KvResponse::Delete(d) = apply(&mut m, del(KeySpan::prefix("p/"))) else { panic!() };
+        let KvResponse::Delete(d) = apply(&mut m, del(KeySpan::prefix("p/"))) else {
+            panic!()
+        };
         assert_eq!(d.deleted, 2);
         assert_eq!(d.prev_kvs.len(), 2);
         assert_eq!(m.revision(), 4);
@@ -471,12 +661,22 @@ mod tests {
     }
 
     fn cmp(key: &str, op: CompareOp, target: CompareTarget) -> Compare {
-        Compare { key: key.into(), op, target }
+        Compare {
+            key: key.into(),
+            op,
+            target,
+        }
     }
 
     fn txn_succeeds(m: &mut Mvcc, c: Compare) -> bool {
-        let txn = TxnRequest { compares: vec![c], success: vec![], failure: vec![] };
-        let KvResponse::Txn(t) = apply(m, Command::Txn(txn)) else { panic!() };
+        let txn = TxnRequest {
+            compares: vec![c],
+            success: vec![],
+            failure: vec![],
+        };
+        let KvResponse::Txn(t) = apply(m, Command::Txn(txn)) else {
+            panic!()
+        };
         t.succeeded
     }
 
@@ -501,15 +701,29 @@ mod tests {
         ];
         for (target, expected) in cases {
             for (op, want) in [Equal, NotEqual, Less, Greater].into_iter().zip(expected) {
-                assert_eq!(txn_succeeds(&mut m, cmp("k", op, target.clone())), want, "{op:?} {target:?}");
+                assert_eq!(
+                    txn_succeeds(&mut m, cmp("k", op, target.clone())),
+                    want,
+                    "{op:?} {target:?}"
+                );
             }
         }
         // An absent key: version/revisions are 0, value compares never hold.
         assert!(txn_succeeds(&mut m, cmp("absent", Equal, Version(0))));
-        assert!(txn_succeeds(&mut m, cmp("absent", Equal, CreateRevision(0))));
+        assert!(txn_succeeds(
+            &mut m,
+            cmp("absent", Equal, CreateRevision(0))
+        ));
         assert!(!txn_succeeds(&mut m, cmp("absent", Equal, Value(vec![]))));
-        assert!(!txn_succeeds(&mut m, cmp("absent", NotEqual, Value(vec![]))));
-        assert_eq!(m.revision(), 3, "txns without writes do not bump the revision");
+        assert!(!txn_succeeds(
+            &mut m,
+            cmp("absent", NotEqual, Value(vec![]))
+        ));
+        assert_eq!(
+            m.revision(),
+            3,
+            "txns without writes do not bump the revision"
+        );
     }
 
     #[test]
@@ -517,22 +731,48 @@ mod tests {
         let mut m = Mvcc::new(1);
         apply(&mut m, put("a", "1"));
         let txn = TxnRequest {
-            compares: vec![cmp("a", CompareOp::Equal, CompareTarget::Value(b"1".to_vec()))],
+            compares: vec![cmp(
+                "a",
+                CompareOp::Equal,
+                CompareTarget::Value(b"1".to_vec()),
+            )],
             success: vec![
-                TxnOp::Put(PutRequest { key: "a".into(), value: "2".into(), lease: 0, prev_kv: false }),
-                TxnOp::Put(PutRequest { key: "b".into(), value: "2".into(), lease: 0, prev_kv: false }),
+                TxnOp::Put(PutRequest {
+                    key: "a".into(),
+                    value: "2".into(),
+                    lease: 0,
+                    prev_kv: false,
+                }),
+                TxnOp::Put(PutRequest {
+                    key: "b".into(),
+                    value: "2".into(),
+                    lease: 0,
+                    prev_kv: false,
+                }),
                 TxnOp::Range(RangeRequest::new(KeySpan::prefix(""))),
             ],
-            failure: vec![TxnOp::Delete(DeleteRequest { span: KeySpan::key("a"), prev_kv: false })],
+            failure: vec![TxnOp::Delete(DeleteRequest {
+                span: KeySpan::key("a"),
+                prev_kv: false,
+            })],
         };
-        let KvResponse::Txn(t) = apply(&mut m, Command::Txn(txn.clone())) else { panic!() };
+        let KvResponse::Txn(t) = apply(&mut m, Command::Txn(txn.clone())) else {
+            panic!()
+        };
         assert!(t.succeeded);
         assert_eq!(t.header.revision, 2);
-        let TxnOpResponse::Range(r) = &t.responses[2] else { panic!() };
+        let TxnOpResponse::Range(r) = &t.responses[2] else {
+            panic!()
+        };
         assert_eq!(keys(r), ["a", "b"]);
-        assert!(r.kvs.iter().all(|kv| kv.mod_revision == 2 && kv.value == b"2"));
+        assert!(r
+            .kvs
+            .iter()
+            .all(|kv| kv.mod_revision == 2 && kv.value == b"2"));
         // Same txn again: the compare fails, the failure branch runs.
-        let KvResponse::Txn(t) = apply(&mut m, Command::Txn(txn)) else { panic!() };
+        let KvResponse::Txn(t) = apply(&mut m, Command::Txn(txn)) else {
+            panic!()
+        };
         assert!(!t.succeeded);
         assert_eq!(m.revision(), 3);
         assert_eq!(get(&m, "a", 0), None);
@@ -547,21 +787,49 @@ mod tests {
         apply(&mut m, del(KeySpan::key("b"))); // 4
         apply(&mut m, put("a", "3")); // 5
         let mut out = Vec::new();
-        let r = m.apply(&Command::Compact { revision: 4 }, &mut out).unwrap();
-        assert!(matches!(r, KvResponse::Compact(CompactResponse { compact_revision: 4, .. })));
+        let r = m
+            .apply(&Command::Compact { revision: 4 }, &mut out)
+            .unwrap();
+        assert!(matches!(
+            r,
+            KvResponse::Compact(CompactResponse {
+                compact_revision: 4,
+                ..
+            })
+        ));
         // a@1 dropped (a@2 is the newest at 4), b@3 and its tombstone dropped.
-        let removed: Vec<_> = out.iter().map(|m| match m { Mutation::Remove { rev } => rev.main, _ => 0 }).collect();
+        let removed: Vec<_> = out
+            .iter()
+            .map(|m| match m {
+                Mutation::Remove { rev } => rev.main,
+                _ => 0,
+            })
+            .collect();
         assert_eq!(removed, [1, 3, 4]);
         assert_eq!(get(&m, "a", 4).unwrap().value, b"2");
         assert_eq!(get(&m, "a", 0).unwrap().value, b"3");
         let mut req = RangeRequest::new(KeySpan::key("a"));
         req.revision = 3;
-        assert_eq!(m.range(&req).unwrap_err(), ApiError::Compacted { compact_revision: 4 });
-        req.revision = 9;
-        assert_eq!(m.range(&req).unwrap_err(), ApiError::FutureRevision { revision: 9, current: 5 });
         assert_eq!(
-            m.apply(&Command::Compact { revision: 3 }, &mut Vec::new()).unwrap_err(),
-            ApiError::Compacted { compact_revision: 4 }
+            m.range(&req).unwrap_err(),
+            ApiError::Compacted {
+                compact_revision: 4
+            }
+        );
+        req.revision = 9;
+        assert_eq!(
+            m.range(&req).unwrap_err(),
+            ApiError::FutureRevision {
+                revision: 9,
+                current: 5
+            }
+        );
+        assert_eq!(
+            m.apply(&Command::Compact { revision: 3 }, &mut Vec::new())
+                .unwrap_err(),
+            ApiError::Compacted {
+                compact_revision: 4
+            }
         );
         assert_eq!(m.key_count(), 1);
     }
@@ -570,7 +838,12 @@ mod tests {
     fn restore_rebuilds_the_same_state() {
         let mut m = Mvcc::new(3);
         let mut out = Vec::new();
-        for c in [put("a", "1"), put("b", "2"), del(KeySpan::key("a")), put("a", "4")] {
+        for c in [
+            put("a", "1"),
+            put("b", "2"),
+            del(KeySpan::key("a")),
+            put("a", "4"),
+        ] {
             m.apply(&c, &mut out).unwrap();
         }
         let versions = out.into_iter().rev().map(|mu| match mu {

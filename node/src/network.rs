@@ -16,7 +16,9 @@ use concord_transport::api::{NodeId, RangeId};
 use concord_transport::{wire, SERVER_NAME};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{Backoff, RPCOption, RaftNetworkFactory, RaftNetworkV2};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
 use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
 
@@ -128,7 +130,12 @@ pub struct Peers {
 impl Peers {
     /// A pool for node `me` dialling from `endpoint` to `addrs`.
     pub fn new(me: NodeId, endpoint: quinn::Endpoint, addrs: BTreeMap<NodeId, SocketAddr>) -> Self {
-        Self { me, endpoint, addrs: RwLock::new(addrs), conns: Mutex::new(HashMap::new()) }
+        Self {
+            me,
+            endpoint,
+            addrs: RwLock::new(addrs),
+            conns: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Every known node address (including this node's).
@@ -137,7 +144,12 @@ impl Peers {
     }
 
     fn slot(&self, peer: NodeId) -> Arc<tokio::sync::Mutex<Option<quinn::Connection>>> {
-        self.conns.lock().expect("conns lock").entry(peer).or_default().clone()
+        self.conns
+            .lock()
+            .expect("conns lock")
+            .entry(peer)
+            .or_default()
+            .clone()
     }
 
     /// Adopts a connection `peer` dialled to us, unless we already have a live one.
@@ -164,8 +176,16 @@ impl Peers {
                 return Ok(conn.clone());
             }
         }
-        let addr = *self.addrs.read().expect("addrs lock").get(&peer).ok_or_else(|| unreachable("unknown node".into()))?;
-        let connecting = self.endpoint.connect(addr, SERVER_NAME).map_err(|e| unreachable(e.to_string()))?;
+        let addr = *self
+            .addrs
+            .read()
+            .expect("addrs lock")
+            .get(&peer)
+            .ok_or_else(|| unreachable("unknown node".into()))?;
+        let connecting = self
+            .endpoint
+            .connect(addr, SERVER_NAME)
+            .map_err(|e| unreachable(e.to_string()))?;
         let conn = tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connecting)
             .await
             .map_err(|_| unreachable(format!("dialling {addr} timed out")))?
@@ -175,15 +195,32 @@ impl Peers {
     }
 
     /// Sends `request` for `group` to `peer` and waits for the reply, at most `timeout`.
-    pub async fn call(&self, peer: NodeId, group: RangeId, request: PeerRequest, timeout: Duration) -> Result<PeerReply, CallError> {
+    pub async fn call(
+        &self,
+        peer: NodeId,
+        group: RangeId,
+        request: PeerRequest,
+        timeout: Duration,
+    ) -> Result<PeerReply, CallError> {
         let unreachable = |reason: String| CallError::Unreachable { peer, reason };
-        let frame = wire::encode_frame(&PeerFrame { from: self.me, group, request });
+        let frame = wire::encode_frame(&PeerFrame {
+            from: self.me,
+            group,
+            request,
+        });
         let exchange = async {
             let conn = self.connection(peer).await?;
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| unreachable(e.to_string()))?;
-            send.write_all(&frame).await.map_err(|e| unreachable(e.to_string()))?;
+            let (mut send, mut recv) = conn
+                .open_bi()
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            send.write_all(&frame)
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
             let _ = send.finish();
-            wire::read_frame::<_, PeerReply>(&mut recv, PEER_FRAME_BYTES_MAX).await.map_err(|e| unreachable(e.to_string()))
+            wire::read_frame::<_, PeerReply>(&mut recv, PEER_FRAME_BYTES_MAX)
+                .await
+                .map_err(|e| unreachable(e.to_string()))
         };
         match tokio::time::timeout(timeout, exchange).await {
             Err(_) => Err(unreachable(format!("no reply within {timeout:?}"))),
@@ -202,7 +239,9 @@ fn rpc_error(e: CallError) -> RPCError<TypeConfig> {
 }
 
 fn unexpected(reply: PeerReply) -> RPCError<TypeConfig> {
-    RPCError::Network(NetworkError::from_string(format!("unexpected peer reply {reply:?}")))
+    RPCError::Network(NetworkError::from_string(format!(
+        "unexpected peer reply {reply:?}"
+    )))
 }
 
 /// openraft's view of one (target node, group) pair.
@@ -220,21 +259,59 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        match self.peers.call(self.target, self.group, PeerRequest::Append(rpc), option.hard_ttl()).await.map_err(rpc_error)? {
+        match self
+            .peers
+            .call(
+                self.target,
+                self.group,
+                PeerRequest::Append(rpc),
+                option.hard_ttl(),
+            )
+            .await
+            .map_err(rpc_error)?
+        {
             PeerReply::Append(r) => Ok(r),
             other => Err(unexpected(other)),
         }
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        match self.peers.call(self.target, self.group, PeerRequest::Vote(rpc), option.hard_ttl()).await.map_err(rpc_error)? {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self
+            .peers
+            .call(
+                self.target,
+                self.group,
+                PeerRequest::Vote(rpc),
+                option.hard_ttl(),
+            )
+            .await
+            .map_err(rpc_error)?
+        {
             PeerReply::Vote(r) => Ok(r),
             other => Err(unexpected(other)),
         }
     }
 
-    async fn pre_vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        match self.peers.call(self.target, self.group, PeerRequest::PreVote(rpc), option.hard_ttl()).await.map_err(rpc_error)? {
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self
+            .peers
+            .call(
+                self.target,
+                self.group,
+                PeerRequest::PreVote(rpc),
+                option.hard_ttl(),
+            )
+            .await
+            .map_err(rpc_error)?
+        {
             PeerReply::Vote(r) => Ok(r),
             other => Err(unexpected(other)),
         }
@@ -247,8 +324,17 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
         cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let request = PeerRequest::Snapshot { vote, meta: snapshot.meta, data: snapshot.snapshot.into_inner() };
-        let call = self.peers.call(self.target, self.group, request, option.hard_ttl().max(Duration::from_secs(30)));
+        let request = PeerRequest::Snapshot {
+            vote,
+            meta: snapshot.meta,
+            data: snapshot.snapshot.into_inner(),
+        };
+        let call = self.peers.call(
+            self.target,
+            self.group,
+            request,
+            option.hard_ttl().max(Duration::from_secs(30)),
+        );
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
             reply = call => match reply {
@@ -278,11 +364,17 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = GroupNetwork;
 
     async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> GroupNetwork {
-        GroupNetwork { peers: self.peers.clone(), target, group: self.group }
+        GroupNetwork {
+            peers: self.peers.clone(),
+            target,
+            group: self.group,
+        }
     }
 }
 
 /// Reads one peer frame from a stream, for the serving side.
 pub async fn read_peer_frame(recv: &mut quinn::RecvStream) -> Result<PeerFrame, io::Error> {
-    wire::read_frame(recv, PEER_FRAME_BYTES_MAX).await.map_err(io::Error::other)
+    wire::read_frame(recv, PEER_FRAME_BYTES_MAX)
+        .await
+        .map_err(io::Error::other)
 }

@@ -14,20 +14,23 @@ use std::time::Duration;
 
 use concord_placement::{bootstrap_layout, RangeDescriptor, RangeTable};
 use concord_transport::api::{
-    ApiError, ClientReply, ClientRequest, ClientResponse, Consistency, KvRequest, KvResponse, NodeAddr, NodeId,
-    RangeId, RangeStatus, RequestLimits, RouteTable, StatusResponse, StorageCounters,
+    ApiError, ClientReply, ClientRequest, ClientResponse, Consistency, KvRequest, KvResponse,
+    NodeAddr, NodeId, RangeId, RangeStatus, RequestLimits, RouteTable, StatusResponse,
+    StorageCounters,
 };
 use concord_transport::endpoint::{self, ConnectionLimits};
 use concord_transport::wire::{self, WireError, WIRE_VERSION};
 use concord_transport::{tls, ALPN_CLIENT, ALPN_PEER};
+use openraft::async_runtime::watch::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::raft::linearizable_read::{Linearizer, LinearizerOption, ReadLogId};
-use openraft::async_runtime::watch::WatchReceiver;
 use openraft::{BasicNode, Config, SnapshotPolicy};
 use tokio::task::JoinSet;
 
 use crate::mvcc::Command;
-use crate::network::{read_peer_frame, NetworkFactory, PeerError, PeerFrame, PeerReply, PeerRequest, Peers};
+use crate::network::{
+    read_peer_frame, NetworkFactory, PeerError, PeerFrame, PeerReply, PeerRequest, Peers,
+};
 use crate::raft_types::Raft;
 use crate::storage::{Engine, LogStore, RangeState, StateMachine};
 
@@ -132,7 +135,9 @@ impl BoundNode {
 
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
-        self.endpoint.local_addr().expect("bound endpoint has an address")
+        self.endpoint
+            .local_addr()
+            .expect("bound endpoint has an address")
     }
 
     /// Starts the node as a member of the cluster `members` (node id → address, this node
@@ -140,7 +145,10 @@ impl BoundNode {
     pub async fn start(self, members: BTreeMap<NodeId, SocketAddr>) -> Result<Node, StartError> {
         let BoundNode { config, endpoint } = self;
         if !members.contains_key(&config.id) {
-            return Err(StartError::Config(format!("node {} is not among the members {members:?}", config.id)));
+            return Err(StartError::Config(format!(
+                "node {} is not among the members {members:?}",
+                config.id
+            )));
         }
         std::fs::create_dir_all(&config.data_dir)?;
         check_layout(&config, &members)?;
@@ -154,7 +162,9 @@ impl BoundNode {
                 heartbeat_interval: config.raft.heartbeat_interval_ms,
                 election_timeout_min: config.raft.election_timeout_min_ms,
                 election_timeout_max: config.raft.election_timeout_max_ms,
-                snapshot_policy: SnapshotPolicy::LogsSinceLast(config.raft.snapshot_logs_since_last),
+                snapshot_policy: SnapshotPolicy::LogsSinceLast(
+                    config.raft.snapshot_logs_since_last,
+                ),
                 max_in_snapshot_log_to_keep: config.raft.logs_kept_after_snapshot,
                 enable_pre_vote: Some(true),
                 ..Default::default()
@@ -162,35 +172,64 @@ impl BoundNode {
             .validate()
             .map_err(|e| StartError::Raft(e.to_string()))?,
         );
-        let membership: BTreeMap<NodeId, BasicNode> =
-            members.iter().map(|(id, addr)| (*id, BasicNode::new(addr.to_string()))).collect();
+        let membership: BTreeMap<NodeId, BasicNode> = members
+            .iter()
+            .map(|(id, addr)| (*id, BasicNode::new(addr.to_string())))
+            .collect();
         let mut groups = BTreeMap::new();
         for desc in table.ranges() {
             let log = LogStore::new(engine.clone(), desc.id);
             let sm = StateMachine::open(engine.clone(), desc.id)?;
             let state = sm.state();
-            let network = NetworkFactory { peers: peers.clone(), group: desc.id };
+            let network = NetworkFactory {
+                peers: peers.clone(),
+                group: desc.id,
+            };
             let raft = Raft::new(config.id, raft_config.clone(), network, log, sm)
                 .await
                 .map_err(|e| StartError::Raft(e.to_string()))?;
-            if !raft.is_initialized().await.map_err(|e| StartError::Raft(e.to_string()))? {
+            if !raft
+                .is_initialized()
+                .await
+                .map_err(|e| StartError::Raft(e.to_string()))?
+            {
                 // Every member initialises with the same membership: safe in openraft, and no
                 // node has to be special at first start.
                 if let Err(e) = raft.initialize(membership.clone()).await {
                     tracing::debug!(range = desc.id, "initialize: {e}");
                 }
             }
-            groups.insert(desc.id, Group { descriptor: desc.clone(), raft, state });
+            groups.insert(
+                desc.id,
+                Group {
+                    descriptor: desc.clone(),
+                    raft,
+                    state,
+                },
+            );
         }
-        let inner = Arc::new(NodeInner { config, engine, peers, table, groups });
+        let inner = Arc::new(NodeInner {
+            config,
+            engine,
+            peers,
+            table,
+            groups,
+        });
         let mut tasks = JoinSet::new();
         tasks.spawn(accept_loop(inner.clone(), endpoint.clone()));
-        Ok(Node { inner: Some(inner), endpoint, tasks })
+        Ok(Node {
+            inner: Some(inner),
+            endpoint,
+            tasks,
+        })
     }
 }
 
 /// The range count and members are fixed at first start; a restart must agree.
-fn check_layout(config: &NodeConfig, members: &BTreeMap<NodeId, SocketAddr>) -> Result<(), StartError> {
+fn check_layout(
+    config: &NodeConfig,
+    members: &BTreeMap<NodeId, SocketAddr>,
+) -> Result<(), StartError> {
     let path = config.data_dir.join("layout");
     let ids: Vec<String> = members.keys().map(|id| id.to_string()).collect();
     let layout = format!("ranges={}\nmembers={}\n", config.ranges, ids.join(","));
@@ -240,7 +279,9 @@ impl Node {
 
     /// The address the node serves on.
     pub fn local_addr(&self) -> SocketAddr {
-        self.endpoint.local_addr().expect("bound endpoint has an address")
+        self.endpoint
+            .local_addr()
+            .expect("bound endpoint has an address")
     }
 
     /// The group-commit counters of this node's storage.
@@ -250,7 +291,12 @@ impl Node {
 
     /// The ids of the ranges this node leads now.
     pub fn led_ranges(&self) -> Vec<RangeId> {
-        self.inner().groups.iter().filter(|(_, g)| g.raft.is_leader()).map(|(id, _)| *id).collect()
+        self.inner()
+            .groups
+            .iter()
+            .filter(|(_, g)| g.raft.is_leader())
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// Waits until every range has a leader known to this node, at most `timeout`.
@@ -260,7 +306,12 @@ impl Node {
                 .wait(Some(timeout))
                 .metrics(|m| m.current_leader.is_some(), "leader known")
                 .await
-                .map_err(|e| format!("node {} range {id}: no leader within {timeout:?}: {e}", self.id()))?;
+                .map_err(|e| {
+                    format!(
+                        "node {} range {id}: no leader within {timeout:?}: {e}",
+                        self.id()
+                    )
+                })?;
         }
         Ok(())
     }
@@ -295,7 +346,10 @@ impl Node {
 
 fn storage_counters(engine: &Engine) -> StorageCounters {
     let c = engine.commit().counters();
-    StorageCounters { fsyncs: c.fsyncs.load(Ordering::Relaxed), appends: c.appends.load(Ordering::Relaxed) }
+    StorageCounters {
+        fsyncs: c.fsyncs.load(Ordering::Relaxed),
+        appends: c.appends.load(Ordering::Relaxed),
+    }
 }
 
 async fn accept_loop(inner: Arc<NodeInner>, endpoint: quinn::Endpoint) {
@@ -340,17 +394,28 @@ async fn serve_connection(inner: Arc<NodeInner>, conn: quinn::Connection, peer: 
     }
 }
 
-async fn serve_client_stream(inner: Arc<NodeInner>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn serve_client_stream(
+    inner: Arc<NodeInner>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
     let limits = inner.config.limits;
-    let response: ClientResponse = match wire::read_frame_bytes(&mut recv, limits.request_bytes_max).await {
-        Err(WireError::TooLarge { len, max_bytes }) => Err(ApiError::RequestTooLarge { size: len, max: max_bytes }),
-        Err(WireError::UnsupportedVersion { got }) => Err(ApiError::UnsupportedVersion { got, supported: WIRE_VERSION }),
-        Err(e) => Err(ApiError::Malformed(e.to_string())),
-        Ok(bytes) => match wire::decode::<ClientRequest>(&bytes) {
+    let response: ClientResponse =
+        match wire::read_frame_bytes(&mut recv, limits.request_bytes_max).await {
+            Err(WireError::TooLarge { len, max_bytes }) => Err(ApiError::RequestTooLarge {
+                size: len,
+                max: max_bytes,
+            }),
+            Err(WireError::UnsupportedVersion { got }) => Err(ApiError::UnsupportedVersion {
+                got,
+                supported: WIRE_VERSION,
+            }),
             Err(e) => Err(ApiError::Malformed(e.to_string())),
-            Ok(request) => handle_client(&inner, request).await,
-        },
-    };
+            Ok(bytes) => match wire::decode::<ClientRequest>(&bytes) {
+                Err(e) => Err(ApiError::Malformed(e.to_string())),
+                Ok(request) => handle_client(&inner, request).await,
+            },
+        };
     // The client may have gone; nothing to do then.
     let _ = wire::write_frame(&mut send, &response).await;
     let _ = send.finish();
@@ -360,12 +425,22 @@ async fn handle_client(inner: &NodeInner, request: ClientRequest) -> ClientRespo
     match request {
         ClientRequest::Routes => Ok(ClientReply::Routes(inner.routes())),
         ClientRequest::Status => Ok(ClientReply::Status(inner.status())),
-        ClientRequest::Kv { range_id, epoch, request } => inner.handle_kv(range_id, epoch, request).await.map(ClientReply::Kv),
+        ClientRequest::Kv {
+            range_id,
+            epoch,
+            request,
+        } => inner
+            .handle_kv(range_id, epoch, request)
+            .await
+            .map(ClientReply::Kv),
     }
 }
 
 fn not_leader(range_id: RangeId, leader_hint: Option<NodeId>) -> ApiError {
-    ApiError::NotLeader { range_id, leader_hint }
+    ApiError::NotLeader {
+        range_id,
+        leader_hint,
+    }
 }
 
 impl NodeInner {
@@ -373,13 +448,30 @@ impl NodeInner {
         let leaders = self
             .groups
             .iter()
-            .filter_map(|(id, g)| g.raft.metrics().borrow_watched().current_leader.map(|l| (*id, l)))
+            .filter_map(|(id, g)| {
+                g.raft
+                    .metrics()
+                    .borrow_watched()
+                    .current_leader
+                    .map(|l| (*id, l))
+            })
             .collect();
-        RouteTable { ranges: self.table.ranges().to_vec(), leaders, nodes: self.node_addrs() }
+        RouteTable {
+            ranges: self.table.ranges().to_vec(),
+            leaders,
+            nodes: self.node_addrs(),
+        }
     }
 
     fn node_addrs(&self) -> Vec<NodeAddr> {
-        self.peers.addrs().into_iter().map(|(id, addr)| NodeAddr { id, addr: addr.to_string() }).collect()
+        self.peers
+            .addrs()
+            .into_iter()
+            .map(|(id, addr)| NodeAddr {
+                id,
+                addr: addr.to_string(),
+            })
+            .collect()
     }
 
     fn status(&self) -> StatusResponse {
@@ -399,10 +491,17 @@ impl NodeInner {
                     term: m.current_term,
                     revision: g.state.read().expect("range state lock").mvcc.revision(),
                     applied_index: m.last_applied.map_or(0, |l| l.index()),
+                    snapshot_index: m.snapshot.map_or(0, |l| l.index()),
+                    purged_index: m.purged.map_or(0, |l| l.index()),
                 }
             })
             .collect();
-        StatusResponse { node_id: self.config.id, nodes: self.node_addrs(), ranges, storage: storage_counters(&self.engine) }
+        StatusResponse {
+            node_id: self.config.id,
+            nodes: self.node_addrs(),
+            ranges,
+            storage: storage_counters(&self.engine),
+        }
     }
 
     /// Checks that every key the request touches lies in `desc`.
@@ -426,7 +525,10 @@ impl NodeInner {
                     .iter()
                     .flat_map(|s| {
                         let (start, end) = s.bounds();
-                        self.table.overlapping(&start, &end).map(|r| r.id).collect::<Vec<_>>()
+                        self.table
+                            .overlapping(&start, &end)
+                            .map(|r| r.id)
+                            .collect::<Vec<_>>()
                     })
                     .collect();
                 ranges.sort_unstable();
@@ -436,10 +538,21 @@ impl NodeInner {
         }
     }
 
-    async fn handle_kv(&self, range_id: RangeId, epoch: u64, request: KvRequest) -> Result<KvResponse, ApiError> {
-        let group = self.groups.get(&range_id).ok_or(ApiError::RangeNotFound { range_id })?;
+    async fn handle_kv(
+        &self,
+        range_id: RangeId,
+        epoch: u64,
+        request: KvRequest,
+    ) -> Result<KvResponse, ApiError> {
+        let group = self
+            .groups
+            .get(&range_id)
+            .ok_or(ApiError::RangeNotFound { range_id })?;
         if epoch != group.descriptor.epoch {
-            return Err(ApiError::StaleEpoch { range_id, current_epoch: group.descriptor.epoch });
+            return Err(ApiError::StaleEpoch {
+                range_id,
+                current_epoch: group.descriptor.epoch,
+            });
         }
         self.config.limits.check(&request)?;
         self.check_keys(&group.descriptor, &request)?;
@@ -461,11 +574,19 @@ impl NodeInner {
         }
         match group.raft.client_write(command).await {
             Ok(resp) => resp.data.0,
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(ApiError::Indeterminate {
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(ApiError::Indeterminate {
+                    range_id,
+                    reason: format!(
+                        "leadership moved to {:?} while the write was in flight",
+                        f.leader_id
+                    ),
+                })
+            }
+            Err(e) => Err(ApiError::Indeterminate {
                 range_id,
-                reason: format!("leadership moved to {:?} while the write was in flight", f.leader_id),
+                reason: e.to_string(),
             }),
-            Err(e) => Err(ApiError::Indeterminate { range_id, reason: e.to_string() }),
         }
     }
 
@@ -475,32 +596,59 @@ impl NodeInner {
         let lease_or_read_index = LinearizerOption::new(None, true);
         match consistency {
             Consistency::Serializable => Ok(()),
-            Consistency::Linearizable => group.raft.ensure_linearizable(lease_or_read_index).await.map(|_| ()).map_err(|e| {
-                match e.forward_to_leader() {
+            Consistency::Linearizable => group
+                .raft
+                .ensure_linearizable(lease_or_read_index)
+                .await
+                .map(|_| ())
+                .map_err(|e| match e.forward_to_leader() {
                     Some(f) => not_leader(range_id, f.leader_id),
-                    None => ApiError::Unavailable { range_id, reason: e.to_string() },
-                }
-            }),
+                    None => ApiError::Unavailable {
+                        range_id,
+                        reason: e.to_string(),
+                    },
+                }),
             Consistency::Follower => {
                 if group.raft.is_leader() {
                     return Box::pin(self.read_barrier(group, Consistency::Linearizable)).await;
                 }
-                let leader = group
-                    .raft
-                    .current_leader()
-                    .await
-                    .ok_or_else(|| ApiError::Unavailable { range_id, reason: "no leader known".into() })?;
+                let leader =
+                    group
+                        .raft
+                        .current_leader()
+                        .await
+                        .ok_or_else(|| ApiError::Unavailable {
+                            range_id,
+                            reason: "no leader known".into(),
+                        })?;
                 let timeout = Duration::from_millis(self.config.raft.follower_read_timeout_ms);
-                let read_log_id = match self.peers.call(leader, range_id, PeerRequest::ReadIndex, timeout).await {
+                let read_log_id = match self
+                    .peers
+                    .call(leader, range_id, PeerRequest::ReadIndex, timeout)
+                    .await
+                {
                     Ok(PeerReply::ReadIndex { read_log_id }) => read_log_id,
-                    Ok(other) => return Err(ApiError::Internal(format!("unexpected reply {other:?}"))),
-                    Err(e) => return Err(ApiError::Unavailable { range_id, reason: e.to_string() }),
+                    Ok(other) => {
+                        return Err(ApiError::Internal(format!("unexpected reply {other:?}")))
+                    }
+                    Err(e) => {
+                        return Err(ApiError::Unavailable {
+                            range_id,
+                            reason: e.to_string(),
+                        })
+                    }
                 };
                 let linearizer = Linearizer::new(leader, ReadLogId::from_log_id(read_log_id), None);
                 match linearizer.try_await_ready(&group.raft, Some(timeout)).await {
                     Ok(Ok(_)) => Ok(()),
-                    Ok(Err(_)) => Err(ApiError::Unavailable { range_id, reason: "follower did not catch up in time".into() }),
-                    Err(e) => Err(ApiError::Unavailable { range_id, reason: e.to_string() }),
+                    Ok(Err(_)) => Err(ApiError::Unavailable {
+                        range_id,
+                        reason: "follower did not catch up in time".into(),
+                    }),
+                    Err(e) => Err(ApiError::Unavailable {
+                        range_id,
+                        reason: e.to_string(),
+                    }),
                 }
             }
         }
@@ -512,19 +660,41 @@ impl NodeInner {
         };
         let raft_err = |e: &dyn std::fmt::Display| PeerReply::Error(PeerError::Raft(e.to_string()));
         match frame.request {
-            PeerRequest::Append(rpc) => group.raft.append_entries(rpc).await.map_or_else(|e| raft_err(&e), PeerReply::Append),
-            PeerRequest::Vote(rpc) => group.raft.vote(rpc).await.map_or_else(|e| raft_err(&e), PeerReply::Vote),
-            PeerRequest::PreVote(rpc) => group.raft.pre_vote(rpc).await.map_or_else(|e| raft_err(&e), PeerReply::Vote),
+            PeerRequest::Append(rpc) => group
+                .raft
+                .append_entries(rpc)
+                .await
+                .map_or_else(|e| raft_err(&e), PeerReply::Append),
+            PeerRequest::Vote(rpc) => group
+                .raft
+                .vote(rpc)
+                .await
+                .map_or_else(|e| raft_err(&e), PeerReply::Vote),
+            PeerRequest::PreVote(rpc) => group
+                .raft
+                .pre_vote(rpc)
+                .await
+                .map_or_else(|e| raft_err(&e), PeerReply::Vote),
             PeerRequest::Snapshot { vote, meta, data } => {
                 let snapshot = openraft::alias::SnapshotOf::<crate::raft_types::TypeConfig, _> {
                     meta,
                     snapshot: crate::raft_types::SnapshotData::new(data),
                 };
-                group.raft.install_full_snapshot(vote, snapshot).await.map_or_else(|e| raft_err(&e), PeerReply::Snapshot)
+                group
+                    .raft
+                    .install_full_snapshot(vote, snapshot)
+                    .await
+                    .map_or_else(|e| raft_err(&e), PeerReply::Snapshot)
             }
             PeerRequest::ReadIndex => {
-                match group.raft.get_read_linearizer(LinearizerOption::new(None, true)).await {
-                    Ok(l) => PeerReply::ReadIndex { read_log_id: l.read_log_id().log_id().clone() },
+                match group
+                    .raft
+                    .get_read_linearizer(LinearizerOption::new(None, true))
+                    .await
+                {
+                    Ok(l) => PeerReply::ReadIndex {
+                        read_log_id: *l.read_log_id().log_id(),
+                    },
                     Err(e) => match e.forward_to_leader() {
                         Some(f) => PeerReply::Error(PeerError::NotLeader(f.leader_id)),
                         None => raft_err(&e),
@@ -535,7 +705,12 @@ impl NodeInner {
     }
 }
 
-async fn serve_peer_stream(inner: Arc<NodeInner>, conn: quinn::Connection, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn serve_peer_stream(
+    inner: Arc<NodeInner>,
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
     let reply = match read_peer_frame(&mut recv).await {
         Ok(frame) => {
             inner.peers.adopt(frame.from, &conn);

@@ -4,7 +4,9 @@
 mod common;
 
 use common::Cluster;
-use concord_client::api::{ApiError, ClientRequest, DeleteRequest, KeySpan, PutRequest, TxnOp, TxnRequest};
+use concord_client::api::{
+    ApiError, ClientRequest, DeleteRequest, KeySpan, PutRequest, TxnOp, TxnRequest,
+};
 use concord_client::Error;
 use concord_transport::wire::{encode_frame, WIRE_VERSION};
 
@@ -21,37 +23,74 @@ async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
     let client = cluster.client().await;
     let addr = cluster.members[&1].to_string();
 
-    assert_eq!(code(client.put(vec![b'k'; 4097], "v").await), "KEY_TOO_LARGE");
-    assert_eq!(code(client.put("k", vec![0u8; (1 << 20) + 1]).await), "VALUE_TOO_LARGE");
+    assert_eq!(
+        code(client.put(vec![b'k'; 4097], "v").await),
+        "KEY_TOO_LARGE"
+    );
+    assert_eq!(
+        code(client.put("k", vec![0u8; (1 << 20) + 1]).await),
+        "VALUE_TOO_LARGE"
+    );
     let txn = TxnRequest {
         compares: vec![],
-        success: (0..129).map(|_| TxnOp::Delete(DeleteRequest { span: KeySpan::key("k"), prev_kv: false })).collect(),
+        success: (0..129)
+            .map(|_| {
+                TxnOp::Delete(DeleteRequest {
+                    span: KeySpan::key("k"),
+                    prev_kv: false,
+                })
+            })
+            .collect(),
         failure: vec![],
     };
     assert_eq!(code(client.txn(txn).await), "TOO_MANY_TXN_OPS");
     assert_eq!(
-        code(client.put_with(PutRequest { key: b"k".to_vec(), value: b"v".to_vec(), lease: 7, prev_kv: false }).await),
+        code(
+            client
+                .put_with(PutRequest {
+                    key: b"k".to_vec(),
+                    value: b"v".to_vec(),
+                    lease: 7,
+                    prev_kv: false
+                })
+                .await
+        ),
         "INVALID_REQUEST"
     );
 
     // A frame announcing more than the request limit: refused before its payload is read.
     let mut header = ((3u32 << 20).to_be_bytes()).to_vec();
     header.push(WIRE_VERSION);
-    let r = client.send_raw(&addr, &header).await.expect("a response frame");
-    assert!(matches!(r, Err(ApiError::RequestTooLarge { size, .. }) if size == 3 << 20), "{r:?}");
+    let r = client
+        .send_raw(&addr, &header)
+        .await
+        .expect("a response frame");
+    assert!(
+        matches!(r, Err(ApiError::RequestTooLarge { size, .. }) if size == 3 << 20),
+        "{r:?}"
+    );
 
     // Garbage payload.
-    let r = client.send_raw(&addr, &[0, 0, 0, 4, WIRE_VERSION, 0xff, 0xfe, 0xfd, 0xfc]).await.unwrap();
+    let r = client
+        .send_raw(&addr, &[0, 0, 0, 4, WIRE_VERSION, 0xff, 0xfe, 0xfd, 0xfc])
+        .await
+        .unwrap();
     assert!(matches!(r, Err(ApiError::Malformed(_))), "{r:?}");
 
     // A version this node does not speak.
     let mut frame = encode_frame(&ClientRequest::Status);
     frame[4] = WIRE_VERSION + 1;
     let r = client.send_raw(&addr, &frame).await.unwrap();
-    assert!(matches!(r, Err(ApiError::UnsupportedVersion { got, .. }) if got == WIRE_VERSION + 1), "{r:?}");
+    assert!(
+        matches!(r, Err(ApiError::UnsupportedVersion { got, .. }) if got == WIRE_VERSION + 1),
+        "{r:?}"
+    );
 
     // Truncated frame (stream finished early).
-    let r = client.send_raw(&addr, &[0, 0, 0, 9, WIRE_VERSION, 1]).await.unwrap();
+    let r = client
+        .send_raw(&addr, &[0, 0, 0, 9, WIRE_VERSION, 1])
+        .await
+        .unwrap();
     assert!(matches!(r, Err(ApiError::Malformed(_))), "{r:?}");
 
     // Nothing of the refused requests was applied, and the node still serves everyone.

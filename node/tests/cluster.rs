@@ -17,20 +17,31 @@ async fn write_round(client: &Client, round: usize, acked: &mut BTreeMap<Vec<u8>
         for i in 0..5 {
             let key = key_in(client, range, round * 100 + i);
             let value = format!("v{round}-{i}").into_bytes();
-            client.put(key.clone(), value.clone()).await.unwrap_or_else(|e| panic!("put to range {range}: {e}"));
+            client
+                .put(key.clone(), value.clone())
+                .await
+                .unwrap_or_else(|e| panic!("put to range {range}: {e}"));
             acked.insert(key, value);
         }
     }
 }
 
 async fn check_all_readable(client: &Client, acked: &BTreeMap<Vec<u8>, Vec<u8>>) {
-    for consistency in [Consistency::Linearizable, Consistency::Follower, Consistency::Serializable] {
+    for consistency in [
+        Consistency::Linearizable,
+        Consistency::Follower,
+        Consistency::Serializable,
+    ] {
         for (key, value) in acked {
             let r = client
                 .range(RangeRequest::new(KeySpan::key(key.clone())), consistency)
                 .await
                 .unwrap_or_else(|e| panic!("{consistency:?} read of {key:?}: {e}"));
-            assert_eq!(r.kvs.len(), 1, "{consistency:?} read of {key:?} found nothing");
+            assert_eq!(
+                r.kvs.len(),
+                1,
+                "{consistency:?} read of {key:?} found nothing"
+            );
             assert_eq!(&r.kvs[0].value, value, "{consistency:?} read of {key:?}");
         }
     }
@@ -47,7 +58,10 @@ async fn wait_caught_up(cluster: &Cluster, client: &Client) {
                 revisions.entry(r.id).or_default().push(r.revision);
             }
         }
-        let lagging: Vec<_> = revisions.iter().filter(|(_, revs)| revs.iter().min() != revs.iter().max()).collect();
+        let lagging: Vec<_> = revisions
+            .iter()
+            .filter(|(_, revs)| revs.iter().min() != revs.iter().max())
+            .collect();
         if lagging.is_empty() && revisions.values().all(|r| r.len() == cluster.members.len()) {
             Ok(())
         } else {
@@ -78,9 +92,29 @@ async fn leader_failover_restart_and_catch_up() {
     // can only catch up through a snapshot.
     for i in 0..300 {
         let key = key_in(&client, 2, 10_000 + i);
-        client.put(key.clone(), b"bulk".to_vec()).await.expect("bulk put");
+        client
+            .put(key.clone(), b"bulk".to_vec())
+            .await
+            .expect("bulk put");
         acked.insert(key, b"bulk".to_vec());
     }
+
+    let statuses = client.status().await;
+    let purged = statuses
+        .iter()
+        .filter_map(|(_, s)| s.as_ref().ok())
+        .flat_map(|s| {
+            s.ranges
+                .iter()
+                .filter(|r| r.id == 2)
+                .map(|r| r.purged_index)
+        })
+        .min()
+        .expect("running nodes report range 2");
+    assert!(
+        purged > 100,
+        "the running replicas purged range 2's log (purged up to {purged})"
+    );
 
     cluster.restart(leader).await;
     wait_caught_up(&cluster, &client).await;
@@ -101,7 +135,13 @@ async fn scans_and_deletes_span_ranges_and_txns_may_not() {
         }
     }
     keys.sort();
-    let all = client.range(RangeRequest::new(KeySpan::prefix("")), Consistency::Linearizable).await.unwrap();
+    let all = client
+        .range(
+            RangeRequest::new(KeySpan::prefix("")),
+            Consistency::Linearizable,
+        )
+        .await
+        .unwrap();
     let got: Vec<_> = all.kvs.iter().map(|kv| kv.key.clone()).collect();
     assert_eq!(got, keys, "a full scan visits every range in key order");
     assert_eq!(all.headers.len(), RANGES);
@@ -109,9 +149,15 @@ async fn scans_and_deletes_span_ranges_and_txns_may_not() {
     let mut limited = RangeRequest::new(KeySpan::prefix(""));
     limited.limit = 5;
     limited.descending = true;
-    let r = client.range(limited, Consistency::Serializable).await.unwrap();
+    let r = client
+        .range(limited, Consistency::Serializable)
+        .await
+        .unwrap();
     let want: Vec<_> = keys.iter().rev().take(5).cloned().collect();
-    assert_eq!(r.kvs.iter().map(|kv| kv.key.clone()).collect::<Vec<_>>(), want);
+    assert_eq!(
+        r.kvs.iter().map(|kv| kv.key.clone()).collect::<Vec<_>>(),
+        want
+    );
     assert!(r.more);
     assert_eq!(r.count, keys.len() as u64);
 
@@ -120,8 +166,18 @@ async fn scans_and_deletes_span_ranges_and_txns_may_not() {
     let txn = TxnRequest {
         compares: vec![],
         success: vec![
-            TxnOp::Put(concord_client::api::PutRequest { key: a.clone(), value: b"1".to_vec(), lease: 0, prev_kv: false }),
-            TxnOp::Put(concord_client::api::PutRequest { key: b.clone(), value: b"1".to_vec(), lease: 0, prev_kv: false }),
+            TxnOp::Put(concord_client::api::PutRequest {
+                key: a.clone(),
+                value: b"1".to_vec(),
+                lease: 0,
+                prev_kv: false,
+            }),
+            TxnOp::Put(concord_client::api::PutRequest {
+                key: b.clone(),
+                value: b"1".to_vec(),
+                lease: 0,
+                prev_kv: false,
+            }),
         ],
         failure: vec![],
     };
@@ -129,12 +185,21 @@ async fn scans_and_deletes_span_ranges_and_txns_may_not() {
         Err(Error::Api(ApiError::CrossRange { ranges })) => assert_eq!(ranges, vec![1, 5]),
         other => panic!("expected CrossRange, got {other:?}"),
     }
-    assert!(client.get(a).await.unwrap().kvs.is_empty(), "nothing of a refused txn is applied");
+    assert!(
+        client.get(a).await.unwrap().kvs.is_empty(),
+        "nothing of a refused txn is applied"
+    );
 
     let deleted = client.delete(KeySpan::prefix(""), true).await.unwrap();
     assert_eq!(deleted.deleted, keys.len() as u64);
     assert_eq!(deleted.prev_kvs.len(), keys.len());
-    let after = client.range(RangeRequest::new(KeySpan::prefix("")), Consistency::Linearizable).await.unwrap();
+    let after = client
+        .range(
+            RangeRequest::new(KeySpan::prefix("")),
+            Consistency::Linearizable,
+        )
+        .await
+        .unwrap();
     assert!(after.kvs.is_empty());
     cluster.shutdown().await;
 }

@@ -20,7 +20,11 @@ fn concord_bin() -> PathBuf {
 
 fn concordctl_bin() -> PathBuf {
     let path = concord_bin().with_file_name("concordctl");
-    assert!(path.exists(), "{} missing: build it first (`cargo build --workspace --bins`, as scripts/test.sh does)", path.display());
+    assert!(
+        path.exists(),
+        "{} missing: build it first (`cargo build --workspace --bins`, as scripts/test.sh does)",
+        path.display()
+    );
     path
 }
 
@@ -51,7 +55,11 @@ impl ProcCluster {
                 (id, s.local_addr().unwrap().to_string())
             })
             .collect();
-        let mut c = Self { dir: TempDir::new().unwrap(), addrs, procs: BTreeMap::new() };
+        let mut c = Self {
+            dir: TempDir::new().unwrap(),
+            addrs,
+            procs: BTreeMap::new(),
+        };
         for id in 1..=n {
             c.spawn(id);
         }
@@ -64,9 +72,21 @@ impl ProcCluster {
 
     fn spawn(&mut self, id: u64) {
         let peers: Vec<String> = self.addrs.iter().map(|(i, a)| format!("{i}={a}")).collect();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(format!("node-{id}.log"))).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("node-{id}.log")))
+            .unwrap();
         let child = Command::new(concord_bin())
-            .args(["node", "--id", &id.to_string(), "--listen", &self.addrs[&id], "--peers", &peers.join(",")])
+            .args([
+                "node",
+                "--id",
+                &id.to_string(),
+                "--listen",
+                &self.addrs[&id],
+                "--peers",
+                &peers.join(","),
+            ])
             .arg("--data-dir")
             .arg(self.dir.path().join(format!("node-{id}")))
             .arg("--cert-dir")
@@ -86,7 +106,12 @@ impl ProcCluster {
     }
 
     fn ctl(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new(concordctl_bin()).arg("--config").arg(self.config_path()).args(args).output().expect("run concordctl");
+        let out = Command::new(concordctl_bin())
+            .arg("--config")
+            .arg(self.config_path())
+            .args(args)
+            .output()
+            .expect("run concordctl");
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
@@ -106,7 +131,11 @@ impl ProcCluster {
                 .as_array()
                 .unwrap()
                 .iter()
-                .filter(|n| n["ranges"].as_array().is_some_and(|r| r.iter().all(|r| !r["leader"].is_null())))
+                .filter(|n| {
+                    n["ranges"]
+                        .as_array()
+                        .is_some_and(|r| r.iter().all(|r| !r["leader"].is_null()))
+                })
                 .count();
             if ready >= nodes {
                 Ok(())
@@ -136,9 +165,16 @@ fn logs(dir: &Path) -> String {
 async fn concordctl_against_processes_survives_kill_and_rejoin() {
     let mut cluster = ProcCluster::new(3);
     cluster.wait_ready(3).await;
-    assert_eq!(cluster.ctl(&["put", "greeting", "hello"]).unwrap().trim(), "OK");
-    assert_eq!(cluster.ctl(&["get", "greeting"]).unwrap(), "greeting\nhello\n");
-    let json: serde_json::Value = serde_json::from_str(&cluster.ctl(&["get", "greeting", "-o", "json"]).unwrap()).unwrap();
+    assert_eq!(
+        cluster.ctl(&["put", "greeting", "hello"]).unwrap().trim(),
+        "OK"
+    );
+    assert_eq!(
+        cluster.ctl(&["get", "greeting"]).unwrap(),
+        "greeting\nhello\n"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&cluster.ctl(&["get", "greeting", "-o", "json"]).unwrap()).unwrap();
     assert_eq!(json["kvs"][0]["value"], "hello");
     assert_eq!(json["kvs"][0]["version"], 1);
 
@@ -146,23 +182,39 @@ async fn concordctl_against_processes_survives_kill_and_rejoin() {
     eventually("available after kill -9 of node 1", || async {
         cluster.ctl(&["put", "greeting", "again"])?;
         let out = cluster.ctl(&["get", "greeting"])?;
-        if out == "greeting\nagain\n" { Ok(()) } else { Err(out) }
+        if out == "greeting\nagain\n" {
+            Ok(())
+        } else {
+            Err(out)
+        }
     })
     .await;
-    let err = cluster.ctl(&["get", "greeting", "--consistency", "bogus"]).unwrap_err();
+    let err = cluster
+        .ctl(&["get", "greeting", "--consistency", "bogus"])
+        .unwrap_err();
     assert!(err.contains("unknown consistency"), "{err}");
 
     cluster.spawn(1);
     cluster.wait_ready(3).await;
     eventually("node 1 rejoined and caught up", || async {
-        let v: serde_json::Value = serde_json::from_str(&cluster.ctl(&["status", "-o", "json"])?).map_err(|e| e.to_string())?;
+        let v: serde_json::Value = serde_json::from_str(&cluster.ctl(&["status", "-o", "json"])?)
+            .map_err(|e| e.to_string())?;
         let revisions: Vec<Vec<u64>> = v["nodes"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|n| n["ranges"].as_array().map(|r| r.iter().map(|r| r["revision"].as_u64().unwrap()).collect()).unwrap_or_default())
+            .map(|n| {
+                n["ranges"]
+                    .as_array()
+                    .map(|r| r.iter().map(|r| r["revision"].as_u64().unwrap()).collect())
+                    .unwrap_or_default()
+            })
             .collect();
-        if revisions.len() == 3 && revisions.iter().all(|r| r == &revisions[0]) { Ok(()) } else { Err(format!("{revisions:?}")) }
+        if revisions.len() == 3 && revisions.iter().all(|r| r == &revisions[0]) {
+            Ok(())
+        } else {
+            Err(format!("{revisions:?}"))
+        }
     })
     .await;
 }
@@ -175,7 +227,10 @@ async fn acknowledged_writes_survive_kill_9_of_every_node() {
     let mut acked = Vec::new();
     for i in 0..200 {
         let key = format!("{}durable/{i:04}", (b'0' + (i % 75) as u8) as char);
-        client.put(key.clone(), format!("v{i}")).await.expect("put acknowledged");
+        client
+            .put(key.clone(), format!("v{i}"))
+            .await
+            .expect("put acknowledged");
         acked.push((key, format!("v{i}")));
     }
     drop(client);
@@ -188,8 +243,17 @@ async fn acknowledged_writes_survive_kill_9_of_every_node() {
     cluster.wait_ready(3).await;
     let client = cluster.client().await;
     for (key, value) in &acked {
-        let r = client.range(RangeRequest::new(KeySpan::key(key.clone())), Consistency::Linearizable).await;
+        let r = client
+            .range(
+                RangeRequest::new(KeySpan::key(key.clone())),
+                Consistency::Linearizable,
+            )
+            .await;
         let r = r.unwrap_or_else(|e| panic!("read {key}: {e}\n{}", logs(cluster.dir.path())));
-        assert_eq!(r.kvs.first().map(|kv| kv.value.clone()), Some(value.clone().into_bytes()), "lost acknowledged write {key}");
+        assert_eq!(
+            r.kvs.first().map(|kv| kv.value.clone()),
+            Some(value.clone().into_bytes()),
+            "lost acknowledged write {key}"
+        );
     }
 }

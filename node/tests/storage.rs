@@ -3,7 +3,6 @@
 
 use std::sync::atomic::Ordering;
 
-
 use concord_node::raft_types::{Entry, TypeConfig};
 use concord_node::storage::{Engine, LogStore, StateMachine};
 use openraft::entry::RaftEntry;
@@ -50,7 +49,9 @@ async fn group_commit_syncs_many_groups_appends_at_once() {
                 pending.push(rx);
             }
             for rx in pending {
-                rx.await.expect("callback completed").expect("append durable");
+                rx.await
+                    .expect("callback completed")
+                    .expect("append durable");
             }
         });
     }
@@ -61,12 +62,15 @@ async fn group_commit_syncs_many_groups_appends_at_once() {
     let fsyncs = counters.fsyncs.load(Ordering::Relaxed);
     let appends = counters.appends.load(Ordering::Relaxed);
     assert_eq!(appends, GROUPS * APPENDS_PER_GROUP);
-    assert!(fsyncs * 10 <= appends, "group commit should batch: {fsyncs} fsyncs for {appends} appends");
+    assert!(
+        fsyncs * 10 <= appends,
+        "group commit should batch: {fsyncs} fsyncs for {appends} appends"
+    );
 }
 
 #[tokio::test]
 async fn state_machine_recovers_after_reopen() {
-    use concord_client::api::{PutRequest, KeySpan, RangeRequest};
+    use concord_client::api::{KeySpan, PutRequest, RangeRequest};
     use concord_node::mvcc::Command;
     use openraft::storage::RaftStateMachine;
 
@@ -77,8 +81,16 @@ async fn state_machine_recovers_after_reopen() {
         let mut sm = StateMachine::open(engine.clone(), 3).unwrap();
         let entries: Vec<_> = (1..=5u64)
             .map(|i| {
-                let cmd = Command::Put(PutRequest { key: format!("k{i}").into_bytes(), value: b"v".to_vec(), lease: 0, prev_kv: false });
-                Ok((Entry::new_normal(openraft::testing::log_id::<TypeConfig>(1, 1, i), cmd), None))
+                let cmd = Command::Put(PutRequest {
+                    key: format!("k{i}").into_bytes(),
+                    value: b"v".to_vec(),
+                    lease: 0,
+                    prev_kv: false,
+                });
+                Ok((
+                    Entry::new_normal(openraft::testing::log_id::<TypeConfig>(1, 1, i), cmd),
+                    None,
+                ))
             })
             .collect();
         sm.apply(futures::stream::iter(entries)).await.unwrap();
@@ -91,5 +103,12 @@ async fn state_machine_recovers_after_reopen() {
     let state = sm.state();
     let state = state.read().unwrap();
     assert_eq!(state.mvcc.revision(), 5);
-    assert_eq!(state.mvcc.range(&RangeRequest::new(KeySpan::prefix("k"))).unwrap().count, 5);
+    assert_eq!(
+        state
+            .mvcc
+            .range(&RangeRequest::new(KeySpan::prefix("k")))
+            .unwrap()
+            .count,
+        5
+    );
 }

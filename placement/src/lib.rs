@@ -48,7 +48,11 @@ impl RangeDescriptor {
 
     /// The part of `[start, end)` inside this range, as a `[start, end)` pair.
     pub fn clip(&self, start: &[u8], end: &[u8]) -> (Vec<u8>, Vec<u8>) {
-        let lo = if start < self.start.as_slice() { self.start.clone() } else { start.to_vec() };
+        let lo = if start < self.start.as_slice() {
+            self.start.clone()
+        } else {
+            start.to_vec()
+        };
         let hi = match (end.is_empty(), self.end.is_empty()) {
             (true, _) => self.end.clone(),
             (false, true) => end.to_vec(),
@@ -127,7 +131,9 @@ impl RangeTable {
     pub fn locate(&self, key: &[u8]) -> &RangeDescriptor {
         // The first range whose start is > key; the one before it holds the key.
         let after = self.ranges.partition_point(|r| r.start.as_slice() <= key);
-        &self.ranges[after.checked_sub(1).expect("the first range starts at the empty key")]
+        &self.ranges[after
+            .checked_sub(1)
+            .expect("the first range starts at the empty key")]
     }
 
     /// The ranges intersecting `[start, end)` (`end` empty = unbounded), in key order.
@@ -136,7 +142,10 @@ impl RangeTable {
         start: &'a [u8],
         end: &'a [u8],
     ) -> impl Iterator<Item = &'a RangeDescriptor> + 'a {
-        let first = self.ranges.partition_point(|r| r.start.as_slice() <= start).saturating_sub(1);
+        let first = self
+            .ranges
+            .partition_point(|r| r.start.as_slice() <= start)
+            .saturating_sub(1);
         self.ranges[first..]
             .iter()
             .take_while(move |r| end.is_empty() || r.start.as_slice() < end)
@@ -146,7 +155,11 @@ impl RangeTable {
 
 /// The naive reference for [`RangeTable::locate`]: a linear scan.
 pub fn locate_naive<'a>(table: &'a RangeTable, key: &[u8]) -> &'a RangeDescriptor {
-    table.ranges().iter().find(|r| r.contains(key)).expect("a table covers the whole keyspace")
+    table
+        .ranges()
+        .iter()
+        .find(|r| r.contains(key))
+        .expect("a table covers the whole keyspace")
 }
 
 /// The smallest key greater than every key that starts with `prefix`: the `end` of a prefix
@@ -170,7 +183,10 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 /// first boundary (such as `/...`) and the last range every key above. Until the placement
 /// service splits ranges by size and load, keys sharing a first byte share a range.
 pub fn bootstrap_layout(count: usize, replicas: &[NodeId]) -> RangeTable {
-    assert!((1..=64).contains(&count), "between 1 and 64 bootstrap ranges, got {count}");
+    assert!(
+        (1..=64).contains(&count),
+        "between 1 and 64 bootstrap ranges, got {count}"
+    );
     const LOW: u32 = b'0' as u32;
     const HIGH: u32 = b'z' as u32 + 1;
     let boundary = |i: usize| vec![(LOW + (HIGH - LOW) * i as u32 / count as u32) as u8];
@@ -178,7 +194,11 @@ pub fn bootstrap_layout(count: usize, replicas: &[NodeId]) -> RangeTable {
         .map(|i| RangeDescriptor {
             id: i as RangeId + 1,
             start: if i == 0 { Vec::new() } else { boundary(i) },
-            end: if i + 1 == count { Vec::new() } else { boundary(i + 1) },
+            end: if i + 1 == count {
+                Vec::new()
+            } else {
+                boundary(i + 1)
+            },
             epoch: 1,
             replicas: replicas.to_vec(),
         })
@@ -204,7 +224,11 @@ mod tests {
         let ids: Vec<_> = (b'0'..=b'z').map(|b| table.locate(&[b]).id).collect();
         let mut distinct = ids.clone();
         distinct.dedup();
-        assert_eq!(distinct.len(), 8, "every bootstrap range holds some alphanumeric keys");
+        assert_eq!(
+            distinct.len(),
+            8,
+            "every bootstrap range holds some alphanumeric keys"
+        );
     }
 
     #[test]
@@ -217,12 +241,18 @@ mod tests {
             replicas: vec![],
         };
         assert_eq!(RangeTable::new(vec![]), Err(LayoutError::Empty));
-        assert_eq!(RangeTable::new(vec![r(1, b"a", b"")]), Err(LayoutError::FirstNotAtStart));
+        assert_eq!(
+            RangeTable::new(vec![r(1, b"a", b"")]),
+            Err(LayoutError::FirstNotAtStart)
+        );
         assert_eq!(
             RangeTable::new(vec![r(1, b"", b"m"), r(2, b"n", b"")]),
             Err(LayoutError::Gap { id: 2 })
         );
-        assert_eq!(RangeTable::new(vec![r(1, b"", b"m")]), Err(LayoutError::LastBounded));
+        assert_eq!(
+            RangeTable::new(vec![r(1, b"", b"m")]),
+            Err(LayoutError::LastBounded)
+        );
         assert_eq!(
             RangeTable::new(vec![r(1, b"", b"m"), r(2, b"m", b"c"), r(3, b"c", b"")]),
             Err(LayoutError::Inverted { id: 2 })

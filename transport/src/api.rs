@@ -33,7 +33,9 @@ impl std::str::FromStr for Consistency {
             "linearizable" => Ok(Self::Linearizable),
             "follower" => Ok(Self::Follower),
             "serializable" => Ok(Self::Serializable),
-            other => Err(format!("unknown consistency {other:?} (linearizable, follower, serializable)")),
+            other => Err(format!(
+                "unknown consistency {other:?} (linearizable, follower, serializable)"
+            )),
         }
     }
 }
@@ -67,17 +69,26 @@ pub struct KeySpan {
 impl KeySpan {
     /// The single key `key`.
     pub fn key(key: impl Into<Vec<u8>>) -> Self {
-        Self { key: key.into(), end: None }
+        Self {
+            key: key.into(),
+            end: None,
+        }
     }
     /// Every key starting with `prefix`.
     pub fn prefix(prefix: impl Into<Vec<u8>>) -> Self {
         let key = prefix.into();
         let end = concord_prefix_end(&key);
-        Self { key, end: Some(end) }
+        Self {
+            key,
+            end: Some(end),
+        }
     }
     /// Every key in `[start, end)`; an empty `end` is unbounded.
     pub fn interval(start: impl Into<Vec<u8>>, end: impl Into<Vec<u8>>) -> Self {
-        Self { key: start.into(), end: Some(end.into()) }
+        Self {
+            key: start.into(),
+            end: Some(end.into()),
+        }
     }
     /// The span as a half-open interval `[start, end)` (empty end = unbounded).
     pub fn bounds(&self) -> (Vec<u8>, Vec<u8>) {
@@ -143,7 +154,14 @@ pub struct RangeRequest {
 impl RangeRequest {
     /// A plain read of `span` at the latest revision.
     pub fn new(span: KeySpan) -> Self {
-        Self { span, revision: 0, limit: 0, keys_only: false, count_only: false, descending: false }
+        Self {
+            span,
+            revision: 0,
+            limit: 0,
+            keys_only: false,
+            count_only: false,
+            descending: false,
+        }
     }
 }
 
@@ -218,7 +236,11 @@ pub struct TxnRequest {
 impl TxnRequest {
     /// Every key (or key span) the txn touches, for range checks.
     pub fn spans(&self) -> Vec<KeySpan> {
-        let mut spans: Vec<KeySpan> = self.compares.iter().map(|c| KeySpan::key(c.key.clone())).collect();
+        let mut spans: Vec<KeySpan> = self
+            .compares
+            .iter()
+            .map(|c| KeySpan::key(c.key.clone()))
+            .collect();
         for op in self.success.iter().chain(&self.failure) {
             spans.push(match op {
                 TxnOp::Put(p) => KeySpan::key(p.key.clone()),
@@ -417,6 +439,10 @@ pub struct RangeStatus {
     pub revision: u64,
     /// The last log index applied on this node.
     pub applied_index: u64,
+    /// The last log index covered by this node's newest snapshot (0: none).
+    pub snapshot_index: u64,
+    /// Log entries at or below this index are purged on this node (0: none).
+    pub purged_index: u64,
 }
 
 /// Group-commit counters of a node's storage.
@@ -614,14 +640,22 @@ pub struct RequestLimits {
 
 impl Default for RequestLimits {
     fn default() -> Self {
-        Self { key_bytes_max: 4 << 10, value_bytes_max: 1 << 20, request_bytes_max: 2 << 20, txn_ops_max: 128 }
+        Self {
+            key_bytes_max: 4 << 10,
+            value_bytes_max: 1 << 20,
+            request_bytes_max: 2 << 20,
+            txn_ops_max: 128,
+        }
     }
 }
 
 impl RequestLimits {
     fn check_key(&self, key: &[u8]) -> Result<(), ApiError> {
         if key.len() > self.key_bytes_max {
-            return Err(ApiError::KeyTooLarge { size: key.len(), max: self.key_bytes_max });
+            return Err(ApiError::KeyTooLarge {
+                size: key.len(),
+                max: self.key_bytes_max,
+            });
         }
         Ok(())
     }
@@ -631,7 +665,9 @@ impl RequestLimits {
         if let Some(end) = &span.end {
             self.check_key(end)?;
             if !end.is_empty() && end.as_slice() <= span.key.as_slice() {
-                return Err(ApiError::InvalidRequest("span end must be after its start".into()));
+                return Err(ApiError::InvalidRequest(
+                    "span end must be after its start".into(),
+                ));
             }
         }
         Ok(())
@@ -640,10 +676,15 @@ impl RequestLimits {
     fn check_put(&self, put: &PutRequest) -> Result<(), ApiError> {
         self.check_key(&put.key)?;
         if put.value.len() > self.value_bytes_max {
-            return Err(ApiError::ValueTooLarge { size: put.value.len(), max: self.value_bytes_max });
+            return Err(ApiError::ValueTooLarge {
+                size: put.value.len(),
+                max: self.value_bytes_max,
+            });
         }
         if put.lease != 0 {
-            return Err(ApiError::InvalidRequest("leases are not supported yet; put with lease 0".into()));
+            return Err(ApiError::InvalidRequest(
+                "leases are not supported yet; put with lease 0".into(),
+            ));
         }
         Ok(())
     }
@@ -657,13 +698,19 @@ impl RequestLimits {
             KvRequest::Compact { .. } => Ok(()),
             KvRequest::Txn(t) => {
                 if t.op_count() > self.txn_ops_max {
-                    return Err(ApiError::TooManyTxnOps { ops: t.op_count(), max: self.txn_ops_max });
+                    return Err(ApiError::TooManyTxnOps {
+                        ops: t.op_count(),
+                        max: self.txn_ops_max,
+                    });
                 }
                 for c in &t.compares {
                     self.check_key(&c.key)?;
                     if let CompareTarget::Value(v) = &c.target {
                         if v.len() > self.value_bytes_max {
-                            return Err(ApiError::ValueTooLarge { size: v.len(), max: self.value_bytes_max });
+                            return Err(ApiError::ValueTooLarge {
+                                size: v.len(),
+                                max: self.value_bytes_max,
+                            });
                         }
                     }
                 }
@@ -673,7 +720,9 @@ impl RequestLimits {
                         TxnOp::Range(r) => {
                             self.check_span(&r.span)?;
                             if r.revision != 0 {
-                                return Err(ApiError::InvalidRequest("a read inside a txn reads at the txn's revision".into()));
+                                return Err(ApiError::InvalidRequest(
+                                    "a read inside a txn reads at the txn's revision".into(),
+                                ));
                             }
                         }
                         TxnOp::Delete(d) => self.check_span(&d.span)?,
@@ -692,16 +741,39 @@ mod tests {
     #[test]
     fn limits_refuse_oversize_and_too_many_ops() {
         let limits = RequestLimits::default();
-        let put = |k: usize, v: usize| KvRequest::Put(PutRequest { key: vec![b'k'; k], value: vec![0; v], lease: 0, prev_kv: false });
+        let put = |k: usize, v: usize| {
+            KvRequest::Put(PutRequest {
+                key: vec![b'k'; k],
+                value: vec![0; v],
+                lease: 0,
+                prev_kv: false,
+            })
+        };
         assert!(limits.check(&put(4096, 1 << 20)).is_ok());
-        assert_eq!(limits.check(&put(4097, 1)).unwrap_err().code(), "KEY_TOO_LARGE");
-        assert_eq!(limits.check(&put(1, (1 << 20) + 1)).unwrap_err().code(), "VALUE_TOO_LARGE");
+        assert_eq!(
+            limits.check(&put(4097, 1)).unwrap_err().code(),
+            "KEY_TOO_LARGE"
+        );
+        assert_eq!(
+            limits.check(&put(1, (1 << 20) + 1)).unwrap_err().code(),
+            "VALUE_TOO_LARGE"
+        );
         let txn = TxnRequest {
             compares: vec![],
-            success: (0..129).map(|_| TxnOp::Delete(DeleteRequest { span: KeySpan::key("a"), prev_kv: false })).collect(),
+            success: (0..129)
+                .map(|_| {
+                    TxnOp::Delete(DeleteRequest {
+                        span: KeySpan::key("a"),
+                        prev_kv: false,
+                    })
+                })
+                .collect(),
             failure: vec![],
         };
-        assert_eq!(limits.check(&KvRequest::Txn(txn)).unwrap_err().code(), "TOO_MANY_TXN_OPS");
+        assert_eq!(
+            limits.check(&KvRequest::Txn(txn)).unwrap_err().code(),
+            "TOO_MANY_TXN_OPS"
+        );
     }
 
     #[test]

@@ -24,7 +24,11 @@ pub struct ConnectionLimits {
 
 impl Default for ConnectionLimits {
     fn default() -> Self {
-        Self { streams_per_connection_max: 4096, idle_timeout_ms: 30_000, keep_alive_ms: 5_000 }
+        Self {
+            streams_per_connection_max: 4096,
+            idle_timeout_ms: 30_000,
+            keep_alive_ms: 5_000,
+        }
     }
 }
 
@@ -34,7 +38,8 @@ fn transport_config(limits: &ConnectionLimits) -> Arc<TransportConfig> {
     t.max_concurrent_uni_streams(VarInt::from_u32(16));
     t.keep_alive_interval(Some(Duration::from_millis(limits.keep_alive_ms)));
     t.max_idle_timeout(Some(
-        IdleTimeout::try_from(Duration::from_millis(limits.idle_timeout_ms)).expect("idle timeout fits a VarInt"),
+        IdleTimeout::try_from(Duration::from_millis(limits.idle_timeout_ms))
+            .expect("idle timeout fits a VarInt"),
     ));
     // Many small independent streams: round-robin fairness between them costs more than it buys.
     t.send_fairness(false);
@@ -46,7 +51,11 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// A QUIC client configuration trusting the cluster CA at `ca_cert` and speaking `alpn`.
-pub fn client_config(ca_cert: &Path, alpn: &[u8], limits: &ConnectionLimits) -> Result<quinn::ClientConfig, TlsError> {
+pub fn client_config(
+    ca_cert: &Path,
+    alpn: &[u8],
+    limits: &ConnectionLimits,
+) -> Result<quinn::ClientConfig, TlsError> {
     let mut crypto = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -61,7 +70,11 @@ pub fn client_config(ca_cert: &Path, alpn: &[u8], limits: &ConnectionLimits) -> 
 
 /// A node's endpoint bound to `bind`: serves [`ALPN_CLIENT`] and [`ALPN_PEER`] with the node
 /// certificate, and dials peers with [`ALPN_PEER`].
-pub fn node_endpoint(bind: SocketAddr, certs: &NodeCertPaths, limits: &ConnectionLimits) -> Result<Endpoint, TlsError> {
+pub fn node_endpoint(
+    bind: SocketAddr,
+    certs: &NodeCertPaths,
+    limits: &ConnectionLimits,
+) -> Result<Endpoint, TlsError> {
     let mut crypto = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -83,7 +96,10 @@ pub fn node_endpoint(bind: SocketAddr, certs: &NodeCertPaths, limits: &Connectio
 /// A client endpoint on an OS-chosen port, trusting the cluster CA at `ca_cert`.
 pub fn client_endpoint(ca_cert: &Path, limits: &ConnectionLimits) -> Result<Endpoint, TlsError> {
     let bind: SocketAddr = "0.0.0.0:0".parse().expect("literal address");
-    let mut endpoint = Endpoint::client(bind).map_err(|source| TlsError::Io { path: "udp socket".into(), source })?;
+    let mut endpoint = Endpoint::client(bind).map_err(|source| TlsError::Io {
+        path: "udp socket".into(),
+        source,
+    })?;
     endpoint.set_default_client_config(client_config(ca_cert, ALPN_CLIENT, limits)?);
     Ok(endpoint)
 }

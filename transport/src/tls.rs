@@ -36,7 +36,10 @@ pub enum TlsError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> TlsError + '_ {
-    move |source| TlsError::Io { path: path.to_path_buf(), source }
+    move |source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Paths of one node's TLS material.
@@ -57,7 +60,9 @@ pub fn ca_cert_path(dir: &Path) -> PathBuf {
 
 fn ca_params() -> CertificateParams {
     let mut params = CertificateParams::new(Vec::<String>::new()).expect("no SANs to parse");
-    params.distinguished_name.push(DnType::CommonName, "concord cluster CA");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "concord cluster CA");
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     params
@@ -82,7 +87,9 @@ pub fn ensure_ca(dir: &Path) -> Result<(), TlsError> {
     let key_path = dir.join("ca.key");
     if !key_path.exists() {
         let key = KeyPair::generate().map_err(|e| TlsError::Cert(e.to_string()))?;
-        let cert = ca_params().self_signed(&key).map_err(|e| TlsError::Cert(e.to_string()))?;
+        let cert = ca_params()
+            .self_signed(&key)
+            .map_err(|e| TlsError::Cert(e.to_string()))?;
         // The key goes first: whoever links the key also links the certificate that matches it.
         if write_new(&key_path, &key.serialize_pem())? {
             fs::write(ca_cert_path(dir), cert.pem()).map_err(io_err(&ca_cert_path(dir)))?;
@@ -95,11 +102,18 @@ pub fn ensure_ca(dir: &Path) -> Result<(), TlsError> {
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    Err(TlsError::Cert(format!("{} has a CA key but no certificate", dir.display())))
+    Err(TlsError::Cert(format!(
+        "{} has a CA key but no certificate",
+        dir.display()
+    )))
 }
 
 /// Issues (once) the certificate of node `node_id`, creating the CA first if needed.
-pub fn ensure_node_cert(dir: &Path, node_id: u64, extra_ips: &[IpAddr]) -> Result<NodeCertPaths, TlsError> {
+pub fn ensure_node_cert(
+    dir: &Path,
+    node_id: u64,
+    extra_ips: &[IpAddr],
+) -> Result<NodeCertPaths, TlsError> {
     ensure_ca(dir)?;
     let paths = NodeCertPaths {
         ca_cert: ca_cert_path(dir),
@@ -119,9 +133,13 @@ pub fn ensure_node_cert(dir: &Path, node_id: u64, extra_ips: &[IpAddr]) -> Resul
     names.sort();
     names.dedup();
     let mut params = CertificateParams::new(names).map_err(|e| TlsError::Cert(e.to_string()))?;
-    params.distinguished_name.push(DnType::CommonName, format!("concord node {node_id}"));
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("concord node {node_id}"));
     let key = KeyPair::generate().map_err(|e| TlsError::Cert(e.to_string()))?;
-    let cert = params.signed_by(&key, &issuer).map_err(|e| TlsError::Cert(e.to_string()))?;
+    let cert = params
+        .signed_by(&key, &issuer)
+        .map_err(|e| TlsError::Cert(e.to_string()))?;
     fs::write(&paths.key, key.serialize_pem()).map_err(io_err(&paths.key))?;
     fs::write(&paths.cert, cert.pem()).map_err(io_err(&paths.cert))?;
     Ok(paths)
@@ -137,7 +155,8 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 
 /// Loads the private key of a PEM file.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Cert(format!("{}: {e}", path.display())))
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| TlsError::Cert(format!("{}: {e}", path.display())))
 }
 
 /// A root store trusting exactly the cluster CA at `ca_cert`.
@@ -161,7 +180,11 @@ mod tests {
         let a = ensure_node_cert(&dir, 1, &[]).unwrap();
         let ca_before = fs::read(&a.ca_cert).unwrap();
         let b = ensure_node_cert(&dir, 2, &[]).unwrap();
-        assert_eq!(ca_before, fs::read(&b.ca_cert).unwrap(), "the CA is created once");
+        assert_eq!(
+            ca_before,
+            fs::read(&b.ca_cert).unwrap(),
+            "the CA is created once"
+        );
         let roots = root_store(&a.ca_cert).unwrap();
         let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
             roots.into(),

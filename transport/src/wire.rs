@@ -112,23 +112,41 @@ mod tests {
     async fn oversize_frame_is_refused_before_reading_payload() {
         let mut bytes = encode_frame(&vec![0u8; 100]);
         bytes.truncate(FRAME_HEADER_LEN); // the payload is never read
-        let err = read_frame_bytes(&mut bytes.as_slice(), 10).await.unwrap_err();
-        assert!(matches!(err, WireError::TooLarge { len: 101, max_bytes: 10 }), "{err}");
+        let err = read_frame_bytes(&mut bytes.as_slice(), 10)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                WireError::TooLarge {
+                    len: 101,
+                    max_bytes: 10
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[tokio::test]
     async fn unknown_version_is_refused() {
         let mut bytes = encode_frame(&1u8);
         bytes[4] = 99;
-        let err = read_frame_bytes(&mut bytes.as_slice(), 10).await.unwrap_err();
-        assert!(matches!(err, WireError::UnsupportedVersion { got: 99 }), "{err}");
+        let err = read_frame_bytes(&mut bytes.as_slice(), 10)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, WireError::UnsupportedVersion { got: 99 }),
+            "{err}"
+        );
     }
 
     #[tokio::test]
     async fn garbage_payload_is_malformed() {
         let mut bytes = vec![0, 0, 0, 3, WIRE_VERSION];
         bytes.extend_from_slice(&[0xff, 0xff, 0xff]);
-        let err = read_frame::<_, (u64, String)>(&mut bytes.as_slice(), 10).await.unwrap_err();
+        let err = read_frame::<_, (u64, String)>(&mut bytes.as_slice(), 10)
+            .await
+            .unwrap_err();
         assert!(matches!(err, WireError::Malformed(_)), "{err}");
     }
 }

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use concord_client::api::{Consistency, KeySpan, KeyValue, PutRequest, RangeRequest, ResponseHeader, TxnOpResponse};
+use concord_client::api::{
+    Consistency, KeySpan, KeyValue, PutRequest, RangeRequest, ResponseHeader, TxnOpResponse,
+};
 use concord_client::{txn_syntax, Client, ClientConfig, Error};
 use serde_json::{json, Value};
 
@@ -16,7 +18,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(name = "concordctl", version, about = "Command-line client of concord")]
 struct Cli {
     /// Client config (endpoints + CA); `concord dev` writes one into its data dir.
-    #[arg(long, env = "CONCORD_CONFIG", default_value = "concord-dev/concordctl.toml", global = true)]
+    #[arg(
+        long,
+        env = "CONCORD_CONFIG",
+        default_value = "concord-dev/concordctl.toml",
+        global = true
+    )]
     config: PathBuf,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Text, global = true)]
@@ -126,7 +133,12 @@ fn kv_json(kv: &KeyValue) -> Value {
 }
 
 fn headers_json(headers: &[ResponseHeader]) -> Value {
-    Value::Array(headers.iter().map(|h| json!({"range_id": h.range_id, "revision": h.revision})).collect())
+    Value::Array(
+        headers
+            .iter()
+            .map(|h| json!({"range_id": h.range_id, "revision": h.revision}))
+            .collect(),
+    )
 }
 
 /// The single revision of a response that visited one range; for several, the largest.
@@ -147,10 +159,24 @@ async fn run(cli: Cli) -> Result<(), Error> {
     let json = cli.output == Output::Json;
     let client = Client::connect(ClientConfig::from_file(&cli.config)?).await?;
     match cli.command {
-        Command::Put { key, value, prev_kv } => {
-            let r = client.put_with(PutRequest { key: key.into_bytes(), value: value.into_bytes(), lease: 0, prev_kv }).await?;
+        Command::Put {
+            key,
+            value,
+            prev_kv,
+        } => {
+            let r = client
+                .put_with(PutRequest {
+                    key: key.into_bytes(),
+                    value: value.into_bytes(),
+                    lease: 0,
+                    prev_kv,
+                })
+                .await?;
             if json {
-                println!("{}", json!({"revision": r.header.revision, "range_id": r.header.range_id, "prev_kv": r.prev_kv.as_ref().map(kv_json)}));
+                println!(
+                    "{}",
+                    json!({"revision": r.header.revision, "range_id": r.header.range_id, "prev_kv": r.prev_kv.as_ref().map(kv_json)})
+                );
             } else {
                 println!("OK");
                 if let Some(kv) = r.prev_kv {
@@ -158,38 +184,81 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 }
             }
         }
-        Command::Get { key, rev, consistency, prefix } => {
-            let span = if prefix { KeySpan::prefix(key) } else { KeySpan::key(key) };
+        Command::Get {
+            key,
+            rev,
+            consistency,
+            prefix,
+        } => {
+            let span = if prefix {
+                KeySpan::prefix(key)
+            } else {
+                KeySpan::key(key)
+            };
             let mut req = RangeRequest::new(span);
             req.revision = rev;
             let r = client.range(req, consistency).await?;
             if json {
-                println!("{}", json!({"kvs": r.kvs.iter().map(kv_json).collect::<Vec<_>>(), "count": r.count, "more": r.more, "revision": revision(&r.headers), "headers": headers_json(&r.headers)}));
+                println!(
+                    "{}",
+                    json!({"kvs": r.kvs.iter().map(kv_json).collect::<Vec<_>>(), "count": r.count, "more": r.more, "revision": revision(&r.headers), "headers": headers_json(&r.headers)})
+                );
             } else {
                 print_kvs(&r.kvs, false);
             }
         }
-        Command::Del { key, prefix, prev_kv } => {
-            let span = if prefix { KeySpan::prefix(key) } else { KeySpan::key(key) };
+        Command::Del {
+            key,
+            prefix,
+            prev_kv,
+        } => {
+            let span = if prefix {
+                KeySpan::prefix(key)
+            } else {
+                KeySpan::key(key)
+            };
             let r = client.delete(span, prev_kv).await?;
             if json {
-                println!("{}", json!({"deleted": r.deleted, "prev_kvs": r.prev_kvs.iter().map(kv_json).collect::<Vec<_>>(), "revision": revision(&r.headers), "headers": headers_json(&r.headers)}));
+                println!(
+                    "{}",
+                    json!({"deleted": r.deleted, "prev_kvs": r.prev_kvs.iter().map(kv_json).collect::<Vec<_>>(), "revision": revision(&r.headers), "headers": headers_json(&r.headers)})
+                );
             } else {
                 println!("{}", r.deleted);
                 print_kvs(&r.prev_kvs, false);
             }
         }
-        Command::Range { start, end, prefix, limit, keys_only, count_only, descending, rev, consistency } => {
+        Command::Range {
+            start,
+            end,
+            prefix,
+            limit,
+            keys_only,
+            count_only,
+            descending,
+            rev,
+            consistency,
+        } => {
             let span = match (prefix, end) {
                 (true, None) => KeySpan::prefix(start),
                 (false, Some(end)) => KeySpan::interval(start, end),
                 (false, None) => KeySpan::interval(start, Vec::new()),
                 (true, Some(_)) => return Err(Error::Config("--prefix takes no END".into())),
             };
-            let req = RangeRequest { span, revision: rev, limit, keys_only, count_only, descending };
+            let req = RangeRequest {
+                span,
+                revision: rev,
+                limit,
+                keys_only,
+                count_only,
+                descending,
+            };
             let r = client.range(req, consistency).await?;
             if json {
-                println!("{}", json!({"kvs": r.kvs.iter().map(kv_json).collect::<Vec<_>>(), "count": r.count, "more": r.more, "revision": revision(&r.headers), "headers": headers_json(&r.headers)}));
+                println!(
+                    "{}",
+                    json!({"kvs": r.kvs.iter().map(kv_json).collect::<Vec<_>>(), "count": r.count, "more": r.more, "revision": revision(&r.headers), "headers": headers_json(&r.headers)})
+                );
             } else if count_only {
                 println!("{}", r.count);
             } else {
@@ -200,7 +269,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let mut src = String::new();
             match file.as_deref() {
                 None => std::io::stdin().read_to_string(&mut src).map(|_| ()),
-                Some(p) if p.as_os_str() == "-" => std::io::stdin().read_to_string(&mut src).map(|_| ()),
+                Some(p) if p.as_os_str() == "-" => {
+                    std::io::stdin().read_to_string(&mut src).map(|_| ())
+                }
                 Some(p) => std::fs::read_to_string(p).map(|s| src = s),
             }
             .map_err(|e| Error::Config(format!("reading the txn: {e}")))?;
@@ -216,7 +287,10 @@ async fn run(cli: Cli) -> Result<(), Error> {
                         TxnOpResponse::Delete(d) => json!({"del": {"deleted": d.deleted}}),
                     })
                     .collect();
-                println!("{}", json!({"succeeded": r.succeeded, "revision": r.header.revision, "range_id": r.header.range_id, "responses": responses}));
+                println!(
+                    "{}",
+                    json!({"succeeded": r.succeeded, "revision": r.header.revision, "range_id": r.header.range_id, "responses": responses})
+                );
             } else {
                 println!("{}", if r.succeeded { "SUCCESS" } else { "FAILURE" });
                 for op in &r.responses {
@@ -240,7 +314,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
                             println!("range {}: compacted at {}", desc.id, c.compact_revision);
                         }
                     }
-                    Err(Error::Api(concord_client::api::ApiError::Compacted { compact_revision })) => {
+                    Err(Error::Api(concord_client::api::ApiError::Compacted {
+                        compact_revision,
+                    })) => {
                         rows.push(json!({"range_id": desc.id, "compact_revision": compact_revision, "already": true}));
                         if !json {
                             println!("range {}: already compacted at {compact_revision}", desc.id);
@@ -261,7 +337,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     .map(|(addr, s)| match s {
                         Ok(s) => json!({"endpoint": addr, "node_id": s.node_id, "fsyncs": s.storage.fsyncs, "appends": s.storage.appends,
                             "ranges": s.ranges.iter().map(|r| json!({"id": r.id, "start": text(&r.start), "end": text(&r.end), "epoch": r.epoch,
-                                "replicas": r.replicas, "leader": r.leader, "term": r.term, "revision": r.revision, "applied_index": r.applied_index})).collect::<Vec<_>>()}),
+                                "replicas": r.replicas, "leader": r.leader, "term": r.term, "revision": r.revision, "applied_index": r.applied_index, "snapshot_index": r.snapshot_index, "purged_index": r.purged_index})).collect::<Vec<_>>()}),
                         Err(e) => json!({"endpoint": addr, "error": e.to_string(), "code": e.code()}),
                     })
                     .collect();
@@ -277,11 +353,27 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     }
                 }
                 if let Some((_, Ok(s))) = statuses.iter().find(|(_, s)| s.is_ok()) {
-                    println!("{:>5}  {:<10} {:<10} {:>6}  {:<9} {:>8}", "RANGE", "START", "END", "LEADER", "REPLICAS", "REVISION");
+                    println!(
+                        "{:>5}  {:<10} {:<10} {:>6}  {:<9} {:>8}",
+                        "RANGE", "START", "END", "LEADER", "REPLICAS", "REVISION"
+                    );
                     for r in &s.ranges {
-                        let replicas = r.replicas.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",");
+                        let replicas = r
+                            .replicas
+                            .iter()
+                            .map(|n| n.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",");
                         let leader = r.leader.map_or("-".to_string(), |l| l.to_string());
-                        println!("{:>5}  {:<10} {:<10} {:>6}  {:<9} {:>8}", r.id, format!("{:?}", text(&r.start)), format!("{:?}", text(&r.end)), leader, replicas, r.revision);
+                        println!(
+                            "{:>5}  {:<10} {:<10} {:>6}  {:<9} {:>8}",
+                            r.id,
+                            format!("{:?}", text(&r.start)),
+                            format!("{:?}", text(&r.end)),
+                            leader,
+                            replicas,
+                            r.revision
+                        );
                     }
                 }
             }

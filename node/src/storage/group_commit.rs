@@ -40,8 +40,20 @@ pub struct Counters {
 
 /// Handle to the writer thread; cheap to clone through `Arc<Engine>`.
 pub struct GroupCommit {
-    tx: Sender<Job>,
+    /// `None` only while dropping.
+    tx: Option<Sender<Job>>,
     counters: Arc<Counters>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Drop for GroupCommit {
+    /// Stops the writer and waits for it, so that the database is closed when the engine is.
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl GroupCommit {
@@ -50,11 +62,15 @@ impl GroupCommit {
         let (tx, rx) = crossbeam_channel::bounded(QUEUE_JOBS_MAX);
         let counters = Arc::new(Counters::default());
         let c = counters.clone();
-        thread::Builder::new()
+        let thread = thread::Builder::new()
             .name("group-commit".into())
             .spawn(move || run(db, rx, c))
             .expect("spawning the group-commit thread");
-        Self { tx, counters }
+        Self {
+            tx: Some(tx),
+            counters,
+            thread: Some(thread),
+        }
     }
 
     /// The writer's counters.
@@ -63,10 +79,11 @@ impl GroupCommit {
     }
 
     fn submit(&self, job: Job) {
-        match self.tx.try_send(job) {
+        let tx = self.tx.as_ref().expect("not dropping");
+        match tx.try_send(job) {
             Ok(()) => {}
             // Back-pressure: the queue is full, so wait for room (bounded by the writer's pace).
-            Err(TrySendError::Full(job)) => self.tx.send(job).expect("group-commit writer alive"),
+            Err(TrySendError::Full(job)) => tx.send(job).expect("group-commit writer alive"),
             Err(TrySendError::Disconnected(_)) => panic!("group-commit writer stopped"),
         }
     }
@@ -80,7 +97,8 @@ impl GroupCommit {
     pub async fn sync(&self) -> io::Result<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.submit(Job::Wait(tx));
-        rx.await.map_err(|_| io::Error::other("group-commit writer stopped"))?
+        rx.await
+            .map_err(|_| io::Error::other("group-commit writer stopped"))?
     }
 }
 
@@ -98,7 +116,10 @@ fn run(db: Arc<DB>, rx: Receiver<Job>, counters: Arc<Counters>) {
         counters.fsyncs.fetch_add(1, Ordering::Relaxed);
         let mut appends = 0;
         for job in batch.drain(..) {
-            let r = result.as_ref().map(|_| ()).map_err(|e| io::Error::other(e.to_string()));
+            let r = result
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| io::Error::other(e.to_string()));
             match job {
                 Job::Append(cb) => {
                     appends += 1;

@@ -35,19 +35,27 @@ impl LogStore {
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, tag: u8) -> io::Result<Option<T>> {
         let db = self.engine.db();
-        let bytes = db.get_cf(self.engine.cf(CF_META), group_key(self.gid, &[tag])).map_err(to_io)?;
+        let bytes = db
+            .get_cf(self.engine.cf(CF_META), group_key(self.gid, &[tag]))
+            .map_err(to_io)?;
         bytes.map(|b| decode(&b)).transpose()
     }
 
     fn put_meta<T: serde::Serialize>(&self, tag: u8, value: &T) -> io::Result<()> {
         let db = self.engine.db();
-        db.put_cf(self.engine.cf(CF_META), group_key(self.gid, &[tag]), encode(value)).map_err(to_io)
+        db.put_cf(
+            self.engine.cf(CF_META),
+            group_key(self.gid, &[tag]),
+            encode(value),
+        )
+        .map_err(to_io)
     }
 
     /// Deletes log entries with index in `[from, to)`.
     fn delete_indexes(&self, from: u64, to: u64) -> io::Result<()> {
         let db = self.engine.db();
-        db.delete_range_cf(self.engine.cf(CF_LOG), self.log_key(from), self.log_key(to)).map_err(to_io)
+        db.delete_range_cf(self.engine.cf(CF_LOG), self.log_key(from), self.log_key(to))
+            .map_err(to_io)
     }
 }
 
@@ -64,7 +72,10 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let db = self.engine.db();
         let from = self.log_key(start);
         let mut entries = Vec::new();
-        for item in db.iterator_cf(self.engine.cf(CF_LOG), IteratorMode::From(&from, Direction::Forward)) {
+        for item in db.iterator_cf(
+            self.engine.cf(CF_LOG),
+            IteratorMode::From(&from, Direction::Forward),
+        ) {
             let (key, value) = item.map_err(to_io)?;
             if key[..8] != self.gid.to_be_bytes() {
                 break;
@@ -92,7 +103,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let db = self.engine.db();
         let end = self.log_key(u64::MAX);
         let last = db
-            .iterator_cf(self.engine.cf(CF_LOG), IteratorMode::From(&end, Direction::Reverse))
+            .iterator_cf(
+                self.engine.cf(CF_LOG),
+                IteratorMode::From(&end, Direction::Reverse),
+            )
             .next()
             .transpose()
             .map_err(to_io)?
@@ -100,8 +114,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map(|(_, value)| decode::<Entry>(&value).map(|e| e.log_id()))
             .transpose()?;
         let last_purged_log_id: Option<LogId> = self.get_meta(TAG_LAST_PURGED)?;
-        let last_log_id = last.or_else(|| last_purged_log_id.clone());
-        Ok(LogState { last_purged_log_id, last_log_id })
+        let last_log_id = last.or(last_purged_log_id);
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {

@@ -40,7 +40,9 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("path", &self.db.path()).finish()
+        f.debug_struct("Engine")
+            .field("path", &self.db.path())
+            .finish()
     }
 }
 
@@ -56,7 +58,8 @@ impl Engine {
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
         opts.set_bytes_per_sync(1 << 20);
-        let cfs = [CF_LOG, CF_META, CF_SM, CF_KV].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        let cfs = [CF_LOG, CF_META, CF_SM, CF_KV]
+            .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
         let db = Arc::new(DB::open_cf_descriptors(&opts, path, cfs).map_err(to_io)?);
         let commit = GroupCommit::start(db.clone());
         Ok(Arc::new(Self { db, commit }))
@@ -73,7 +76,9 @@ impl Engine {
     }
 
     pub(crate) fn cf(&self, name: &str) -> &ColumnFamily {
-        self.db.cf_handle(name).expect("column families are created at open")
+        self.db
+            .cf_handle(name)
+            .expect("column families are created at open")
     }
 }
 

@@ -16,7 +16,9 @@ use rocksdb::{Direction, IteratorMode, WriteBatch};
 
 use super::{decode, encode, group_key, to_io, Engine, CF_KV, CF_SM};
 use crate::mvcc::{Mutation, Mvcc, Record, Rev, Version};
-use crate::raft_types::{CommandResult, LogId, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::raft_types::{
+    CommandResult, LogId, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig,
+};
 
 const TAG_APPLIED: u8 = 1;
 const TAG_MEMBERSHIP: u8 = 2;
@@ -64,22 +66,46 @@ impl StateMachine {
         let db = engine.db();
         let sm = engine.cf(CF_SM);
         let get = |tag: u8| db.get_cf(sm, group_key(gid, &[tag])).map_err(to_io);
-        let last_applied: Option<LogId> = get(TAG_APPLIED)?.map(|b| decode(&b)).transpose()?.flatten();
-        let membership: StoredMembership = get(TAG_MEMBERSHIP)?.map(|b| decode(&b)).transpose()?.unwrap_or_default();
-        let (revision, compact_revision): (u64, u64) = get(TAG_COUNTERS)?.map(|b| decode(&b)).transpose()?.unwrap_or_default();
+        let last_applied: Option<LogId> =
+            get(TAG_APPLIED)?.map(|b| decode(&b)).transpose()?.flatten();
+        let membership: StoredMembership = get(TAG_MEMBERSHIP)?
+            .map(|b| decode(&b))
+            .transpose()?
+            .unwrap_or_default();
+        let (revision, compact_revision): (u64, u64) = get(TAG_COUNTERS)?
+            .map(|b| decode(&b))
+            .transpose()?
+            .unwrap_or_default();
         let mut versions = Vec::new();
         let start = group_key(gid, &[]);
-        for item in db.iterator_cf(engine.cf(CF_KV), IteratorMode::From(&start, Direction::Forward)) {
+        for item in db.iterator_cf(
+            engine.cf(CF_KV),
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
             let (key, value) = item.map_err(to_io)?;
             if key[..8] != gid.to_be_bytes() {
                 break;
             }
             let (user_key, record): (Vec<u8>, Option<Record>) = decode(&value)?;
-            versions.push((user_key, Version { rev: parse_kv_key(&key), record }));
+            versions.push((
+                user_key,
+                Version {
+                    rev: parse_kv_key(&key),
+                    record,
+                },
+            ));
         }
         let mvcc = Mvcc::restore(gid, revision, compact_revision, versions);
-        let state = RangeState { mvcc, last_applied, membership };
-        Ok(Self { gid, engine, state: Arc::new(RwLock::new(state)) })
+        let state = RangeState {
+            mvcc,
+            last_applied,
+            membership,
+        };
+        Ok(Self {
+            gid,
+            engine,
+            state: Arc::new(RwLock::new(state)),
+        })
     }
 
     /// The shared state, for the read path.
@@ -89,14 +115,25 @@ impl StateMachine {
 
     fn write_counters(&self, batch: &mut WriteBatch, state: &RangeState) {
         let sm = self.engine.cf(CF_SM);
-        batch.put_cf(sm, group_key(self.gid, &[TAG_APPLIED]), encode(&state.last_applied));
-        batch.put_cf(sm, group_key(self.gid, &[TAG_MEMBERSHIP]), encode(&state.membership));
+        batch.put_cf(
+            sm,
+            group_key(self.gid, &[TAG_APPLIED]),
+            encode(&state.last_applied),
+        );
+        batch.put_cf(
+            sm,
+            group_key(self.gid, &[TAG_MEMBERSHIP]),
+            encode(&state.membership),
+        );
         let counters = (state.mvcc.revision(), state.mvcc.compact_revision());
         batch.put_cf(sm, group_key(self.gid, &[TAG_COUNTERS]), encode(&counters));
     }
 
     fn snapshot_of(&self, state: &RangeState) -> (SnapshotMeta, Vec<u8>) {
-        let meta = SnapshotMeta { last_log_id: state.last_applied.clone(), last_membership: state.membership.clone() };
+        let meta = SnapshotMeta {
+            last_log_id: state.last_applied,
+            last_membership: state.membership.clone(),
+        };
         (meta, encode(&state.mvcc))
     }
 }
@@ -111,8 +148,16 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         };
         let record = encode(&(&meta, &data));
         let db = self.engine.db();
-        db.put_cf(self.engine.cf(CF_SM), group_key(self.gid, &[TAG_SNAPSHOT]), record).map_err(to_io)?;
-        Ok(Snapshot { meta, snapshot: SnapshotData::new(data) })
+        db.put_cf(
+            self.engine.cf(CF_SM),
+            group_key(self.gid, &[TAG_SNAPSHOT]),
+            record,
+        )
+        .map_err(to_io)?;
+        Ok(Snapshot {
+            meta,
+            snapshot: SnapshotData::new(data),
+        })
     }
 }
 
@@ -122,7 +167,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
         let state = self.state.read().expect("range state lock");
-        Ok((state.last_applied.clone(), state.membership.clone()))
+        Ok((state.last_applied, state.membership.clone()))
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> io::Result<()>
@@ -144,13 +189,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             for (entry, responder) in items {
                 let log_id = entry.log_id();
                 if let Some(applied) = &state.last_applied {
-                    assert!(log_id.index() > applied.index(), "applied index went backwards");
+                    assert!(
+                        log_id.index() > applied.index(),
+                        "applied index went backwards"
+                    );
                 }
                 let result = match entry.payload {
                     EntryPayload::Blank => None,
                     EntryPayload::Normal(cmd) => Some(state.mvcc.apply(&cmd, &mut mutations)),
                     EntryPayload::Membership(m) => {
-                        state.membership = StoredMembership::new(Some(log_id.clone()), m);
+                        state.membership = StoredMembership::new(Some(log_id), m);
                         None
                     }
                 };
@@ -171,7 +219,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         self.engine.db().write(batch).map_err(to_io)?;
         for (responder, result) in replies {
-            let result = result.unwrap_or_else(|| Err(concord_transport::api::ApiError::Internal("no command".into())));
+            let result = result.unwrap_or_else(|| {
+                Err(concord_transport::api::ApiError::Internal(
+                    "no command".into(),
+                ))
+            });
             responder.send(CommandResult(result));
         }
         Ok(())
@@ -181,19 +233,35 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> io::Result<()> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotData,
+    ) -> io::Result<()> {
         let data = snapshot.into_inner();
         let mvcc: Mvcc = decode(&data)?;
         assert_eq!(mvcc.range_id(), self.gid, "snapshot of another range");
         let mut batch = WriteBatch::default();
         let cf_kv = self.engine.cf(CF_KV);
-        batch.delete_range_cf(cf_kv, group_key(self.gid, &[]), group_key(self.gid, &[0xff; 12]));
+        batch.delete_range_cf(
+            cf_kv,
+            group_key(self.gid, &[]),
+            group_key(self.gid, &[0xff; 12]),
+        );
         for (key, v) in mvcc.versions() {
             batch.put_cf(cf_kv, kv_key(self.gid, v.rev), encode(&(key, &v.record)));
         }
-        let new_state = RangeState { mvcc, last_applied: meta.last_log_id.clone(), membership: meta.last_membership.clone() };
+        let new_state = RangeState {
+            mvcc,
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+        };
         self.write_counters(&mut batch, &new_state);
-        batch.put_cf(self.engine.cf(CF_SM), group_key(self.gid, &[TAG_SNAPSHOT]), encode(&(meta, &data)));
+        batch.put_cf(
+            self.engine.cf(CF_SM),
+            group_key(self.gid, &[TAG_SNAPSHOT]),
+            encode(&(meta, &data)),
+        );
         self.engine.db().write(batch).map_err(to_io)?;
         self.engine.commit().sync().await?;
         *self.state.write().expect("range state lock") = new_state;
@@ -202,10 +270,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
         let db = self.engine.db();
-        let Some(bytes) = db.get_cf(self.engine.cf(CF_SM), group_key(self.gid, &[TAG_SNAPSHOT])).map_err(to_io)? else {
+        let Some(bytes) = db
+            .get_cf(self.engine.cf(CF_SM), group_key(self.gid, &[TAG_SNAPSHOT]))
+            .map_err(to_io)?
+        else {
             return Ok(None);
         };
         let (meta, data): (SnapshotMeta, Vec<u8>) = decode(&bytes)?;
-        Ok(Some(Snapshot { meta, snapshot: SnapshotData::new(data) }))
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: SnapshotData::new(data),
+        }))
     }
 }

@@ -36,7 +36,12 @@ pub struct Cluster {
 
 impl Cluster {
     fn config(dir: &TempDir, id: NodeId, listen: SocketAddr, ranges: usize) -> NodeConfig {
-        let mut c = NodeConfig::new(id, listen, dir.path().join(format!("node-{id}")), dir.path().join("certs"));
+        let mut c = NodeConfig::new(
+            id,
+            listen,
+            dir.path().join(format!("node-{id}")),
+            dir.path().join("certs"),
+        );
         c.ranges = ranges;
         c.raft = test_raft();
         c
@@ -46,13 +51,27 @@ impl Cluster {
     pub async fn start(n: u64, ranges: usize) -> Self {
         let dir = TempDir::new().expect("tempdir");
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let bound: Vec<BoundNode> = (1..=n).map(|id| BoundNode::bind(Self::config(&dir, id, any, ranges)).expect("bind")).collect();
-        let members: BTreeMap<NodeId, SocketAddr> = bound.iter().zip(1..).map(|(b, id)| (id, b.local_addr())).collect();
+        let bound: Vec<BoundNode> = (1..=n)
+            .map(|id| BoundNode::bind(Self::config(&dir, id, any, ranges)).expect("bind"))
+            .collect();
+        let members: BTreeMap<NodeId, SocketAddr> = bound
+            .iter()
+            .zip(1..)
+            .map(|(b, id)| (id, b.local_addr()))
+            .collect();
         let mut nodes = BTreeMap::new();
         for (b, id) in bound.into_iter().zip(1..) {
-            nodes.insert(id, Some(b.start(members.clone()).await.expect("start node")));
+            nodes.insert(
+                id,
+                Some(b.start(members.clone()).await.expect("start node")),
+            );
         }
-        let cluster = Self { dir, members, ranges, nodes };
+        let cluster = Self {
+            dir,
+            members,
+            ranges,
+            nodes,
+        };
         cluster.wait_ready().await;
         cluster
     }
@@ -74,20 +93,30 @@ impl Cluster {
 
     /// `stop node ID` (graceful: its connections close).
     pub async fn stop(&mut self, id: NodeId) {
-        let node = self.nodes.get_mut(&id).and_then(Option::take).expect("node is running");
+        let node = self
+            .nodes
+            .get_mut(&id)
+            .and_then(Option::take)
+            .expect("node is running");
         node.shutdown().await;
     }
 
     /// `restart node ID` on its old address and data.
     pub async fn restart(&mut self, id: NodeId) {
         let config = Self::config(&self.dir, id, self.members[&id], self.ranges);
-        let node = BoundNode::bind(config).expect("rebind").start(self.members.clone()).await.expect("restart");
+        let node = BoundNode::bind(config)
+            .expect("rebind")
+            .start(self.members.clone())
+            .await
+            .expect("restart");
         self.nodes.insert(id, Some(node));
     }
 
     /// The node leading `range` now, as the running nodes see it.
     pub fn leader_of(&self, range: RangeId) -> Option<NodeId> {
-        self.running().find(|n| n.led_ranges().contains(&range)).map(|n| n.id())
+        self.running()
+            .find(|n| n.led_ranges().contains(&range))
+            .map(|n| n.id())
     }
 
     pub fn client_config(&self) -> ClientConfig {
@@ -98,11 +127,18 @@ impl Cluster {
     }
 
     pub async fn client(&self) -> Client {
-        Client::connect(self.client_config()).await.expect("client connects")
+        Client::connect(self.client_config())
+            .await
+            .expect("client connects")
     }
 
     pub async fn shutdown(mut self) {
-        let ids: Vec<NodeId> = self.nodes.iter().filter(|(_, n)| n.is_some()).map(|(id, _)| *id).collect();
+        let ids: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.is_some())
+            .map(|(id, _)| *id)
+            .collect();
         for id in ids {
             self.stop(id).await;
         }
@@ -127,8 +163,17 @@ where
 
 /// A key inside `range` of the bootstrap layout, unique per `i`.
 pub fn key_in(client: &Client, range: RangeId, i: usize) -> Vec<u8> {
-    let desc = client.routes().ranges.into_iter().find(|r| r.id == range).expect("range exists");
-    let mut key = if desc.start.is_empty() { b"!".to_vec() } else { desc.start.clone() };
+    let desc = client
+        .routes()
+        .ranges
+        .into_iter()
+        .find(|r| r.id == range)
+        .expect("range exists");
+    let mut key = if desc.start.is_empty() {
+        b"!".to_vec()
+    } else {
+        desc.start.clone()
+    };
     key.extend_from_slice(format!("/key-{i:05}").as_bytes());
     assert!(desc.contains(&key));
     key
