@@ -143,7 +143,7 @@ impl Client {
         desc: &RangeDescriptor,
         request: KvRequest,
     ) -> Result<KvResponse, Error> {
-        let attempts_max = self.inner.config.attempts_max;
+        let attempts_max = self.inner.config.attempts_max.max(1);
         let mut desc = desc.clone();
         let mut last: Option<Error> = None;
         let mut avoid: Option<NodeId> = None;
@@ -335,7 +335,8 @@ impl Client {
         Ok(result)
     }
 
-    /// Deletes a key, prefix or interval, range by range in key order.
+    /// Deletes a key, prefix or interval, range by range in key order. If a range fails
+    /// after earlier ranges were deleted, the error is [`Error::PartialDelete`] and says so.
     pub async fn delete(&self, span: KeySpan, prev_kv: bool) -> Result<DeleteResult, Error> {
         let mut result = DeleteResult::default();
         for desc in self.overlapping(&span) {
@@ -343,9 +344,18 @@ impl Client {
                 span: clip(&desc, &span),
                 prev_kv,
             };
-            let KvResponse::Delete(r) = self.call_range(&desc, KvRequest::Delete(req)).await?
-            else {
-                return Err(Error::Protocol("expected a delete response".into()));
+            let r = match self.call_range(&desc, KvRequest::Delete(req)).await {
+                Ok(KvResponse::Delete(r)) => r,
+                Ok(_) => Err(Error::Protocol("expected a delete response".into()))?,
+                Err(e) if result.headers.is_empty() => return Err(e),
+                Err(e) => {
+                    return Err(Error::PartialDelete {
+                        done: result.headers.iter().map(|h| h.range_id).collect(),
+                        deleted: result.deleted,
+                        failed_range: desc.id,
+                        source: Box::new(e),
+                    })
+                }
             };
             result.deleted += r.deleted;
             result.prev_kvs.extend(r.prev_kvs);
@@ -493,22 +503,30 @@ impl Inner {
     }
 
     async fn exchange(&self, addr: &str, frame: &[u8]) -> Result<ClientResponse, Error> {
-        let conn = self.connection(addr).await?;
         let timeout = self.config.request_timeout;
         let connect_err = |reason: String| Error::Connect {
             addr: addr.to_string(),
             reason,
         };
-        // Opening the stream and writing are "not delivered" failures; after the write the
-        // outcome is unknown.
-        let (mut send, mut recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| connect_err(e.to_string()))?;
-        send.write_all(frame)
-            .await
-            .map_err(|e| Error::Protocol(format!("{addr}: {e}")))?;
-        let _ = send.finish();
+        // Until the whole frame is handed to QUIC the node cannot have decoded the request:
+        // a failure (or the deadline) up to then is "not delivered", safe to retry. After
+        // that the outcome is unknown.
+        let deliver = async {
+            let conn = self.connection(addr).await?;
+            let (mut send, recv) = conn
+                .open_bi()
+                .await
+                .map_err(|e| connect_err(e.to_string()))?;
+            send.write_all(frame)
+                .await
+                .map_err(|e| connect_err(e.to_string()))?;
+            let _ = send.finish();
+            Ok::<_, Error>(recv)
+        };
+        let mut recv = match tokio::time::timeout(timeout, deliver).await {
+            Err(_) => return Err(connect_err(format!("not delivered within {timeout:?}"))),
+            Ok(r) => r?,
+        };
         match tokio::time::timeout(
             timeout,
             wire::read_frame::<_, ClientResponse>(&mut recv, RESPONSE_BYTES_MAX),

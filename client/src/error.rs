@@ -27,6 +27,19 @@ pub enum Error {
         /// The last error.
         last: Box<Error>,
     },
+    /// A delete spanning ranges was applied in the ranges `done` (deleting `deleted` keys),
+    /// then failed in `failed_range`; later ranges were not touched.
+    #[error("delete applied in ranges {done:?} ({deleted} keys), then failed in range {failed_range}: {source}")]
+    PartialDelete {
+        /// Ranges where the delete was applied.
+        done: Vec<u64>,
+        /// Keys deleted there.
+        deleted: u64,
+        /// The range that failed.
+        failed_range: u64,
+        /// Its error.
+        source: Box<Error>,
+    },
     /// The configuration is unusable.
     #[error("config: {0}")]
     Config(String),
@@ -37,13 +50,14 @@ pub enum Error {
 
 impl Error {
     /// A stable code: the server's for [`Error::Api`], else one of `CONNECT`, `TIMEOUT`,
-    /// `EXHAUSTED`, `CONFIG`, `PROTOCOL`.
+    /// `EXHAUSTED`, `PARTIAL_DELETE`, `CONFIG`, `PROTOCOL`.
     pub fn code(&self) -> &'static str {
         match self {
             Self::Api(e) => e.code(),
             Self::Connect { .. } => "CONNECT",
             Self::Timeout(_) => "TIMEOUT",
             Self::Exhausted { .. } => "EXHAUSTED",
+            Self::PartialDelete { .. } => "PARTIAL_DELETE",
             Self::Config(_) => "CONFIG",
             Self::Protocol(_) => "PROTOCOL",
         }

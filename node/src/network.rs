@@ -118,10 +118,16 @@ pub enum CallError {
     },
 }
 
+/// Serves the peer protocol on a connection (both directions use one connection, so a
+/// connection this node dials must be served too).
+pub type ServeHook = Arc<dyn Fn(quinn::Connection) + Send + Sync>;
+
 /// The node's connections to its peers, one per peer.
 pub struct Peers {
     me: NodeId,
     endpoint: quinn::Endpoint,
+    /// Set once by the node at start; serves the requests a peer sends on a dialled connection.
+    serve: std::sync::OnceLock<ServeHook>,
     addrs: RwLock<BTreeMap<NodeId, SocketAddr>>,
     /// Per peer, the live connection; the async mutex keeps concurrent callers from dialling twice.
     conns: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>>,
@@ -133,9 +139,15 @@ impl Peers {
         Self {
             me,
             endpoint,
+            serve: std::sync::OnceLock::new(),
             addrs: RwLock::new(addrs),
             conns: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Installs the hook that serves peer requests arriving on connections this node dials.
+    pub fn set_serve_hook(&self, hook: ServeHook) {
+        assert!(self.serve.set(hook).is_ok(), "serve hook set twice");
     }
 
     /// Every known node address (including this node's).
@@ -190,6 +202,10 @@ impl Peers {
             .await
             .map_err(|_| unreachable(format!("dialling {addr} timed out")))?
             .map_err(|e| unreachable(e.to_string()))?;
+        // The peer may adopt this connection for its own requests to us: serve them.
+        if let Some(serve) = self.serve.get() {
+            serve(conn.clone());
+        }
         *guard = Some(conn.clone());
         Ok(conn)
     }

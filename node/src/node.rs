@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use concord_placement::{bootstrap_layout, RangeDescriptor, RangeTable};
@@ -156,6 +156,21 @@ impl BoundNode {
         let node_ids: Vec<NodeId> = members.keys().copied().collect();
         let table = bootstrap_layout(config.ranges, &node_ids);
         let peers = Arc::new(Peers::new(config.id, endpoint.clone(), members.clone()));
+        // Connections this node dials carry the peer's requests too (one connection per pair):
+        // serve them, once the node is assembled. A weak handle: `Peers` lives in the node.
+        let (ready_tx, ready_rx) = tokio::sync::watch::channel::<Option<Weak<NodeInner>>>(None);
+        peers.set_serve_hook(Arc::new(move |conn| {
+            let mut ready = ready_rx.clone();
+            tokio::spawn(async move {
+                let inner = match ready.wait_for(Option::is_some).await {
+                    Ok(r) => r.as_ref().and_then(Weak::upgrade),
+                    Err(_) => None,
+                };
+                if let Some(inner) = inner {
+                    serve_connection(inner, conn, true).await;
+                }
+            });
+        }));
         let raft_config = Arc::new(
             Config {
                 cluster_name: "concord".into(),
@@ -215,6 +230,7 @@ impl BoundNode {
             table,
             groups,
         });
+        ready_tx.send_replace(Some(Arc::downgrade(&inner)));
         let mut tasks = JoinSet::new();
         tasks.spawn(accept_loop(inner.clone(), endpoint.clone()));
         Ok(Node {

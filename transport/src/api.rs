@@ -77,7 +77,7 @@ impl KeySpan {
     /// Every key starting with `prefix`.
     pub fn prefix(prefix: impl Into<Vec<u8>>) -> Self {
         let key = prefix.into();
-        let end = concord_prefix_end(&key);
+        let end = concord_placement::prefix_end(&key);
         Self {
             key,
             end: Some(end),
@@ -108,17 +108,6 @@ impl KeySpan {
             Some(end) => k >= self.key.as_slice() && (end.is_empty() || k < end.as_slice()),
         }
     }
-}
-
-fn concord_prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    Vec::new()
 }
 
 /// Put a value.
@@ -406,16 +395,11 @@ pub struct NodeAddr {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteTable {
     /// Ranges in key order.
-    pub ranges: Vec<concord_range::RangeDescriptor>,
+    pub ranges: Vec<concord_placement::RangeDescriptor>,
     /// Last known leader per range.
     pub leaders: BTreeMap<RangeId, NodeId>,
     /// Every node's address.
     pub nodes: Vec<NodeAddr>,
-}
-
-/// Re-exports of the placement crate's descriptor, so the protocol names one type.
-pub mod concord_range {
-    pub use concord_placement::RangeDescriptor;
 }
 
 /// One range as a node sees it.
@@ -714,6 +698,9 @@ impl RequestLimits {
                         }
                     }
                 }
+                for branch in [&t.success, &t.failure] {
+                    check_branch_keys(branch)?;
+                }
                 for op in t.success.iter().chain(&t.failure) {
                     match op {
                         TxnOp::Put(p) => self.check_put(p)?,
@@ -734,9 +721,82 @@ impl RequestLimits {
     }
 }
 
+/// As in etcd: within one txn branch a key is written at most once (two puts, or a put
+/// and a delete covering it, would give one key two versions at one revision).
+fn check_branch_keys(ops: &[TxnOp]) -> Result<(), ApiError> {
+    let mut puts: Vec<&[u8]> = ops
+        .iter()
+        .filter_map(|op| match op {
+            TxnOp::Put(p) => Some(p.key.as_slice()),
+            _ => None,
+        })
+        .collect();
+    puts.sort_unstable();
+    if let Some(w) = puts.windows(2).find(|w| w[0] == w[1]) {
+        return Err(ApiError::InvalidRequest(format!(
+            "duplicate key {:?} in a txn branch",
+            String::from_utf8_lossy(w[0])
+        )));
+    }
+    for op in ops {
+        if let TxnOp::Delete(d) = op {
+            if let Some(k) = puts.iter().find(|k| d.span.contains(k)) {
+                return Err(ApiError::InvalidRequest(format!(
+                    "key {:?} is both put and deleted in a txn branch",
+                    String::from_utf8_lossy(k)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn txn_branches_write_a_key_once() {
+        let limits = RequestLimits::default();
+        let put = |k: &str| {
+            TxnOp::Put(PutRequest {
+                key: k.into(),
+                value: vec![],
+                lease: 0,
+                prev_kv: false,
+            })
+        };
+        let del = |s: KeySpan| {
+            TxnOp::Delete(DeleteRequest {
+                span: s,
+                prev_kv: false,
+            })
+        };
+        let txn = |ops: Vec<TxnOp>| {
+            KvRequest::Txn(TxnRequest {
+                compares: vec![],
+                success: ops,
+                failure: vec![],
+            })
+        };
+        assert!(limits
+            .check(&txn(vec![put("a"), put("b"), del(KeySpan::key("c"))]))
+            .is_ok());
+        assert_eq!(
+            limits
+                .check(&txn(vec![put("a"), put("a")]))
+                .unwrap_err()
+                .code(),
+            "INVALID_REQUEST"
+        );
+        assert_eq!(
+            limits
+                .check(&txn(vec![put("p/1"), del(KeySpan::prefix("p/"))]))
+                .unwrap_err()
+                .code(),
+            "INVALID_REQUEST"
+        );
+    }
 
     #[test]
     fn limits_refuse_oversize_and_too_many_ops() {

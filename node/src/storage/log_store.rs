@@ -15,6 +15,7 @@ use crate::raft_types::{Entry, LogId, TypeConfig, Vote};
 
 const TAG_VOTE: u8 = 1;
 const TAG_LAST_PURGED: u8 = 2;
+const TAG_COMMITTED: u8 = 3;
 
 /// The Raft log and vote of group `gid`.
 #[derive(Clone)]
@@ -114,7 +115,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map(|(_, value)| decode::<Entry>(&value).map(|e| e.log_id()))
             .transpose()?;
         let last_purged_log_id: Option<LogId> = self.get_meta(TAG_LAST_PURGED)?;
-        let last_log_id = last.or(last_purged_log_id);
+        // A purge writes its marker and deletes in one batch, but be robust anyway: entries at or
+        // below the purge point do not count.
+        let last_log_id = match (last, last_purged_log_id) {
+            (Some(l), Some(p)) if l.index() <= p.index() => Some(p),
+            (l, p) => l.or(p),
+        };
         Ok(LogState {
             last_purged_log_id,
             last_log_id,
@@ -148,14 +154,35 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(())
     }
 
+    async fn save_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
+        // Not synced: after a crash openraft re-applies up to whatever committed id survived,
+        // so that a restarted node does not serve older state than it applied before.
+        self.put_meta(TAG_COMMITTED, &committed)
+    }
+
+    async fn read_committed(&mut self) -> io::Result<Option<LogId>> {
+        Ok(self.get_meta::<Option<LogId>>(TAG_COMMITTED)?.flatten())
+    }
+
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> io::Result<()> {
         let from = last_log_id.map_or(0, |id| id.index() + 1);
         self.delete_indexes(from, u64::MAX)
     }
 
     async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
-        // Record the purge point first: entries at or below it are ignored from then on.
-        self.put_meta(TAG_LAST_PURGED, &log_id)?;
-        self.delete_indexes(0, log_id.index() + 1)
+        // The purge point and the deletion in one write: a crash never leaves the marker
+        // above entries that still exist, or entries below it without the marker.
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            self.engine.cf(CF_META),
+            group_key(self.gid, &[TAG_LAST_PURGED]),
+            encode(&log_id),
+        );
+        batch.delete_range_cf(
+            self.engine.cf(CF_LOG),
+            self.log_key(0),
+            self.log_key(log_id.index() + 1),
+        );
+        self.engine.db().write(batch).map_err(to_io)
     }
 }

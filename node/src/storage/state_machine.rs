@@ -24,6 +24,7 @@ const TAG_APPLIED: u8 = 1;
 const TAG_MEMBERSHIP: u8 = 2;
 const TAG_COUNTERS: u8 = 3;
 const TAG_SNAPSHOT: u8 = 4;
+const TAG_SNAPSHOT_META: u8 = 5;
 
 type Snapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotData>;
 
@@ -44,6 +45,9 @@ pub struct StateMachine {
     gid: u64,
     engine: Arc<Engine>,
     state: Arc<RwLock<RangeState>>,
+    /// Orders snapshot writes: a build (run concurrently by openraft) must not overwrite a
+    /// newer snapshot installed meanwhile.
+    snapshot_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn kv_key(gid: u64, rev: Rev) -> Vec<u8> {
@@ -105,6 +109,7 @@ impl StateMachine {
             gid,
             engine,
             state: Arc::new(RwLock::new(state)),
+            snapshot_lock: Default::default(),
         })
     }
 
@@ -129,12 +134,29 @@ impl StateMachine {
         batch.put_cf(sm, group_key(self.gid, &[TAG_COUNTERS]), encode(&counters));
     }
 
-    fn snapshot_of(&self, state: &RangeState) -> (SnapshotMeta, Vec<u8>) {
-        let meta = SnapshotMeta {
-            last_log_id: state.last_applied,
-            last_membership: state.membership.clone(),
-        };
-        (meta, encode(&state.mvcc))
+    /// The log id of the stored snapshot, if any.
+    fn stored_snapshot_id(&self) -> io::Result<Option<LogId>> {
+        let db = self.engine.db();
+        let bytes = db
+            .get_cf(
+                self.engine.cf(CF_SM),
+                group_key(self.gid, &[TAG_SNAPSHOT_META]),
+            )
+            .map_err(to_io)?;
+        Ok(bytes
+            .map(|b| decode::<SnapshotMeta>(&b))
+            .transpose()?
+            .and_then(|m| m.last_log_id))
+    }
+
+    fn put_snapshot(&self, batch: &mut WriteBatch, meta: &SnapshotMeta, data: &[u8]) {
+        let sm = self.engine.cf(CF_SM);
+        batch.put_cf(
+            sm,
+            group_key(self.gid, &[TAG_SNAPSHOT]),
+            encode(&(meta, data)),
+        );
+        batch.put_cf(sm, group_key(self.gid, &[TAG_SNAPSHOT_META]), encode(meta));
     }
 }
 
@@ -142,18 +164,30 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
-        let (meta, data) = {
+        // Copy under the lock, encode outside it (and off the async workers): applies and
+        // reads are not held up by the encoding of a large range.
+        let (meta, mvcc) = {
             let state = self.state.read().expect("range state lock");
-            self.snapshot_of(&state)
+            let meta = SnapshotMeta {
+                last_log_id: state.last_applied,
+                last_membership: state.membership.clone(),
+            };
+            (meta, state.mvcc.clone())
         };
-        let record = encode(&(&meta, &data));
-        let db = self.engine.db();
-        db.put_cf(
-            self.engine.cf(CF_SM),
-            group_key(self.gid, &[TAG_SNAPSHOT]),
-            record,
-        )
-        .map_err(to_io)?;
+        let data = tokio::task::spawn_blocking(move || encode(&mvcc))
+            .await
+            .map_err(to_io)?;
+        let _order = self.snapshot_lock.lock().await;
+        let newer = match (self.stored_snapshot_id()?, meta.last_log_id) {
+            (Some(stored), Some(built)) => built.index() > stored.index(),
+            (None, _) => true,
+            (Some(_), None) => false,
+        };
+        if newer {
+            let mut batch = WriteBatch::default();
+            self.put_snapshot(&mut batch, &meta, &data);
+            self.engine.db().write(batch).map_err(to_io)?;
+        }
         Ok(Snapshot {
             meta,
             snapshot: SnapshotData::new(data),
@@ -239,8 +273,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: SnapshotData,
     ) -> io::Result<()> {
         let data = snapshot.into_inner();
-        let mvcc: Mvcc = decode(&data)?;
+        let (data, mvcc) =
+            tokio::task::spawn_blocking(move || decode::<Mvcc>(&data).map(|m| (data, m)))
+                .await
+                .map_err(to_io)??;
         assert_eq!(mvcc.range_id(), self.gid, "snapshot of another range");
+        let _order = self.snapshot_lock.lock().await;
         let mut batch = WriteBatch::default();
         let cf_kv = self.engine.cf(CF_KV);
         batch.delete_range_cf(
@@ -257,11 +295,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             membership: meta.last_membership.clone(),
         };
         self.write_counters(&mut batch, &new_state);
-        batch.put_cf(
-            self.engine.cf(CF_SM),
-            group_key(self.gid, &[TAG_SNAPSHOT]),
-            encode(&(meta, &data)),
-        );
+        self.put_snapshot(&mut batch, meta, &data);
         self.engine.db().write(batch).map_err(to_io)?;
         self.engine.commit().sync().await?;
         *self.state.write().expect("range state lock") = new_state;
