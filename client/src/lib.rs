@@ -14,6 +14,8 @@
 //! `RangeNotFound`, and retries a bounded number of times. A write is retried only when the
 //! error proves it was not applied (see docs/consistency.md); `Indeterminate` is returned as is.
 
+#![warn(missing_docs)]
+
 mod client;
 mod config;
 mod error;

@@ -6,6 +6,8 @@
 //! - [`node`]: the node itself: groups, client protocol, reads at each consistency level.
 //! - [`dev`]: `concord dev`, a local cluster in one process.
 
+#![warn(missing_docs)]
+
 pub mod dev;
 pub mod mvcc;
 pub mod network;

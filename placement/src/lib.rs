@@ -9,6 +9,8 @@
 //! the whole keyspace: the first starts at `""`, each starts where the previous ends, the last
 //! ends at `""` (unbounded). [`RangeTable::new`] checks it.
 
+#![warn(missing_docs)]
+
 use serde::{Deserialize, Serialize};
 
 /// Identifies a range (and the Raft group that replicates it) within a cluster.

@@ -4,6 +4,8 @@
 //! Peer (Raft) message *contents* belong to `concord-node`; this crate moves frames of bytes
 //! and knows the two protocols apart by ALPN: [`ALPN_CLIENT`] and [`ALPN_PEER`].
 
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod endpoint;
 pub mod tls;
