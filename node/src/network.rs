@@ -1,16 +1,20 @@
 //! Peer networking: Raft messages of every group between two nodes over one QUIC connection.
 //!
 //! Each node keeps one connection per peer ([`Peers`]), dialled on first use or adopted when
-//! the peer dialled us first; every Raft RPC of any group is one bi-stream on it, tagged with
-//! the group id (STYLE.md 5: route by (node, group)). openraft sees one [`GroupNetwork`] per
-//! (target, group), all sharing the pool.
+//! the peer dialled us first. Raft RPCs of all groups bound for one peer are batched: a
+//! per-peer batcher takes everything queued (heartbeats and appends of many groups) and sends
+//! it as one [`PeerBatch`] frame on one bi-stream, tagged per item with the group id (STYLE.md
+//! 5: route by (node, group)); the peer answers each item with its own frame as soon as it is
+//! done, so a slow item does not hold up the others. At most [`BATCHES_IN_FLIGHT_MAX`] batches
+//! are in flight per peer: while they are, new RPCs queue and form the next, larger batch.
+//! openraft sees one [`GroupNetwork`] per (target, group), all sharing the pool.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use concord_transport::api::{NodeId, RangeId};
 use concord_transport::{wire, SERVER_NAME};
@@ -28,6 +32,12 @@ use crate::raft_types::{LogId, SnapshotData, SnapshotMeta, TypeConfig, Vote};
 pub const PEER_FRAME_BYTES_MAX: usize = 512 << 20;
 /// How long dialling a peer may take.
 pub const CONNECT_TIMEOUT_MS: u64 = 2_000;
+/// Most RPCs in one batch.
+pub const BATCH_ITEMS_MAX: usize = 512;
+/// Batches in flight per peer.
+pub const BATCHES_IN_FLIGHT_MAX: usize = 4;
+/// RPCs queued per peer before callers are told the peer is unreachable.
+pub const QUEUE_ITEMS_MAX: usize = 8192;
 
 /// A Raft RPC (or a read-index query) for one group.
 #[derive(Debug, Serialize, Deserialize)]
@@ -60,6 +70,35 @@ pub struct PeerFrame {
     pub group: RangeId,
     /// The request.
     pub request: PeerRequest,
+}
+
+/// One item of a [`PeerBatch`].
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PeerItem {
+    /// Matches the item to its [`PeerItemReply`].
+    pub id: u32,
+    /// The group addressed.
+    pub group: RangeId,
+    /// The request.
+    pub request: PeerRequest,
+}
+
+/// The request frame of a peer stream: RPCs of any groups for one peer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PeerBatch {
+    /// The sending node.
+    pub from: NodeId,
+    /// The RPCs.
+    pub items: Vec<PeerItem>,
+}
+
+/// One reply frame of a peer stream (there is one per item, in completion order).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PeerItemReply {
+    /// The item answered; `u32::MAX` when the whole batch was unreadable.
+    pub id: u32,
+    /// The reply.
+    pub reply: PeerReply,
 }
 
 /// The answer to a [`PeerFrame`].
@@ -98,7 +137,7 @@ pub enum PeerError {
 }
 
 /// Failure of a peer call as seen by the caller.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CallError {
     /// The peer could not be reached (dial failed, connection lost, timeout).
     #[error("peer {peer} unreachable: {reason}")]
@@ -131,6 +170,16 @@ pub struct Peers {
     addrs: RwLock<BTreeMap<NodeId, SocketAddr>>,
     /// Per peer, the live connection; the async mutex keeps concurrent callers from dialling twice.
     conns: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>>,
+    /// Per peer, the queue of its batcher task.
+    batchers: Mutex<HashMap<NodeId, tokio::sync::mpsc::Sender<Pending>>>,
+}
+
+/// An RPC waiting in a peer's queue.
+struct Pending {
+    group: RangeId,
+    request: PeerRequest,
+    deadline: Instant,
+    reply: tokio::sync::oneshot::Sender<Result<PeerReply, CallError>>,
 }
 
 impl Peers {
@@ -142,6 +191,7 @@ impl Peers {
             serve: std::sync::OnceLock::new(),
             addrs: RwLock::new(addrs),
             conns: Mutex::new(HashMap::new()),
+            batchers: Mutex::new(HashMap::new()),
         }
     }
 
@@ -210,19 +260,71 @@ impl Peers {
         Ok(conn)
     }
 
-    /// Sends `request` for `group` to `peer` and waits for the reply, at most `timeout`.
+    /// Sends `request` for `group` to `peer` (batched with other RPCs for that peer) and
+    /// waits for the reply, at most `timeout`.
     pub async fn call(
-        &self,
+        self: &Arc<Self>,
         peer: NodeId,
         group: RangeId,
         request: PeerRequest,
         timeout: Duration,
     ) -> Result<PeerReply, CallError> {
         let unreachable = |reason: String| CallError::Unreachable { peer, reason };
-        let frame = wire::encode_frame(&PeerFrame {
-            from: self.me,
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let pending = Pending {
             group,
             request,
+            deadline: Instant::now() + timeout,
+            reply: tx,
+        };
+        self.batcher(peer)
+            .try_send(pending)
+            .map_err(|_| unreachable(format!("more than {QUEUE_ITEMS_MAX} requests queued")))?;
+        match tokio::time::timeout(timeout, rx).await {
+            Err(_) => Err(unreachable(format!("no reply within {timeout:?}"))),
+            Ok(Err(_)) => Err(unreachable("batch abandoned".into())),
+            Ok(Ok(Ok(PeerReply::Error(error)))) => Err(CallError::Remote { peer, error }),
+            Ok(Ok(result)) => result,
+        }
+    }
+
+    /// The queue of `peer`'s batcher, starting the batcher on first use.
+    fn batcher(self: &Arc<Self>, peer: NodeId) -> tokio::sync::mpsc::Sender<Pending> {
+        let mut batchers = self.batchers.lock().expect("batchers lock");
+        if let Some(tx) = batchers.get(&peer) {
+            if !tx.is_closed() {
+                return tx.clone();
+            }
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE_ITEMS_MAX);
+        // A weak handle: the queue's sender lives in `self`, so a strong one would keep the
+        // pool (and its UDP socket) alive forever.
+        tokio::spawn(run_batcher(Arc::downgrade(self), peer, rx));
+        batchers.insert(peer, tx.clone());
+        tx
+    }
+
+    /// Sends one batch on its own stream and routes each reply to its caller.
+    async fn send_batch(&self, peer: NodeId, batch: Vec<Pending>) {
+        let unreachable = |reason: String| CallError::Unreachable { peer, reason };
+        let deadline = batch
+            .iter()
+            .map(|p| p.deadline)
+            .max()
+            .expect("non-empty batch");
+        let mut waiting = HashMap::with_capacity(batch.len());
+        let mut items = Vec::with_capacity(batch.len());
+        for (id, p) in (0u32..).zip(batch) {
+            items.push(PeerItem {
+                id,
+                group: p.group,
+                request: p.request,
+            });
+            waiting.insert(id, p.reply);
+        }
+        let frame = wire::encode_frame(&PeerBatch {
+            from: self.me,
+            items,
         });
         let exchange = async {
             let conn = self.connection(peer).await?;
@@ -234,16 +336,63 @@ impl Peers {
                 .await
                 .map_err(|e| unreachable(e.to_string()))?;
             let _ = send.finish();
-            wire::read_frame::<_, PeerReply>(&mut recv, PEER_FRAME_BYTES_MAX)
-                .await
-                .map_err(|e| unreachable(e.to_string()))
+            while !waiting.is_empty() {
+                let r: PeerItemReply = wire::read_frame(&mut recv, PEER_FRAME_BYTES_MAX)
+                    .await
+                    .map_err(|e| unreachable(e.to_string()))?;
+                if let PeerReply::Error(e) = &r.reply {
+                    if r.id == u32::MAX {
+                        return Err(CallError::Remote {
+                            peer,
+                            error: e.clone(),
+                        });
+                    }
+                }
+                if let Some(tx) = waiting.remove(&r.id) {
+                    let _ = tx.send(Ok(r.reply));
+                }
+            }
+            Ok(())
         };
-        match tokio::time::timeout(timeout, exchange).await {
-            Err(_) => Err(unreachable(format!("no reply within {timeout:?}"))),
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(PeerReply::Error(error))) => Err(CallError::Remote { peer, error }),
-            Ok(Ok(reply)) => Ok(reply),
+        let result = match tokio::time::timeout_at(deadline.into(), exchange).await {
+            Err(_) => Err(unreachable("batch timed out".into())),
+            Ok(r) => r,
+        };
+        if let Err(e) = result {
+            for (_, tx) in waiting {
+                let _ = tx.send(Err(e.clone()));
+            }
         }
+    }
+}
+
+/// Takes what is queued for `peer` and sends it in batches, at most
+/// [`BATCHES_IN_FLIGHT_MAX`] at a time. Ends when the pool is gone.
+async fn run_batcher(
+    peers: std::sync::Weak<Peers>,
+    peer: NodeId,
+    mut rx: tokio::sync::mpsc::Receiver<Pending>,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT_MAX));
+    loop {
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        let Some(first) = rx.recv().await else { return };
+        let mut batch = vec![first];
+        while batch.len() < BATCH_ITEMS_MAX {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let Some(peers) = peers.upgrade() else { return };
+        tokio::spawn(async move {
+            peers.send_batch(peer, batch).await;
+            drop(permit);
+        });
     }
 }
 
@@ -388,9 +537,16 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     }
 }
 
-/// Reads one peer frame from a stream, for the serving side.
-pub async fn read_peer_frame(recv: &mut quinn::RecvStream) -> Result<PeerFrame, io::Error> {
-    wire::read_frame(recv, PEER_FRAME_BYTES_MAX)
+/// Reads one peer batch from a stream, for the serving side.
+pub async fn read_peer_batch(recv: &mut quinn::RecvStream) -> Result<PeerBatch, io::Error> {
+    let batch: PeerBatch = wire::read_frame(recv, PEER_FRAME_BYTES_MAX)
         .await
-        .map_err(io::Error::other)
+        .map_err(io::Error::other)?;
+    if batch.items.len() > BATCH_ITEMS_MAX {
+        return Err(io::Error::other(format!(
+            "batch of {} items exceeds {BATCH_ITEMS_MAX}",
+            batch.items.len()
+        )));
+    }
+    Ok(batch)
 }

@@ -21,6 +21,7 @@ use concord_transport::api::{
 use concord_transport::endpoint::{self, ConnectionLimits};
 use concord_transport::wire::{self, WireError, WIRE_VERSION};
 use concord_transport::{tls, ALPN_CLIENT, ALPN_PEER};
+use futures::stream::{FuturesUnordered, StreamExt};
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::raft::linearizable_read::{Linearizer, LinearizerOption, ReadLogId};
@@ -29,7 +30,8 @@ use tokio::task::JoinSet;
 
 use crate::mvcc::Command;
 use crate::network::{
-    read_peer_frame, NetworkFactory, PeerError, PeerFrame, PeerReply, PeerRequest, Peers,
+    read_peer_batch, NetworkFactory, PeerError, PeerFrame, PeerItemReply, PeerReply, PeerRequest,
+    Peers,
 };
 use crate::raft_types::Raft;
 use crate::storage::{Engine, LogStore, RangeState, StateMachine};
@@ -727,13 +729,43 @@ async fn serve_peer_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let reply = match read_peer_frame(&mut recv).await {
-        Ok(frame) => {
-            inner.peers.adopt(frame.from, &conn);
-            inner.handle_peer(frame).await
+    let batch = match read_peer_batch(&mut recv).await {
+        Ok(batch) => batch,
+        Err(e) => {
+            let reply = PeerItemReply {
+                id: u32::MAX,
+                reply: PeerReply::Error(PeerError::BadFrame(e.to_string())),
+            };
+            let _ = wire::write_frame(&mut send, &reply).await;
+            let _ = send.finish();
+            return;
         }
-        Err(e) => PeerReply::Error(PeerError::BadFrame(e.to_string())),
     };
-    let _ = wire::write_frame(&mut send, &reply).await;
+    let from = batch.from;
+    inner.peers.adopt(from, &conn);
+    // Items run concurrently; each reply goes out as soon as it is ready.
+    let mut replies: FuturesUnordered<_> = batch
+        .items
+        .into_iter()
+        .map(|item| {
+            let inner = &inner;
+            async move {
+                let frame = PeerFrame {
+                    from,
+                    group: item.group,
+                    request: item.request,
+                };
+                PeerItemReply {
+                    id: item.id,
+                    reply: inner.handle_peer(frame).await,
+                }
+            }
+        })
+        .collect();
+    while let Some(reply) = replies.next().await {
+        if wire::write_frame(&mut send, &reply).await.is_err() {
+            return;
+        }
+    }
     let _ = send.finish();
 }
