@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use concord_transport::api::NodeId;
+use concord_transport::api::{NodeId, RequestLimits};
 use concord_transport::tls;
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +25,8 @@ pub struct DevOptions {
     pub ranges: usize,
     /// The cluster's directory.
     pub data_dir: PathBuf,
+    /// Request limits of every node.
+    pub limits: RequestLimits,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -108,6 +110,7 @@ pub async fn start(opts: &DevOptions) -> Result<DevCluster, StartError> {
         let mut config =
             NodeConfig::new(*id, *addr, dir.join(format!("node-{id}")), cert_dir.clone());
         config.ranges = ranges;
+        config.limits = opts.limits;
         let node = BoundNode::bind(config).map_err(|e| match resuming {
             true => StartError::Config(format!("node {id} cannot bind its port {addr} again: {e}")),
             false => e,

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use concord_node::dev::{self, DevOptions};
 use concord_node::{BoundNode, NodeConfig};
+use concord_transport::api::RequestLimits;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -39,6 +40,17 @@ struct LimitArgs {
     txn_ops_max: usize,
 }
 
+impl LimitArgs {
+    fn to_limits(&self) -> RequestLimits {
+        RequestLimits {
+            key_bytes_max: self.key_bytes_max,
+            value_bytes_max: self.value_bytes_max,
+            request_bytes_max: self.request_bytes_max,
+            txn_ops_max: self.txn_ops_max,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run a local cluster in this process (all nodes on 127.0.0.1) until Ctrl-C.
@@ -52,6 +64,8 @@ enum Command {
         /// Cluster directory; a second run on it resumes with all data.
         #[arg(long, default_value = "concord-dev")]
         data_dir: PathBuf,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Run one node of a multi-process cluster.
     Node {
@@ -120,12 +134,14 @@ async fn main() -> anyhow::Result<()> {
             nodes,
             ranges,
             data_dir,
+            limits,
         } => {
             dev::run(
                 DevOptions {
                     nodes,
                     ranges,
                     data_dir,
+                    limits: limits.to_limits(),
                 },
                 shutdown_signal(),
             )
@@ -144,12 +160,7 @@ async fn main() -> anyhow::Result<()> {
             let members = parse_peers(&peers)?;
             let mut config = NodeConfig::new(id, listen, data_dir, cert_dir.clone());
             config.ranges = ranges;
-            config.limits = concord_transport::api::RequestLimits {
-                key_bytes_max: limits.key_bytes_max,
-                value_bytes_max: limits.value_bytes_max,
-                request_bytes_max: limits.request_bytes_max,
-                txn_ops_max: limits.txn_ops_max,
-            };
+            config.limits = limits.to_limits();
             let node = BoundNode::bind(config)?.start(members.clone()).await?;
             if let Some(path) = client_config {
                 dev::write_client_config(

@@ -416,6 +416,31 @@ pub struct GroupNetwork {
     group: RangeId,
 }
 
+impl GroupNetwork {
+    /// One RPC of this (target, group) pair.
+    async fn rpc(
+        &self,
+        request: PeerRequest,
+        option: &RPCOption,
+    ) -> Result<PeerReply, RPCError<TypeConfig>> {
+        self.peers
+            .call(self.target, self.group, request, option.hard_ttl())
+            .await
+            .map_err(rpc_error)
+    }
+
+    async fn vote_rpc(
+        &self,
+        request: PeerRequest,
+        option: &RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.rpc(request, option).await? {
+            PeerReply::Vote(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
 impl RaftNetworkV2<TypeConfig> for GroupNetwork {
     type SnapshotData = SnapshotData;
 
@@ -424,17 +449,7 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        match self
-            .peers
-            .call(
-                self.target,
-                self.group,
-                PeerRequest::Append(rpc),
-                option.hard_ttl(),
-            )
-            .await
-            .map_err(rpc_error)?
-        {
+        match self.rpc(PeerRequest::Append(rpc), &option).await? {
             PeerReply::Append(r) => Ok(r),
             other => Err(unexpected(other)),
         }
@@ -445,20 +460,7 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        match self
-            .peers
-            .call(
-                self.target,
-                self.group,
-                PeerRequest::Vote(rpc),
-                option.hard_ttl(),
-            )
-            .await
-            .map_err(rpc_error)?
-        {
-            PeerReply::Vote(r) => Ok(r),
-            other => Err(unexpected(other)),
-        }
+        self.vote_rpc(PeerRequest::Vote(rpc), &option).await
     }
 
     async fn pre_vote(
@@ -466,20 +468,7 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        match self
-            .peers
-            .call(
-                self.target,
-                self.group,
-                PeerRequest::PreVote(rpc),
-                option.hard_ttl(),
-            )
-            .await
-            .map_err(rpc_error)?
-        {
-            PeerReply::Vote(r) => Ok(r),
-            other => Err(unexpected(other)),
-        }
+        self.vote_rpc(PeerRequest::PreVote(rpc), &option).await
     }
 
     async fn full_snapshot(

@@ -13,6 +13,7 @@ async fn dev_cluster_restarts_with_its_data() {
         nodes: 3,
         ranges: 4,
         data_dir: dir.path().join("dev"),
+        limits: Default::default(),
     };
     let cluster = dev::start(&opts).await.expect("first start");
     cluster
