@@ -121,6 +121,9 @@ pub enum StartError {
     Config(String),
 }
 
+/// How long [`BoundNode::bind`] waits for an explicit port to be released.
+pub const REBIND_WAIT_MS: u64 = 5_000;
+
 /// A node with its endpoint bound, not yet serving.
 pub struct BoundNode {
     config: NodeConfig,
@@ -129,9 +132,26 @@ pub struct BoundNode {
 
 impl BoundNode {
     /// Creates certificates if needed and binds the endpoint.
+    ///
+    /// An explicit port that is still held (a node of this process that just shut down
+    /// releases its UDP socket when its endpoint driver finishes) is retried for up to
+    /// [`REBIND_WAIT_MS`].
     pub fn bind(config: NodeConfig) -> Result<Self, StartError> {
         let certs = tls::ensure_node_cert(&config.cert_dir, config.id, &[config.listen.ip()])?;
-        let endpoint = endpoint::node_endpoint(config.listen, &certs, &config.connection)?;
+        let mut waited_ms = 0;
+        let endpoint = loop {
+            match endpoint::node_endpoint(config.listen, &certs, &config.connection) {
+                Err(tls::TlsError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::AddrInUse
+                        && config.listen.port() != 0
+                        && waited_ms < REBIND_WAIT_MS =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                    waited_ms += 20;
+                }
+                other => break other?,
+            }
+        };
         Ok(Self { config, endpoint })
     }
 
@@ -345,17 +365,19 @@ impl Node {
             }
         }
         let engine = inner.engine.clone();
+        let peers = Arc::downgrade(&inner.peers);
         drop(inner);
-        // openraft's tasks drop their storage handles as they finish; wait (bounded) until this
-        // is the last handle, so that the database is closed when shutdown returns.
+        // openraft's tasks drop their storage and network handles as they finish; wait
+        // (bounded) until ours are the last, so that the database is closed and the socket
+        // released when shutdown returns.
         for _ in 0..500 {
-            if Arc::strong_count(&engine) == 1 {
+            if Arc::strong_count(&engine) == 1 && peers.strong_count() == 0 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        if Arc::strong_count(&engine) != 1 {
-            tracing::warn!("storage still referenced after shutdown");
+        if Arc::strong_count(&engine) != 1 || peers.strong_count() != 0 {
+            tracing::warn!("storage or peer pool still referenced after shutdown");
         }
         drop(engine);
         self.endpoint.wait_idle().await;
