@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use concord_placement::RangeDescriptor;
+use concord_placement::{RangeDescriptor, RangeTable};
 use concord_transport::api::{
     ApiError, ClientReply, ClientRequest, ClientResponse, CompactResponse, Consistency,
     DeleteRequest, KeySpan, KeyValue, KvRequest, KvResponse, NodeId, PutRequest, PutResponse,
@@ -64,6 +64,8 @@ struct Inner {
     endpoint: quinn::Endpoint,
     conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
     routes: RwLock<RouteTable>,
+    /// `routes.ranges` as a checked table, for key lookups (`None` until the first refresh).
+    table: RwLock<Option<RangeTable>>,
     /// Spreads follower / serializable reads over replicas.
     next_replica: AtomicUsize,
 }
@@ -89,6 +91,7 @@ impl Client {
                 leaders: Default::default(),
                 nodes: vec![],
             }),
+            table: RwLock::new(None),
             next_replica: AtomicUsize::new(0),
         });
         let client = Self { inner };
@@ -106,8 +109,11 @@ impl Client {
         let mut last = Error::Config("no endpoints".into());
         for addr in self.candidate_addrs() {
             match self.inner.send(&addr, &ClientRequest::Routes).await {
-                Ok(Ok(ClientReply::Routes(table))) => {
-                    *self.inner.routes.write().expect("routes lock") = table;
+                Ok(Ok(ClientReply::Routes(routes))) => {
+                    let table = RangeTable::new(routes.ranges.clone())
+                        .map_err(|e| Error::Protocol(format!("route table from {addr}: {e}")))?;
+                    *self.inner.table.write().expect("table lock") = Some(table);
+                    *self.inner.routes.write().expect("routes lock") = routes;
                     return Ok(());
                 }
                 Ok(Ok(other)) => last = Error::Protocol(format!("unexpected reply {other:?}")),
@@ -130,7 +136,8 @@ impl Client {
     }
 
     fn node_addr(&self, node: NodeId) -> Option<String> {
-        self.routes()
+        let routes = self.inner.routes.read().expect("routes lock");
+        routes
             .nodes
             .iter()
             .find(|n| n.id == node)
@@ -197,8 +204,11 @@ impl Client {
                     | ApiError::KeyOutsideRange { .. }),
                 )) => {
                     self.refresh_routes().await.ok();
-                    if let Some(d) = self.routes().ranges.iter().find(|r| r.id == desc.id) {
-                        desc = d.clone();
+                    {
+                        let table = self.inner.table.read().expect("table lock");
+                        if let Some(d) = table.as_ref().and_then(|t| t.get(desc.id)) {
+                            desc = d.clone();
+                        }
                     }
                     last = Some(Error::Api(e));
                 }
@@ -432,24 +442,19 @@ impl Client {
     }
 
     fn locate(&self, key: &[u8]) -> RangeDescriptor {
-        let routes = self.inner.routes.read().expect("routes lock");
-        routes
-            .ranges
-            .iter()
-            .find(|r| r.contains(key))
-            .cloned()
-            .expect("the route table covers the keyspace")
+        let table = self.inner.table.read().expect("table lock");
+        table
+            .as_ref()
+            .expect("routes fetched at connect")
+            .locate(key)
+            .clone()
     }
 
     fn overlapping(&self, span: &KeySpan) -> Vec<RangeDescriptor> {
         let (start, end) = span.bounds();
-        let routes = self.inner.routes.read().expect("routes lock");
-        routes
-            .ranges
-            .iter()
-            .filter(|r| r.overlaps(&start, &end))
-            .cloned()
-            .collect()
+        let table = self.inner.table.read().expect("table lock");
+        let table = table.as_ref().expect("routes fetched at connect");
+        table.overlapping(&start, &end).cloned().collect()
     }
 }
 

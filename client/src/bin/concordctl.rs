@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use concord_client::api::{
     Consistency, KeySpan, KeyValue, PutRequest, RangeRequest, ResponseHeader, TxnOpResponse,
 };
-use concord_client::{txn_syntax, Client, ClientConfig, Error};
+use concord_client::{txn_syntax, Client, ClientConfig, Error, RangeResult};
 use serde_json::{json, Value};
 
 #[global_allocator]
@@ -132,6 +132,24 @@ fn kv_json(kv: &KeyValue) -> Value {
     })
 }
 
+fn key_or_prefix(key: String, prefix: bool) -> KeySpan {
+    if prefix {
+        KeySpan::prefix(key)
+    } else {
+        KeySpan::key(key)
+    }
+}
+
+fn range_json(r: &RangeResult) -> Value {
+    json!({
+        "kvs": r.kvs.iter().map(kv_json).collect::<Vec<_>>(),
+        "count": r.count,
+        "more": r.more,
+        "revision": revision(&r.headers),
+        "headers": headers_json(&r.headers),
+    })
+}
+
 fn headers_json(headers: &[ResponseHeader]) -> Value {
     Value::Array(
         headers
@@ -190,19 +208,12 @@ async fn run(cli: Cli) -> Result<(), Error> {
             consistency,
             prefix,
         } => {
-            let span = if prefix {
-                KeySpan::prefix(key)
-            } else {
-                KeySpan::key(key)
-            };
+            let span = key_or_prefix(key, prefix);
             let mut req = RangeRequest::new(span);
             req.revision = rev;
             let r = client.range(req, consistency).await?;
             if json {
-                println!(
-                    "{}",
-                    json!({"kvs": r.kvs.iter().map(kv_json).collect::<Vec<_>>(), "count": r.count, "more": r.more, "revision": revision(&r.headers), "headers": headers_json(&r.headers)})
-                );
+                println!("{}", range_json(&r));
             } else {
                 print_kvs(&r.kvs, false);
             }
@@ -212,11 +223,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             prefix,
             prev_kv,
         } => {
-            let span = if prefix {
-                KeySpan::prefix(key)
-            } else {
-                KeySpan::key(key)
-            };
+            let span = key_or_prefix(key, prefix);
             let r = client.delete(span, prev_kv).await?;
             if json {
                 println!(
@@ -255,10 +262,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             };
             let r = client.range(req, consistency).await?;
             if json {
-                println!(
-                    "{}",
-                    json!({"kvs": r.kvs.iter().map(kv_json).collect::<Vec<_>>(), "count": r.count, "more": r.more, "revision": revision(&r.headers), "headers": headers_json(&r.headers)})
-                );
+                println!("{}", range_json(&r));
             } else if count_only {
                 println!("{}", r.count);
             } else {
