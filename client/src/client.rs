@@ -9,8 +9,8 @@ use std::time::Duration;
 use concord_placement::{RangeDescriptor, RangeTable};
 use concord_transport::api::{
     ApiError, ClientReply, ClientRequest, ClientResponse, CompactResponse, Consistency,
-    DeleteRequest, KeySpan, KeyValue, KvRequest, KvResponse, NodeId, PutRequest, PutResponse,
-    RangeRequest, ResponseHeader, RouteTable, StatusResponse, TxnRequest, TxnResponse,
+    DeleteRequest, KeySpan, KeyValue, KvRequest, KvResponse, LeaseRequest, NodeId, PutRequest,
+    PutResponse, RangeRequest, ResponseHeader, RouteTable, StatusResponse, TxnRequest, TxnResponse,
 };
 use concord_transport::endpoint::{self, ConnectionLimits};
 use concord_transport::{wire, SERVER_NAME};
@@ -71,7 +71,16 @@ struct Inner {
 }
 
 fn is_write(request: &KvRequest) -> bool {
-    !matches!(request, KvRequest::Range(..))
+    !matches!(
+        request,
+        KvRequest::Range(..)
+            | KvRequest::Lease(
+                LeaseRequest::KeepAlive { .. }
+                    | LeaseRequest::TimeToLive { .. }
+                    | LeaseRequest::List
+                    | LeaseRequest::AttachedKeys { .. }
+            )
+    )
 }
 
 impl Client {
@@ -145,7 +154,7 @@ impl Client {
     }
 
     /// Sends `request` to the range `desc`, routing and retrying (bounded).
-    async fn call_range(
+    pub(crate) async fn call_range(
         &self,
         desc: &RangeDescriptor,
         request: KvRequest,
@@ -441,7 +450,7 @@ impl Client {
         self.inner.exchange(addr, bytes).await
     }
 
-    fn locate(&self, key: &[u8]) -> RangeDescriptor {
+    pub(crate) fn locate(&self, key: &[u8]) -> RangeDescriptor {
         let table = self.inner.table.read().expect("table lock");
         table
             .as_ref()

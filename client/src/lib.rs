@@ -19,9 +19,11 @@
 mod client;
 mod config;
 mod error;
+mod lease;
 pub mod txn_syntax;
 
 pub use client::{Client, DeleteResult, RangeResult};
 pub use concord_transport::api;
 pub use config::ClientConfig;
 pub use error::Error;
+pub use lease::{LeaseTtl, Session, SessionState};

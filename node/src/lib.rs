@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod dev;
+pub mod leases;
 pub mod mvcc;
 pub mod network;
 pub mod node;

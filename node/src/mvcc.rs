@@ -17,10 +17,12 @@ use std::ops::Bound;
 
 use concord_transport::api::{
     ApiError, CompactResponse, Compare, CompareOp, CompareTarget, DeleteRequest, DeleteResponse,
-    KeySpan, KeyValue, KvResponse, PutRequest, PutResponse, RangeId, RangeRequest, RangeResponse,
-    ResponseHeader, TxnOp, TxnOpResponse, TxnRequest, TxnResponse,
+    KeySpan, KeyValue, KvResponse, LeaseId, LeaseResponse, PutRequest, PutResponse, RangeId,
+    RangeRequest, RangeResponse, ResponseHeader, TxnOp, TxnOpResponse, TxnRequest, TxnResponse,
 };
 use serde::{Deserialize, Serialize};
+
+use crate::leases::{LeaseMutation, LeaseTable};
 
 /// A write command replicated through a range's Raft log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +37,35 @@ pub enum Command {
     Compact {
         /// The compaction point (capped at the range's revision).
         revision: u64,
+    },
+    /// Create a lease owned by this range.
+    LeaseGrant {
+        /// The lease.
+        id: LeaseId,
+        /// Its TTL.
+        ttl_ms: u64,
+    },
+    /// Revoke an owned lease now.
+    LeaseRevoke {
+        /// The lease.
+        id: LeaseId,
+    },
+    /// The leader's lease tick: advance the lease clock, renew, expire (see `leases`).
+    LeaseTick {
+        /// Time passed on the leader since its previous tick.
+        advance_ms: u64,
+        /// Leases kept alive since the previous tick.
+        renewals: Vec<LeaseId>,
+    },
+    /// Leases revoked by their owner range: delete their keys here, refuse them from now on.
+    LeaseDetach {
+        /// The leases.
+        ids: Vec<LeaseId>,
+    },
+    /// Every other range has applied the detach of these leases (owner range only).
+    LeaseDetached {
+        /// The leases.
+        ids: Vec<LeaseId>,
     },
 }
 
@@ -51,6 +82,18 @@ impl std::fmt::Display for Command {
             ),
             Self::Txn(t) => write!(f, "txn ({} ops)", t.op_count()),
             Self::Compact { revision } => write!(f, "compact {revision}"),
+            Self::LeaseGrant { id, ttl_ms } => write!(f, "lease grant {id} ({ttl_ms} ms)"),
+            Self::LeaseRevoke { id } => write!(f, "lease revoke {id}"),
+            Self::LeaseTick {
+                advance_ms,
+                renewals,
+            } => write!(
+                f,
+                "lease tick +{advance_ms} ms ({} renewals)",
+                renewals.len()
+            ),
+            Self::LeaseDetach { ids } => write!(f, "lease detach ({} leases)", ids.len()),
+            Self::LeaseDetached { ids } => write!(f, "lease detached ({} leases)", ids.len()),
         }
     }
 }
@@ -103,6 +146,8 @@ pub enum Mutation {
         /// Version position.
         rev: Rev,
     },
+    /// A change to the lease table.
+    Lease(LeaseMutation),
 }
 
 /// The MVCC state of one range.
@@ -113,6 +158,8 @@ pub struct Mvcc {
     compact_revision: u64,
     /// Key → its versions, oldest first. A key whose history is empty is removed.
     index: BTreeMap<Vec<u8>, Vec<Version>>,
+    /// Leases owned or revoked here, and the keys attached to each.
+    leases: LeaseTable,
 }
 
 fn kv(key: &[u8], rev: Rev, record: &Record, keys_only: bool) -> KeyValue {
@@ -170,12 +217,14 @@ impl Mvcc {
         }
     }
 
-    /// Rebuilds a range from persisted versions (in any order) and its persisted counters.
+    /// Rebuilds a range from persisted versions (in any order), its persisted counters and
+    /// its lease table.
     pub fn restore(
         range_id: RangeId,
         revision: u64,
         compact_revision: u64,
         versions: impl IntoIterator<Item = (Vec<u8>, Version)>,
+        leases: LeaseTable,
     ) -> Self {
         let mut index: BTreeMap<Vec<u8>, Vec<Version>> = BTreeMap::new();
         for (key, v) in versions {
@@ -184,14 +233,45 @@ impl Mvcc {
         for history in index.values_mut() {
             history.sort_by_key(|v| v.rev);
         }
-        let mvcc = Self {
+        let mut mvcc = Self {
             range_id,
             revision,
             compact_revision,
             index,
+            leases,
         };
+        mvcc.rebuild_lease_index();
         mvcc.check_invariants();
         mvcc
+    }
+
+    /// Fills the attached-key index of the lease table from the live records (after a
+    /// restore or a snapshot install: the index is derived, never persisted).
+    pub fn rebuild_lease_index(&mut self) {
+        let live: Vec<(Vec<u8>, LeaseId)> = self
+            .index
+            .iter()
+            .filter_map(|(k, h)| {
+                let record = h.last()?.record.as_ref()?;
+                (record.lease != 0).then(|| (k.clone(), record.lease))
+            })
+            .collect();
+        for (key, lease) in live {
+            self.leases.attach(&key, 0, lease);
+        }
+    }
+
+    /// The lease table.
+    pub fn leases(&self) -> &LeaseTable {
+        &self.leases
+    }
+
+    /// The response header of this range at its current revision.
+    pub fn header(&self) -> ResponseHeader {
+        ResponseHeader {
+            range_id: self.range_id,
+            revision: self.revision,
+        }
     }
 
     /// The range this state belongs to.
@@ -221,13 +301,6 @@ impl Mvcc {
             .flat_map(|(k, h)| h.iter().map(move |v| (k.as_slice(), v)))
     }
 
-    fn header(&self) -> ResponseHeader {
-        ResponseHeader {
-            range_id: self.range_id,
-            revision: self.revision,
-        }
-    }
-
     /// Crashes on a broken invariant (STYLE.md 6); cheap enough for debug builds only.
     fn check_invariants(&self) {
         if cfg!(debug_assertions) {
@@ -246,6 +319,7 @@ impl Mvcc {
                     "version above revision"
                 );
             }
+            self.leases.check_invariants();
         }
     }
 
@@ -328,6 +402,8 @@ impl Mvcc {
             lease: put.lease,
         };
         let rev = cursor.next();
+        let old_lease = prev.as_ref().map_or(0, |(_, r)| r.lease);
+        self.leases.attach(&put.key, old_lease, put.lease);
         out.push(Mutation::Put {
             rev,
             key: put.key.clone(),
@@ -367,7 +443,8 @@ impl Mvcc {
                     .map(|(rev, rec)| (k.clone(), kv(k, rev, rec, false)))
             })
             .collect();
-        for (key, _) in &live {
+        for (key, kv) in &live {
+            self.leases.attach(key, kv.lease, 0);
             let rev = cursor.next();
             out.push(Mutation::Put {
                 rev,
@@ -425,21 +502,124 @@ impl Mvcc {
             main: self.revision + 1,
             sub: 0,
         };
-        let first_mutation = out.len();
         let response = match cmd {
-            Command::Put(put) => KvResponse::Put(self.put_at(&mut cursor, put, out)),
+            Command::Put(put) => {
+                self.check_lease(put.lease)?;
+                KvResponse::Put(self.put_at(&mut cursor, put, out))
+            }
             Command::Delete(del) => KvResponse::Delete(self.delete_at(&mut cursor, del, out)),
-            Command::Txn(txn) => KvResponse::Txn(self.txn(&mut cursor, txn, out)),
+            Command::Txn(txn) => {
+                for op in self.branch(txn).1 {
+                    if let TxnOp::Put(p) = op {
+                        self.check_lease(p.lease)?;
+                    }
+                }
+                KvResponse::Txn(self.txn(&mut cursor, txn, out))
+            }
             Command::Compact { revision } => {
                 return self.compact(*revision, out).map(KvResponse::Compact)
             }
+            Command::LeaseGrant { id, ttl_ms } => {
+                let mut changes = Vec::new();
+                self.leases.grant(*id, *ttl_ms, &mut changes)?;
+                out.extend(changes.into_iter().map(Mutation::Lease));
+                KvResponse::Lease(LeaseResponse::Granted {
+                    header: self.header(),
+                    id: *id,
+                    ttl_ms: *ttl_ms,
+                })
+            }
+            Command::LeaseRevoke { id } => {
+                if !self.leases.owns(*id) {
+                    return Err(ApiError::LeaseNotFound { id: *id });
+                }
+                self.lease_change(&mut cursor, out, |t, c| t.revoke(&[*id], c));
+                KvResponse::Lease(LeaseResponse::Revoked {
+                    header: self.header(),
+                })
+            }
+            Command::LeaseTick {
+                advance_ms,
+                renewals,
+            } => {
+                let mut expired = 0;
+                self.lease_change(&mut cursor, out, |t, c| {
+                    let (ids, keys) = t.tick(*advance_ms, renewals, c);
+                    expired = ids.len() as u64;
+                    keys
+                });
+                KvResponse::Lease(LeaseResponse::Maintained {
+                    header: self.header(),
+                    revoked: expired,
+                })
+            }
+            Command::LeaseDetach { ids } => {
+                self.lease_change(&mut cursor, out, |t, c| t.detach(ids, c));
+                KvResponse::Lease(LeaseResponse::Maintained {
+                    header: self.header(),
+                    revoked: ids.len() as u64,
+                })
+            }
+            Command::LeaseDetached { ids } => {
+                self.lease_change(&mut cursor, out, |t, c| {
+                    t.detached(ids, c);
+                    Vec::new()
+                });
+                KvResponse::Lease(LeaseResponse::Maintained {
+                    header: self.header(),
+                    revoked: 0,
+                })
+            }
         };
-        if out.len() > first_mutation {
+        if cursor.sub > 0 {
             self.revision = cursor.main;
         }
         assert!(self.revision >= before, "revision went backwards");
         self.check_invariants();
         Ok(with_revision(response, self.revision))
+    }
+
+    /// A put with a lease revoked here is refused (the lease is gone everywhere, or about to
+    /// be); whether the lease exists at all was checked with its owner before proposing.
+    fn check_lease(&self, lease: LeaseId) -> Result<(), ApiError> {
+        if lease != 0 && self.leases.is_revoked(lease) {
+            return Err(ApiError::LeaseNotFound { id: lease });
+        }
+        Ok(())
+    }
+
+    /// Runs a lease-table change and deletes, at the write's revision, the keys it returns.
+    fn lease_change(
+        &mut self,
+        cursor: &mut WriteCursor,
+        out: &mut Vec<Mutation>,
+        change: impl FnOnce(&mut LeaseTable, &mut Vec<LeaseMutation>) -> Vec<Vec<u8>>,
+    ) {
+        let mut changes = Vec::new();
+        let keys = change(&mut self.leases, &mut changes);
+        out.extend(changes.into_iter().map(Mutation::Lease));
+        for key in keys {
+            let rev = cursor.next();
+            out.push(Mutation::Put {
+                rev,
+                key: key.clone(),
+                record: None,
+            });
+            self.index
+                .get_mut(&key)
+                .expect("an attached key is indexed")
+                .push(Version { rev, record: None });
+        }
+    }
+
+    /// Whether the txn's compares hold, and the branch that runs.
+    fn branch<'t>(&self, txn: &'t TxnRequest) -> (bool, &'t [TxnOp]) {
+        let succeeded = txn.compares.iter().all(|c| self.compare_holds(c));
+        if succeeded {
+            (true, &txn.success)
+        } else {
+            (false, &txn.failure)
+        }
     }
 
     fn txn(
@@ -448,12 +628,7 @@ impl Mvcc {
         txn: &TxnRequest,
         out: &mut Vec<Mutation>,
     ) -> TxnResponse {
-        let succeeded = txn.compares.iter().all(|c| self.compare_holds(c));
-        let ops = if succeeded {
-            &txn.success
-        } else {
-            &txn.failure
-        };
+        let (succeeded, ops) = self.branch(txn);
         let mut responses = Vec::with_capacity(ops.len());
         for op in ops {
             responses.push(match op {
@@ -523,6 +698,7 @@ fn with_revision(mut response: KvResponse, revision: u64) -> KvResponse {
         }
         KvResponse::Range(r) => r.header.revision = revision,
         KvResponse::Compact(r) => r.header.revision = revision,
+        KvResponse::Lease(r) => r.set_revision(revision),
     }
     response
 }
@@ -530,6 +706,7 @@ fn with_revision(mut response: KvResponse, revision: u64) -> KvResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::leases::LeaseTable;
 
     fn put(key: &str, value: &str) -> Command {
         Command::Put(PutRequest {
@@ -843,14 +1020,134 @@ mod tests {
             put("b", "2"),
             del(KeySpan::key("a")),
             put("a", "4"),
+            Command::LeaseGrant {
+                id: 5,
+                ttl_ms: 1_000,
+            },
+            Command::LeaseGrant {
+                id: 6,
+                ttl_ms: 1_000,
+            },
+            leased("c", 5),
+            Command::LeaseRevoke { id: 6 },
+            Command::LeaseTick {
+                advance_ms: 10,
+                renewals: vec![5],
+            },
         ] {
             m.apply(&c, &mut out).unwrap();
         }
-        let versions = out.into_iter().rev().map(|mu| match mu {
-            Mutation::Put { rev, key, record } => (key, Version { rev, record }),
-            Mutation::Remove { .. } => unreachable!(),
-        });
-        let restored = Mvcc::restore(3, m.revision(), m.compact_revision(), versions);
+        let (mut clock, mut owned, mut revoked) = (0, BTreeMap::new(), BTreeMap::new());
+        let mut versions = Vec::new();
+        for mu in out {
+            match mu {
+                Mutation::Put { rev, key, record } => versions.push((key, Version { rev, record })),
+                Mutation::Remove { .. } => unreachable!(),
+                Mutation::Lease(LeaseMutation::Clock(c)) => clock = c,
+                Mutation::Lease(LeaseMutation::Owned(id, Some(l))) => {
+                    owned.insert(id, l);
+                }
+                Mutation::Lease(LeaseMutation::Owned(id, None)) => {
+                    owned.remove(&id);
+                }
+                Mutation::Lease(LeaseMutation::Revoked(id, pending)) => {
+                    revoked.insert(id, pending);
+                }
+            }
+        }
+        versions.reverse();
+        let leases = LeaseTable::restore(clock, owned, revoked);
+        let restored = Mvcc::restore(3, m.revision(), m.compact_revision(), versions, leases);
         assert_eq!(restored, m);
+        assert_eq!(restored.leases().attached_keys(5), vec![b"c".to_vec()]);
+    }
+
+    fn leased(key: &str, lease: LeaseId) -> Command {
+        Command::Put(PutRequest {
+            key: key.into(),
+            value: "v".into(),
+            lease,
+            prev_kv: false,
+        })
+    }
+
+    #[test]
+    fn revoking_a_lease_deletes_its_keys_at_one_new_revision() {
+        let mut m = Mvcc::new(1);
+        apply(
+            &mut m,
+            Command::LeaseGrant {
+                id: 9,
+                ttl_ms: 1_000,
+            },
+        );
+        apply(&mut m, leased("a", 9));
+        apply(&mut m, leased("b", 9));
+        apply(&mut m, put("c", "no lease"));
+        // Moved to no lease: survives the revoke.
+        apply(&mut m, put("b", "kept"));
+        let before = m.revision();
+        let response = apply(&mut m, Command::LeaseRevoke { id: 9 });
+        assert_eq!(response.header().revision, before + 1);
+        assert_eq!(get(&m, "a", 0), None);
+        assert_eq!(get(&m, "b", 0).unwrap().value, b"kept");
+        assert!(get(&m, "c", 0).is_some());
+        assert_eq!(m.leases().pending_detach(), vec![9]);
+        // A revoke of a lease nobody has changes nothing.
+        let err = m.apply(&Command::LeaseRevoke { id: 9 }, &mut Vec::new());
+        assert_eq!(err.unwrap_err(), ApiError::LeaseNotFound { id: 9 });
+        assert_eq!(m.revision(), before + 1);
+    }
+
+    #[test]
+    fn a_tick_without_expiry_keeps_the_revision() {
+        let mut m = Mvcc::new(1);
+        apply(
+            &mut m,
+            Command::LeaseGrant {
+                id: 2,
+                ttl_ms: 1_000,
+            },
+        );
+        apply(&mut m, leased("k", 2));
+        let rev = m.revision();
+        let tick = |advance_ms| Command::LeaseTick {
+            advance_ms,
+            renewals: vec![],
+        };
+        apply(&mut m, tick(500));
+        assert_eq!(m.revision(), rev);
+        apply(&mut m, tick(5_000));
+        assert_eq!(m.revision(), rev + 1);
+        assert_eq!(get(&m, "k", 0), None);
+    }
+
+    #[test]
+    fn writes_with_a_detached_lease_are_refused_whole() {
+        let mut m = Mvcc::new(1);
+        apply(&mut m, Command::LeaseDetach { ids: vec![4] });
+        let err = m.apply(&leased("a", 4), &mut Vec::new()).unwrap_err();
+        assert_eq!(err, ApiError::LeaseNotFound { id: 4 });
+        let txn = Command::Txn(TxnRequest {
+            compares: vec![],
+            success: vec![
+                TxnOp::Put(PutRequest {
+                    key: "x".into(),
+                    value: "1".into(),
+                    lease: 0,
+                    prev_kv: false,
+                }),
+                TxnOp::Put(PutRequest {
+                    key: "y".into(),
+                    value: "1".into(),
+                    lease: 4,
+                    prev_kv: false,
+                }),
+            ],
+            failure: vec![],
+        });
+        let mut out = Vec::new();
+        assert!(m.apply(&txn, &mut out).is_err());
+        assert!(out.is_empty() && get(&m, "x", 0).is_none());
     }
 }

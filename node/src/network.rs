@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use concord_transport::api::{NodeId, RangeId};
+use concord_transport::api::{ApiError, KvResponse, LeaseId, NodeId, RangeId};
 use concord_transport::{wire, SERVER_NAME};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{Backoff, RPCOption, RaftNetworkFactory, RaftNetworkV2};
@@ -26,6 +26,7 @@ use openraft::raft::{
 use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
 
+use crate::mvcc::Command;
 use crate::raft_types::{LogId, SnapshotData, SnapshotMeta, TypeConfig, Vote};
 
 /// Largest peer frame: bounds a snapshot sent in one piece (a limit on everything).
@@ -59,6 +60,14 @@ pub enum PeerRequest {
     },
     /// A follower asks the leader for a read index (follower reads).
     ReadIndex,
+    /// Propose an internal command (a lease detach) at the group's leader.
+    Propose(Command),
+    /// Does the lease exist? Asked of the leader of the lease's owner range before a put
+    /// attaches a key to it.
+    LeaseAlive {
+        /// The lease.
+        id: LeaseId,
+    },
 }
 
 /// One request frame of the peer protocol.
@@ -115,6 +124,10 @@ pub enum PeerReply {
         /// The leader's read log id.
         read_log_id: LogId,
     },
+    /// To `Propose`: the command's result.
+    Proposed(Result<KvResponse, ApiError>),
+    /// To `LeaseAlive`.
+    LeaseAlive(bool),
     /// The request failed on the receiving node.
     Error(PeerError),
 }

@@ -9,6 +9,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::lease::{LeaseId, LeaseRequest, LeaseResponse};
+use crate::lease::{LEASE_TTL_MAX_MS, LEASE_TTL_MIN_MS};
+
 /// Identifies a range and its Raft group.
 pub type RangeId = u64;
 /// Identifies a node.
@@ -117,7 +120,8 @@ pub struct PutRequest {
     pub key: Vec<u8>,
     /// The value.
     pub value: Vec<u8>,
-    /// Attach to this lease (0: none). Reserved: leases are not served yet.
+    /// Attach to this lease (0: none). The lease must exist; when it expires or is revoked
+    /// the key is deleted.
     pub lease: i64,
     /// Return the previous key-value, if any.
     pub prev_kv: bool,
@@ -239,6 +243,16 @@ impl TxnRequest {
         }
         spans
     }
+    /// Every put of both branches.
+    pub fn puts(&self) -> impl Iterator<Item = &PutRequest> {
+        self.success
+            .iter()
+            .chain(&self.failure)
+            .filter_map(|op| match op {
+                TxnOp::Put(p) => Some(p),
+                _ => None,
+            })
+    }
     /// Number of operations (compares + both branches), checked against `txn_ops_max`.
     pub fn op_count(&self) -> usize {
         self.compares.len() + self.success.len() + self.failure.len()
@@ -261,6 +275,8 @@ pub enum KvRequest {
         /// The compaction point.
         revision: u64,
     },
+    /// A lease operation.
+    Lease(LeaseRequest),
 }
 
 /// Which range a response reflects and at which revision.
@@ -349,6 +365,8 @@ pub enum KvResponse {
     Txn(TxnResponse),
     /// A compaction's result.
     Compact(CompactResponse),
+    /// A lease operation's result.
+    Lease(LeaseResponse),
 }
 
 impl KvResponse {
@@ -360,6 +378,7 @@ impl KvResponse {
             Self::Delete(r) => r.header,
             Self::Txn(r) => r.header,
             Self::Compact(r) => r.header,
+            Self::Lease(r) => r.header(),
         }
     }
 }
@@ -579,6 +598,18 @@ pub enum ApiError {
         /// Why.
         reason: String,
     },
+    /// The lease does not exist (never granted, expired or revoked).
+    #[error("lease {id} not found")]
+    LeaseNotFound {
+        /// The lease.
+        id: LeaseId,
+    },
+    /// A lease with this id exists or existed; ids are never reused.
+    #[error("lease {id} already exists")]
+    LeaseExists {
+        /// The lease.
+        id: LeaseId,
+    },
     /// Something failed inside the node.
     #[error("internal error: {0}")]
     Internal(String),
@@ -604,6 +635,8 @@ impl ApiError {
             Self::UnsupportedVersion { .. } => "UNSUPPORTED_VERSION",
             Self::Unavailable { .. } => "UNAVAILABLE",
             Self::Indeterminate { .. } => "INDETERMINATE",
+            Self::LeaseNotFound { .. } => "LEASE_NOT_FOUND",
+            Self::LeaseExists { .. } => "LEASE_EXISTS",
             Self::Internal(_) => "INTERNAL",
         }
     }
@@ -665,11 +698,6 @@ impl RequestLimits {
                 max: self.value_bytes_max,
             });
         }
-        if put.lease != 0 {
-            return Err(ApiError::InvalidRequest(
-                "leases are not supported yet; put with lease 0".into(),
-            ));
-        }
         Ok(())
     }
 
@@ -680,6 +708,7 @@ impl RequestLimits {
             KvRequest::Range(r, _) => self.check_span(&r.span),
             KvRequest::Delete(d) => self.check_span(&d.span),
             KvRequest::Compact { .. } => Ok(()),
+            KvRequest::Lease(l) => check_lease(l),
             KvRequest::Txn(t) => {
                 if t.op_count() > self.txn_ops_max {
                     return Err(ApiError::TooManyTxnOps {
@@ -719,6 +748,20 @@ impl RequestLimits {
             }
         }
     }
+}
+
+fn check_lease(request: &LeaseRequest) -> Result<(), ApiError> {
+    if request.owner() == Some(0) {
+        return Err(ApiError::InvalidRequest("lease id 0 means no lease".into()));
+    }
+    if let LeaseRequest::Grant { ttl_ms, .. } = request {
+        if !(LEASE_TTL_MIN_MS..=LEASE_TTL_MAX_MS).contains(ttl_ms) {
+            return Err(ApiError::InvalidRequest(format!(
+                "lease TTL of {ttl_ms} ms is outside {LEASE_TTL_MIN_MS}..={LEASE_TTL_MAX_MS} ms"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// As in etcd: within one txn branch a key is written at most once (two puts, or a put

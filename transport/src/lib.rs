@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod endpoint;
+pub mod lease;
 pub mod tls;
 pub mod wire;
 

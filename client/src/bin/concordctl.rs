@@ -3,10 +3,12 @@
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use concord_client::api::{
-    Consistency, KeySpan, KeyValue, PutRequest, RangeRequest, ResponseHeader, TxnOpResponse,
+    Consistency, KeySpan, KeyValue, LeaseId, PutRequest, RangeRequest, ResponseHeader,
+    TxnOpResponse,
 };
 use concord_client::{txn_syntax, Client, ClientConfig, Error, RangeResult};
 use serde_json::{json, Value};
@@ -49,6 +51,9 @@ enum Command {
         /// Print the previous key-value.
         #[arg(long)]
         prev_kv: bool,
+        /// Attach the key to this lease (hex id, as `lease grant` prints it).
+        #[arg(long, value_parser = parse_lease_id)]
+        lease: Option<LeaseId>,
     },
     /// Read KEY (or every key with prefix KEY).
     Get {
@@ -115,6 +120,119 @@ enum Command {
     },
     /// Nodes, ranges, leaders and revisions.
     Status,
+    /// Leases: grant, revoke, keep-alive, ttl, list.
+    #[command(subcommand)]
+    Lease(LeaseCommand),
+}
+
+#[derive(Subcommand)]
+enum LeaseCommand {
+    /// Grant a lease of TTL seconds; prints its id.
+    Grant {
+        /// Time to live, in seconds.
+        ttl: u64,
+    },
+    /// Revoke a lease: its keys are deleted in every range.
+    Revoke {
+        /// The lease (hex id).
+        #[arg(value_parser = parse_lease_id)]
+        id: LeaseId,
+    },
+    /// Keep a lease alive until interrupted (or once).
+    KeepAlive {
+        /// The lease (hex id).
+        #[arg(value_parser = parse_lease_id)]
+        id: LeaseId,
+        /// Renew once and exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Granted and remaining TTL of a lease.
+    Ttl {
+        /// The lease (hex id).
+        #[arg(value_parser = parse_lease_id)]
+        id: LeaseId,
+        /// Also list the keys attached to it.
+        #[arg(long)]
+        keys: bool,
+    },
+    /// Every live lease.
+    List,
+}
+
+/// Lease ids are shown and read in hex, as etcdctl does.
+fn parse_lease_id(s: &str) -> Result<LeaseId, String> {
+    let digits = s.trim_start_matches("0x");
+    match i64::from_str_radix(digits, 16) {
+        Ok(id) if id > 0 => Ok(id),
+        _ => Err(format!("{s:?} is not a lease id (a positive hex number)")),
+    }
+}
+
+async fn run_lease(client: &Client, command: LeaseCommand, json: bool) -> Result<(), Error> {
+    match command {
+        LeaseCommand::Grant { ttl } => {
+            let id = client.lease_grant(Duration::from_secs(ttl)).await?;
+            if json {
+                println!("{}", json!({"id": format!("{id:x}"), "ttl": ttl}));
+            } else {
+                println!("lease {id:x} granted with TTL({ttl}s)");
+            }
+        }
+        LeaseCommand::Revoke { id } => {
+            client.lease_revoke(id).await?;
+            if json {
+                println!("{}", json!({"id": format!("{id:x}"), "revoked": true}));
+            } else {
+                println!("lease {id:x} revoked");
+            }
+        }
+        LeaseCommand::KeepAlive { id, once } => loop {
+            let ttl_ms = client.lease_keep_alive_once(id).await?;
+            if json {
+                println!("{}", json!({"id": format!("{id:x}"), "ttl": ttl_ms / 1000}));
+            } else {
+                println!("lease {id:x} keepalived with TTL({}s)", ttl_ms / 1000);
+            }
+            if once {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(ttl_ms / 3)).await;
+        },
+        LeaseCommand::Ttl { id, keys } => {
+            let t = client.lease_time_to_live(id, keys).await?;
+            let keys: Vec<String> = t.keys.iter().map(|k| text(k)).collect();
+            if json {
+                println!(
+                    "{}",
+                    json!({"id": format!("{id:x}"), "granted_ttl": t.granted_ttl_ms / 1000, "ttl": t.remaining_ms / 1000, "remaining_ms": t.remaining_ms, "keys": keys})
+                );
+            } else {
+                print!(
+                    "lease {id:x} granted with TTL({}s), remaining({}s)",
+                    t.granted_ttl_ms / 1000,
+                    t.remaining_ms / 1000
+                );
+                if !keys.is_empty() {
+                    print!(", attached keys({})", keys.join(", "));
+                }
+                println!();
+            }
+        }
+        LeaseCommand::List => {
+            let ids = client.lease_list().await?;
+            let hex: Vec<String> = ids.iter().map(|id| format!("{id:x}")).collect();
+            if json {
+                println!("{}", json!({"leases": hex}));
+            } else {
+                println!("found {} leases", ids.len());
+                for id in hex {
+                    println!("{id}");
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -128,7 +246,7 @@ fn kv_json(kv: &KeyValue) -> Value {
         "create_revision": kv.create_revision,
         "mod_revision": kv.mod_revision,
         "version": kv.version,
-        "lease": kv.lease,
+        "lease": format!("{:x}", kv.lease),
     })
 }
 
@@ -177,16 +295,18 @@ async fn run(cli: Cli) -> Result<(), Error> {
     let json = cli.output == Output::Json;
     let client = Client::connect(ClientConfig::from_file(&cli.config)?).await?;
     match cli.command {
+        Command::Lease(command) => run_lease(&client, command, json).await?,
         Command::Put {
             key,
             value,
             prev_kv,
+            lease,
         } => {
             let r = client
                 .put_with(PutRequest {
                     key: key.into_bytes(),
                     value: value.into_bytes(),
-                    lease: 0,
+                    lease: lease.unwrap_or(0),
                     prev_kv,
                 })
                 .await?;

@@ -15,6 +15,7 @@ use openraft::{EntryPayload, OptionalSend};
 use rocksdb::{Direction, IteratorMode, WriteBatch};
 
 use super::{decode, encode, group_key, to_io, Engine, CF_KV, CF_SM};
+use crate::leases::{LeaseMutation, LeaseTable, OwnedLease};
 use crate::mvcc::{Mutation, Mvcc, Record, Rev, Version};
 use crate::raft_types::{
     CommandResult, LogId, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig,
@@ -25,6 +26,11 @@ const TAG_MEMBERSHIP: u8 = 2;
 const TAG_COUNTERS: u8 = 3;
 const TAG_SNAPSHOT: u8 = 4;
 const TAG_SNAPSHOT_META: u8 = 5;
+const TAG_LEASE_CLOCK: u8 = 6;
+/// `TAG_OWNED_LEASE ++ id` → an owned lease.
+const TAG_OWNED_LEASE: u8 = 7;
+/// `TAG_REVOKED_LEASE ++ id` → whether other ranges still have to detach it.
+const TAG_REVOKED_LEASE: u8 = 8;
 
 type Snapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotData>;
 
@@ -55,6 +61,34 @@ fn kv_key(gid: u64, rev: Rev) -> Vec<u8> {
     suffix[..8].copy_from_slice(&rev.main.to_be_bytes());
     suffix[8..].copy_from_slice(&rev.sub.to_be_bytes());
     group_key(gid, &suffix)
+}
+
+fn lease_key(gid: u64, tag: u8, id: i64) -> Vec<u8> {
+    let mut suffix = [tag; 9];
+    suffix[1..].copy_from_slice(&id.to_be_bytes());
+    group_key(gid, &suffix)
+}
+
+/// Every `(id, value)` row of group `gid` under lease tag `tag`.
+fn scan_lease_rows<T: serde::de::DeserializeOwned>(
+    engine: &Engine,
+    gid: u64,
+    tag: u8,
+) -> io::Result<Vec<(i64, T)>> {
+    let prefix = group_key(gid, &[tag]);
+    let mut rows = Vec::new();
+    for item in engine.db().iterator_cf(
+        engine.cf(CF_SM),
+        IteratorMode::From(&prefix, Direction::Forward),
+    ) {
+        let (key, value) = item.map_err(to_io)?;
+        if !key.starts_with(&prefix) {
+            break;
+        }
+        let id = i64::from_be_bytes(key[9..17].try_into().expect("17-byte lease key"));
+        rows.push((id, decode(&value)?));
+    }
+    Ok(rows)
 }
 
 fn parse_kv_key(key: &[u8]) -> Rev {
@@ -99,7 +133,16 @@ impl StateMachine {
                 },
             ));
         }
-        let mvcc = Mvcc::restore(gid, revision, compact_revision, versions);
+        let lease_clock: u64 = get(TAG_LEASE_CLOCK)?
+            .map(|b| decode(&b))
+            .transpose()?
+            .unwrap_or_default();
+        let leases = LeaseTable::restore(
+            lease_clock,
+            scan_lease_rows::<OwnedLease>(&engine, gid, TAG_OWNED_LEASE)?,
+            scan_lease_rows::<bool>(&engine, gid, TAG_REVOKED_LEASE)?,
+        );
+        let mvcc = Mvcc::restore(gid, revision, compact_revision, versions, leases);
         let state = RangeState {
             mvcc,
             last_applied,
@@ -132,6 +175,26 @@ impl StateMachine {
         );
         let counters = (state.mvcc.revision(), state.mvcc.compact_revision());
         batch.put_cf(sm, group_key(self.gid, &[TAG_COUNTERS]), encode(&counters));
+    }
+
+    fn write_lease(&self, batch: &mut WriteBatch, change: &LeaseMutation) {
+        let sm = self.engine.cf(CF_SM);
+        match change {
+            LeaseMutation::Clock(ms) => {
+                batch.put_cf(sm, group_key(self.gid, &[TAG_LEASE_CLOCK]), encode(ms))
+            }
+            LeaseMutation::Owned(id, Some(lease)) => {
+                batch.put_cf(sm, lease_key(self.gid, TAG_OWNED_LEASE, *id), encode(lease))
+            }
+            LeaseMutation::Owned(id, None) => {
+                batch.delete_cf(sm, lease_key(self.gid, TAG_OWNED_LEASE, *id))
+            }
+            LeaseMutation::Revoked(id, pending) => batch.put_cf(
+                sm,
+                lease_key(self.gid, TAG_REVOKED_LEASE, *id),
+                encode(pending),
+            ),
+        }
     }
 
     /// The log id of the stored snapshot, if any.
@@ -243,6 +306,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             batch.put_cf(cf_kv, kv_key(self.gid, rev), encode(&(key, record)))
                         }
                         Mutation::Remove { rev } => batch.delete_cf(cf_kv, kv_key(self.gid, rev)),
+                        Mutation::Lease(change) => self.write_lease(&mut batch, &change),
                     }
                 }
                 if let Some(responder) = responder {
@@ -273,10 +337,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: SnapshotData,
     ) -> io::Result<()> {
         let data = snapshot.into_inner();
-        let (data, mvcc) =
+        let (data, mut mvcc) =
             tokio::task::spawn_blocking(move || decode::<Mvcc>(&data).map(|m| (data, m)))
                 .await
                 .map_err(to_io)??;
+        mvcc.rebuild_lease_index();
         assert_eq!(mvcc.range_id(), self.gid, "snapshot of another range");
         let _order = self.snapshot_lock.lock().await;
         let mut batch = WriteBatch::default();
@@ -288,6 +353,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         );
         for (key, v) in mvcc.versions() {
             batch.put_cf(cf_kv, kv_key(self.gid, v.rev), encode(&(key, &v.record)));
+        }
+        let cf_sm = self.engine.cf(CF_SM);
+        for tag in [TAG_OWNED_LEASE, TAG_REVOKED_LEASE] {
+            batch.delete_range_cf(
+                cf_sm,
+                group_key(self.gid, &[tag]),
+                group_key(self.gid, &[tag + 1]),
+            );
+        }
+        let leases = mvcc.leases();
+        self.write_lease(&mut batch, &LeaseMutation::Clock(leases.clock_ms()));
+        for (id, lease) in leases.owned() {
+            self.write_lease(&mut batch, &LeaseMutation::Owned(id, Some(*lease)));
+        }
+        for (id, pending) in leases.revoked() {
+            self.write_lease(&mut batch, &LeaseMutation::Revoked(id, pending));
         }
         let new_state = RangeState {
             mvcc,

@@ -15,10 +15,11 @@ use std::time::Duration;
 use concord_placement::{bootstrap_layout, RangeDescriptor, RangeTable};
 use concord_transport::api::{
     ApiError, ClientReply, ClientRequest, ClientResponse, Consistency, KvRequest, KvResponse,
-    NodeAddr, NodeId, RangeId, RangeStatus, RequestLimits, RouteTable, StatusResponse,
-    StorageCounters,
+    LeaseRequest, NodeAddr, NodeId, RangeId, RangeStatus, RequestLimits, RouteTable,
+    StatusResponse, StorageCounters,
 };
 use concord_transport::endpoint::{self, ConnectionLimits};
+use concord_transport::lease::lease_anchor;
 use concord_transport::wire::{self, WireError, WIRE_VERSION};
 use concord_transport::{tls, ALPN_CLIENT, ALPN_PEER};
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -35,6 +36,9 @@ use crate::network::{
 };
 use crate::raft_types::Raft;
 use crate::storage::{Engine, LogStore, RangeState, StateMachine};
+use lease_service::{lease_loop, LeaseKeeper};
+
+mod lease_service;
 
 /// Raft timing and log-retention settings.
 #[derive(Debug, Clone)]
@@ -242,6 +246,7 @@ impl BoundNode {
                     descriptor: desc.clone(),
                     raft,
                     state,
+                    keeper: LeaseKeeper::default(),
                 },
             );
         }
@@ -255,6 +260,7 @@ impl BoundNode {
         ready_tx.send_replace(Some(Arc::downgrade(&inner)));
         let mut tasks = JoinSet::new();
         tasks.spawn(accept_loop(inner.clone(), endpoint.clone()));
+        tasks.spawn(lease_loop(Arc::downgrade(&inner)));
         Ok(Node {
             inner: Some(inner),
             endpoint,
@@ -288,6 +294,7 @@ struct Group {
     descriptor: RangeDescriptor,
     raft: Raft,
     state: Arc<RwLock<RangeState>>,
+    keeper: LeaseKeeper,
 }
 
 struct NodeInner {
@@ -556,6 +563,13 @@ impl NodeInner {
             KvRequest::Range(r, _) => inside(&r.span).then_some(()).ok_or_else(outside),
             KvRequest::Delete(d) => inside(&d.span).then_some(()).ok_or_else(outside),
             KvRequest::Compact { .. } => Ok(()),
+            KvRequest::Lease(l) => match l.owner() {
+                Some(id) => desc
+                    .contains(&lease_anchor(id))
+                    .then_some(())
+                    .ok_or_else(outside),
+                None => Ok(()),
+            },
             KvRequest::Txn(t) => {
                 let spans = t.spans();
                 if spans.iter().all(inside) {
@@ -602,11 +616,40 @@ impl NodeInner {
                 let state = group.state.read().expect("range state lock");
                 return state.mvcc.range(&req).map(KvResponse::Range);
             }
-            KvRequest::Put(p) => Command::Put(p),
+            KvRequest::Put(p) => {
+                if p.lease != 0 {
+                    self.check_lease_alive(p.lease).await?;
+                }
+                Command::Put(p)
+            }
             KvRequest::Delete(d) => Command::Delete(d),
-            KvRequest::Txn(t) => Command::Txn(t),
+            KvRequest::Txn(t) => {
+                let mut leases: Vec<_> = t.puts().map(|p| p.lease).filter(|l| *l != 0).collect();
+                leases.sort_unstable();
+                leases.dedup();
+                for lease in leases {
+                    self.check_lease_alive(lease).await?;
+                }
+                Command::Txn(t)
+            }
             KvRequest::Compact { revision } => Command::Compact { revision },
+            KvRequest::Lease(l) => {
+                if let Some(result) = self.serve_lease_read(group, &l).await {
+                    return result;
+                }
+                match l {
+                    LeaseRequest::Grant { id, ttl_ms } => Command::LeaseGrant { id, ttl_ms },
+                    LeaseRequest::Revoke { id } => Command::LeaseRevoke { id },
+                    other => unreachable!("{other:?} is served without Raft"),
+                }
+            }
         };
+        self.propose(group, command).await
+    }
+
+    /// Proposes `command` to `group` (this node must lead it) and waits for its result.
+    async fn propose(&self, group: &Group, command: Command) -> Result<KvResponse, ApiError> {
+        let range_id = group.descriptor.id;
         // Refuse before proposing when not leader: then NotLeader always means "not applied",
         // and the client may retry it elsewhere without risking a second effect.
         if let Err(f) = group.raft.as_leader() {
@@ -726,6 +769,14 @@ impl NodeInner {
                     .await
                     .map_or_else(|e| raft_err(&e), PeerReply::Snapshot)
             }
+            PeerRequest::Propose(cmd) => PeerReply::Proposed(self.propose(group, cmd).await),
+            PeerRequest::LeaseAlive { id } => match group.raft.as_leader() {
+                Err(f) => PeerReply::Error(PeerError::NotLeader(f.leader_id)),
+                Ok(_) => match self.lease_alive_here(group, id).await {
+                    Ok(alive) => PeerReply::LeaseAlive(alive),
+                    Err(e) => raft_err(&e),
+                },
+            },
             PeerRequest::ReadIndex => {
                 match group
                     .raft

@@ -1,0 +1,282 @@
+//! Leases in the client: grant, revoke, keepalive, time-to-live, list, and [`Session`], a
+//! lease kept alive in the background.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use concord_transport::api::{
+    ApiError, KvRequest, KvResponse, LeaseId, LeaseRequest, LeaseResponse, PutRequest, PutResponse,
+};
+use concord_transport::lease::lease_anchor;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::{Client, Error};
+
+/// A lease's TTLs, as its owner answers them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseTtl {
+    /// The lease.
+    pub id: LeaseId,
+    /// The TTL it was granted with, in milliseconds.
+    pub granted_ttl_ms: u64,
+    /// Time left, in milliseconds.
+    pub remaining_ms: u64,
+    /// Keys attached to it in every range (when asked for).
+    pub keys: Vec<Vec<u8>>,
+}
+
+/// A fresh random lease id (never 0, never negative).
+fn random_lease_id() -> LeaseId {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    if let Ok(d) = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
+        h.write_u128(d.as_nanos());
+    }
+    ((h.finish() >> 1) as LeaseId).max(1)
+}
+
+fn unexpected(other: impl std::fmt::Debug) -> Error {
+    Error::Protocol(format!("unexpected response {other:?}"))
+}
+
+impl Client {
+    async fn lease_call(&self, request: LeaseRequest) -> Result<LeaseResponse, Error> {
+        let id = request
+            .owner()
+            .expect("lease_call serves requests of one lease");
+        let desc = self.locate(&lease_anchor(id));
+        match self.call_range(&desc, KvRequest::Lease(request)).await? {
+            KvResponse::Lease(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Grants a lease with a random id and `ttl` (whole milliseconds, at least one second).
+    pub async fn lease_grant(&self, ttl: Duration) -> Result<LeaseId, Error> {
+        self.lease_grant_id(random_lease_id(), ttl).await
+    }
+
+    /// Grants lease `id` with `ttl`. Fails with `LEASE_EXISTS` if the id was ever used.
+    pub async fn lease_grant_id(&self, id: LeaseId, ttl: Duration) -> Result<LeaseId, Error> {
+        let ttl_ms = ttl.as_millis() as u64;
+        match self.lease_call(LeaseRequest::Grant { id, ttl_ms }).await? {
+            LeaseResponse::Granted { id, .. } => Ok(id),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Revokes lease `id`: its keys are deleted in every range.
+    pub async fn lease_revoke(&self, id: LeaseId) -> Result<(), Error> {
+        match self.lease_call(LeaseRequest::Revoke { id }).await? {
+            LeaseResponse::Revoked { .. } => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Renews lease `id` once; returns its TTL in milliseconds.
+    pub async fn lease_keep_alive_once(&self, id: LeaseId) -> Result<u64, Error> {
+        match self.lease_call(LeaseRequest::KeepAlive { id }).await? {
+            LeaseResponse::KeptAlive { ttl_ms, .. } => Ok(ttl_ms),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The TTLs of lease `id`, and with `keys` the keys attached to it in every range.
+    pub async fn lease_time_to_live(&self, id: LeaseId, keys: bool) -> Result<LeaseTtl, Error> {
+        let (granted_ttl_ms, remaining_ms) =
+            match self.lease_call(LeaseRequest::TimeToLive { id }).await? {
+                LeaseResponse::TimeToLive {
+                    granted_ttl_ms,
+                    remaining_ms,
+                    ..
+                } => (granted_ttl_ms, remaining_ms),
+                other => return Err(unexpected(other)),
+            };
+        let mut ttl = LeaseTtl {
+            id,
+            granted_ttl_ms,
+            remaining_ms,
+            keys: Vec::new(),
+        };
+        if keys {
+            for desc in self.routes().ranges {
+                let request = KvRequest::Lease(LeaseRequest::AttachedKeys { id });
+                match self.call_range(&desc, request).await? {
+                    KvResponse::Lease(LeaseResponse::AttachedKeys { keys, .. }) => {
+                        ttl.keys.extend(keys)
+                    }
+                    other => return Err(unexpected(other)),
+                }
+            }
+        }
+        Ok(ttl)
+    }
+
+    /// Every live lease, ascending.
+    pub async fn lease_list(&self) -> Result<Vec<LeaseId>, Error> {
+        let mut ids = Vec::new();
+        for desc in self.routes().ranges {
+            match self
+                .call_range(&desc, KvRequest::Lease(LeaseRequest::List))
+                .await?
+            {
+                KvResponse::Lease(LeaseResponse::List { ids: owned, .. }) => ids.extend(owned),
+                other => return Err(unexpected(other)),
+            }
+        }
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// Puts `value` under `key`, attached to `lease`.
+    pub async fn put_leased(
+        &self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+        lease: LeaseId,
+    ) -> Result<PutResponse, Error> {
+        self.put_with(PutRequest {
+            key: key.into(),
+            value: value.into(),
+            lease,
+            prev_kv: false,
+        })
+        .await
+    }
+
+    /// Grants a lease of `ttl` and keeps it alive in the background (see [`Session`]).
+    pub async fn session(&self, ttl: Duration) -> Result<Session, Error> {
+        let id = self.lease_grant(ttl).await?;
+        Ok(Session::keep(self.clone(), id, ttl))
+    }
+}
+
+/// What a [`Session`]'s keepalive knows of its lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionState {
+    /// Renewed within its TTL.
+    Alive,
+    /// The lease is gone (expired, revoked, or not renewed in time); its keys are deleted or
+    /// about to be.
+    Expired(String),
+}
+
+/// A lease kept alive by a background task (renewing every third of its TTL, and retrying
+/// sooner after a failure). Dropping the session stops the renewals and revokes the lease, so
+/// its keys vanish; [`Session::close`] does the same and waits for it.
+pub struct Session {
+    client: Client,
+    id: LeaseId,
+    state: watch::Receiver<SessionState>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Session {
+    /// Keeps lease `id` (granted with `ttl`) alive until dropped.
+    pub fn keep(client: Client, id: LeaseId, ttl: Duration) -> Self {
+        let (tx, state) = watch::channel(SessionState::Alive);
+        let task = tokio::spawn(keep_alive(client.clone(), id, ttl, tx));
+        Self {
+            client,
+            id,
+            state,
+            task: Some(task),
+        }
+    }
+
+    /// The lease id, for [`Client::put_leased`].
+    pub fn lease(&self) -> LeaseId {
+        self.id
+    }
+
+    /// Whether the lease is still renewed.
+    pub fn is_alive(&self) -> bool {
+        *self.state.borrow() == SessionState::Alive
+    }
+
+    /// Resolves when the lease is lost, with the reason.
+    pub async fn expired(&self) -> String {
+        let mut state = self.state.clone();
+        let reason = match state
+            .wait_for(|s| matches!(s, SessionState::Expired(_)))
+            .await
+        {
+            Ok(s) => match &*s {
+                SessionState::Expired(why) => why.clone(),
+                SessionState::Alive => unreachable!("waited for expiry"),
+            },
+            Err(_) => "keepalive task ended".into(),
+        };
+        reason
+    }
+
+    /// Stops renewing without revoking: the lease expires after its TTL (as if this process
+    /// had paused or died).
+    pub fn abandon(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    /// Stops renewing and revokes the lease now.
+    pub async fn close(mut self) -> Result<(), Error> {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        match self.client.lease_revoke(self.id).await {
+            Err(Error::Api(ApiError::LeaseNotFound { .. })) => Ok(()),
+            other => other,
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let (client, id) = (self.client.clone(), self.id);
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move { client.lease_revoke(id).await });
+            }
+        }
+    }
+}
+
+/// Renews `id` every `ttl / 3` until it is lost.
+async fn keep_alive(
+    client: Client,
+    id: LeaseId,
+    ttl: Duration,
+    state: watch::Sender<SessionState>,
+) {
+    let period = ttl / 3;
+    let mut renewed = Instant::now();
+    let mut next = period;
+    loop {
+        tokio::time::sleep(next).await;
+        match client.lease_keep_alive_once(id).await {
+            Ok(_) => {
+                renewed = Instant::now();
+                next = period;
+            }
+            Err(Error::Api(ApiError::LeaseNotFound { .. })) => {
+                state.send_replace(SessionState::Expired(format!("lease {id} not found")));
+                return;
+            }
+            Err(e) if renewed.elapsed() >= ttl => {
+                state.send_replace(SessionState::Expired(format!(
+                    "lease {id} not renewed within its TTL: {e}"
+                )));
+                return;
+            }
+            Err(e) => {
+                tracing::debug!("keepalive of lease {id}: {e}");
+                next = period / 4;
+            }
+        }
+    }
+}

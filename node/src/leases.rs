@@ -1,0 +1,310 @@
+//! The lease state of one range: a pure part of [`crate::mvcc::Mvcc`], no I/O, no clock.
+//!
+//! **Time.** A range keeps a replicated *lease clock* (milliseconds). Only the range's leader
+//! advances it, with `LeaseTick` entries that say how much time passed on the leader since its
+//! previous tick; a lease expires when the clock passes its `expires_at`. A new leader resumes
+//! from the replicated clock, so a leader change neither expires live leases (a renewal is
+//! checkpointed by the next tick) nor hands dead ones a fresh TTL: the time lost in a failover
+//! is at most the election plus one tick, and it only ever delays an expiry.
+//!
+//! **Keepalives** are not Raft entries: the leader collects renewed ids in memory and the next
+//! tick carries them, one entry for any number of renewals; the same entry revokes every lease
+//! that expired, so there is no fixed revoke rate.
+//!
+//! **Revocation across ranges.** The owner range revokes a lease (expiry or explicit) and
+//! deletes its own attached keys in the same entry; the lease id stays *pending detach* until
+//! every other range has applied a `LeaseDetach` (driven by the owner's leader, retried until
+//! done). A range that applied a detach (or a revoke) remembers the id as revoked and refuses
+//! later puts with it, so a put checked against a live lease but applied after the detach
+//! cannot leave an orphan key.
+//!
+//! **Invariants:** a lease id is owned or revoked, never both, and is never granted twice; the
+//! attached-key index holds exactly the live keys whose record names the lease.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use concord_transport::api::{ApiError, LeaseId};
+use serde::{Deserialize, Serialize};
+
+/// The leader ticks the lease clock this often. A grant adds one tick to the TTL: the first
+/// tick after a grant may count time that passed before it.
+pub const LEASE_TICK_MS: u64 = 250;
+
+/// A lease owned by this range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnedLease {
+    /// The TTL it was granted with.
+    pub ttl_ms: u64,
+    /// The lease clock value at which it expires.
+    pub expires_at_ms: u64,
+}
+
+/// A change to persist, produced next to the key-value mutations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseMutation {
+    /// The lease clock moved.
+    Clock(u64),
+    /// An owned lease was granted or renewed (`Some`), or revoked (`None`).
+    Owned(LeaseId, Option<OwnedLease>),
+    /// The lease is revoked here; `true` while other ranges are still to be told (owner only).
+    Revoked(LeaseId, bool),
+}
+
+/// The lease state of one range.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseTable {
+    clock_ms: u64,
+    owned: BTreeMap<LeaseId, OwnedLease>,
+    /// Revoked ids → whether other ranges still have to detach them.
+    revoked: BTreeMap<LeaseId, bool>,
+    /// Lease → live keys of this range attached to it. Derived from the key records: not
+    /// serialized, rebuilt by [`LeaseTable::attach`] on restore.
+    #[serde(skip)]
+    attached: HashMap<LeaseId, BTreeSet<Vec<u8>>>,
+}
+
+impl LeaseTable {
+    /// Rebuilds a table from persisted parts (the attached-key index is filled by `attach`).
+    pub fn restore(
+        clock_ms: u64,
+        owned: impl IntoIterator<Item = (LeaseId, OwnedLease)>,
+        revoked: impl IntoIterator<Item = (LeaseId, bool)>,
+    ) -> Self {
+        Self {
+            clock_ms,
+            owned: owned.into_iter().collect(),
+            revoked: revoked.into_iter().collect(),
+            attached: HashMap::new(),
+        }
+    }
+
+    /// The lease clock.
+    pub fn clock_ms(&self) -> u64 {
+        self.clock_ms
+    }
+
+    /// Owned leases, ascending.
+    pub fn owned(&self) -> impl Iterator<Item = (LeaseId, &OwnedLease)> {
+        self.owned.iter().map(|(id, l)| (*id, l))
+    }
+
+    /// Whether this range owns lease `id`.
+    pub fn owns(&self, id: LeaseId) -> bool {
+        self.owned.contains_key(&id)
+    }
+
+    /// The granted TTL and the time left of an owned lease.
+    pub fn time_to_live(&self, id: LeaseId) -> Option<(u64, u64)> {
+        self.owned
+            .get(&id)
+            .map(|l| (l.ttl_ms, l.expires_at_ms.saturating_sub(self.clock_ms)))
+    }
+
+    /// Revoked ids here (every id, with whether it still awaits other ranges' detach).
+    pub fn revoked(&self) -> impl Iterator<Item = (LeaseId, bool)> + '_ {
+        self.revoked.iter().map(|(id, p)| (*id, *p))
+    }
+
+    /// Revoked leases other ranges have not all detached yet.
+    pub fn pending_detach(&self) -> Vec<LeaseId> {
+        self.revoked
+            .iter()
+            .filter(|(_, pending)| **pending)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Whether a put with lease `id` must be refused here.
+    pub fn is_revoked(&self, id: LeaseId) -> bool {
+        self.revoked.contains_key(&id)
+    }
+
+    /// The live keys of this range attached to `id`.
+    pub fn attached_keys(&self, id: LeaseId) -> Vec<Vec<u8>> {
+        self.attached
+            .get(&id)
+            .map(|keys| keys.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Moves `key` from lease `old` to lease `new` in the index (0 = no lease).
+    pub fn attach(&mut self, key: &[u8], old: LeaseId, new: LeaseId) {
+        if old == new {
+            return;
+        }
+        if old != 0 {
+            if let Some(keys) = self.attached.get_mut(&old) {
+                keys.remove(key);
+                if keys.is_empty() {
+                    self.attached.remove(&old);
+                }
+            }
+        }
+        if new != 0 {
+            self.attached.entry(new).or_default().insert(key.to_vec());
+        }
+    }
+
+    /// Creates lease `id`.
+    pub fn grant(
+        &mut self,
+        id: LeaseId,
+        ttl_ms: u64,
+        out: &mut Vec<LeaseMutation>,
+    ) -> Result<(), ApiError> {
+        if self.owned.contains_key(&id) || self.revoked.contains_key(&id) {
+            return Err(ApiError::LeaseExists { id });
+        }
+        let lease = OwnedLease {
+            ttl_ms,
+            expires_at_ms: self.clock_ms + ttl_ms + LEASE_TICK_MS,
+        };
+        self.owned.insert(id, lease);
+        out.push(LeaseMutation::Owned(id, Some(lease)));
+        Ok(())
+    }
+
+    /// Revokes owned leases `ids` (unknown ids are skipped) and returns the keys of this range
+    /// to delete.
+    pub fn revoke(&mut self, ids: &[LeaseId], out: &mut Vec<LeaseMutation>) -> Vec<Vec<u8>> {
+        let mut keys = Vec::new();
+        for id in ids {
+            if self.owned.remove(id).is_some() {
+                out.push(LeaseMutation::Owned(*id, None));
+                self.revoked.insert(*id, true);
+                out.push(LeaseMutation::Revoked(*id, true));
+                keys.extend(self.attached.remove(id).unwrap_or_default());
+            }
+        }
+        keys
+    }
+
+    /// Advances the clock by `advance_ms`, renews `renewals` for their full TTL and revokes
+    /// what expired. Returns the expired ids and the keys of this range to delete.
+    pub fn tick(
+        &mut self,
+        advance_ms: u64,
+        renewals: &[LeaseId],
+        out: &mut Vec<LeaseMutation>,
+    ) -> (Vec<LeaseId>, Vec<Vec<u8>>) {
+        if advance_ms > 0 {
+            self.clock_ms += advance_ms;
+            out.push(LeaseMutation::Clock(self.clock_ms));
+        }
+        for id in renewals {
+            if let Some(lease) = self.owned.get_mut(id) {
+                let expires_at_ms = self.clock_ms + lease.ttl_ms;
+                if expires_at_ms > lease.expires_at_ms {
+                    lease.expires_at_ms = expires_at_ms;
+                    out.push(LeaseMutation::Owned(*id, Some(*lease)));
+                }
+            }
+        }
+        let expired: Vec<LeaseId> = self
+            .owned
+            .iter()
+            .filter(|(_, l)| l.expires_at_ms <= self.clock_ms)
+            .map(|(id, _)| *id)
+            .collect();
+        let keys = self.revoke(&expired, out);
+        (expired, keys)
+    }
+
+    /// Another range revoked `ids`: forget their keys here and refuse them from now on.
+    /// Idempotent. Returns the keys of this range to delete.
+    pub fn detach(&mut self, ids: &[LeaseId], out: &mut Vec<LeaseMutation>) -> Vec<Vec<u8>> {
+        let mut keys = Vec::new();
+        for id in ids {
+            if !self.revoked.contains_key(id) {
+                self.revoked.insert(*id, false);
+                out.push(LeaseMutation::Revoked(*id, false));
+            }
+            keys.extend(self.attached.remove(id).unwrap_or_default());
+        }
+        keys
+    }
+
+    /// Every other range has detached `ids`.
+    pub fn detached(&mut self, ids: &[LeaseId], out: &mut Vec<LeaseMutation>) {
+        for id in ids {
+            if let Some(pending) = self.revoked.get_mut(id) {
+                if *pending {
+                    *pending = false;
+                    out.push(LeaseMutation::Revoked(*id, false));
+                }
+            }
+        }
+    }
+
+    /// Crashes on a broken invariant (STYLE.md 6).
+    pub fn check_invariants(&self) {
+        if cfg!(debug_assertions) {
+            for id in self.owned.keys() {
+                assert!(
+                    !self.revoked.contains_key(id),
+                    "lease {id} is owned and revoked"
+                );
+            }
+            assert!(!self.owned.contains_key(&0) && !self.revoked.contains_key(&0));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_expires_when_the_clock_passes_its_ttl() {
+        let mut t = LeaseTable::default();
+        let out = &mut Vec::new();
+        t.grant(7, 1_000, out).unwrap();
+        t.attach(b"a", 0, 7);
+        assert_eq!(t.tick(999 + LEASE_TICK_MS, &[], out), (vec![], vec![]));
+        assert_eq!(t.time_to_live(7), Some((1_000, 1)));
+        assert_eq!(t.tick(1, &[], out), (vec![7], vec![b"a".to_vec()]));
+        assert!(t.is_revoked(7) && !t.owns(7));
+        assert_eq!(t.pending_detach(), vec![7]);
+        t.detached(&[7], out);
+        assert!(t.pending_detach().is_empty() && t.is_revoked(7));
+        t.check_invariants();
+    }
+
+    #[test]
+    fn a_renewal_restarts_the_full_ttl_from_the_tick() {
+        let mut t = LeaseTable::default();
+        let out = &mut Vec::new();
+        t.grant(1, 1_000, out).unwrap();
+        t.tick(900, &[1], out);
+        assert_eq!(t.time_to_live(1), Some((1_000, 1_000)));
+        assert_eq!(t.tick(999, &[], out).0, Vec::<LeaseId>::new());
+        // A renewal arriving in the tick that would expire the lease keeps it.
+        assert_eq!(t.tick(1, &[1], out).0, Vec::<LeaseId>::new());
+        assert!(t.owns(1));
+    }
+
+    #[test]
+    fn ids_are_never_reused() {
+        let mut t = LeaseTable::default();
+        let out = &mut Vec::new();
+        t.grant(3, 1_000, out).unwrap();
+        assert_eq!(t.grant(3, 1_000, out), Err(ApiError::LeaseExists { id: 3 }));
+        t.revoke(&[3], out);
+        assert_eq!(t.grant(3, 1_000, out), Err(ApiError::LeaseExists { id: 3 }));
+        t.detach(&[4], out);
+        assert_eq!(t.grant(4, 1_000, out), Err(ApiError::LeaseExists { id: 4 }));
+    }
+
+    #[test]
+    fn a_key_moved_to_another_lease_is_not_deleted_with_the_old_one() {
+        let mut t = LeaseTable::default();
+        let out = &mut Vec::new();
+        t.attach(b"k", 0, 1);
+        t.attach(b"j", 0, 1);
+        t.attach(b"k", 1, 2);
+        assert_eq!(t.detach(&[1], out), vec![b"j".to_vec()]);
+        assert_eq!(t.attached_keys(2), vec![b"k".to_vec()]);
+        // Detach is idempotent.
+        assert!(t.detach(&[1], out).is_empty());
+    }
+}

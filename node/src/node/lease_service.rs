@@ -1,0 +1,314 @@
+//! The node's side of leases: keepalives held in memory by the owner range's leader, the
+//! leader's periodic tick (one Raft entry carries every renewal and every expiry), the fan-out
+//! of revocations to the other ranges, and the check that a put's lease exists. The replicated
+//! lease state and its rules are in [`crate::leases`].
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use concord_transport::api::{
+    ApiError, Consistency, KvResponse, LeaseId, LeaseRequest, LeaseResponse, RangeId,
+};
+use concord_transport::lease::lease_anchor;
+use futures::future::join_all;
+use openraft::async_runtime::watch::WatchReceiver;
+use tokio::task::JoinSet;
+
+use super::{not_leader, Group, NodeInner};
+use crate::leases::LEASE_TICK_MS;
+use crate::mvcc::Command;
+use crate::network::{CallError, PeerError, PeerReply, PeerRequest};
+
+/// How long one internal proposal (a tick, a detach at another range) may take.
+const PROPOSE_TIMEOUT_MS: u64 = 3_000;
+
+/// Per-range lease bookkeeping of this node, used while it leads the range.
+#[derive(Default)]
+pub(super) struct LeaseKeeper {
+    /// Leases kept alive since the last tick.
+    renewals: Mutex<BTreeSet<LeaseId>>,
+    /// When this node last ticked the range, and in which term.
+    last_tick: Mutex<Option<(Instant, u64)>>,
+    /// A tick of this range is running.
+    busy: AtomicBool,
+}
+
+impl LeaseKeeper {
+    fn renew(&self, id: LeaseId) {
+        self.renewals.lock().expect("renewals lock").insert(id);
+    }
+
+    fn take_renewals(&self) -> Vec<LeaseId> {
+        std::mem::take(&mut *self.renewals.lock().expect("renewals lock"))
+            .into_iter()
+            .collect()
+    }
+
+    fn return_renewals(&self, ids: Vec<LeaseId>) {
+        self.renewals.lock().expect("renewals lock").extend(ids);
+    }
+
+    /// Milliseconds since the previous tick in `term`; 0 on the first tick of a term (time
+    /// spent electing this leader is not counted: expiries are delayed, never advanced).
+    fn advance(&self, now: Instant, term: u64) -> u64 {
+        let mut last = self.last_tick.lock().expect("last tick lock");
+        let advance = match *last {
+            Some((at, t)) if t == term => now.duration_since(at).as_millis() as u64,
+            _ => 0,
+        };
+        *last = Some((now, term));
+        advance
+    }
+
+    /// Time since the previous tick (counted against a lease's remaining TTL).
+    fn since_tick(&self) -> u64 {
+        self.last_tick
+            .lock()
+            .expect("last tick lock")
+            .map_or(0, |(at, _)| at.elapsed().as_millis() as u64)
+    }
+
+    fn forget(&self) {
+        *self.last_tick.lock().expect("last tick lock") = None;
+        self.renewals.lock().expect("renewals lock").clear();
+    }
+}
+
+/// Ticks every range this node leads, every [`LEASE_TICK_MS`], until the node goes.
+pub(super) async fn lease_loop(inner: Weak<NodeInner>) {
+    let mut interval = tokio::time::interval(Duration::from_millis(LEASE_TICK_MS));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Dropped (aborting its ticks) when the loop is aborted at shutdown.
+    let mut ticks = JoinSet::new();
+    loop {
+        interval.tick().await;
+        while ticks.try_join_next().is_some() {}
+        let Some(inner) = inner.upgrade() else { return };
+        for (gid, group) in &inner.groups {
+            if !group.raft.is_leader() {
+                group.keeper.forget();
+                continue;
+            }
+            if group.keeper.busy.swap(true, Ordering::AcqRel) {
+                continue;
+            }
+            let (inner, gid) = (inner.clone(), *gid);
+            ticks.spawn(async move {
+                let group = &inner.groups[&gid];
+                inner.lease_tick(group).await;
+                group.keeper.busy.store(false, Ordering::Release);
+            });
+        }
+    }
+}
+
+impl NodeInner {
+    /// One lease tick of a range this node leads: advance the clock, carry the renewals,
+    /// expire (all in one entry), then push pending revocations to the other ranges.
+    async fn lease_tick(&self, group: &Group) {
+        let term = group.raft.metrics().borrow_watched().current_term;
+        let advance_ms = group.keeper.advance(Instant::now(), term);
+        let (owns_leases, pending) = {
+            let state = group.state.read().expect("range state lock");
+            let leases = state.mvcc.leases();
+            let owns = leases.owned().next().is_some();
+            (owns, leases.pending_detach())
+        };
+        let renewals = group.keeper.take_renewals();
+        if owns_leases || !renewals.is_empty() {
+            let tick = Command::LeaseTick {
+                advance_ms,
+                renewals: renewals.clone(),
+            };
+            let timeout = Duration::from_millis(PROPOSE_TIMEOUT_MS);
+            match tokio::time::timeout(timeout, group.raft.client_write(tick)).await {
+                Ok(Ok(_)) => {}
+                failed => {
+                    tracing::debug!(range = group.descriptor.id, "lease tick failed: {failed:?}");
+                    // The advance is lost (expiries only get later); the renewals are kept.
+                    group.keeper.return_renewals(renewals);
+                }
+            }
+        }
+        if !pending.is_empty() && self.detach_everywhere(group.descriptor.id, &pending).await {
+            let done = Command::LeaseDetached { ids: pending };
+            if let Err(e) = group.raft.client_write(done).await {
+                tracing::debug!(range = group.descriptor.id, "lease detached: {e}");
+            }
+        }
+    }
+
+    /// Applies a detach of `ids` at every range but `owner`; true when all succeeded.
+    async fn detach_everywhere(&self, owner: RangeId, ids: &[LeaseId]) -> bool {
+        let others = self.table.ranges().iter().filter(|d| d.id != owner);
+        let results = join_all(others.map(|d| {
+            let cmd = Command::LeaseDetach { ids: ids.to_vec() };
+            self.propose_anywhere(d.id, cmd)
+        }))
+        .await;
+        results.iter().all(Result::is_ok)
+    }
+
+    /// Proposes an internal command to range `range_id` at its leader, here or on a peer.
+    async fn propose_anywhere(
+        &self,
+        range_id: RangeId,
+        cmd: Command,
+    ) -> Result<KvResponse, ApiError> {
+        let group = self
+            .groups
+            .get(&range_id)
+            .ok_or(ApiError::RangeNotFound { range_id })?;
+        let timeout = Duration::from_millis(PROPOSE_TIMEOUT_MS);
+        match group.raft.as_leader() {
+            Ok(_) => self.propose(group, cmd).await,
+            Err(f) => {
+                let leader = f.leader_id.ok_or_else(|| not_leader(range_id, None))?;
+                let reply = self
+                    .peers
+                    .call(leader, range_id, PeerRequest::Propose(cmd), timeout)
+                    .await;
+                match reply {
+                    Ok(PeerReply::Proposed(result)) => result,
+                    other => Err(peer_failure(range_id, other)),
+                }
+            }
+        }
+    }
+
+    /// Whether lease `id` exists, asked linearizably of its owner range's leader.
+    pub(super) async fn check_lease_alive(&self, id: LeaseId) -> Result<(), ApiError> {
+        let owner = self.table.locate(&lease_anchor(id)).id;
+        let group = self
+            .groups
+            .get(&owner)
+            .ok_or(ApiError::RangeNotFound { range_id: owner })?;
+        let alive = match group.raft.as_leader() {
+            Ok(_) => self.lease_alive_here(group, id).await?,
+            Err(f) => {
+                let leader = f.leader_id.ok_or_else(|| not_leader(owner, None))?;
+                let timeout = Duration::from_millis(PROPOSE_TIMEOUT_MS);
+                match self
+                    .peers
+                    .call(leader, owner, PeerRequest::LeaseAlive { id }, timeout)
+                    .await
+                {
+                    Ok(PeerReply::LeaseAlive(alive)) => alive,
+                    other => return Err(peer_failure(owner, other)),
+                }
+            }
+        };
+        alive.then_some(()).ok_or(ApiError::LeaseNotFound { id })
+    }
+
+    /// Whether this node, as leader of the lease's owner range, knows lease `id` as live.
+    pub(super) async fn lease_alive_here(
+        &self,
+        group: &Group,
+        id: LeaseId,
+    ) -> Result<bool, ApiError> {
+        self.read_barrier(group, Consistency::Linearizable).await?;
+        let state = group.state.read().expect("range state lock");
+        Ok(state.mvcc.leases().owns(id))
+    }
+
+    /// Serves the lease requests that are not Raft writes: keepalive, time-to-live, list,
+    /// attached keys. `None` for grant and revoke, which the caller proposes.
+    pub(super) async fn serve_lease_read(
+        &self,
+        group: &Group,
+        request: &LeaseRequest,
+    ) -> Option<Result<KvResponse, ApiError>> {
+        let result = match request {
+            LeaseRequest::Grant { .. } | LeaseRequest::Revoke { .. } => return None,
+            LeaseRequest::KeepAlive { id } => self.keep_alive(group, *id).await,
+            LeaseRequest::TimeToLive { id } => self.time_to_live(group, *id).await,
+            LeaseRequest::List => {
+                self.read_leases(group, |mvcc| LeaseResponse::List {
+                    header: mvcc.header(),
+                    ids: mvcc.leases().owned().map(|(id, _)| id).collect(),
+                })
+                .await
+            }
+            LeaseRequest::AttachedKeys { id } => {
+                self.read_leases(group, |mvcc| LeaseResponse::AttachedKeys {
+                    header: mvcc.header(),
+                    keys: mvcc.leases().attached_keys(*id),
+                })
+                .await
+            }
+        };
+        Some(result.map(KvResponse::Lease))
+    }
+
+    async fn keep_alive(&self, group: &Group, id: LeaseId) -> Result<LeaseResponse, ApiError> {
+        // Only a leader sure of its lease may promise a renewal; a deposed one would accept
+        // keepalives that never reach a tick.
+        let range_id = group.descriptor.id;
+        if let Err(f) = group.raft.as_leader() {
+            return Err(not_leader(range_id, f.leader_id));
+        }
+        let ttl_ms = match self.lease_alive_here(group, id).await? {
+            false => return Err(ApiError::LeaseNotFound { id }),
+            true => {
+                let state = group.state.read().expect("range state lock");
+                state
+                    .mvcc
+                    .leases()
+                    .time_to_live(id)
+                    .map_or(0, |(ttl, _)| ttl)
+            }
+        };
+        group.keeper.renew(id);
+        Ok(LeaseResponse::KeptAlive { id, ttl_ms })
+    }
+
+    async fn time_to_live(&self, group: &Group, id: LeaseId) -> Result<LeaseResponse, ApiError> {
+        let range_id = group.descriptor.id;
+        if let Err(f) = group.raft.as_leader() {
+            return Err(not_leader(range_id, f.leader_id));
+        }
+        self.read_barrier(group, Consistency::Linearizable).await?;
+        let state = group.state.read().expect("range state lock");
+        let (granted_ttl_ms, remaining_ms) = state
+            .mvcc
+            .leases()
+            .time_to_live(id)
+            .ok_or(ApiError::LeaseNotFound { id })?;
+        Ok(LeaseResponse::TimeToLive {
+            header: state.mvcc.header(),
+            id,
+            granted_ttl_ms,
+            remaining_ms: remaining_ms.saturating_sub(group.keeper.since_tick()),
+        })
+    }
+
+    /// A linearizable read of the range's lease table.
+    async fn read_leases(
+        &self,
+        group: &Group,
+        read: impl FnOnce(&crate::mvcc::Mvcc) -> LeaseResponse,
+    ) -> Result<LeaseResponse, ApiError> {
+        self.read_barrier(group, Consistency::Linearizable).await?;
+        let state = group.state.read().expect("range state lock");
+        Ok(read(&state.mvcc))
+    }
+}
+
+/// The API error for a failed or unexpected peer reply about `range_id`.
+fn peer_failure(range_id: RangeId, reply: Result<PeerReply, CallError>) -> ApiError {
+    match reply {
+        Err(CallError::Remote {
+            error: PeerError::NotLeader(hint),
+            ..
+        }) => not_leader(range_id, hint),
+        Err(e) => ApiError::Unavailable {
+            range_id,
+            reason: e.to_string(),
+        },
+        Ok(PeerReply::Proposed(Err(e))) => e,
+        Ok(other) => ApiError::Internal(format!("unexpected peer reply {other:?}")),
+    }
+}

@@ -1,0 +1,186 @@
+//! Leases on an in-process 3-node cluster: expiry and revoke delete attached keys in every
+//! range, keepalives keep them, a key moved off a lease survives it, and a leader change of the
+//! owner range neither expires a live lease nor gives a dead one a fresh TTL.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{eventually, key_in, Cluster};
+use concord_client::api::{ApiError, KeySpan, LeaseId, RangeId, RangeRequest};
+use concord_client::{Client, Error, Session};
+use concord_transport::lease::lease_anchor;
+
+const RANGES: usize = 4;
+
+async fn present(client: &Client, key: &[u8]) -> bool {
+    let r = client
+        .range(
+            RangeRequest::new(KeySpan::key(key.to_vec())),
+            Default::default(),
+        )
+        .await
+        .expect("read");
+    !r.kvs.is_empty()
+}
+
+/// One key per range attached to `lease`, tagged `tag`.
+async fn attach_everywhere(client: &Client, lease: LeaseId, tag: usize) -> Vec<Vec<u8>> {
+    let mut keys = Vec::new();
+    for range in 1..=RANGES as u64 {
+        let key = key_in(client, range, tag);
+        client
+            .put_leased(key.clone(), "v", lease)
+            .await
+            .unwrap_or_else(|e| panic!("leased put in range {range}: {e}"));
+        keys.push(key);
+    }
+    keys
+}
+
+async fn wait_all_gone(client: &Client, what: &str, keys: &[Vec<u8>]) {
+    eventually(what, || async {
+        for key in keys {
+            if present(client, key).await {
+                return Err(format!("{:?} still present", String::from_utf8_lossy(key)));
+            }
+        }
+        Ok(())
+    })
+    .await;
+}
+
+fn is_lease_not_found(r: Result<impl std::fmt::Debug, Error>) -> bool {
+    matches!(r, Err(Error::Api(ApiError::LeaseNotFound { .. })))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn expiry_and_revoke_delete_keys_in_every_range() {
+    let cluster = Cluster::start(3, RANGES).await;
+    let client = cluster.client().await;
+    let ttl = Duration::from_secs(2);
+
+    let kept = client.session(ttl).await.expect("session");
+    let dying = client.lease_grant(ttl).await.expect("grant");
+    let revoked = client
+        .lease_grant(Duration::from_secs(60))
+        .await
+        .expect("grant");
+    let kept_keys = attach_everywhere(&client, kept.lease(), 1).await;
+    let dying_keys = attach_everywhere(&client, dying, 2).await;
+    let revoked_keys = attach_everywhere(&client, revoked, 3).await;
+
+    let listed = client.lease_list().await.expect("list");
+    for id in [kept.lease(), dying, revoked] {
+        assert!(listed.contains(&id), "lease {id} missing from {listed:?}");
+    }
+    let ttl_info = client.lease_time_to_live(revoked, true).await.expect("ttl");
+    assert_eq!(ttl_info.granted_ttl_ms, 60_000);
+    assert_eq!(
+        ttl_info.keys.len(),
+        RANGES,
+        "keys of {revoked}: {ttl_info:?}"
+    );
+
+    client.lease_revoke(revoked).await.expect("revoke");
+    wait_all_gone(&client, "revoked lease's keys deleted", &revoked_keys).await;
+    wait_all_gone(&client, "expired lease's keys deleted", &dying_keys).await;
+
+    // Dead leases refuse new keys, in the owner range and elsewhere.
+    for (id, tag) in [(dying, 4), (revoked, 5)] {
+        for range in 1..=RANGES as u64 {
+            let r = client
+                .put_leased(key_in(&client, range, tag), "v", id)
+                .await;
+            assert!(
+                is_lease_not_found(r),
+                "put with dead lease {id} in range {range}"
+            );
+        }
+        assert!(is_lease_not_found(client.lease_keep_alive_once(id).await));
+    }
+
+    // Kept alive well past its TTL: every key is still there.
+    // The passing of lease time is the scenario here, not a synchronisation.
+    tokio::time::sleep(2 * ttl).await;
+    assert!(kept.is_alive());
+    for key in &kept_keys {
+        assert!(present(&client, key).await, "kept key {key:?} vanished");
+    }
+
+    // A key moved off the lease outlives it; closing the session deletes the rest.
+    client
+        .put(kept_keys[0].clone(), "mine now")
+        .await
+        .expect("re-put");
+    kept.close().await.expect("close session");
+    wait_all_gone(&client, "closed session's keys deleted", &kept_keys[1..]).await;
+    assert!(
+        present(&client, &kept_keys[0]).await,
+        "re-put key was deleted"
+    );
+    cluster.shutdown().await;
+}
+
+/// Lease ids whose owner is `range`.
+fn ids_owned_by(client: &Client, range: RangeId, n: usize) -> Vec<LeaseId> {
+    let ranges = client.routes().ranges;
+    (1..)
+        .filter(|id| {
+            let anchor = lease_anchor(*id);
+            ranges.iter().any(|d| d.id == range && d.contains(&anchor))
+        })
+        .take(n)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn owner_leader_change_keeps_live_leases_and_dead_ones_dead() {
+    let mut cluster = Cluster::start(3, RANGES).await;
+    let client = cluster.client().await;
+    let owner: RangeId = 1;
+    let ids = ids_owned_by(&client, owner, 2);
+    let ttl = Duration::from_secs(8);
+
+    let live = client.lease_grant_id(ids[0], ttl).await.expect("grant");
+    let live = Session::keep(client.clone(), live, ttl);
+    let dead = client.lease_grant_id(ids[1], ttl).await.expect("grant");
+    let granted = Instant::now();
+    let live_key = key_in(&client, 2, 1);
+    let dead_key = key_in(&client, 3, 2);
+    client
+        .put_leased(live_key.clone(), "v", live.lease())
+        .await
+        .unwrap();
+    client
+        .put_leased(dead_key.clone(), "v", dead)
+        .await
+        .unwrap();
+
+    // Most of the dead lease's TTL passes, then the owner range loses its leader.
+    tokio::time::sleep_until((granted + Duration::from_secs(6)).into()).await;
+    let leader = cluster.leader_of(owner).expect("owner range has a leader");
+    cluster.stop(leader).await;
+
+    // A fresh TTL would keep the dead lease until 14 s after the grant; the replicated lease
+    // clock expires it at 8 s plus the failover.
+    wait_all_gone(&client, "dead lease's key deleted", &[dead_key]).await;
+    let lived = granted.elapsed();
+    assert!(
+        lived < Duration::from_secs(13),
+        "the dead lease lived {lived:?}: the leader change reset its TTL"
+    );
+    assert!(
+        lived >= ttl,
+        "the dead lease expired early, after {lived:?}"
+    );
+
+    // The live lease survived the failover and still survives a full TTL later.
+    tokio::time::sleep(ttl).await;
+    assert!(live.is_alive(), "live lease lost in the failover");
+    assert!(
+        present(&client, &live_key).await,
+        "live lease's key vanished"
+    );
+    cluster.shutdown().await;
+}
