@@ -24,7 +24,7 @@ const RETRY_BACKOFF_MS: u64 = 50;
 /// Longest pause between attempts.
 const RETRY_BACKOFF_MAX_MS: u64 = 500;
 
-async fn backoff(attempt: u32) {
+pub(crate) async fn backoff(attempt: u32) {
     let ms = (RETRY_BACKOFF_MS << attempt.min(10)).min(RETRY_BACKOFF_MAX_MS);
     tokio::time::sleep(Duration::from_millis(ms)).await;
 }
@@ -108,6 +108,11 @@ impl Client {
         Ok(client)
     }
 
+    /// The configuration this client was made with.
+    pub(crate) fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
     /// The cached route table.
     pub fn routes(&self) -> RouteTable {
         self.inner.routes.read().expect("routes lock").clone()
@@ -144,7 +149,7 @@ impl Client {
         addrs
     }
 
-    fn node_addr(&self, node: NodeId) -> Option<String> {
+    pub(crate) fn node_addr(&self, node: NodeId) -> Option<String> {
         let routes = self.inner.routes.read().expect("routes lock");
         routes
             .nodes
@@ -444,6 +449,16 @@ impl Client {
         out
     }
 
+    /// Sends `request` to `addr` on a new stream and returns the stream's receiving half (for
+    /// requests answered by many frames: watches).
+    pub(crate) async fn open_request(
+        &self,
+        addr: &str,
+        request: &ClientRequest,
+    ) -> Result<quinn::RecvStream, Error> {
+        self.inner.deliver(addr, &wire::encode_frame(request)).await
+    }
+
     /// Sends raw bytes as a request frame to `addr` and returns the decoded response
     /// (for protocol tests: malformed frames, unknown versions).
     pub async fn send_raw(&self, addr: &str, bytes: &[u8]) -> Result<ClientResponse, Error> {
@@ -459,7 +474,7 @@ impl Client {
             .clone()
     }
 
-    fn overlapping(&self, span: &KeySpan) -> Vec<RangeDescriptor> {
+    pub(crate) fn overlapping(&self, span: &KeySpan) -> Vec<RangeDescriptor> {
         let (start, end) = span.bounds();
         let table = self.inner.table.read().expect("table lock");
         let table = table.as_ref().expect("routes fetched at connect");
@@ -468,7 +483,7 @@ impl Client {
 }
 
 /// The part of `span` inside `desc`, as a span.
-fn clip(desc: &RangeDescriptor, span: &KeySpan) -> KeySpan {
+pub(crate) fn clip(desc: &RangeDescriptor, span: &KeySpan) -> KeySpan {
     match &span.end {
         None => span.clone(),
         Some(end) => {
@@ -516,7 +531,8 @@ impl Inner {
         self.exchange(addr, &wire::encode_frame(request)).await
     }
 
-    async fn exchange(&self, addr: &str, frame: &[u8]) -> Result<ClientResponse, Error> {
+    /// Opens a stream to `addr` and hands it the whole `frame`; returns the receiving half.
+    async fn deliver(&self, addr: &str, frame: &[u8]) -> Result<quinn::RecvStream, Error> {
         let timeout = self.config.request_timeout;
         let connect_err = |reason: String| Error::Connect {
             addr: addr.to_string(),
@@ -537,10 +553,15 @@ impl Inner {
             let _ = send.finish();
             Ok::<_, Error>(recv)
         };
-        let mut recv = match tokio::time::timeout(timeout, deliver).await {
-            Err(_) => return Err(connect_err(format!("not delivered within {timeout:?}"))),
-            Ok(r) => r?,
-        };
+        match tokio::time::timeout(timeout, deliver).await {
+            Err(_) => Err(connect_err(format!("not delivered within {timeout:?}"))),
+            Ok(r) => r,
+        }
+    }
+
+    async fn exchange(&self, addr: &str, frame: &[u8]) -> Result<ClientResponse, Error> {
+        let timeout = self.config.request_timeout;
+        let mut recv = self.deliver(addr, frame).await?;
         match tokio::time::timeout(
             timeout,
             wire::read_frame::<_, ClientResponse>(&mut recv, RESPONSE_BYTES_MAX),

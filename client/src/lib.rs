@@ -21,9 +21,11 @@ mod config;
 mod error;
 mod lease;
 pub mod txn_syntax;
+mod watch;
 
 pub use client::{Client, DeleteResult, RangeResult};
 pub use concord_transport::api;
 pub use config::ClientConfig;
 pub use error::Error;
 pub use lease::{LeaseTtl, Session, SessionState};
+pub use watch::{WatchResponse, Watcher};

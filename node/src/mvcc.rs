@@ -20,6 +20,7 @@ use concord_transport::api::{
     KeySpan, KeyValue, KvResponse, LeaseId, LeaseResponse, PutRequest, PutResponse, RangeId,
     RangeRequest, RangeResponse, ResponseHeader, TxnOp, TxnOpResponse, TxnRequest, TxnResponse,
 };
+use concord_transport::watch::{Event, EventKind};
 use serde::{Deserialize, Serialize};
 
 use crate::leases::{LeaseMutation, LeaseTable};
@@ -328,6 +329,63 @@ impl Mvcc {
         let history = self.index.get(key)?;
         let v = history.iter().rev().find(|v| v.rev.main <= at)?;
         v.record.as_ref().map(|r| (v.rev, r))
+    }
+
+    /// The watch event of version `rev` of `key` (with the version before it as `prev_kv`,
+    /// unless compacted away). `None` if that version is not (or no longer) stored.
+    pub fn event(&self, key: &[u8], rev: Rev) -> Option<Event> {
+        let history = self.index.get(key)?;
+        let at = history.binary_search_by_key(&rev, |v| v.rev).ok()?;
+        let prev_kv = at.checked_sub(1).and_then(|i| {
+            history[i]
+                .record
+                .as_ref()
+                .map(|r| kv(key, history[i].rev, r, false))
+        });
+        Some(match &history[at].record {
+            Some(record) => Event {
+                kind: EventKind::Put,
+                kv: kv(key, rev, record, false),
+                prev_kv,
+            },
+            None => Event {
+                kind: EventKind::Delete,
+                kv: KeyValue {
+                    key: key.to_vec(),
+                    value: Vec::new(),
+                    create_revision: 0,
+                    mod_revision: rev.main,
+                    version: 0,
+                    lease: 0,
+                },
+                prev_kv,
+            },
+        })
+    }
+
+    /// The events of `span` at revisions `from..=` the current one, grouped by revision in
+    /// ascending order (for a watch starting in the past). `from` must be above the compact
+    /// revision: older history is incomplete.
+    pub fn history(&self, span: &KeySpan, from: u64) -> Vec<(u64, Vec<Event>)> {
+        let mut versions: Vec<(Rev, &[u8])> = self
+            .index
+            .range(span_bounds(span))
+            .flat_map(|(k, h)| {
+                h.iter()
+                    .filter(|v| v.rev.main >= from)
+                    .map(move |v| (v.rev, k.as_slice()))
+            })
+            .collect();
+        versions.sort_unstable();
+        let mut out: Vec<(u64, Vec<Event>)> = Vec::new();
+        for (rev, key) in versions {
+            let event = self.event(key, rev).expect("a listed version is stored");
+            match out.last_mut() {
+                Some((main, events)) if *main == rev.main => events.push(event),
+                _ => out.push((rev.main, vec![event])),
+            }
+        }
+        out
     }
 
     /// Reads `req` at its revision (0 = latest).

@@ -395,6 +395,16 @@ pub enum ClientRequest {
         /// The request.
         request: KvRequest,
     },
+    /// Open a watch of one range: the reply is a stream of
+    /// [`WatchMessage`](crate::watch::WatchMessage) frames instead of one response.
+    Watch {
+        /// The range.
+        range_id: RangeId,
+        /// The epoch of the client's descriptor of that range.
+        epoch: u64,
+        /// What to watch.
+        request: crate::watch::WatchRequest,
+    },
     /// The route table: ranges, replicas, leader hints, node addresses.
     Routes,
     /// Cluster status as this node sees it.
@@ -610,6 +620,14 @@ pub enum ApiError {
         /// The lease.
         id: LeaseId,
     },
+    /// A watcher fell too far behind and was cancelled; resume from `resume_revision`.
+    #[error("watch of range {range_id} cancelled: the watcher fell behind; resume from revision {resume_revision}")]
+    WatchOverflow {
+        /// The range.
+        range_id: RangeId,
+        /// The first revision not delivered.
+        resume_revision: u64,
+    },
     /// Something failed inside the node.
     #[error("internal error: {0}")]
     Internal(String),
@@ -637,6 +655,7 @@ impl ApiError {
             Self::Indeterminate { .. } => "INDETERMINATE",
             Self::LeaseNotFound { .. } => "LEASE_NOT_FOUND",
             Self::LeaseExists { .. } => "LEASE_EXISTS",
+            Self::WatchOverflow { .. } => "WATCH_OVERFLOW",
             Self::Internal(_) => "INTERNAL",
         }
     }

@@ -10,6 +10,7 @@ pub mod api;
 pub mod endpoint;
 pub mod lease;
 pub mod tls;
+pub mod watch;
 pub mod wire;
 
 /// ALPN of the client protocol (client library, `concordctl`, loadgen → node).

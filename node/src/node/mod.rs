@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
@@ -35,10 +35,11 @@ use crate::network::{
     Peers,
 };
 use crate::raft_types::Raft;
-use crate::storage::{Engine, LogStore, RangeState, StateMachine};
+use crate::storage::{Engine, LogStore, RangeState, StateMachine, WATCH_BUFFER_DEFAULT};
 use lease_service::{lease_loop, LeaseKeeper};
 
 mod lease_service;
+mod watch_service;
 
 /// Raft timing and log-retention settings.
 #[derive(Debug, Clone)]
@@ -89,6 +90,8 @@ pub struct NodeConfig {
     pub connection: ConnectionLimits,
     /// Raft settings.
     pub raft: RaftSettings,
+    /// Revisions of events a watcher may fall behind before it is cancelled (resumable).
+    pub watch_buffer: usize,
 }
 
 impl NodeConfig {
@@ -104,6 +107,7 @@ impl NodeConfig {
             limits: RequestLimits::default(),
             connection: ConnectionLimits::default(),
             raft: RaftSettings::default(),
+            watch_buffer: WATCH_BUFFER_DEFAULT,
         }
     }
 }
@@ -221,6 +225,7 @@ impl BoundNode {
         for desc in table.ranges() {
             let log = LogStore::new(engine.clone(), desc.id);
             let sm = StateMachine::open(engine.clone(), desc.id)?;
+            sm.set_watch_buffer(config.watch_buffer);
             let state = sm.state();
             let network = NetworkFactory {
                 peers: peers.clone(),
@@ -256,6 +261,7 @@ impl BoundNode {
             peers,
             table,
             groups,
+            watch_overflows: AtomicU64::new(0),
         });
         ready_tx.send_replace(Some(Arc::downgrade(&inner)));
         let mut tasks = JoinSet::new();
@@ -303,6 +309,8 @@ struct NodeInner {
     peers: Arc<Peers>,
     table: RangeTable,
     groups: BTreeMap<RangeId, Group>,
+    /// Watchers cancelled for falling behind, since start.
+    watch_overflows: AtomicU64,
 }
 
 /// A running node.
@@ -332,6 +340,11 @@ impl Node {
     /// The group-commit counters of this node's storage.
     pub fn storage_counters(&self) -> StorageCounters {
         storage_counters(&self.inner().engine)
+    }
+
+    /// Watchers this node cancelled for falling behind (they resume), since start.
+    pub fn watch_overflows(&self) -> u64 {
+        self.inner().watch_overflows.load(Ordering::Relaxed)
     }
 
     /// The ids of the ranges this node leads now.
@@ -460,6 +473,15 @@ async fn serve_client_stream(
             Err(e) => Err(ApiError::Malformed(e.to_string())),
             Ok(bytes) => match wire::decode::<ClientRequest>(&bytes) {
                 Err(e) => Err(ApiError::Malformed(e.to_string())),
+                Ok(ClientRequest::Watch {
+                    range_id,
+                    epoch,
+                    request,
+                }) => {
+                    inner.serve_watch(&mut send, range_id, epoch, request).await;
+                    let _ = send.finish();
+                    return;
+                }
                 Ok(request) => handle_client(&inner, request).await,
             },
         };
@@ -480,6 +502,9 @@ async fn handle_client(inner: &NodeInner, request: ClientRequest) -> ClientRespo
             .handle_kv(range_id, epoch, request)
             .await
             .map(ClientReply::Kv),
+        ClientRequest::Watch { .. } => Err(ApiError::InvalidRequest(
+            "a watch is served on its own stream".into(),
+        )),
     }
 }
 

@@ -25,7 +25,7 @@ use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, DB};
 
 pub use group_commit::GroupCommit;
 pub use log_store::LogStore;
-pub use state_machine::{RangeState, StateMachine};
+pub use state_machine::{RangeState, RevisionEvents, StateMachine, WATCH_BUFFER_DEFAULT};
 
 pub(crate) const CF_LOG: &str = "log";
 pub(crate) const CF_META: &str = "meta";

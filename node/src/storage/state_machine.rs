@@ -15,6 +15,9 @@ use openraft::{EntryPayload, OptionalSend};
 use rocksdb::{Direction, IteratorMode, WriteBatch};
 
 use super::{decode, encode, group_key, to_io, Engine, CF_KV, CF_SM};
+use concord_transport::watch::Event;
+use tokio::sync::broadcast;
+
 use crate::leases::{LeaseMutation, LeaseTable, OwnedLease};
 use crate::mvcc::{Mutation, Mvcc, Record, Rev, Version};
 use crate::raft_types::{
@@ -34,6 +37,18 @@ const TAG_REVOKED_LEASE: u8 = 8;
 
 type Snapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotData>;
 
+/// Watch events buffered per range (in revisions) before a slow watcher is cancelled.
+pub const WATCH_BUFFER_DEFAULT: usize = 1024;
+
+/// The events of one applied revision, as published to the range's watchers.
+#[derive(Debug)]
+pub struct RevisionEvents {
+    /// The revision.
+    pub revision: u64,
+    /// Its events (each with its previous key-value), in write order.
+    pub events: Vec<Event>,
+}
+
 /// The applied state of one range, shared between the state machine and the read path.
 #[derive(Debug)]
 pub struct RangeState {
@@ -43,6 +58,12 @@ pub struct RangeState {
     pub last_applied: Option<LogId>,
     /// The last membership applied.
     pub membership: StoredMembership,
+    /// Publishes every applied revision's events, under the state's write lock: a watcher that
+    /// subscribes under the read lock misses nothing after the revision it read. Replaced
+    /// (closing every subscription) when a snapshot replaces the state.
+    pub events: broadcast::Sender<Arc<RevisionEvents>>,
+    /// Capacity of `events`, in revisions.
+    pub watch_buffer: usize,
 }
 
 /// The state machine of group `gid`.
@@ -147,6 +168,8 @@ impl StateMachine {
             mvcc,
             last_applied,
             membership,
+            events: broadcast::channel(WATCH_BUFFER_DEFAULT).0,
+            watch_buffer: WATCH_BUFFER_DEFAULT,
         };
         Ok(Self {
             gid,
@@ -154,6 +177,13 @@ impl StateMachine {
             state: Arc::new(RwLock::new(state)),
             snapshot_lock: Default::default(),
         })
+    }
+
+    /// Sets how many revisions of events a watcher may fall behind before it is cancelled.
+    pub fn set_watch_buffer(&self, revisions: usize) {
+        let mut state = self.state.write().expect("range state lock");
+        state.watch_buffer = revisions.max(1);
+        state.events = broadcast::channel(state.watch_buffer).0;
     }
 
     /// The shared state, for the read path.
@@ -220,6 +250,27 @@ impl StateMachine {
             encode(&(meta, data)),
         );
         batch.put_cf(sm, group_key(self.gid, &[TAG_SNAPSHOT_META]), encode(meta));
+    }
+}
+
+/// Sends the events of the revision an entry just wrote (if any) to the range's watchers.
+fn publish_events(state: &RangeState, mutations: &[Mutation]) {
+    if state.events.receiver_count() == 0 {
+        return;
+    }
+    let events: Vec<Event> = mutations
+        .iter()
+        .filter_map(|m| match m {
+            Mutation::Put { rev, key, .. } => state.mvcc.event(key, *rev),
+            _ => None,
+        })
+        .collect();
+    if !events.is_empty() {
+        let revision = state.mvcc.revision();
+        // No receiver left since the check: nothing to do.
+        let _ = state
+            .events
+            .send(Arc::new(RevisionEvents { revision, events }));
     }
 }
 
@@ -300,6 +351,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     }
                 };
                 state.last_applied = Some(log_id);
+                publish_events(&state, &mutations);
                 for m in mutations.drain(..) {
                     match m {
                         Mutation::Put { rev, key, record } => {
@@ -370,10 +422,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         for (id, pending) in leases.revoked() {
             self.write_lease(&mut batch, &LeaseMutation::Revoked(id, pending));
         }
+        let watch_buffer = self.state.read().expect("range state lock").watch_buffer;
         let new_state = RangeState {
             mvcc,
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
+            events: broadcast::channel(watch_buffer).0,
+            watch_buffer,
         };
         self.write_counters(&mut batch, &new_state);
         self.put_snapshot(&mut batch, meta, &data);

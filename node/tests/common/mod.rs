@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use concord_client::api::{NodeId, RangeId};
 use concord_client::{Client, ClientConfig};
+use concord_node::storage::WATCH_BUFFER_DEFAULT;
 use concord_node::{BoundNode, Node, NodeConfig, RaftSettings};
 use tempfile::TempDir;
 
@@ -31,11 +32,19 @@ pub struct Cluster {
     pub dir: TempDir,
     pub members: BTreeMap<NodeId, SocketAddr>,
     pub ranges: usize,
+    /// Revisions a watcher may fall behind (the node's `watch_buffer`).
+    pub watch_buffer: usize,
     nodes: BTreeMap<NodeId, Option<Node>>,
 }
 
 impl Cluster {
-    fn config(dir: &TempDir, id: NodeId, listen: SocketAddr, ranges: usize) -> NodeConfig {
+    fn config(
+        dir: &TempDir,
+        id: NodeId,
+        listen: SocketAddr,
+        ranges: usize,
+        watch_buffer: usize,
+    ) -> NodeConfig {
         let mut c = NodeConfig::new(
             id,
             listen,
@@ -44,15 +53,23 @@ impl Cluster {
         );
         c.ranges = ranges;
         c.raft = test_raft();
+        c.watch_buffer = watch_buffer;
         c
     }
 
     /// `start N nodes with R ranges`, and wait until every range has a leader.
     pub async fn start(n: u64, ranges: usize) -> Self {
+        Self::start_with_watch_buffer(n, ranges, WATCH_BUFFER_DEFAULT).await
+    }
+
+    /// `start N nodes with R ranges` whose watchers may fall `watch_buffer` revisions behind.
+    pub async fn start_with_watch_buffer(n: u64, ranges: usize, watch_buffer: usize) -> Self {
         let dir = TempDir::new().expect("tempdir");
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let bound: Vec<BoundNode> = (1..=n)
-            .map(|id| BoundNode::bind(Self::config(&dir, id, any, ranges)).expect("bind"))
+            .map(|id| {
+                BoundNode::bind(Self::config(&dir, id, any, ranges, watch_buffer)).expect("bind")
+            })
             .collect();
         let members: BTreeMap<NodeId, SocketAddr> = bound
             .iter()
@@ -70,6 +87,7 @@ impl Cluster {
             dir,
             members,
             ranges,
+            watch_buffer,
             nodes,
         };
         cluster.wait_ready().await;
@@ -103,7 +121,13 @@ impl Cluster {
 
     /// `restart node ID` on its old address and data.
     pub async fn restart(&mut self, id: NodeId) {
-        let config = Self::config(&self.dir, id, self.members[&id], self.ranges);
+        let config = Self::config(
+            &self.dir,
+            id,
+            self.members[&id],
+            self.ranges,
+            self.watch_buffer,
+        );
         let node = BoundNode::bind(config)
             .expect("rebind")
             .start(self.members.clone())
