@@ -257,3 +257,66 @@ async fn acknowledged_writes_survive_kill_9_of_every_node() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concordctl_leases_and_watch() {
+    let cluster = ProcCluster::new(3);
+    cluster.wait_ready(3).await;
+    let granted: serde_json::Value = serde_json::from_str(
+        &cluster
+            .ctl(&["lease", "grant", "30", "-o", "json"])
+            .unwrap(),
+    )
+    .unwrap();
+    let id = granted["id"].as_str().expect("hex id").to_string();
+
+    let put: serde_json::Value = serde_json::from_str(
+        &cluster
+            .ctl(&["put", "svc/a", "up", "--lease", &id, "-o", "json"])
+            .unwrap(),
+    )
+    .unwrap();
+    let revision = put["revision"].as_u64().expect("revision").to_string();
+    let ttl = cluster.ctl(&["lease", "ttl", &id, "--keys"]).unwrap();
+    assert!(
+        ttl.contains("granted with TTL(30s)") && ttl.contains("svc/a"),
+        "{ttl}"
+    );
+    assert!(cluster.ctl(&["lease", "list"]).unwrap().contains(&id));
+    assert!(cluster.ctl(&["lease", "keep-alive", &id, "--once"]).is_ok());
+
+    // A watcher from the put's revision: the put (history), then its deletion by the revoke.
+    let watcher = std::process::Command::new(concordctl_bin())
+        .arg("--config")
+        .arg(cluster.config_path())
+        .args([
+            "watch", "svc/", "--prefix", "--rev", &revision, "--count", "2",
+        ])
+        .args(["-o", "json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn concordctl watch");
+    assert_eq!(
+        cluster.ctl(&["lease", "revoke", &id]).unwrap().trim(),
+        format!("lease {id} revoked")
+    );
+    assert_eq!(cluster.ctl(&["get", "svc/a"]).unwrap(), "");
+    let err = cluster
+        .ctl(&["put", "svc/b", "x", "--lease", &id])
+        .unwrap_err();
+    assert!(err.contains("LEASE_NOT_FOUND"), "{err}");
+
+    let out = tokio::task::spawn_blocking(move || watcher.wait_with_output())
+        .await
+        .unwrap()
+        .expect("watcher exits after two events");
+    assert!(out.status.success());
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events[0]["type"], "PUT");
+    assert_eq!(events[0]["kv"]["lease"], id.as_str());
+    assert_eq!(events.last().unwrap()["type"], "DELETE");
+}

@@ -10,6 +10,7 @@ use concord_client::api::{
     Consistency, KeySpan, KeyValue, LeaseId, PutRequest, RangeRequest, ResponseHeader,
     TxnOpResponse,
 };
+use concord_client::watch_api::{EventKind, WatchRequest};
 use concord_client::{txn_syntax, Client, ClientConfig, Error, RangeResult};
 use serde_json::{json, Value};
 
@@ -123,6 +124,88 @@ enum Command {
     /// Leases: grant, revoke, keep-alive, ttl, list.
     #[command(subcommand)]
     Lease(LeaseCommand),
+    /// Watch KEY (or a prefix, or [KEY, END)) and print each event until interrupted.
+    Watch {
+        /// The key.
+        key: String,
+        /// End of an interval (exclusive).
+        end: Option<String>,
+        /// Treat KEY as a prefix.
+        #[arg(long)]
+        prefix: bool,
+        /// Start at this revision of each range (0 = from now).
+        #[arg(long, default_value_t = 0)]
+        rev: u64,
+        /// Print the previous key-value of each event.
+        #[arg(long)]
+        prev_kv: bool,
+        /// Leave out puts.
+        #[arg(long)]
+        no_put: bool,
+        /// Leave out deletes.
+        #[arg(long)]
+        no_delete: bool,
+        /// Print progress bookmarks.
+        #[arg(long)]
+        progress: bool,
+        /// Exit after this many events (0 = never).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+    },
+}
+
+/// Prints watch responses until `count` events (0: forever).
+async fn run_watch(
+    client: &Client,
+    request: WatchRequest,
+    count: u64,
+    json: bool,
+) -> Result<(), Error> {
+    let mut watcher = client.watch(request).await?;
+    let mut seen = 0;
+    while let Some(response) = watcher.next().await {
+        let response = response?;
+        if response.progress {
+            if json {
+                println!(
+                    "{}",
+                    json!({"range_id": response.range_id, "progress": response.revision})
+                );
+            } else {
+                println!(
+                    "PROGRESS range {} revision {}",
+                    response.range_id, response.revision
+                );
+            }
+            continue;
+        }
+        for event in &response.events {
+            let kind = match event.kind {
+                EventKind::Put => "PUT",
+                EventKind::Delete => "DELETE",
+            };
+            if json {
+                println!(
+                    "{}",
+                    json!({"type": kind, "range_id": response.range_id, "revision": response.revision, "kv": kv_json(&event.kv), "prev_kv": event.prev_kv.as_ref().map(kv_json)})
+                );
+            } else {
+                println!("{kind}");
+                print_kvs(
+                    std::slice::from_ref(&event.kv),
+                    event.kind == EventKind::Delete,
+                );
+                if let Some(prev) = &event.prev_kv {
+                    print_kvs(std::slice::from_ref(prev), false);
+                }
+            }
+            seen += 1;
+            if count != 0 && seen >= count {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -296,6 +379,33 @@ async fn run(cli: Cli) -> Result<(), Error> {
     let client = Client::connect(ClientConfig::from_file(&cli.config)?).await?;
     match cli.command {
         Command::Lease(command) => run_lease(&client, command, json).await?,
+        Command::Watch {
+            key,
+            end,
+            prefix,
+            rev,
+            prev_kv,
+            no_put,
+            no_delete,
+            progress,
+            count,
+        } => {
+            let span = match (prefix, end) {
+                (true, None) => KeySpan::prefix(key),
+                (false, Some(end)) => KeySpan::interval(key, end),
+                (false, None) => KeySpan::key(key),
+                (true, Some(_)) => return Err(Error::Config("--prefix takes no END".into())),
+            };
+            let request = WatchRequest {
+                span,
+                start_revision: rev,
+                prev_kv,
+                no_put,
+                no_delete,
+                progress_notify: progress,
+            };
+            run_watch(&client, request, count, json).await?
+        }
         Command::Put {
             key,
             value,
