@@ -503,16 +503,7 @@ impl Mvcc {
             .collect();
         for (key, kv) in &live {
             self.leases.attach(key, kv.lease, 0);
-            let rev = cursor.next();
-            out.push(Mutation::Put {
-                rev,
-                key: key.clone(),
-                record: None,
-            });
-            self.index
-                .get_mut(key)
-                .expect("live key is indexed")
-                .push(Version { rev, record: None });
+            self.tombstone(cursor, key, out);
         }
         DeleteResponse {
             header: ResponseHeader {
@@ -657,17 +648,22 @@ impl Mvcc {
         let keys = change(&mut self.leases, &mut changes);
         out.extend(changes.into_iter().map(Mutation::Lease));
         for key in keys {
-            let rev = cursor.next();
-            out.push(Mutation::Put {
-                rev,
-                key: key.clone(),
-                record: None,
-            });
-            self.index
-                .get_mut(&key)
-                .expect("an attached key is indexed")
-                .push(Version { rev, record: None });
+            self.tombstone(cursor, &key, out);
         }
+    }
+
+    /// Deletes live `key` at the write's next position.
+    fn tombstone(&mut self, cursor: &mut WriteCursor, key: &[u8], out: &mut Vec<Mutation>) {
+        let rev = cursor.next();
+        out.push(Mutation::Put {
+            rev,
+            key: key.to_vec(),
+            record: None,
+        });
+        self.index
+            .get_mut(key)
+            .expect("a live key is indexed")
+            .push(Version { rev, record: None });
     }
 
     /// Whether the txn's compares hold, and the branch that runs.

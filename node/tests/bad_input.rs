@@ -55,8 +55,12 @@ async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
                 })
                 .await
         ),
-        "INVALID_REQUEST"
+        "LEASE_NOT_FOUND"
     );
+    let short = client
+        .lease_grant(std::time::Duration::from_millis(10))
+        .await;
+    assert_eq!(code(short), "INVALID_REQUEST");
 
     // A frame announcing more than the request limit: refused before its payload is read.
     let mut header = ((3u32 << 20).to_be_bytes()).to_vec();
