@@ -71,6 +71,7 @@ impl Client {
                 desc,
                 request: req,
                 tx: tx.clone(),
+                established: false,
             };
             tasks.push(tokio::spawn(stream.run(ready_tx)));
             created.push(ready_rx);
@@ -93,6 +94,8 @@ struct RangeWatch {
     desc: RangeDescriptor,
     request: WatchRequest,
     tx: mpsc::Sender<Result<WatchResponse, Error>>,
+    /// The current stream reached `Created`.
+    established: bool,
 }
 
 /// How a stream of one range ended.
@@ -113,7 +116,7 @@ impl RangeWatch {
         // replicas.
         let (mut failures, mut tries) = (0, 0u32);
         loop {
-            let (end, established) = self.stream(tries, &mut ready).await;
+            let end = self.stream(tries, &mut ready).await;
             tries = tries.wrapping_add(1);
             let e = match end {
                 StreamEnd::CallerGone => return,
@@ -121,7 +124,7 @@ impl RangeWatch {
                 StreamEnd::Resume(e) => e,
             };
             tracing::debug!(range = self.desc.id, "watch resumes: {e}");
-            failures = if established { 0 } else { failures + 1 };
+            failures = if self.established { 0 } else { failures + 1 };
             if failures >= attempts_max {
                 let e = Error::Exhausted {
                     attempts: attempts_max,
@@ -144,25 +147,13 @@ impl RangeWatch {
         }
     }
 
-    /// One stream to one replica, until it ends; and whether it was established.
+    /// One stream to one replica, until it ends.
     async fn stream(
         &mut self,
         attempt: u32,
         ready: &mut Option<oneshot::Sender<Result<(), Error>>>,
-    ) -> (StreamEnd, bool) {
-        let mut established = false;
-        let end = self
-            .stream_until_end(attempt, ready, &mut established)
-            .await;
-        (end, established)
-    }
-
-    async fn stream_until_end(
-        &mut self,
-        attempt: u32,
-        ready: &mut Option<oneshot::Sender<Result<(), Error>>>,
-        established: &mut bool,
     ) -> StreamEnd {
+        self.established = false;
         let replicas = &self.desc.replicas;
         let node = replicas[attempt as usize % replicas.len().max(1)];
         let Some(addr) = self.client.node_addr(node) else {
@@ -185,7 +176,7 @@ impl RangeWatch {
                 };
             let response = match message {
                 WatchMessage::Created { header } => {
-                    *established = true;
+                    self.established = true;
                     if self.request.start_revision == 0 {
                         self.request.start_revision = header.revision + 1;
                     }

@@ -178,6 +178,37 @@ fn kv(key: &[u8], rev: Rev, record: &Record, keys_only: bool) -> KeyValue {
     }
 }
 
+/// The watch event of version `at` of `key`'s `history`, with the version before it (if
+/// live and still stored) as `prev_kv`.
+fn event_of(key: &[u8], history: &[Version], at: usize) -> Event {
+    let prev_kv = at.checked_sub(1).and_then(|i| {
+        history[i]
+            .record
+            .as_ref()
+            .map(|r| kv(key, history[i].rev, r, false))
+    });
+    let rev = history[at].rev;
+    match &history[at].record {
+        Some(record) => Event {
+            kind: EventKind::Put,
+            kv: kv(key, rev, record, false),
+            prev_kv,
+        },
+        None => Event {
+            kind: EventKind::Delete,
+            kv: KeyValue {
+                key: key.to_vec(),
+                value: Vec::new(),
+                create_revision: 0,
+                mod_revision: rev.main,
+                version: 0,
+                lease: 0,
+            },
+            prev_kv,
+        },
+    }
+}
+
 fn span_bounds(span: &KeySpan) -> (Bound<Vec<u8>>, Bound<Vec<u8>>) {
     match &span.end {
         None => (
@@ -336,52 +367,26 @@ impl Mvcc {
     pub fn event(&self, key: &[u8], rev: Rev) -> Option<Event> {
         let history = self.index.get(key)?;
         let at = history.binary_search_by_key(&rev, |v| v.rev).ok()?;
-        let prev_kv = at.checked_sub(1).and_then(|i| {
-            history[i]
-                .record
-                .as_ref()
-                .map(|r| kv(key, history[i].rev, r, false))
-        });
-        Some(match &history[at].record {
-            Some(record) => Event {
-                kind: EventKind::Put,
-                kv: kv(key, rev, record, false),
-                prev_kv,
-            },
-            None => Event {
-                kind: EventKind::Delete,
-                kv: KeyValue {
-                    key: key.to_vec(),
-                    value: Vec::new(),
-                    create_revision: 0,
-                    mod_revision: rev.main,
-                    version: 0,
-                    lease: 0,
-                },
-                prev_kv,
-            },
-        })
+        Some(event_of(key, history, at))
     }
 
     /// The events of `span` at revisions `from..=` the current one, grouped by revision in
     /// ascending order (for a watch starting in the past). `from` must be above the compact
     /// revision: older history is incomplete.
     pub fn history(&self, span: &KeySpan, from: u64) -> Vec<(u64, Vec<Event>)> {
-        let mut versions: Vec<(Rev, &[u8])> = self
+        let mut events: Vec<(Rev, Event)> = self
             .index
             .range(span_bounds(span))
             .flat_map(|(k, h)| {
-                h.iter()
-                    .filter(|v| v.rev.main >= from)
-                    .map(move |v| (v.rev, k.as_slice()))
+                let first = h.partition_point(|v| v.rev.main < from);
+                (first..h.len()).map(move |at| (h[at].rev, event_of(k, h, at)))
             })
             .collect();
-        versions.sort_unstable();
+        events.sort_unstable_by_key(|(rev, _)| *rev);
         let mut out: Vec<(u64, Vec<Event>)> = Vec::new();
-        for (rev, key) in versions {
-            let event = self.event(key, rev).expect("a listed version is stored");
+        for (rev, event) in events {
             match out.last_mut() {
-                Some((main, events)) if *main == rev.main => events.push(event),
+                Some((main, batch)) if *main == rev.main => batch.push(event),
                 _ => out.push((rev.main, vec![event])),
             }
         }

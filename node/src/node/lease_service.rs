@@ -151,55 +151,69 @@ impl NodeInner {
         results.iter().all(Result::is_ok)
     }
 
+    /// Runs `here` if this node leads `group`; otherwise sends `request` to the group's leader
+    /// and takes the answer out of its reply with `unpack` (which hands back a reply it does
+    /// not expect).
+    async fn at_leader<T, F>(
+        &self,
+        group: &Group,
+        here: impl FnOnce() -> F,
+        request: PeerRequest,
+        unpack: impl FnOnce(PeerReply) -> Result<Result<T, ApiError>, PeerReply>,
+    ) -> Result<T, ApiError>
+    where
+        F: std::future::Future<Output = Result<T, ApiError>>,
+    {
+        let range_id = group.descriptor.id;
+        let leader = match group.raft.as_leader() {
+            Ok(_) => return here().await,
+            Err(f) => f.leader_id.ok_or_else(|| not_leader(range_id, None))?,
+        };
+        let timeout = Duration::from_millis(PROPOSE_TIMEOUT_MS);
+        match self.peers.call(leader, range_id, request, timeout).await {
+            Ok(reply) => unpack(reply).unwrap_or_else(|other| {
+                Err(ApiError::Internal(format!(
+                    "unexpected peer reply {other:?}"
+                )))
+            }),
+            Err(e) => Err(peer_failure(range_id, e)),
+        }
+    }
+
     /// Proposes an internal command to range `range_id` at its leader, here or on a peer.
     async fn propose_anywhere(
         &self,
         range_id: RangeId,
         cmd: Command,
     ) -> Result<KvResponse, ApiError> {
-        let group = self
-            .groups
-            .get(&range_id)
-            .ok_or(ApiError::RangeNotFound { range_id })?;
-        let timeout = Duration::from_millis(PROPOSE_TIMEOUT_MS);
-        match group.raft.as_leader() {
-            Ok(_) => self.propose(group, cmd).await,
-            Err(f) => {
-                let leader = f.leader_id.ok_or_else(|| not_leader(range_id, None))?;
-                let reply = self
-                    .peers
-                    .call(leader, range_id, PeerRequest::Propose(cmd), timeout)
-                    .await;
-                match reply {
-                    Ok(PeerReply::Proposed(result)) => result,
-                    other => Err(peer_failure(range_id, other)),
-                }
-            }
-        }
+        let group = self.group(range_id)?;
+        let local = cmd.clone();
+        self.at_leader(
+            group,
+            move || self.propose(group, local),
+            PeerRequest::Propose(cmd),
+            |reply| match reply {
+                PeerReply::Proposed(result) => Ok(result),
+                other => Err(other),
+            },
+        )
+        .await
     }
 
     /// Whether lease `id` exists, asked linearizably of its owner range's leader.
     pub(super) async fn check_lease_alive(&self, id: LeaseId) -> Result<(), ApiError> {
-        let owner = self.table.locate(&lease_anchor(id)).id;
-        let group = self
-            .groups
-            .get(&owner)
-            .ok_or(ApiError::RangeNotFound { range_id: owner })?;
-        let alive = match group.raft.as_leader() {
-            Ok(_) => self.lease_alive_here(group, id).await?,
-            Err(f) => {
-                let leader = f.leader_id.ok_or_else(|| not_leader(owner, None))?;
-                let timeout = Duration::from_millis(PROPOSE_TIMEOUT_MS);
-                match self
-                    .peers
-                    .call(leader, owner, PeerRequest::LeaseAlive { id }, timeout)
-                    .await
-                {
-                    Ok(PeerReply::LeaseAlive(alive)) => alive,
-                    other => return Err(peer_failure(owner, other)),
-                }
-            }
-        };
+        let group = self.group(self.table.locate(&lease_anchor(id)).id)?;
+        let alive = self
+            .at_leader(
+                group,
+                || self.lease_alive_here(group, id),
+                PeerRequest::LeaseAlive { id },
+                |reply| match reply {
+                    PeerReply::LeaseAlive(alive) => Ok(Ok(alive)),
+                    other => Err(other),
+                },
+            )
+            .await?;
         alive.then_some(()).ok_or(ApiError::LeaseNotFound { id })
     }
 
@@ -243,46 +257,36 @@ impl NodeInner {
         Some(result.map(KvResponse::Lease))
     }
 
+    /// Renews lease `id` at the next tick. Only a leader sure of its lease (the barrier) may
+    /// promise that; a deposed one would accept keepalives that never reach a tick.
     async fn keep_alive(&self, group: &Group, id: LeaseId) -> Result<LeaseResponse, ApiError> {
-        // Only a leader sure of its lease may promise a renewal; a deposed one would accept
-        // keepalives that never reach a tick.
-        let range_id = group.descriptor.id;
-        if let Err(f) = group.raft.as_leader() {
-            return Err(not_leader(range_id, f.leader_id));
-        }
-        let ttl_ms = match self.lease_alive_here(group, id).await? {
-            false => return Err(ApiError::LeaseNotFound { id }),
-            true => {
-                let state = group.state.read().expect("range state lock");
-                state
-                    .mvcc
-                    .leases()
-                    .time_to_live(id)
-                    .map_or(0, |(ttl, _)| ttl)
-            }
-        };
+        let (ttl_ms, _) = self.owned_lease_ttl(group, id).await?;
         group.keeper.renew(id);
         Ok(LeaseResponse::KeptAlive { id, ttl_ms })
     }
 
     async fn time_to_live(&self, group: &Group, id: LeaseId) -> Result<LeaseResponse, ApiError> {
-        let range_id = group.descriptor.id;
-        if let Err(f) = group.raft.as_leader() {
-            return Err(not_leader(range_id, f.leader_id));
-        }
-        self.read_barrier(group, Consistency::Linearizable).await?;
-        let state = group.state.read().expect("range state lock");
-        let (granted_ttl_ms, remaining_ms) = state
-            .mvcc
-            .leases()
-            .time_to_live(id)
-            .ok_or(ApiError::LeaseNotFound { id })?;
+        let (granted_ttl_ms, remaining_ms) = self.owned_lease_ttl(group, id).await?;
         Ok(LeaseResponse::TimeToLive {
-            header: state.mvcc.header(),
+            header: group.state.read().expect("range state lock").mvcc.header(),
             id,
             granted_ttl_ms,
             remaining_ms: remaining_ms.saturating_sub(group.keeper.since_tick()),
         })
+    }
+
+    /// The granted and remaining TTL of lease `id`, read linearizably at the owner's leader.
+    async fn owned_lease_ttl(&self, group: &Group, id: LeaseId) -> Result<(u64, u64), ApiError> {
+        if let Err(f) = group.raft.as_leader() {
+            return Err(not_leader(group.descriptor.id, f.leader_id));
+        }
+        self.read_barrier(group, Consistency::Linearizable).await?;
+        let state = group.state.read().expect("range state lock");
+        state
+            .mvcc
+            .leases()
+            .time_to_live(id)
+            .ok_or(ApiError::LeaseNotFound { id })
     }
 
     /// A linearizable read of the range's lease table.
@@ -297,18 +301,16 @@ impl NodeInner {
     }
 }
 
-/// The API error for a failed or unexpected peer reply about `range_id`.
-fn peer_failure(range_id: RangeId, reply: Result<PeerReply, CallError>) -> ApiError {
-    match reply {
-        Err(CallError::Remote {
+/// The API error for a failed peer call about `range_id`.
+fn peer_failure(range_id: RangeId, error: CallError) -> ApiError {
+    match error {
+        CallError::Remote {
             error: PeerError::NotLeader(hint),
             ..
-        }) => not_leader(range_id, hint),
-        Err(e) => ApiError::Unavailable {
+        } => not_leader(range_id, hint),
+        e => ApiError::Unavailable {
             range_id,
             reason: e.to_string(),
         },
-        Ok(PeerReply::Proposed(Err(e))) => e,
-        Ok(other) => ApiError::Internal(format!("unexpected peer reply {other:?}")),
     }
 }

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use concord_placement::{bootstrap_layout, RangeDescriptor, RangeTable};
 use concord_transport::api::{
-    ApiError, ClientReply, ClientRequest, ClientResponse, Consistency, KvRequest, KvResponse,
-    LeaseRequest, NodeAddr, NodeId, RangeId, RangeStatus, RequestLimits, RouteTable,
+    ApiError, ClientReply, ClientRequest, ClientResponse, Consistency, KeySpan, KvRequest,
+    KvResponse, LeaseRequest, NodeAddr, NodeId, RangeId, RangeStatus, RequestLimits, RouteTable,
     StatusResponse, StorageCounters,
 };
 use concord_transport::endpoint::{self, ConnectionLimits};
@@ -508,6 +508,12 @@ async fn handle_client(inner: &NodeInner, request: ClientRequest) -> ClientRespo
     }
 }
 
+/// Whether every key of `span` lies in `desc`.
+fn span_inside(desc: &RangeDescriptor, span: &KeySpan) -> bool {
+    let (start, end) = span.bounds();
+    desc.contains(&start) && (desc.end.is_empty() || (!end.is_empty() && end <= desc.end))
+}
+
 fn not_leader(range_id: RangeId, leader_hint: Option<NodeId>) -> ApiError {
     ApiError::NotLeader {
         range_id,
@@ -576,12 +582,28 @@ impl NodeInner {
         }
     }
 
+    /// The group of `range_id`.
+    fn group(&self, range_id: RangeId) -> Result<&Group, ApiError> {
+        self.groups
+            .get(&range_id)
+            .ok_or(ApiError::RangeNotFound { range_id })
+    }
+
+    /// The group of `range_id`, if the client's descriptor of it has the current `epoch`.
+    fn group_at(&self, range_id: RangeId, epoch: u64) -> Result<&Group, ApiError> {
+        let group = self.group(range_id)?;
+        if epoch != group.descriptor.epoch {
+            return Err(ApiError::StaleEpoch {
+                range_id,
+                current_epoch: group.descriptor.epoch,
+            });
+        }
+        Ok(group)
+    }
+
     /// Checks that every key the request touches lies in `desc`.
     fn check_keys(&self, desc: &RangeDescriptor, request: &KvRequest) -> Result<(), ApiError> {
-        let inside = |span: &concord_transport::api::KeySpan| {
-            let (start, end) = span.bounds();
-            desc.contains(&start) && (desc.end.is_empty() || (!end.is_empty() && end <= desc.end))
-        };
+        let inside = |span: &KeySpan| span_inside(desc, span);
         let outside = || ApiError::KeyOutsideRange { range_id: desc.id };
         match request {
             KvRequest::Put(p) => desc.contains(&p.key).then_some(()).ok_or_else(outside),
@@ -623,16 +645,7 @@ impl NodeInner {
         epoch: u64,
         request: KvRequest,
     ) -> Result<KvResponse, ApiError> {
-        let group = self
-            .groups
-            .get(&range_id)
-            .ok_or(ApiError::RangeNotFound { range_id })?;
-        if epoch != group.descriptor.epoch {
-            return Err(ApiError::StaleEpoch {
-                range_id,
-                current_epoch: group.descriptor.epoch,
-            });
-        }
+        let group = self.group_at(range_id, epoch)?;
         self.config.limits.check(&request)?;
         self.check_keys(&group.descriptor, &request)?;
         let command = match request {

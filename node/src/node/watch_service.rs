@@ -16,7 +16,7 @@ use concord_transport::wire;
 use futures::FutureExt;
 use tokio::sync::broadcast::error::RecvError;
 
-use super::NodeInner;
+use super::{span_inside, NodeInner};
 use crate::storage::RevisionEvents;
 
 /// How often an idle watch sends a progress bookmark (when asked) and checks its client.
@@ -51,19 +51,11 @@ impl NodeInner {
         epoch: u64,
         request: &WatchRequest,
     ) -> End {
-        let Some(group) = self.groups.get(&range_id) else {
-            return End::Cancel(ApiError::RangeNotFound { range_id });
+        let group = match self.group_at(range_id, epoch) {
+            Ok(group) => group,
+            Err(e) => return End::Cancel(e),
         };
-        if epoch != group.descriptor.epoch {
-            return End::Cancel(ApiError::StaleEpoch {
-                range_id,
-                current_epoch: group.descriptor.epoch,
-            });
-        }
-        let (start, end) = request.span.bounds();
-        let desc = &group.descriptor;
-        if !desc.contains(&start) || !(desc.end.is_empty() || (!end.is_empty() && end <= desc.end))
-        {
+        if !span_inside(&group.descriptor, &request.span) {
             return End::Cancel(ApiError::KeyOutsideRange { range_id });
         }
         let header = |revision| ResponseHeader { range_id, revision };
