@@ -23,7 +23,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use concord_transport::api::{ApiError, LeaseId};
+use concord_transport::api::{ApiError, LeaseId, LeaseStatus};
 use serde::{Deserialize, Serialize};
 
 /// The leader ticks the lease clock this often. A grant adds one tick to the TTL: the first
@@ -103,6 +103,15 @@ impl LeaseTable {
     /// Revoked ids here (every id, with whether it still awaits other ranges' detach).
     pub fn revoked(&self) -> impl Iterator<Item = (LeaseId, bool)> + '_ {
         self.revoked.iter().map(|(id, p)| (*id, *p))
+    }
+
+    /// Where lease `id` is in its life, as seen by its owner range.
+    pub fn status(&self, id: LeaseId) -> LeaseStatus {
+        match (self.owned.contains_key(&id), self.revoked.get(&id)) {
+            (true, _) => LeaseStatus::Alive,
+            (false, Some(true)) => LeaseStatus::Detaching,
+            (false, _) => LeaseStatus::Gone,
+        }
     }
 
     /// Revoked leases other ranges have not all detached yet.
@@ -265,8 +274,10 @@ mod tests {
         assert_eq!(t.tick(1, &[], out), (vec![7], vec![b"a".to_vec()]));
         assert!(t.is_revoked(7) && !t.owns(7));
         assert_eq!(t.pending_detach(), vec![7]);
+        assert_eq!(t.status(7), LeaseStatus::Detaching);
         t.detached(&[7], out);
         assert!(t.pending_detach().is_empty() && t.is_revoked(7));
+        assert_eq!(t.status(7), LeaseStatus::Gone);
         t.check_invariants();
     }
 

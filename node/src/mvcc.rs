@@ -17,7 +17,7 @@ use std::ops::Bound;
 
 use concord_transport::api::{
     ApiError, CompactResponse, Compare, CompareOp, CompareTarget, DeleteRequest, DeleteResponse,
-    KeySpan, KeyValue, KvResponse, LeaseId, LeaseResponse, PutRequest, PutResponse, RangeId,
+    Fence, KeySpan, KeyValue, KvResponse, LeaseId, LeaseResponse, PutRequest, PutResponse, RangeId,
     RangeRequest, RangeResponse, ResponseHeader, TxnOp, TxnOpResponse, TxnRequest, TxnResponse,
 };
 use concord_transport::watch::{Event, EventKind};
@@ -34,6 +34,16 @@ pub enum Command {
     Delete(DeleteRequest),
     /// Compare-and-swap transaction.
     Txn(TxnRequest),
+    /// A txn with a [`Fence`](concord_transport::api::Fence): refused unless the fence's
+    /// lease is live here and, when the lock's keys are in this range (`holder_here`), the
+    /// token is the lowest live key under the lock prefix. When they are in another range,
+    /// the node checked the holder there before proposing.
+    FencedTxn {
+        /// The txn (its `fence` is set).
+        txn: TxnRequest,
+        /// Whether the lock prefix lies in this range.
+        holder_here: bool,
+    },
     /// Compact revisions older than `revision`.
     Compact {
         /// The compaction point (capped at the range's revision).
@@ -82,6 +92,7 @@ impl std::fmt::Display for Command {
                 d.span.end.as_deref().map(text)
             ),
             Self::Txn(t) => write!(f, "txn ({} ops)", t.op_count()),
+            Self::FencedTxn { txn, .. } => write!(f, "fenced txn ({} ops)", txn.op_count()),
             Self::Compact { revision } => write!(f, "compact {revision}"),
             Self::LeaseGrant { id, ttl_ms } => write!(f, "lease grant {id} ({ttl_ms} ms)"),
             Self::LeaseRevoke { id } => write!(f, "lease revoke {id}"),
@@ -562,13 +573,15 @@ impl Mvcc {
                 KvResponse::Put(self.put_at(&mut cursor, put, out))
             }
             Command::Delete(del) => KvResponse::Delete(self.delete_at(&mut cursor, del, out)),
-            Command::Txn(txn) => {
-                for op in self.branch(txn).1 {
-                    if let TxnOp::Put(p) = op {
-                        self.check_lease(p.lease)?;
-                    }
+            Command::Txn(txn) => KvResponse::Txn(self.txn(&mut cursor, txn, out)?),
+            Command::FencedTxn { txn, holder_here } => {
+                let fence = txn.fence.as_ref().expect("a fenced txn has a fence");
+                let lease_live = !self.leases.is_revoked(fence.lease);
+                let holds = !*holder_here || self.fence_holds(fence);
+                if !(lease_live && holds) {
+                    return Err(ApiError::Fenced { token: fence.token });
                 }
-                KvResponse::Txn(self.txn(&mut cursor, txn, out))
+                KvResponse::Txn(self.txn(&mut cursor, txn, out)?)
             }
             Command::Compact { revision } => {
                 return self.compact(*revision, out).map(KvResponse::Compact)
@@ -681,13 +694,20 @@ impl Mvcc {
         }
     }
 
+    /// Runs a txn; refused (nothing applied) if a put of the branch that runs names a lease
+    /// revoked here.
     fn txn(
         &mut self,
         cursor: &mut WriteCursor,
         txn: &TxnRequest,
         out: &mut Vec<Mutation>,
-    ) -> TxnResponse {
+    ) -> Result<TxnResponse, ApiError> {
         let (succeeded, ops) = self.branch(txn);
+        for op in ops {
+            if let TxnOp::Put(p) = op {
+                self.check_lease(p.lease)?;
+            }
+        }
         let mut responses = Vec::with_capacity(ops.len());
         for op in ops {
             responses.push(match op {
@@ -697,11 +717,35 @@ impl Mvcc {
                 TxnOp::Range(r) => TxnOpResponse::Range(self.range_at(r, u64::MAX)),
             });
         }
-        TxnResponse {
+        Ok(TxnResponse {
             header: self.header(),
             succeeded,
             responses,
-        }
+        })
+    }
+
+    /// The holder of the lock whose contenders' keys live under `prefix`: the live key with
+    /// the lowest create revision (contenders queue in creation order).
+    pub fn lock_holder(&self, prefix: &[u8]) -> Option<KeyValue> {
+        let span = KeySpan::prefix(prefix.to_vec());
+        let (start, end) = span.bounds();
+        let keys = if end.is_empty() {
+            self.index.range(start..)
+        } else {
+            self.index.range(start..end)
+        };
+        keys.filter_map(|(key, _)| {
+            self.live_at(key, u64::MAX)
+                .map(|(rev, record)| kv(key, rev, record, true))
+        })
+        .min_by_key(|kv| kv.create_revision)
+    }
+
+    /// Whether `fence`'s token and lease are those of its lock's holder (the lock's keys are
+    /// in this range).
+    pub fn fence_holds(&self, fence: &Fence) -> bool {
+        self.lock_holder(&fence.prefix)
+            .is_some_and(|h| h.create_revision == fence.token && h.lease == fence.lease)
     }
 
     fn compact(
@@ -906,6 +950,7 @@ mod tests {
 
     fn txn_succeeds(m: &mut Mvcc, c: Compare) -> bool {
         let txn = TxnRequest {
+            fence: None,
             compares: vec![c],
             success: vec![],
             failure: vec![],
@@ -967,6 +1012,7 @@ mod tests {
         let mut m = Mvcc::new(1);
         apply(&mut m, put("a", "1"));
         let txn = TxnRequest {
+            fence: None,
             compares: vec![cmp(
                 "a",
                 CompareOp::Equal,
@@ -1188,6 +1234,7 @@ mod tests {
         let err = m.apply(&leased("a", 4), &mut Vec::new()).unwrap_err();
         assert_eq!(err, ApiError::LeaseNotFound { id: 4 });
         let txn = Command::Txn(TxnRequest {
+            fence: None,
             compares: vec![],
             success: vec![
                 TxnOp::Put(PutRequest {
@@ -1208,5 +1255,58 @@ mod tests {
         let mut out = Vec::new();
         assert!(m.apply(&txn, &mut out).is_err());
         assert!(out.is_empty() && get(&m, "x", 0).is_none());
+    }
+
+    fn fenced(key: &str, token: u64, lease: LeaseId, holder_here: bool) -> Command {
+        Command::FencedTxn {
+            txn: TxnRequest {
+                compares: vec![],
+                success: vec![TxnOp::Put(PutRequest {
+                    key: key.into(),
+                    value: token.to_string().into(),
+                    lease: 0,
+                    prev_kv: false,
+                })],
+                failure: vec![],
+                fence: Some(Fence {
+                    prefix: b"lock/".to_vec(),
+                    token,
+                    lease,
+                }),
+            },
+            holder_here,
+        }
+    }
+
+    #[test]
+    fn only_the_lowest_live_contender_passes_a_fence() {
+        let mut m = Mvcc::new(1);
+        apply(&mut m, leased("lock/a", 5));
+        let a = get(&m, "lock/a", 0).unwrap().create_revision;
+        apply(&mut m, leased("lock/b", 6));
+        let b = get(&m, "lock/b", 0).unwrap().create_revision;
+        assert_eq!(m.lock_holder(b"lock/").unwrap().key, b"lock/a");
+        apply(&mut m, fenced("data", a, 5, true));
+        // A waiter, a wrong lease and a made-up token are all refused, and change nothing.
+        for (token, lease) in [(b, 6), (a, 6), (a + 100, 5)] {
+            let mut out = Vec::new();
+            let refused = m.apply(&fenced("data", token, lease, true), &mut out);
+            assert_eq!(refused, Err(ApiError::Fenced { token }));
+            assert!(out.is_empty());
+        }
+        // The holder's lease goes: its key is deleted and the next contender holds the lock.
+        apply(&mut m, Command::LeaseDetach { ids: vec![5] });
+        assert_eq!(
+            m.apply(&fenced("data", a, 5, true), &mut Vec::new()),
+            Err(ApiError::Fenced { token: a })
+        );
+        apply(&mut m, fenced("data", b, 6, true));
+        assert_eq!(get(&m, "data", 0).unwrap().value, b.to_string().as_bytes());
+        // Where the lock lives elsewhere, a range still refuses a lease it has detached.
+        assert_eq!(
+            m.apply(&fenced("data", a, 5, false), &mut Vec::new()),
+            Err(ApiError::Fenced { token: a })
+        );
+        apply(&mut m, fenced("data", b, 6, false));
     }
 }

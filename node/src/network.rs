@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use concord_transport::api::{ApiError, KvResponse, LeaseId, NodeId, RangeId};
+use concord_transport::api::{ApiError, Fence, KvResponse, LeaseId, NodeId, RangeId};
 use concord_transport::{wire, SERVER_NAME};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{Backoff, RPCOption, RaftNetworkFactory, RaftNetworkV2};
@@ -68,6 +68,9 @@ pub enum PeerRequest {
         /// The lease.
         id: LeaseId,
     },
+    /// Is the fence's token its lock's holder? Asked of the leader of the range holding the
+    /// lock before a fenced txn is proposed in another range.
+    FenceHolds(Fence),
 }
 
 /// One request frame of the peer protocol.
@@ -128,6 +131,8 @@ pub enum PeerReply {
     Proposed(Result<KvResponse, ApiError>),
     /// To `LeaseAlive`.
     LeaseAlive(bool),
+    /// To `FenceHolds`.
+    FenceHolds(bool),
     /// The request failed on the receiving node.
     Error(PeerError),
 }

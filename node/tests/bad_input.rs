@@ -32,6 +32,7 @@ async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
         "VALUE_TOO_LARGE"
     );
     let txn = TxnRequest {
+        fence: None,
         compares: vec![],
         success: (0..129)
             .map(|_| {

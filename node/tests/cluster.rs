@@ -164,6 +164,7 @@ async fn scans_and_deletes_span_ranges_and_txns_may_not() {
     // A txn touching two ranges is refused, with nothing applied.
     let (a, b) = (key_in(&client, 1, 900), key_in(&client, 5, 900));
     let txn = TxnRequest {
+        fence: None,
         compares: vec![],
         success: vec![
             TxnOp::Put(concord_client::api::PutRequest {

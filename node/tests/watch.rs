@@ -100,6 +100,7 @@ async fn a_watch_over_every_range_sees_each_write_once_in_order() {
     };
     client
         .txn(TxnRequest {
+            fence: None,
             compares: vec![],
             success: vec![put(&a), put(&b)],
             failure: vec![],

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::lease::{LeaseId, LeaseRequest, LeaseResponse};
+pub use crate::lease::{LeaseId, LeaseRequest, LeaseResponse, LeaseStatus};
 use crate::lease::{LEASE_TTL_MAX_MS, LEASE_TTL_MIN_MS};
 
 /// Identifies a range and its Raft group.
@@ -224,6 +224,24 @@ pub struct TxnRequest {
     pub success: Vec<TxnOp>,
     /// Operations run otherwise.
     pub failure: Vec<TxnOp>,
+    /// Run only while a lock holder still holds its lock (see [`Fence`]); else the txn is
+    /// refused with [`ApiError::Fenced`] and nothing runs.
+    pub fence: Option<Fence>,
+}
+
+/// A fencing condition: the txn runs only while the contender that holds `token` is still
+/// the holder of the lock whose contenders' keys live under `prefix` — its key is there, it
+/// has the lowest create revision, and its lease is live in the txn's range. A paused
+/// ex-holder's fenced writes are refused even in other ranges than the lock: contenders do
+/// not take over an expired holder's lock until its lease is detached from every range.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fence {
+    /// The lock's key prefix (all of it in one range).
+    pub prefix: Vec<u8>,
+    /// The holder's fencing token: the create revision of its key.
+    pub token: u64,
+    /// The lease the holder's key is attached to.
+    pub lease: LeaseId,
 }
 
 impl TxnRequest {
@@ -628,6 +646,12 @@ pub enum ApiError {
         /// The first revision not delivered.
         resume_revision: u64,
     },
+    /// A fenced txn's token no longer holds its lock; nothing was applied.
+    #[error("fencing token {token} no longer holds the lock")]
+    Fenced {
+        /// The token of the refused write.
+        token: u64,
+    },
     /// Something failed inside the node.
     #[error("internal error: {0}")]
     Internal(String),
@@ -656,6 +680,7 @@ impl ApiError {
             Self::LeaseNotFound { .. } => "LEASE_NOT_FOUND",
             Self::LeaseExists { .. } => "LEASE_EXISTS",
             Self::WatchOverflow { .. } => "WATCH_OVERFLOW",
+            Self::Fenced { .. } => "FENCED",
             Self::Internal(_) => "INTERNAL",
         }
     }
@@ -749,6 +774,14 @@ impl RequestLimits {
                 for branch in [&t.success, &t.failure] {
                     check_branch_keys(branch)?;
                 }
+                if let Some(fence) = &t.fence {
+                    self.check_key(&fence.prefix)?;
+                    if fence.lease == 0 || fence.token == 0 || fence.prefix.is_empty() {
+                        return Err(ApiError::InvalidRequest(
+                            "a fence names a lock prefix, a token and a lease".into(),
+                        ));
+                    }
+                }
                 for op in t.success.iter().chain(&t.failure) {
                     match op {
                         TxnOp::Put(p) => self.check_put(p)?,
@@ -836,6 +869,7 @@ mod tests {
         };
         let txn = |ops: Vec<TxnOp>| {
             KvRequest::Txn(TxnRequest {
+                fence: None,
                 compares: vec![],
                 success: ops,
                 failure: vec![],
@@ -881,6 +915,7 @@ mod tests {
             "VALUE_TOO_LARGE"
         );
         let txn = TxnRequest {
+            fence: None,
             compares: vec![],
             success: (0..129)
                 .map(|_| {

@@ -59,6 +59,11 @@ pub enum LeaseRequest {
         /// The lease.
         id: LeaseId,
     },
+    /// Whether lease `id` is alive, revoked but not yet detached from every range, or gone.
+    Status {
+        /// The lease.
+        id: LeaseId,
+    },
     /// The leases this range owns.
     List,
     /// The keys of this range attached to lease `id`.
@@ -76,10 +81,23 @@ impl LeaseRequest {
             Self::Grant { id, .. }
             | Self::Revoke { id }
             | Self::KeepAlive { id }
-            | Self::TimeToLive { id } => Some(*id),
+            | Self::TimeToLive { id }
+            | Self::Status { id } => Some(*id),
             Self::List | Self::AttachedKeys { .. } => None,
         }
     }
+}
+
+/// Where a lease is in its life, as its owner range knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaseStatus {
+    /// Granted and not expired.
+    Alive,
+    /// Expired or revoked; some ranges may still accept writes fenced by it (they have not
+    /// applied its detach yet).
+    Detaching,
+    /// Revoked and detached from every range, or never granted.
+    Gone,
 }
 
 /// The answer to a [`LeaseRequest`] (and of the internal lease commands).
@@ -117,6 +135,15 @@ pub enum LeaseResponse {
         /// Time left, in milliseconds.
         remaining_ms: u64,
     },
+    /// Where a lease is in its life.
+    Status {
+        /// Range and revision.
+        header: ResponseHeader,
+        /// The lease.
+        id: LeaseId,
+        /// Its state.
+        status: LeaseStatus,
+    },
     /// The leases a range owns.
     List {
         /// Range and revision.
@@ -147,6 +174,7 @@ impl LeaseResponse {
             Self::Granted { header, .. }
             | Self::Revoked { header }
             | Self::TimeToLive { header, .. }
+            | Self::Status { header, .. }
             | Self::List { header, .. }
             | Self::AttachedKeys { header, .. }
             | Self::Maintained { header, .. } => *header,
@@ -160,6 +188,7 @@ impl LeaseResponse {
             Self::Granted { header, .. }
             | Self::Revoked { header }
             | Self::TimeToLive { header, .. }
+            | Self::Status { header, .. }
             | Self::List { header, .. }
             | Self::AttachedKeys { header, .. }
             | Self::Maintained { header, .. } => header.revision = revision,

@@ -1,6 +1,7 @@
 //! The node's side of leases: keepalives held in memory by the owner range's leader, the
 //! leader's periodic tick (one Raft entry carries every renewal and every expiry), the fan-out
-//! of revocations to the other ranges, and the check that a put's lease exists. The replicated
+//! of revocations to the other ranges, the check that a put's lease exists, and the check
+//! that a fenced txn's token still holds its lock when the lock lives in another range. The replicated
 //! lease state and its rules are in [`crate::leases`].
 
 use std::collections::BTreeSet;
@@ -9,7 +10,7 @@ use std::sync::{Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use concord_transport::api::{
-    ApiError, Consistency, KvResponse, LeaseId, LeaseRequest, LeaseResponse, RangeId,
+    ApiError, Consistency, Fence, KvResponse, LeaseId, LeaseRequest, LeaseResponse, RangeId,
 };
 use concord_transport::lease::lease_anchor;
 use futures::future::join_all;
@@ -217,6 +218,37 @@ impl NodeInner {
         alive.then_some(()).ok_or(ApiError::LeaseNotFound { id })
     }
 
+    /// Whether `fence`'s token holds its lock, asked linearizably of the leader of the range
+    /// holding the lock's keys.
+    pub(super) async fn check_fence_holder(&self, fence: &Fence) -> Result<(), ApiError> {
+        let group = self.group(self.table.locate(&fence.prefix).id)?;
+        let holds = self
+            .at_leader(
+                group,
+                || self.fence_holds_here(group, fence),
+                PeerRequest::FenceHolds(fence.clone()),
+                |reply| match reply {
+                    PeerReply::FenceHolds(holds) => Ok(Ok(holds)),
+                    other => Err(other),
+                },
+            )
+            .await?;
+        holds
+            .then_some(())
+            .ok_or(ApiError::Fenced { token: fence.token })
+    }
+
+    /// Whether `fence` holds, read linearizably here (this node leads the lock's range).
+    pub(super) async fn fence_holds_here(
+        &self,
+        group: &Group,
+        fence: &Fence,
+    ) -> Result<bool, ApiError> {
+        self.read_barrier(group, Consistency::Linearizable).await?;
+        let state = group.state.read().expect("range state lock");
+        Ok(state.mvcc.fence_holds(fence))
+    }
+
     /// Whether this node, as leader of the lease's owner range, knows lease `id` as live.
     pub(super) async fn lease_alive_here(
         &self,
@@ -228,8 +260,8 @@ impl NodeInner {
         Ok(state.mvcc.leases().owns(id))
     }
 
-    /// Serves the lease requests that are not Raft writes: keepalive, time-to-live, list,
-    /// attached keys. `None` for grant and revoke, which the caller proposes.
+    /// Serves the lease requests that are not Raft writes: keepalive, time-to-live, status,
+    /// list, attached keys. `None` for grant and revoke, which the caller proposes.
     pub(super) async fn serve_lease_read(
         &self,
         group: &Group,
@@ -239,6 +271,14 @@ impl NodeInner {
             LeaseRequest::Grant { .. } | LeaseRequest::Revoke { .. } => return None,
             LeaseRequest::KeepAlive { id } => self.keep_alive(group, *id).await,
             LeaseRequest::TimeToLive { id } => self.time_to_live(group, *id).await,
+            LeaseRequest::Status { id } => {
+                self.read_leases(group, |mvcc| LeaseResponse::Status {
+                    header: mvcc.header(),
+                    id: *id,
+                    status: mvcc.leases().status(*id),
+                })
+                .await
+            }
             LeaseRequest::List => {
                 self.read_leases(group, |mvcc| LeaseResponse::List {
                     header: mvcc.header(),

@@ -668,7 +668,20 @@ impl NodeInner {
                 for lease in leases {
                     self.check_lease_alive(lease).await?;
                 }
-                Command::Txn(t)
+                match &t.fence {
+                    None => Command::Txn(t),
+                    Some(fence) => {
+                        let lock = KeySpan::prefix(fence.prefix.clone());
+                        let holder_here = span_inside(&group.descriptor, &lock);
+                        if !holder_here {
+                            self.check_fence_holder(fence).await?;
+                        }
+                        Command::FencedTxn {
+                            txn: t,
+                            holder_here,
+                        }
+                    }
+                }
             }
             KvRequest::Compact { revision } => Command::Compact { revision },
             KvRequest::Lease(l) => {
@@ -812,6 +825,13 @@ impl NodeInner {
                 Err(f) => PeerReply::Error(PeerError::NotLeader(f.leader_id)),
                 Ok(_) => match self.lease_alive_here(group, id).await {
                     Ok(alive) => PeerReply::LeaseAlive(alive),
+                    Err(e) => raft_err(&e),
+                },
+            },
+            PeerRequest::FenceHolds(fence) => match group.raft.as_leader() {
+                Err(f) => PeerReply::Error(PeerError::NotLeader(f.leader_id)),
+                Ok(_) => match self.fence_holds_here(group, &fence).await {
+                    Ok(holds) => PeerReply::FenceHolds(holds),
                     Err(e) => raft_err(&e),
                 },
             },
