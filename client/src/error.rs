@@ -40,6 +40,15 @@ pub enum Error {
         /// Its error.
         source: Box<Error>,
     },
+    /// A recipe's key is gone: its session's lease expired or was revoked, or someone deleted
+    /// the key (a lock, a leadership or a queue place is lost).
+    #[error("lost {key:?}: {reason}")]
+    Lost {
+        /// The recipe key.
+        key: String,
+        /// What happened.
+        reason: String,
+    },
     /// The configuration is unusable.
     #[error("config: {0}")]
     Config(String),
@@ -50,7 +59,7 @@ pub enum Error {
 
 impl Error {
     /// A stable code: the server's for [`Error::Api`], else one of `CONNECT`, `TIMEOUT`,
-    /// `EXHAUSTED`, `PARTIAL_DELETE`, `CONFIG`, `PROTOCOL`.
+    /// `EXHAUSTED`, `PARTIAL_DELETE`, `LOST`, `CONFIG`, `PROTOCOL`.
     pub fn code(&self) -> &'static str {
         match self {
             Self::Api(e) => e.code(),
@@ -58,8 +67,21 @@ impl Error {
             Self::Timeout(_) => "TIMEOUT",
             Self::Exhausted { .. } => "EXHAUSTED",
             Self::PartialDelete { .. } => "PARTIAL_DELETE",
+            Self::Lost { .. } => "LOST",
             Self::Config(_) => "CONFIG",
             Self::Protocol(_) => "PROTOCOL",
+        }
+    }
+}
+
+impl Error {
+    /// Whether a write that failed with this error may nevertheless have been applied.
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            Self::Api(e) => matches!(e, ApiError::Indeterminate { .. }),
+            Self::Timeout(_) | Self::Protocol(_) => true,
+            Self::Exhausted { last, .. } => last.outcome_unknown(),
+            _ => false,
         }
     }
 }

@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use concord_transport::api::{
-    ApiError, KvRequest, KvResponse, LeaseId, LeaseRequest, LeaseResponse, PutRequest, PutResponse,
+    ApiError, KvRequest, KvResponse, LeaseId, LeaseRequest, LeaseResponse, LeaseStatus, PutRequest,
+    PutResponse,
 };
 use concord_transport::lease::lease_anchor;
 use tokio::sync::watch;
@@ -114,6 +115,14 @@ impl Client {
             }
         }
         Ok(ttl)
+    }
+
+    /// Whether lease `id` is alive, revoked but not yet detached from every range, or gone.
+    pub async fn lease_status(&self, id: LeaseId) -> Result<LeaseStatus, Error> {
+        match self.lease_call(LeaseRequest::Status { id }).await? {
+            LeaseResponse::Status { status, .. } => Ok(status),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Every live lease, ascending.

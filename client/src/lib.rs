@@ -20,6 +20,7 @@ mod client;
 mod config;
 mod error;
 mod lease;
+pub mod recipes;
 pub mod txn_syntax;
 mod watch;
 
@@ -29,4 +30,8 @@ pub use concord_transport::watch as watch_api;
 pub use config::ClientConfig;
 pub use error::Error;
 pub use lease::{LeaseTtl, Session, SessionState};
+pub use recipes::{
+    Barrier, DoubleBarrier, Election, LeaderChange, Leadership, LockGuard, Member, MemberEvent,
+    MemberWatcher, Membership, Observer, Queue,
+};
 pub use watch::{WatchResponse, Watcher};

@@ -1,0 +1,176 @@
+//! Coordination recipes on keys, leases and watches, as etcd's `concurrency` package and the
+//! ZooKeeper recipes build them: [`Mutex`](mutex) with fencing tokens, [`Election`],
+//! [`Membership`], [`Barrier`] / [`DoubleBarrier`] and [`Queue`].
+//!
+//! **Contenders.** A mutex or an election named `N` keeps one key per contender under the
+//! prefix `N/`: `N/<lease id in hex>`, attached to the contender's [`Session`](crate::Session).
+//! Contenders are served in the order their keys were created (create revision), so the
+//! recipes are fair (FIFO). Create revisions are comparable only within one range, so the
+//! whole prefix must lie in one range: a prefix that spans ranges is refused with
+//! `CROSS_RANGE`.
+//!
+//! **Taking over from an expired holder.** A contender whose predecessor's key was deleted
+//! by a lease expiry waits until that lease has been detached from every range
+//! ([`LeaseStatus::Gone`]) before it goes on. From then on every range refuses writes fenced
+//! by the old holder, so a paused ex-holder cannot write after its successor took over, in
+//! any range.
+
+mod barrier;
+mod election;
+mod membership;
+pub(crate) mod mutex;
+mod queue;
+
+use std::time::Duration;
+
+use concord_transport::api::{
+    ApiError, Compare, CompareOp, CompareTarget, Consistency, KeySpan, KeyValue, LeaseId,
+    LeaseStatus, PutRequest, RangeRequest, TxnOp, TxnOpResponse, TxnRequest,
+};
+use concord_transport::watch::{EventKind, WatchRequest};
+
+pub use barrier::{Barrier, DoubleBarrier};
+pub use election::{Election, LeaderChange, Leadership, Observer};
+pub use membership::{Member, MemberEvent, MemberWatcher, Membership};
+pub use mutex::LockGuard;
+pub use queue::Queue;
+
+use crate::{Client, Error};
+
+/// How often a contender asks whether an expired predecessor's lease has left every range
+/// (about the lease tick of the servers).
+const LEASE_SETTLE_POLL: Duration = Duration::from_millis(100);
+
+/// The key prefix of the recipe instance `name`: `name/`.
+fn prefix_of(name: &str) -> Vec<u8> {
+    format!("{name}/").into_bytes()
+}
+
+fn text(key: &[u8]) -> String {
+    String::from_utf8_lossy(key).into_owned()
+}
+
+/// Refuses a prefix whose keys would spread over several ranges (their create revisions
+/// would not be comparable).
+fn check_one_range(client: &Client, prefix: &[u8]) -> Result<(), Error> {
+    let ranges = client.overlapping(&KeySpan::prefix(prefix.to_vec()));
+    if ranges.len() > 1 {
+        return Err(Error::Api(ApiError::CrossRange {
+            ranges: ranges.iter().map(|d| d.id).collect(),
+        }));
+    }
+    Ok(())
+}
+
+/// Creates the contender key `prefix/<lease hex>` with `value` under `lease`, unless it
+/// exists already (then it is kept as it is: the same session contends once). Returns it.
+async fn enter(
+    client: &Client,
+    prefix: &[u8],
+    lease: LeaseId,
+    value: Vec<u8>,
+) -> Result<KeyValue, Error> {
+    check_one_range(client, prefix)?;
+    let mut key = prefix.to_vec();
+    key.extend(format!("{lease:016x}").into_bytes());
+    let txn = TxnRequest {
+        compares: vec![Compare {
+            key: key.clone(),
+            op: CompareOp::Equal,
+            target: CompareTarget::CreateRevision(0),
+        }],
+        success: vec![TxnOp::Put(PutRequest {
+            key: key.clone(),
+            value: value.clone(),
+            lease,
+            prev_kv: false,
+        })],
+        failure: vec![TxnOp::Range(RangeRequest::new(KeySpan::key(key.clone())))],
+        fence: None,
+    };
+    let response = client.txn(txn).await?;
+    if response.succeeded {
+        let revision = response.header.revision;
+        return Ok(KeyValue {
+            key,
+            value,
+            create_revision: revision,
+            mod_revision: revision,
+            version: 1,
+            lease,
+        });
+    }
+    match response.responses.into_iter().next() {
+        Some(TxnOpResponse::Range(mut r)) if !r.kvs.is_empty() => Ok(r.kvs.remove(0)),
+        _ => Err(lost(&key, "deleted as it was entered")),
+    }
+}
+
+fn lost(key: &[u8], reason: &str) -> Error {
+    Error::Lost {
+        key: text(key),
+        reason: reason.into(),
+    }
+}
+
+/// The live keys under `prefix`, in creation order, and the revision they were read at.
+async fn contenders(client: &Client, prefix: &[u8]) -> Result<(Vec<KeyValue>, u64), Error> {
+    let read = client
+        .range(
+            RangeRequest::new(KeySpan::prefix(prefix.to_vec())),
+            Consistency::Linearizable,
+        )
+        .await?;
+    let revision = read.headers.iter().map(|h| h.revision).max().unwrap_or(0);
+    let mut kvs = read.kvs;
+    kvs.sort_by_key(|kv| kv.create_revision);
+    Ok((kvs, revision))
+}
+
+/// Waits until `mine` is the oldest live key under `prefix`: for each older key, until it
+/// is deleted and, if its lease was revoked, until the lease has left every range. Fails
+/// with [`Error::Lost`] if `mine` disappears.
+async fn wait_turn(client: &Client, prefix: &[u8], mine: &KeyValue) -> Result<(), Error> {
+    loop {
+        let (kvs, revision) = contenders(client, prefix).await?;
+        if !kvs
+            .iter()
+            .any(|kv| kv.key == mine.key && kv.create_revision == mine.create_revision)
+        {
+            return Err(lost(&mine.key, "deleted while waiting (session expired?)"));
+        }
+        let Some(before) = kvs
+            .iter()
+            .filter(|kv| kv.create_revision < mine.create_revision)
+            .next_back()
+        else {
+            return Ok(());
+        };
+        wait_deleted(client, &before.key, revision).await?;
+        if before.lease != 0 {
+            wait_lease_settled(client, before.lease).await?;
+        }
+    }
+}
+
+/// Waits until `key` (live at `revision`) is deleted.
+async fn wait_deleted(client: &Client, key: &[u8], revision: u64) -> Result<(), Error> {
+    let mut request = WatchRequest::new(KeySpan::key(key.to_vec()));
+    request.start_revision = revision + 1;
+    request.no_put = true;
+    let mut watcher = client.watch(request).await?;
+    while let Some(response) = watcher.next().await {
+        if response?.events.iter().any(|e| e.kind == EventKind::Delete) {
+            return Ok(());
+        }
+    }
+    Err(Error::Protocol("watch ended".into()))
+}
+
+/// Waits while lease `id` is revoked but not yet detached from every range.
+async fn wait_lease_settled(client: &Client, id: LeaseId) -> Result<(), Error> {
+    while client.lease_status(id).await? == LeaseStatus::Detaching {
+        tokio::time::sleep(LEASE_SETTLE_POLL).await;
+    }
+    Ok(())
+}
