@@ -88,12 +88,15 @@ pub struct LeaderChange {
     pub revision: u64,
 }
 
+/// A leader as last reported: key, value, create revision.
+type Reported = (Vec<u8>, Vec<u8>, u64);
+
 /// A stream of leader changes of one election.
 pub struct Observer {
     candidates: BTreeMap<Vec<u8>, KeyValue>,
     watcher: Watcher,
-    /// The last (key, value, create revision) reported; `Some(None)` for "no leader".
-    reported: Option<Option<(Vec<u8>, Vec<u8>, u64)>>,
+    /// The last leader reported; `Some(None)` for "no leader".
+    reported: Option<Option<Reported>>,
     revision: u64,
 }
 

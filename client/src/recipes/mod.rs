@@ -141,8 +141,7 @@ async fn wait_turn(client: &Client, prefix: &[u8], mine: &KeyValue) -> Result<()
         }
         let Some(before) = kvs
             .iter()
-            .filter(|kv| kv.create_revision < mine.create_revision)
-            .next_back()
+            .rfind(|kv| kv.create_revision < mine.create_revision)
         else {
             return Ok(());
         };
