@@ -328,3 +328,185 @@ async fn concordctl_leases_and_watch() {
     assert_eq!(events[0]["kv"]["lease"], id.as_str());
     assert_eq!(events.last().unwrap()["type"], "DELETE");
 }
+
+/// A `concordctl` child (killed by its own pid when dropped) whose stdout is read line by line.
+struct CtlProc {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl CtlProc {
+    fn spawn(cluster: &ProcCluster, args: &[&str]) -> Self {
+        let mut child = Command::new(concordctl_bin())
+            .arg("--config")
+            .arg(cluster.config_path())
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn concordctl");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// The next line of output, within the test's bound.
+    fn line(&self, what: &str) -> String {
+        self.lines
+            .recv_timeout(common::WAIT)
+            .unwrap_or_else(|e| panic!("{what}: no output line within {:?}: {e}", common::WAIT))
+    }
+
+    /// Exit code, waiting within the test's bound.
+    fn exit_code(&mut self, what: &str) -> i32 {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                start.elapsed() < common::WAIT,
+                "{what}: still running after {:?}",
+                common::WAIT
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.try_wait().expect("wait").is_none()
+    }
+}
+
+impl Drop for CtlProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concordctl_lock_elect_and_members() {
+    let cluster = ProcCluster::new(3);
+    cluster.wait_ready(3).await;
+    let dir = cluster.dir.path().to_path_buf();
+
+    // lock -- COMMAND: the command runs with the token in its environment; its exit code is
+    // concordctl's.
+    let token_file = dir.join("token");
+    let script = format!(
+        "echo $CONCORD_LOCK_TOKEN > {}; exit 3",
+        token_file.display()
+    );
+    let mut run = CtlProc::spawn(
+        &cluster,
+        &[
+            "lock",
+            "jobs/nightly",
+            "-o",
+            "json",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    let locked: serde_json::Value = serde_json::from_str(&run.line("lock -- sh")).unwrap();
+    assert_eq!(run.exit_code("lock -- sh"), 3);
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    assert_eq!(token.trim(), locked["token"].to_string());
+
+    // A holder killed with -9 loses the lock after its TTL; the next one gets a higher token.
+    let holder = CtlProc::spawn(&cluster, &["lock", "jobs/nightly", "--ttl", "1"]);
+    holder.line("holder's key");
+    let first: u64 = holder
+        .line("holder's token")
+        .trim_start_matches("token ")
+        .parse()
+        .unwrap();
+    let mut next = CtlProc::spawn(&cluster, &["lock", "jobs/nightly", "--", "true"]);
+    assert!(next.running(), "the second contender waits");
+    drop(holder);
+    next.line("second key");
+    let second: u64 = next
+        .line("second token")
+        .trim_start_matches("token ")
+        .parse()
+        .unwrap();
+    assert!(second > first, "token {second} after {first}");
+    assert_eq!(next.exit_code("second lock"), 0);
+
+    // elect: a listener sees the candidate, then nobody once it dies and its TTL passes.
+    let mut listener = CtlProc::spawn(
+        &cluster,
+        &["elect", "elections/db", "--listen", "--count", "3"],
+    );
+    assert_eq!(listener.line("no leader yet"), "(no leader)");
+    let candidate = CtlProc::spawn(
+        &cluster,
+        &["elect", "elections/db", "primary-1", "--ttl", "1"],
+    );
+    candidate.line("candidate's key");
+    assert_eq!(candidate.line("candidate's value"), "primary-1");
+    assert_eq!(listener.line("leader"), "primary-1");
+    drop(candidate);
+    assert_eq!(listener.line("leader gone"), "(no leader)");
+    assert_eq!(listener.exit_code("listener"), 0);
+
+    // members: register, list, and a watcher sees the member leave when its process dies.
+    let member = CtlProc::spawn(
+        &cluster,
+        &[
+            "members",
+            "register",
+            "svc/api",
+            "m1",
+            "10.0.0.1:80",
+            "--ttl",
+            "1",
+        ],
+    );
+    assert_eq!(member.line("registered"), "registered m1 in svc/api");
+    assert_eq!(
+        cluster.ctl(&["members", "list", "svc/api"]).unwrap(),
+        "m1\t10.0.0.1:80\n"
+    );
+    let watch = CtlProc::spawn(&cluster, &["members", "watch", "svc/api"]);
+    // Put a probe member until the watch reports it: from then on the watch is established.
+    let established = |watch: &CtlProc| {
+        cluster.ctl(&["put", "svc/api/probe", "x"]).unwrap();
+        watch
+            .lines
+            .recv_timeout(std::time::Duration::from_millis(200))
+            .ok()
+    };
+    let start = std::time::Instant::now();
+    let first = loop {
+        if let Some(line) = established(&watch) {
+            break line;
+        }
+        assert!(
+            start.elapsed() < common::WAIT,
+            "members watch never reported the probe"
+        );
+    };
+    assert!(first.contains("probe"), "{first}");
+    drop(member);
+    let departure = loop {
+        match watch.line("departure") {
+            l if l.contains("probe") => continue,
+            l => break l,
+        }
+    };
+    assert_eq!(departure.trim(), "LEFT m1");
+}

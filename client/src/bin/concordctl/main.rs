@@ -14,6 +14,8 @@ use concord_client::watch_api::{EventKind, WatchRequest};
 use concord_client::{txn_syntax, Client, ClientConfig, Error, RangeResult};
 use serde_json::{json, Value};
 
+mod recipes;
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -124,6 +126,15 @@ enum Command {
     /// Leases: grant, revoke, keep-alive, ttl, list.
     #[command(subcommand)]
     Lease(LeaseCommand),
+    /// Acquire lock NAME; print its key and fencing token; run COMMAND while holding it (or
+    /// hold until interrupted).
+    Lock(recipes::LockArgs),
+    /// Campaign in election NAME with VALUE and hold the leadership until interrupted, or
+    /// `--listen` to leader changes.
+    Elect(recipes::ElectArgs),
+    /// Membership: register, list, watch.
+    #[command(subcommand)]
+    Members(recipes::MembersCommand),
     /// Watch KEY (or a prefix, or [KEY, END)) and print each event until interrupted.
     Watch {
         /// The key.
@@ -374,11 +385,14 @@ fn print_kvs(kvs: &[KeyValue], keys_only: bool) {
     }
 }
 
-async fn run(cli: Cli) -> Result<(), Error> {
+async fn run(cli: Cli) -> Result<ExitCode, Error> {
     let json = cli.output == Output::Json;
     let client = Client::connect(ClientConfig::from_file(&cli.config)?).await?;
     match cli.command {
         Command::Lease(command) => run_lease(&client, command, json).await?,
+        Command::Lock(args) => return recipes::run_lock(&client, args, json).await,
+        Command::Elect(args) => recipes::run_elect(&client, args, json).await?,
+        Command::Members(command) => recipes::run_members(&client, command, json).await?,
         Command::Watch {
             key,
             end,
@@ -613,14 +627,14 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("Error: {} [{}]", e, e.code());
             ExitCode::FAILURE
