@@ -2,13 +2,14 @@
 //! lease kept alive in the background.
 
 use std::collections::hash_map::RandomState;
+use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use concord_transport::api::{
     ApiError, KvRequest, KvResponse, LeaseId, LeaseRequest, LeaseResponse, LeaseStatus, PutRequest,
-    PutResponse,
+    PutResponse, RangeId, KEEPALIVE_BATCH_MAX,
 };
 use concord_transport::lease::lease_anchor;
 use tokio::sync::watch;
@@ -84,6 +85,41 @@ impl Client {
             LeaseResponse::KeptAlive { ttl_ms, .. } => Ok(ttl_ms),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Renews many leases with one request per owner range (for a process that holds many,
+    /// e.g. a proxy for a fleet). Returns the renewed leases with their TTLs in milliseconds,
+    /// and the ids that no longer exist.
+    pub async fn lease_keep_alive_many(
+        &self,
+        ids: &[LeaseId],
+    ) -> Result<(Vec<(LeaseId, u64)>, Vec<LeaseId>), Error> {
+        let mut by_range: BTreeMap<RangeId, Vec<LeaseId>> = BTreeMap::new();
+        for id in ids {
+            by_range
+                .entry(self.locate(&lease_anchor(*id)).id)
+                .or_default()
+                .push(*id);
+        }
+        let (mut renewed, mut missing) = (Vec::with_capacity(ids.len()), Vec::new());
+        for owned in by_range.into_values() {
+            for chunk in owned.chunks(KEEPALIVE_BATCH_MAX) {
+                let request = LeaseRequest::KeepAliveMany {
+                    ids: chunk.to_vec(),
+                };
+                match self.lease_call(request).await? {
+                    LeaseResponse::KeptAliveMany {
+                        renewed: r,
+                        missing: m,
+                    } => {
+                        renewed.extend(r);
+                        missing.extend(m);
+                    }
+                    other => return Err(unexpected(other)),
+                }
+            }
+        }
+        Ok((renewed, missing))
     }
 
     /// The TTLs of lease `id`, and with `keys` the keys attached to it in every range.

@@ -184,3 +184,50 @@ async fn owner_leader_change_keeps_live_leases_and_dead_ones_dead() {
     );
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keepalive_batches_renew_many_leases_per_owner_range() {
+    let cluster = Cluster::start(3, RANGES).await;
+    let client = cluster.client().await;
+    let ttl = Duration::from_secs(1);
+    let mut live = Vec::new();
+    for _ in 0..20 {
+        live.push(client.lease_grant(ttl).await.expect("grant"));
+    }
+    let owners: std::collections::BTreeSet<_> = live
+        .iter()
+        .map(|id| {
+            let anchor = lease_anchor(*id);
+            let routes = client.routes();
+            routes
+                .ranges
+                .iter()
+                .find(|d| d.contains(&anchor))
+                .expect("owner")
+                .id
+        })
+        .collect();
+    assert!(owners.len() > 1, "the leases spread over owner ranges");
+    let revoked = live.pop().expect("one");
+    client.lease_revoke(revoked).await.expect("revoke");
+    let mut ids = live.clone();
+    ids.extend([revoked, 4242]);
+
+    // Renew in batches for three TTLs: every live lease survives, the others are reported.
+    let until = Instant::now() + 3 * ttl;
+    while Instant::now() < until {
+        let (renewed, missing) = client.lease_keep_alive_many(&ids).await.expect("batch");
+        let mut renewed: Vec<LeaseId> = renewed.into_iter().map(|(id, _)| id).collect();
+        renewed.sort_unstable();
+        let mut expected = live.clone();
+        expected.sort_unstable();
+        assert_eq!(renewed, expected);
+        let mut missing = missing;
+        missing.sort_unstable();
+        assert_eq!(missing, [4242, revoked]);
+        tokio::time::sleep(ttl / 4).await;
+    }
+    let listed = client.lease_list().await.expect("list");
+    assert!(live.iter().all(|id| listed.contains(id)));
+    cluster.shutdown().await;
+}

@@ -496,6 +496,19 @@ pub struct StatusResponse {
     pub ranges: Vec<RangeStatus>,
     /// The answering node's storage counters.
     pub storage: StorageCounters,
+    /// The answering node's process and watch gauges.
+    pub process: ProcessStats,
+}
+
+/// Gauges of a node's process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessStats {
+    /// Resident memory of the process (`VmRSS`); in `concord dev` all nodes share one process.
+    pub rss_bytes: u64,
+    /// Watch streams open on this node now.
+    pub watchers: u64,
+    /// Watchers cancelled for falling behind since start (they resume).
+    pub watch_overflows: u64,
 }
 
 /// A successful reply.
@@ -802,9 +815,19 @@ impl RequestLimits {
     }
 }
 
+/// Most lease ids in one `KeepAliveMany`.
+pub const KEEPALIVE_BATCH_MAX: usize = 10_000;
+
 fn check_lease(request: &LeaseRequest) -> Result<(), ApiError> {
     if request.owner() == Some(0) {
         return Err(ApiError::InvalidRequest("lease id 0 means no lease".into()));
+    }
+    if let LeaseRequest::KeepAliveMany { ids } = request {
+        if ids.is_empty() || ids.len() > KEEPALIVE_BATCH_MAX || ids.contains(&0) {
+            return Err(ApiError::InvalidRequest(format!(
+                "a keepalive batch names 1..={KEEPALIVE_BATCH_MAX} lease ids, none 0"
+            )));
+        }
     }
     if let LeaseRequest::Grant { ttl_ms, .. } = request {
         if !(LEASE_TTL_MIN_MS..=LEASE_TTL_MAX_MS).contains(ttl_ms) {

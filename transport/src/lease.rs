@@ -54,6 +54,12 @@ pub enum LeaseRequest {
         /// The lease.
         id: LeaseId,
     },
+    /// Renew many leases, all owned by the range the request is sent to (a client holding
+    /// many leases sends one of these per owner range instead of one request per lease).
+    KeepAliveMany {
+        /// The leases.
+        ids: Vec<LeaseId>,
+    },
     /// The granted and the remaining TTL of lease `id`.
     TimeToLive {
         /// The lease.
@@ -75,7 +81,7 @@ pub enum LeaseRequest {
 
 impl LeaseRequest {
     /// The lease whose owner range must serve this request; `None` for requests any range
-    /// answers for itself.
+    /// answers for itself. (`KeepAliveMany`: the first; every id must have the same owner.)
     pub fn owner(&self) -> Option<LeaseId> {
         match self {
             Self::Grant { id, .. }
@@ -83,6 +89,7 @@ impl LeaseRequest {
             | Self::KeepAlive { id }
             | Self::TimeToLive { id }
             | Self::Status { id } => Some(*id),
+            Self::KeepAliveMany { ids } => ids.first().copied(),
             Self::List | Self::AttachedKeys { .. } => None,
         }
     }
@@ -123,6 +130,13 @@ pub enum LeaseResponse {
         id: LeaseId,
         /// Its TTL from now, in milliseconds.
         ttl_ms: u64,
+    },
+    /// Leases renewed by `KeepAliveMany`, and those not found.
+    KeptAliveMany {
+        /// Renewed leases and their TTLs from now, in milliseconds.
+        renewed: Vec<(LeaseId, u64)>,
+        /// Leases that do not exist (expired, revoked, never granted).
+        missing: Vec<LeaseId>,
     },
     /// The lease's TTLs.
     TimeToLive {
@@ -178,7 +192,7 @@ impl LeaseResponse {
             | Self::List { header, .. }
             | Self::AttachedKeys { header, .. }
             | Self::Maintained { header, .. } => *header,
-            Self::KeptAlive { .. } => ResponseHeader::default(),
+            Self::KeptAlive { .. } | Self::KeptAliveMany { .. } => ResponseHeader::default(),
         }
     }
 
@@ -192,7 +206,7 @@ impl LeaseResponse {
             | Self::List { header, .. }
             | Self::AttachedKeys { header, .. }
             | Self::Maintained { header, .. } => header.revision = revision,
-            Self::KeptAlive { .. } => {}
+            Self::KeptAlive { .. } | Self::KeptAliveMany { .. } => {}
         }
     }
 }

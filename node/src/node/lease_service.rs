@@ -41,14 +41,14 @@ impl LeaseKeeper {
         self.renewals.lock().expect("renewals lock").insert(id);
     }
 
+    fn renew_all(&self, ids: impl IntoIterator<Item = LeaseId>) {
+        self.renewals.lock().expect("renewals lock").extend(ids);
+    }
+
     fn take_renewals(&self) -> Vec<LeaseId> {
         std::mem::take(&mut *self.renewals.lock().expect("renewals lock"))
             .into_iter()
             .collect()
-    }
-
-    fn return_renewals(&self, ids: Vec<LeaseId>) {
-        self.renewals.lock().expect("renewals lock").extend(ids);
     }
 
     /// Milliseconds since the previous tick in `term`; 0 on the first tick of a term (time
@@ -129,7 +129,7 @@ impl NodeInner {
                 failed => {
                     tracing::debug!(range = group.descriptor.id, "lease tick failed: {failed:?}");
                     // The advance is lost (expiries only get later); the renewals are kept.
-                    group.keeper.return_renewals(renewals);
+                    group.keeper.renew_all(renewals);
                 }
             }
         }
@@ -270,6 +270,7 @@ impl NodeInner {
         let result = match request {
             LeaseRequest::Grant { .. } | LeaseRequest::Revoke { .. } => return None,
             LeaseRequest::KeepAlive { id } => self.keep_alive(group, *id).await,
+            LeaseRequest::KeepAliveMany { ids } => self.keep_alive_many(group, ids).await,
             LeaseRequest::TimeToLive { id } => self.time_to_live(group, *id).await,
             LeaseRequest::Status { id } => {
                 self.read_leases(group, |mvcc| LeaseResponse::Status {
@@ -303,6 +304,30 @@ impl NodeInner {
         let (ttl_ms, _) = self.owned_lease_ttl(group, id).await?;
         group.keeper.renew(id);
         Ok(LeaseResponse::KeptAlive { id, ttl_ms })
+    }
+
+    /// Renews every lease of `ids` this range owns, with one barrier for all.
+    async fn keep_alive_many(
+        &self,
+        group: &Group,
+        ids: &[LeaseId],
+    ) -> Result<LeaseResponse, ApiError> {
+        if let Err(f) = group.raft.as_leader() {
+            return Err(not_leader(group.descriptor.id, f.leader_id));
+        }
+        self.read_barrier(group, Consistency::Linearizable).await?;
+        let (mut renewed, mut missing) = (Vec::with_capacity(ids.len()), Vec::new());
+        {
+            let state = group.state.read().expect("range state lock");
+            for id in ids {
+                match state.mvcc.leases().time_to_live(*id) {
+                    Some((ttl_ms, _)) => renewed.push((*id, ttl_ms)),
+                    None => missing.push(*id),
+                }
+            }
+        }
+        group.keeper.renew_all(renewed.iter().map(|(id, _)| *id));
+        Ok(LeaseResponse::KeptAliveMany { renewed, missing })
     }
 
     async fn time_to_live(&self, group: &Group, id: LeaseId) -> Result<LeaseResponse, ApiError> {

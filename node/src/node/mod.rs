@@ -15,8 +15,8 @@ use std::time::Duration;
 use concord_placement::{bootstrap_layout, RangeDescriptor, RangeTable};
 use concord_transport::api::{
     ApiError, ClientReply, ClientRequest, ClientResponse, Consistency, KeySpan, KvRequest,
-    KvResponse, LeaseRequest, NodeAddr, NodeId, RangeId, RangeStatus, RequestLimits, RouteTable,
-    StatusResponse, StorageCounters,
+    KvResponse, LeaseRequest, NodeAddr, NodeId, ProcessStats, RangeId, RangeStatus, RequestLimits,
+    RouteTable, StatusResponse, StorageCounters,
 };
 use concord_transport::endpoint::{self, ConnectionLimits};
 use concord_transport::lease::lease_anchor;
@@ -262,6 +262,7 @@ impl BoundNode {
             table,
             groups,
             watch_overflows: AtomicU64::new(0),
+            watchers: AtomicU64::new(0),
         });
         ready_tx.send_replace(Some(Arc::downgrade(&inner)));
         let mut tasks = JoinSet::new();
@@ -311,6 +312,20 @@ struct NodeInner {
     groups: BTreeMap<RangeId, Group>,
     /// Watchers cancelled for falling behind, since start.
     watch_overflows: AtomicU64,
+    /// Watch streams being served now.
+    watchers: AtomicU64,
+}
+
+/// The process's resident memory, from `/proc/self/status` (0 where there is none).
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(0)
 }
 
 /// A running node.
@@ -579,6 +594,11 @@ impl NodeInner {
             nodes: self.node_addrs(),
             ranges,
             storage: storage_counters(&self.engine),
+            process: ProcessStats {
+                rss_bytes: resident_bytes(),
+                watchers: self.watchers.load(Ordering::Relaxed),
+                watch_overflows: self.watch_overflows.load(Ordering::Relaxed),
+            },
         }
     }
 
@@ -610,6 +630,11 @@ impl NodeInner {
             KvRequest::Range(r, _) => inside(&r.span).then_some(()).ok_or_else(outside),
             KvRequest::Delete(d) => inside(&d.span).then_some(()).ok_or_else(outside),
             KvRequest::Compact { .. } => Ok(()),
+            KvRequest::Lease(LeaseRequest::KeepAliveMany { ids }) => ids
+                .iter()
+                .all(|id| desc.contains(&lease_anchor(*id)))
+                .then_some(())
+                .ok_or_else(outside),
             KvRequest::Lease(l) => match l.owner() {
                 Some(id) => desc
                     .contains(&lease_anchor(id))

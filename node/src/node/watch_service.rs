@@ -8,6 +8,7 @@
 //! behind (a slow reader stalls its QUIC stream, which stalls this task) is cancelled with
 //! `WatchOverflow { resume_revision }` instead of holding anything up.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use concord_transport::api::{ApiError, RangeId, ResponseHeader};
@@ -30,6 +31,22 @@ enum End {
     Cancel(ApiError),
 }
 
+/// Counts one in a gauge for as long as it lives (also when its future is dropped).
+struct Counted<'a>(&'a AtomicU64);
+
+impl<'a> Counted<'a> {
+    fn new(gauge: &'a AtomicU64) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Self(gauge)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl NodeInner {
     /// Serves `request` on `send` until the client goes or the watch is cancelled.
     pub(super) async fn serve_watch(
@@ -39,6 +56,7 @@ impl NodeInner {
         epoch: u64,
         request: WatchRequest,
     ) {
+        let _counted = Counted::new(&self.watchers);
         if let End::Cancel(e) = self.watch(send, range_id, epoch, &request).await {
             let _ = wire::write_frame(send, &WatchMessage::Cancelled(e)).await;
         }

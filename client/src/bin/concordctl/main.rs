@@ -584,6 +584,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                     .iter()
                     .map(|(addr, s)| match s {
                         Ok(s) => json!({"endpoint": addr, "node_id": s.node_id, "fsyncs": s.storage.fsyncs, "appends": s.storage.appends,
+                            "rss_bytes": s.process.rss_bytes, "watchers": s.process.watchers, "watch_overflows": s.process.watch_overflows,
                             "ranges": s.ranges.iter().map(|r| json!({"id": r.id, "start": text(&r.start), "end": text(&r.end), "epoch": r.epoch,
                                 "replicas": r.replicas, "leader": r.leader, "term": r.term, "revision": r.revision, "applied_index": r.applied_index, "snapshot_index": r.snapshot_index, "purged_index": r.purged_index})).collect::<Vec<_>>()}),
                         Err(e) => json!({"endpoint": addr, "error": e.to_string(), "code": e.code()}),
