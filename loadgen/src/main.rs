@@ -2,7 +2,11 @@
 //!
 //! `concord-loadgen run --target concord --config FILE --workload put --clients 64
 //! --duration 10s -o json`. Closed loop: each client issues its next request when the previous
-//! one is answered. Every run is bounded by `--duration` and optionally `--ops`.
+//! one is answered. Every run is bounded by `--duration` and optionally `--ops`; the
+//! coordination workloads (`coordination.rs`) add a bounded drain for expiries and
+//! deliveries.
+
+mod coordination;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -48,6 +52,18 @@ enum Workload {
     Put,
     /// Reads of random keys (pre-loaded) at `--consistency`.
     Get,
+    /// `--leases` leases with one key each, renewed in batches; `--churn` per second let go
+    /// and replaced; reports expiry lateness.
+    LeaseChurn,
+    /// `--watchers` watchers of one prefix, one writer at `--rate`; reports delivery latency
+    /// and server memory per watcher.
+    WatchFanout,
+    /// `--clients` contend for `--locks` locks and increment fenced counters; reports
+    /// acquisitions per second and fencing violations.
+    LockContention,
+    /// `--members` members with sessions, `--churn` leave+rejoin per second, `--watchers`
+    /// observers; reports delivery latency and missed events.
+    Membership,
 }
 
 #[derive(clap::Args)]
@@ -82,6 +98,27 @@ struct RunArgs {
     /// Read consistency for `get`.
     #[arg(long, default_value = "linearizable")]
     consistency: Consistency,
+    /// lease-churn: active leases to hold.
+    #[arg(long, default_value_t = 10_000)]
+    leases: u64,
+    /// Lease / session TTL in seconds (lease-churn, lock-contention, membership).
+    #[arg(long, default_value_t = 10)]
+    ttl: u64,
+    /// lease-churn, membership: leases (members) let go and replaced per second.
+    #[arg(long, default_value_t = 10)]
+    churn: u64,
+    /// watch-fanout, membership: watchers.
+    #[arg(long, default_value_t = 100)]
+    watchers: usize,
+    /// watch-fanout: writes per second.
+    #[arg(long, default_value_t = 100)]
+    rate: u64,
+    /// lock-contention: locks contended for.
+    #[arg(long, default_value_t = 4)]
+    locks: usize,
+    /// membership: registered members.
+    #[arg(long, default_value_t = 1_000)]
+    members: usize,
     /// Output format.
     #[arg(short, long, default_value = "text")]
     output: String,
@@ -119,20 +156,8 @@ impl Rng {
     }
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let Target::Concord = args.target;
-    if args.clients == 0 || args.connections == 0 {
-        bail!("--clients and --connections must be at least 1");
-    }
-    let config = ClientConfig::from_file(&args.config).context("reading the client config")?;
-    let mut clients = Vec::new();
-    for _ in 0..args.connections {
-        clients.push(
-            Client::connect(config.clone())
-                .await
-                .context("connecting")?,
-        );
-    }
+/// `put` and `get`: closed-loop clients on random keys.
+async fn run_kv(clients: &[Client], args: &RunArgs) -> anyhow::Result<coordination::Outcome> {
     let value = vec![b'v'; args.value_size];
     if args.workload == Workload::Get {
         // Pre-load the keys that will be read (bounded by the key space).
@@ -184,12 +209,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 let key = key_of(rng.next() % key_space);
                 let t = Instant::now();
-                let result = match workload {
-                    Workload::Put => client.put(key, value.clone()).await.map(|_| ()),
-                    Workload::Get => client
+                let result = if workload == Workload::Put {
+                    client.put(key, value.clone()).await.map(|_| ())
+                } else {
+                    client
                         .range(RangeRequest::new(KeySpan::key(key)), consistency)
                         .await
-                        .map(|_| ()),
+                        .map(|_| ())
                 };
                 match result {
                     Ok(()) => hist
@@ -211,11 +237,50 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     stop.store(true, Ordering::Relaxed);
-    let elapsed = start.elapsed().as_secs_f64();
+    Ok(coordination::Outcome {
+        hist,
+        errors,
+        extra: serde_json::Map::new(),
+    })
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let Target::Concord = args.target;
+    if args.clients == 0 || args.connections == 0 {
+        bail!("--clients and --connections must be at least 1");
+    }
+    let config = ClientConfig::from_file(&args.config).context("reading the client config")?;
+    let mut clients = Vec::new();
+    for _ in 0..args.connections {
+        clients.push(
+            Client::connect(config.clone())
+                .await
+                .context("connecting")?,
+        );
+    }
+    let started = Instant::now();
+    let outcome = match args.workload {
+        Workload::Put | Workload::Get => run_kv(&clients, &args).await?,
+        Workload::LeaseChurn => coordination::lease_churn(&clients, &args).await?,
+        Workload::WatchFanout => coordination::watch_fanout(&clients, &args).await?,
+        Workload::LockContention => coordination::lock_contention(&clients, &args).await?,
+        Workload::Membership => coordination::membership(&clients, &args).await?,
+    };
+    let coordination::Outcome {
+        hist,
+        errors,
+        extra,
+    } = outcome;
+    let elapsed = started.elapsed().as_secs_f64();
     let ops = hist.len();
     let ops_per_sec = ops as f64 / elapsed;
-    let workload = format!("{:?}", args.workload).to_lowercase();
-    let report = json!({
+    let workload = args
+        .workload
+        .to_possible_value()
+        .expect("a named workload")
+        .get_name()
+        .to_string();
+    let mut report = json!({
         "workload": workload,
         "target": "concord",
         "clients": args.clients,
@@ -232,6 +297,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         "max_us": hist.max(),
         "errors": errors,
     });
+    report
+        .as_object_mut()
+        .expect("an object")
+        .extend(extra.clone());
     if args.output == "json" {
         println!("{report}");
     } else {
@@ -250,6 +319,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             hist.max()
         );
         println!("  errors     {errors:?}");
+        for (name, value) in &extra {
+            println!("  {name:<28} {value}");
+        }
     }
     Ok(())
 }
