@@ -41,7 +41,7 @@ pub enum Error {
         source: Box<Error>,
     },
     /// A recipe's key is gone: its session's lease expired or was revoked, or someone deleted
-    /// the key (a lock, a leadership or a queue place is lost).
+    /// the key (a lock or a leadership is lost).
     #[error("lost {key:?}: {reason}")]
     Lost {
         /// The recipe key.

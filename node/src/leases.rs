@@ -11,12 +11,18 @@
 //! tick carries them, one entry for any number of renewals; the same entry revokes every lease
 //! that expired, so there is no fixed revoke rate.
 //!
-//! **Revocation across ranges.** The owner range revokes a lease (expiry or explicit) and
-//! deletes its own attached keys in the same entry; the lease id stays *pending detach* until
-//! every other range has applied a `LeaseDetach` (driven by the owner's leader, retried until
-//! done). A range that applied a detach (or a revoke) remembers the id as revoked and refuses
-//! later puts with it, so a put checked against a live lease but applied after the detach
-//! cannot leave an orphan key.
+//! **Revocation across ranges, in two phases.** The owner range revokes a lease (expiry or
+//! explicit); the id stays *pending* while the owner's leader (retrying each tick until done)
+//! 1. *fences* it in every other range (`LeaseFence`): from then on that range refuses puts
+//!    and fenced txns naming it, but keeps its keys;
+//! 2. once every range has fenced it, *detaches* it everywhere (`LeaseDetach` in the others,
+//!    `LeaseDetached` in the owner), deleting its keys.
+//!
+//! So a lease's keys disappear only when no range accepts writes under it any more: a lock
+//! holder's key is gone only after every range refuses the holder's fenced writes, and a
+//! successor that sees the lock free can never be overtaken by a write of the old holder
+//! still in flight. A put checked against a live lease but applied after the fence is
+//! refused, so it cannot leave an orphan key either.
 //!
 //! **Invariants:** a lease id is owned or revoked, never both, and is never granted twice; the
 //! attached-key index holds exactly the live keys whose record names the lease.
@@ -173,29 +179,26 @@ impl LeaseTable {
         Ok(())
     }
 
-    /// Revokes owned leases `ids` (unknown ids are skipped) and returns the keys of this range
-    /// to delete.
-    pub fn revoke(&mut self, ids: &[LeaseId], out: &mut Vec<LeaseMutation>) -> Vec<Vec<u8>> {
-        let mut keys = Vec::new();
+    /// Revokes owned leases `ids` (unknown ids are skipped): refused here from now on, pending
+    /// until fenced and detached everywhere. Their keys stay until [`LeaseTable::detached`].
+    pub fn revoke(&mut self, ids: &[LeaseId], out: &mut Vec<LeaseMutation>) {
         for id in ids {
             if self.owned.remove(id).is_some() {
                 out.push(LeaseMutation::Owned(*id, None));
                 self.revoked.insert(*id, true);
                 out.push(LeaseMutation::Revoked(*id, true));
-                keys.extend(self.attached.remove(id).unwrap_or_default());
             }
         }
-        keys
     }
 
     /// Advances the clock by `advance_ms`, renews `renewals` for their full TTL and revokes
-    /// what expired. Returns the expired ids and the keys of this range to delete.
+    /// what expired. Returns the expired ids.
     pub fn tick(
         &mut self,
         advance_ms: u64,
         renewals: &[LeaseId],
         out: &mut Vec<LeaseMutation>,
-    ) -> (Vec<LeaseId>, Vec<Vec<u8>>) {
+    ) -> Vec<LeaseId> {
         if advance_ms > 0 {
             self.clock_ms += advance_ms;
             out.push(LeaseMutation::Clock(self.clock_ms));
@@ -215,34 +218,46 @@ impl LeaseTable {
             .filter(|(_, l)| l.expires_at_ms <= self.clock_ms)
             .map(|(id, _)| *id)
             .collect();
-        let keys = self.revoke(&expired, out);
-        (expired, keys)
+        self.revoke(&expired, out);
+        expired
     }
 
-    /// Another range revoked `ids`: forget their keys here and refuse them from now on.
-    /// Idempotent. Returns the keys of this range to delete.
-    pub fn detach(&mut self, ids: &[LeaseId], out: &mut Vec<LeaseMutation>) -> Vec<Vec<u8>> {
-        let mut keys = Vec::new();
+    /// Another range revoked `ids`: refuse them here from now on (phase 1; the keys stay).
+    /// Idempotent.
+    pub fn fence(&mut self, ids: &[LeaseId], out: &mut Vec<LeaseMutation>) {
         for id in ids {
             if !self.revoked.contains_key(id) {
                 self.revoked.insert(*id, false);
                 out.push(LeaseMutation::Revoked(*id, false));
             }
+        }
+    }
+
+    /// Every range refuses `ids` (phase 2): fence them if not yet, and return the keys of this
+    /// range to delete. Idempotent.
+    pub fn detach(&mut self, ids: &[LeaseId], out: &mut Vec<LeaseMutation>) -> Vec<Vec<u8>> {
+        self.fence(ids, out);
+        let mut keys = Vec::new();
+        for id in ids {
             keys.extend(self.attached.remove(id).unwrap_or_default());
         }
         keys
     }
 
-    /// Every other range has detached `ids`.
-    pub fn detached(&mut self, ids: &[LeaseId], out: &mut Vec<LeaseMutation>) {
+    /// Every other range has fenced and detached `ids` (owner only): no longer pending;
+    /// returns the owner's own keys of them to delete.
+    pub fn detached(&mut self, ids: &[LeaseId], out: &mut Vec<LeaseMutation>) -> Vec<Vec<u8>> {
+        let mut keys = Vec::new();
         for id in ids {
             if let Some(pending) = self.revoked.get_mut(id) {
                 if *pending {
                     *pending = false;
                     out.push(LeaseMutation::Revoked(*id, false));
                 }
+                keys.extend(self.attached.remove(id).unwrap_or_default());
             }
         }
+        keys
     }
 
     /// Crashes on a broken invariant (STYLE.md 6).
@@ -269,13 +284,15 @@ mod tests {
         let out = &mut Vec::new();
         t.grant(7, 1_000, out).unwrap();
         t.attach(b"a", 0, 7);
-        assert_eq!(t.tick(999 + LEASE_TICK_MS, &[], out), (vec![], vec![]));
+        assert_eq!(t.tick(999 + LEASE_TICK_MS, &[], out), vec![]);
         assert_eq!(t.time_to_live(7), Some((1_000, 1)));
-        assert_eq!(t.tick(1, &[], out), (vec![7], vec![b"a".to_vec()]));
+        assert_eq!(t.tick(1, &[], out), vec![7]);
         assert!(t.is_revoked(7) && !t.owns(7));
         assert_eq!(t.pending_detach(), vec![7]);
         assert_eq!(t.status(7), LeaseStatus::Detaching);
-        t.detached(&[7], out);
+        // The key stays until every range refuses the lease.
+        assert_eq!(t.attached_keys(7), vec![b"a".to_vec()]);
+        assert_eq!(t.detached(&[7], out), vec![b"a".to_vec()]);
         assert!(t.pending_detach().is_empty() && t.is_revoked(7));
         assert_eq!(t.status(7), LeaseStatus::Gone);
         t.check_invariants();
@@ -288,9 +305,9 @@ mod tests {
         t.grant(1, 1_000, out).unwrap();
         t.tick(900, &[1], out);
         assert_eq!(t.time_to_live(1), Some((1_000, 1_000)));
-        assert_eq!(t.tick(999, &[], out).0, Vec::<LeaseId>::new());
+        assert_eq!(t.tick(999, &[], out), Vec::<LeaseId>::new());
         // A renewal arriving in the tick that would expire the lease keeps it.
-        assert_eq!(t.tick(1, &[1], out).0, Vec::<LeaseId>::new());
+        assert_eq!(t.tick(1, &[1], out), Vec::<LeaseId>::new());
         assert!(t.owns(1));
     }
 
@@ -302,7 +319,7 @@ mod tests {
         assert_eq!(t.grant(3, 1_000, out), Err(ApiError::LeaseExists { id: 3 }));
         t.revoke(&[3], out);
         assert_eq!(t.grant(3, 1_000, out), Err(ApiError::LeaseExists { id: 3 }));
-        t.detach(&[4], out);
+        t.fence(&[4], out);
         assert_eq!(t.grant(4, 1_000, out), Err(ApiError::LeaseExists { id: 4 }));
     }
 
@@ -313,6 +330,10 @@ mod tests {
         t.attach(b"k", 0, 1);
         t.attach(b"j", 0, 1);
         t.attach(b"k", 1, 2);
+        // Fencing refuses the lease but keeps its keys; detaching deletes them.
+        t.fence(&[1], out);
+        assert!(t.is_revoked(1));
+        assert_eq!(t.attached_keys(1), vec![b"j".to_vec()]);
         assert_eq!(t.detach(&[1], out), vec![b"j".to_vec()]);
         assert_eq!(t.attached_keys(2), vec![b"k".to_vec()]);
         // Detach is idempotent.

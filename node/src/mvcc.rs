@@ -68,12 +68,20 @@ pub enum Command {
         /// Leases kept alive since the previous tick.
         renewals: Vec<LeaseId>,
     },
-    /// Leases revoked by their owner range: delete their keys here, refuse them from now on.
+    /// Leases revoked by their owner range, phase 1: refuse them here from now on (their keys
+    /// stay until the detach).
+    LeaseFence {
+        /// The leases.
+        ids: Vec<LeaseId>,
+    },
+    /// Leases revoked by their owner range and fenced in every range, phase 2: delete their
+    /// keys here (and refuse them, if not yet).
     LeaseDetach {
         /// The leases.
         ids: Vec<LeaseId>,
     },
-    /// Every other range has applied the detach of these leases (owner range only).
+    /// Every other range has fenced and detached these leases (owner range only): delete
+    /// the owner's own keys of them; they are no longer pending.
     LeaseDetached {
         /// The leases.
         ids: Vec<LeaseId>,
@@ -104,6 +112,7 @@ impl std::fmt::Display for Command {
                 "lease tick +{advance_ms} ms ({} renewals)",
                 renewals.len()
             ),
+            Self::LeaseFence { ids } => write!(f, "lease fence ({} leases)", ids.len()),
             Self::LeaseDetach { ids } => write!(f, "lease detach ({} leases)", ids.len()),
             Self::LeaseDetached { ids } => write!(f, "lease detached ({} leases)", ids.len()),
         }
@@ -600,7 +609,10 @@ impl Mvcc {
                 if !self.leases.owns(*id) {
                     return Err(ApiError::LeaseNotFound { id: *id });
                 }
-                self.lease_change(&mut cursor, out, |t, c| t.revoke(&[*id], c));
+                self.lease_change(&mut cursor, out, |t, c| {
+                    t.revoke(&[*id], c);
+                    Vec::new()
+                });
                 KvResponse::Lease(LeaseResponse::Revoked {
                     header: self.header(),
                 })
@@ -611,13 +623,22 @@ impl Mvcc {
             } => {
                 let mut expired = 0;
                 self.lease_change(&mut cursor, out, |t, c| {
-                    let (ids, keys) = t.tick(*advance_ms, renewals, c);
-                    expired = ids.len() as u64;
-                    keys
+                    expired = t.tick(*advance_ms, renewals, c).len() as u64;
+                    Vec::new()
                 });
                 KvResponse::Lease(LeaseResponse::Maintained {
                     header: self.header(),
                     revoked: expired,
+                })
+            }
+            Command::LeaseFence { ids } => {
+                self.lease_change(&mut cursor, out, |t, c| {
+                    t.fence(ids, c);
+                    Vec::new()
+                });
+                KvResponse::Lease(LeaseResponse::Maintained {
+                    header: self.header(),
+                    revoked: ids.len() as u64,
                 })
             }
             Command::LeaseDetach { ids } => {
@@ -628,10 +649,7 @@ impl Mvcc {
                 })
             }
             Command::LeaseDetached { ids } => {
-                self.lease_change(&mut cursor, out, |t, c| {
-                    t.detached(ids, c);
-                    Vec::new()
-                });
+                self.lease_change(&mut cursor, out, |t, c| t.detached(ids, c));
                 KvResponse::Lease(LeaseResponse::Maintained {
                     header: self.header(),
                     revoked: 0,
@@ -1177,7 +1195,7 @@ mod tests {
     }
 
     #[test]
-    fn revoking_a_lease_deletes_its_keys_at_one_new_revision() {
+    fn revoking_a_lease_refuses_it_then_deleting_its_keys_takes_one_revision() {
         let mut m = Mvcc::new(1);
         apply(
             &mut m,
@@ -1192,12 +1210,20 @@ mod tests {
         // Moved to no lease: survives the revoke.
         apply(&mut m, put("b", "kept"));
         let before = m.revision();
+        // Phase 1: refused from now on; its keys stay while other ranges are fenced.
         let response = apply(&mut m, Command::LeaseRevoke { id: 9 });
+        assert_eq!(response.header().revision, before);
+        assert!(get(&m, "a", 0).is_some());
+        assert_eq!(m.leases().pending_detach(), vec![9]);
+        let refused = m.apply(&leased("d", 9), &mut Vec::new());
+        assert_eq!(refused.unwrap_err(), ApiError::LeaseNotFound { id: 9 });
+        // Phase 2: every range refuses it; its keys go at one revision.
+        let response = apply(&mut m, Command::LeaseDetached { ids: vec![9] });
         assert_eq!(response.header().revision, before + 1);
         assert_eq!(get(&m, "a", 0), None);
         assert_eq!(get(&m, "b", 0).unwrap().value, b"kept");
         assert!(get(&m, "c", 0).is_some());
-        assert_eq!(m.leases().pending_detach(), vec![9]);
+        assert!(m.leases().pending_detach().is_empty());
         // A revoke of a lease nobody has changes nothing.
         let err = m.apply(&Command::LeaseRevoke { id: 9 }, &mut Vec::new());
         assert_eq!(err.unwrap_err(), ApiError::LeaseNotFound { id: 9 });
@@ -1222,7 +1248,10 @@ mod tests {
         };
         apply(&mut m, tick(500));
         assert_eq!(m.revision(), rev);
+        // The expiry itself writes no key (the deletion follows the detach).
         apply(&mut m, tick(5_000));
+        assert_eq!(m.revision(), rev);
+        apply(&mut m, Command::LeaseDetached { ids: vec![2] });
         assert_eq!(m.revision(), rev + 1);
         assert_eq!(get(&m, "k", 0), None);
     }
@@ -1230,7 +1259,7 @@ mod tests {
     #[test]
     fn writes_with_a_detached_lease_are_refused_whole() {
         let mut m = Mvcc::new(1);
-        apply(&mut m, Command::LeaseDetach { ids: vec![4] });
+        apply(&mut m, Command::LeaseFence { ids: vec![4] });
         let err = m.apply(&leased("a", 4), &mut Vec::new()).unwrap_err();
         assert_eq!(err, ApiError::LeaseNotFound { id: 4 });
         let txn = Command::Txn(TxnRequest {
@@ -1294,7 +1323,13 @@ mod tests {
             assert_eq!(refused, Err(ApiError::Fenced { token }));
             assert!(out.is_empty());
         }
-        // The holder's lease goes: its key is deleted and the next contender holds the lock.
+        // The holder's lease is fenced: its writes are refused before its key goes.
+        apply(&mut m, Command::LeaseFence { ids: vec![5] });
+        assert_eq!(
+            m.apply(&fenced("data", a, 5, true), &mut Vec::new()),
+            Err(ApiError::Fenced { token: a })
+        );
+        // Then detached: its key is deleted and the next contender holds the lock.
         apply(&mut m, Command::LeaseDetach { ids: vec![5] });
         assert_eq!(
             m.apply(&fenced("data", a, 5, true), &mut Vec::new()),

@@ -112,8 +112,8 @@ impl Membership {
     }
 
     /// Watches the group from now: every join, update and departure after the call returns.
-    /// List first and watch after to follow the group from a known state (a member that
-    /// joins in between is reported by both; a departure in between only by the list).
+    /// To follow the group from a known state, watch first and list after: nothing is missed
+    /// (a member that joins in between may be reported by both).
     pub async fn watch(&self) -> Result<MemberWatcher, Error> {
         let watcher = self
             .client

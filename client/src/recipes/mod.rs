@@ -9,11 +9,11 @@
 //! whole prefix must lie in one range: a prefix that spans ranges is refused with
 //! `CROSS_RANGE`.
 //!
-//! **Taking over from an expired holder.** A contender whose predecessor's key was deleted
-//! by a lease expiry waits until that lease has been detached from every range
-//! ([`LeaseStatus::Gone`]) before it goes on. From then on every range refuses writes fenced
-//! by the old holder, so a paused ex-holder cannot write after its successor took over, in
-//! any range.
+//! **Taking over from an expired holder.** The servers delete an expired (or revoked)
+//! lease's keys only after every range refuses writes under it (two-phase revocation, see
+//! `node/src/leases.rs`). So when a contender sees the lock free, no range accepts the old
+//! holder's fenced writes any more: a paused ex-holder cannot write after its successor took
+//! over, in any range, however the successor learned that the lock was free.
 
 mod barrier;
 mod election;
@@ -21,11 +21,9 @@ mod membership;
 pub(crate) mod mutex;
 mod queue;
 
-use std::time::Duration;
-
 use concord_transport::api::{
     ApiError, Compare, CompareOp, CompareTarget, Consistency, KeySpan, KeyValue, LeaseId,
-    LeaseStatus, PutRequest, RangeRequest, TxnOp, TxnOpResponse, TxnRequest,
+    PutRequest, RangeRequest, TxnOp, TxnOpResponse, TxnRequest,
 };
 use concord_transport::watch::{EventKind, WatchRequest};
 
@@ -36,10 +34,6 @@ pub use mutex::LockGuard;
 pub use queue::Queue;
 
 use crate::{Client, Error};
-
-/// How often a contender asks whether an expired predecessor's lease has left every range
-/// (about the lease tick of the servers).
-const LEASE_SETTLE_POLL: Duration = Duration::from_millis(100);
 
 /// The key prefix of the recipe instance `name`: `name/`.
 fn prefix_of(name: &str) -> Vec<u8> {
@@ -127,9 +121,8 @@ async fn contenders(client: &Client, prefix: &[u8]) -> Result<(Vec<KeyValue>, u6
     Ok((kvs, revision))
 }
 
-/// Waits until `mine` is the oldest live key under `prefix`: for each older key, until it
-/// is deleted and, if its lease was revoked, until the lease has left every range. Fails
-/// with [`Error::Lost`] if `mine` disappears.
+/// Waits until `mine` is the oldest live key under `prefix` (for each older key, until it
+/// is deleted). Fails with [`Error::Lost`] if `mine` disappears.
 async fn wait_turn(client: &Client, prefix: &[u8], mine: &KeyValue) -> Result<(), Error> {
     loop {
         let (kvs, revision) = contenders(client, prefix).await?;
@@ -146,9 +139,6 @@ async fn wait_turn(client: &Client, prefix: &[u8], mine: &KeyValue) -> Result<()
             return Ok(());
         };
         wait_deleted(client, &before.key, revision).await?;
-        if before.lease != 0 {
-            wait_lease_settled(client, before.lease).await?;
-        }
     }
 }
 
@@ -164,12 +154,4 @@ async fn wait_deleted(client: &Client, key: &[u8], revision: u64) -> Result<(), 
         }
     }
     Err(Error::Protocol("watch ended".into()))
-}
-
-/// Waits while lease `id` is revoked but not yet detached from every range.
-async fn wait_lease_settled(client: &Client, id: LeaseId) -> Result<(), Error> {
-    while client.lease_status(id).await? == LeaseStatus::Detaching {
-        tokio::time::sleep(LEASE_SETTLE_POLL).await;
-    }
-    Ok(())
 }

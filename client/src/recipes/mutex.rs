@@ -51,8 +51,9 @@ pub struct LockGuard {
     client: Client,
     key: Vec<u8>,
     fence: Fence,
-    /// A fenced write's outcome is unknown: it may still be applied later, so unlocking must
-    /// revoke the lease (which fences it out everywhere) rather than just delete the key.
+    /// A fenced write's outcome is unknown (an error said so, or its future was dropped before
+    /// the answer): it may still be applied later, so unlocking must revoke the lease (which
+    /// fences it out everywhere) rather than just delete the key.
     unsure: AtomicBool,
 }
 
@@ -81,9 +82,11 @@ impl LockGuard {
     /// Runs `txn` only while this guard still holds the lock; else `FENCED`.
     pub async fn txn(&self, mut txn: TxnRequest) -> Result<TxnResponse, Error> {
         txn.fence = Some(self.fence.clone());
+        // Unsure until the answer proves otherwise (also if this future is dropped mid-way).
+        let was_unsure = self.unsure.swap(true, Ordering::AcqRel);
         let result = self.client.txn(txn).await;
-        if result.as_ref().is_err_and(Error::outcome_unknown) {
-            self.unsure.store(true, Ordering::Release);
+        if !was_unsure && !result.as_ref().is_err_and(Error::outcome_unknown) {
+            self.unsure.store(false, Ordering::Release);
         }
         result
     }

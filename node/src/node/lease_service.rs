@@ -111,11 +111,10 @@ impl NodeInner {
     async fn lease_tick(&self, group: &Group) {
         let term = group.raft.metrics().borrow_watched().current_term;
         let advance_ms = group.keeper.advance(Instant::now(), term);
-        let (owns_leases, pending) = {
+        let owns_leases = {
             let state = group.state.read().expect("range state lock");
-            let leases = state.mvcc.leases();
-            let owns = leases.owned().next().is_some();
-            (owns, leases.pending_detach())
+            let owns = state.mvcc.leases().owned().next().is_some();
+            owns
         };
         let renewals = group.keeper.take_renewals();
         if owns_leases || !renewals.is_empty() {
@@ -133,22 +132,41 @@ impl NodeInner {
                 }
             }
         }
-        if !pending.is_empty() && self.detach_everywhere(group.descriptor.id, &pending).await {
-            let done = Command::LeaseDetached { ids: pending };
-            if let Err(e) = group.raft.client_write(done).await {
-                tracing::debug!(range = group.descriptor.id, "lease detached: {e}");
+        // Read after the tick: what it expired is fenced and detached at once.
+        let pending = {
+            let state = group.state.read().expect("range state lock");
+            let pending = state.mvcc.leases().pending_detach();
+            pending
+        };
+        if !pending.is_empty() {
+            self.finish_revocation(group, pending).await;
+        }
+    }
+
+    /// The two phases of revoking `ids` (owned by `group`, led here): fence them in every
+    /// other range, then detach them everywhere (deleting their keys). True when done; else
+    /// the next tick tries again (every step is idempotent).
+    pub(super) async fn finish_revocation(&self, group: &Group, ids: Vec<LeaseId>) -> bool {
+        let owner = group.descriptor.id;
+        let fence = Command::LeaseFence { ids: ids.clone() };
+        let detach = Command::LeaseDetach { ids: ids.clone() };
+        if !(self.on_other_ranges(owner, fence).await && self.on_other_ranges(owner, detach).await)
+        {
+            return false;
+        }
+        match self.propose(group, Command::LeaseDetached { ids }).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::debug!(range = owner, "lease detached: {e}");
+                false
             }
         }
     }
 
-    /// Applies a detach of `ids` at every range but `owner`; true when all succeeded.
-    async fn detach_everywhere(&self, owner: RangeId, ids: &[LeaseId]) -> bool {
+    /// Applies `cmd` at every range but `owner`; true when all succeeded.
+    async fn on_other_ranges(&self, owner: RangeId, cmd: Command) -> bool {
         let others = self.table.ranges().iter().filter(|d| d.id != owner);
-        let results = join_all(others.map(|d| {
-            let cmd = Command::LeaseDetach { ids: ids.to_vec() };
-            self.propose_anywhere(d.id, cmd)
-        }))
-        .await;
+        let results = join_all(others.map(|d| self.propose_anywhere(d.id, cmd.clone()))).await;
         results.iter().all(Result::is_ok)
     }
 

@@ -715,7 +715,13 @@ impl NodeInner {
                 }
                 match l {
                     LeaseRequest::Grant { id, ttl_ms } => Command::LeaseGrant { id, ttl_ms },
-                    LeaseRequest::Revoke { id } => Command::LeaseRevoke { id },
+                    LeaseRequest::Revoke { id } => {
+                        // The keys are deleted everywhere before the answer (normally; if a
+                        // range is unreachable, the lease tick finishes the job).
+                        let revoked = self.propose(group, Command::LeaseRevoke { id }).await?;
+                        self.finish_revocation(group, vec![id]).await;
+                        return Ok(revoked);
+                    }
                     other => unreachable!("{other:?} is served without Raft"),
                 }
             }

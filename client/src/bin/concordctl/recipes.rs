@@ -95,7 +95,14 @@ async fn hold(session: &Session, what: &str) -> Result<(), Error> {
 /// `concordctl lock NAME [-- COMMAND...]`.
 pub async fn run_lock(client: &Client, args: LockArgs, json: bool) -> Result<ExitCode, Error> {
     let session = client.session(Duration::from_secs(args.ttl)).await?;
-    let guard = client.lock(&args.name, &session).await?;
+    let guard = tokio::select! {
+        guard = client.lock(&args.name, &session) => guard?,
+        _ = interrupted() => {
+            // Leave the queue at once rather than after the TTL.
+            session.close().await?;
+            return Ok(ExitCode::from(130));
+        }
+    };
     let key = text(guard.key());
     if json {
         println!(
@@ -112,13 +119,20 @@ pub async fn run_lock(client: &Client, args: LockArgs, json: bool) -> Result<Exi
             ExitCode::SUCCESS
         }
         Some((program, rest)) => {
-            let mut child = tokio::process::Command::new(program)
+            let spawned = tokio::process::Command::new(program)
                 .args(rest)
                 .env("CONCORD_LOCK_KEY", &key)
                 .env("CONCORD_LOCK_TOKEN", guard.token().to_string())
                 .kill_on_drop(true)
-                .spawn()
-                .map_err(|e| Error::Config(format!("cannot run {program:?}: {e}")))?;
+                .spawn();
+            let mut child = match spawned {
+                Ok(child) => child,
+                Err(e) => {
+                    guard.unlock().await?;
+                    session.close().await?;
+                    return Err(Error::Config(format!("cannot run {program:?}: {e}")));
+                }
+            };
             tokio::select! {
                 status = child.wait() => {
                     let status = status.map_err(|e| Error::Config(format!("{program:?}: {e}")))?;
@@ -170,7 +184,10 @@ pub async fn run_elect(client: &Client, args: ElectArgs, json: bool) -> Result<(
         return Ok(());
     };
     let session = client.session(Duration::from_secs(args.ttl)).await?;
-    let leadership = election.campaign(&session, value.as_bytes()).await?;
+    let leadership = tokio::select! {
+        won = election.campaign(&session, value.as_bytes()) => won?,
+        _ = interrupted() => return session.close().await,
+    };
     let key = text(leadership.key());
     if json {
         println!(
