@@ -21,9 +21,12 @@ cluster_start() {
     cluster_pids+=($!)
   done
   for _ in $(seq 1 300); do
+    # Ready when every node answers and every range it hosts has a leader.
     if [ -f "$dir/concordctl.toml" ] &&
       ./target/release/concordctl --config "$dir/concordctl.toml" status -o json 2>/dev/null |
-      grep -q '"leader":[0-9]' ; then
+      grep -q '"node_id"' &&
+      ! ./target/release/concordctl --config "$dir/concordctl.toml" status -o json 2>/dev/null |
+      grep -q -e '"leader":null' -e '"error"'; then
       return 0
     fi
     sleep 0.1

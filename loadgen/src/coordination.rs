@@ -386,26 +386,25 @@ pub async fn watch_fanout(clients: &[Client], args: &RunArgs) -> anyhow::Result<
     let opened_in = opened_at.elapsed();
     let (rss_after, open_streams) = server_gauges(&clients[0]).await;
     let mut listeners = JoinSet::new();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     for mut watcher in watchers {
-        let (delivery, delivered) = (delivery.clone(), delivered.clone());
+        let (delivery, delivered, mut stop) =
+            (delivery.clone(), delivered.clone(), stop_rx.clone());
         listeners.spawn(async move {
             let mut local = histogram();
-            let mut count = 0;
-            while let Some(Ok(response)) = watcher.next().await {
-                for event in response.events {
+            loop {
+                let response = tokio::select! {
+                    r = watcher.next() => r,
+                    _ = stop.changed() => break,
+                };
+                let Some(Ok(response)) = response else { break };
+                for event in &response.events {
                     if let Some(us) = age_us(epoch, &event.kv.value) {
                         local.saturating_record(us);
                     }
-                    count += 1;
                 }
-                if count % 64 == 0 {
-                    delivered.fetch_add(count, Ordering::Relaxed);
-                    delivery.lock().expect("delivery lock").add(&local).ok();
-                    local.reset();
-                    count = 0;
-                }
+                delivered.fetch_add(response.events.len() as u64, Ordering::Relaxed);
             }
-            delivered.fetch_add(count, Ordering::Relaxed);
             delivery.lock().expect("delivery lock").add(&local).ok();
         });
     }
@@ -434,7 +433,7 @@ pub async fn watch_fanout(clients: &[Client], args: &RunArgs) -> anyhow::Result<
     while delivered.load(Ordering::Relaxed) < expected && Instant::now() < drain_until {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    listeners.abort_all();
+    stop_tx.send_replace(true);
     while listeners.join_next().await.is_some() {}
     let delivered = delivered.load(Ordering::Relaxed);
 

@@ -100,8 +100,8 @@ impl LeaseRequest {
 pub enum LeaseStatus {
     /// Granted and not expired.
     Alive,
-    /// Expired or revoked; some ranges may still accept writes fenced by it (they have not
-    /// applied its detach yet).
+    /// Expired or revoked; some range has not yet fenced or detached it (its keys may still
+    /// be there; no range that has fenced it accepts writes under it).
     Detaching,
     /// Revoked and detached from every range, or never granted.
     Gone,
@@ -119,9 +119,10 @@ pub enum LeaseResponse {
         /// Its TTL, in milliseconds.
         ttl_ms: u64,
     },
-    /// The lease is gone; its keys in the owner range are deleted, the other ranges follow.
+    /// The lease is revoked; its keys are deleted in every range once every range refuses it
+    /// (normally before this answer; see `node/src/leases.rs`).
     Revoked {
-        /// Range and revision (of the deletion in the owner range).
+        /// The owner range and its revision.
         header: ResponseHeader,
     },
     /// The lease was renewed.

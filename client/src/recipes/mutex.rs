@@ -82,12 +82,14 @@ impl LockGuard {
     /// Runs `txn` only while this guard still holds the lock; else `FENCED`.
     pub async fn txn(&self, mut txn: TxnRequest) -> Result<TxnResponse, Error> {
         txn.fence = Some(self.fence.clone());
-        // Unsure until the answer proves otherwise (also if this future is dropped mid-way).
-        let was_unsure = self.unsure.swap(true, Ordering::AcqRel);
+        // Marks the guard unsure unless a definite answer arrives (also if this future is
+        // dropped mid-way); the flag only ever goes from false to true.
+        let mut in_flight = InFlight {
+            unsure: &self.unsure,
+            settled: false,
+        };
         let result = self.client.txn(txn).await;
-        if !was_unsure && !result.as_ref().is_err_and(Error::outcome_unknown) {
-            self.unsure.store(false, Ordering::Release);
-        }
+        in_flight.settled = !result.as_ref().is_err_and(Error::outcome_unknown);
         result
     }
 
@@ -127,5 +129,19 @@ impl LockGuard {
             .delete(KeySpan::key(self.key.clone()), false)
             .await
             .map(|_| ())
+    }
+}
+
+/// A fenced write in flight: unless `settled`, dropping it marks its guard unsure.
+struct InFlight<'a> {
+    unsure: &'a AtomicBool,
+    settled: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.unsure.store(true, Ordering::Release);
+        }
     }
 }
