@@ -68,6 +68,8 @@ struct Inner {
     table: RwLock<Option<RangeTable>>,
     /// Spreads follower / serializable reads over replicas.
     next_replica: AtomicUsize,
+    /// The watch channel of each range (see `watch.rs`).
+    watch_channels: crate::watch::Channels,
 }
 
 fn is_write(request: &KvRequest) -> bool {
@@ -76,6 +78,8 @@ fn is_write(request: &KvRequest) -> bool {
         KvRequest::Range(..)
             | KvRequest::Lease(
                 LeaseRequest::KeepAlive { .. }
+                    | LeaseRequest::KeepAliveMany { .. }
+                    | LeaseRequest::Status { .. }
                     | LeaseRequest::TimeToLive { .. }
                     | LeaseRequest::List
                     | LeaseRequest::AttachedKeys { .. }
@@ -102,6 +106,7 @@ impl Client {
             }),
             table: RwLock::new(None),
             next_replica: AtomicUsize::new(0),
+            watch_channels: Default::default(),
         });
         let client = Self { inner };
         client.refresh_routes().await?;
@@ -451,12 +456,37 @@ impl Client {
 
     /// Sends `request` to `addr` on a new stream and returns the stream's receiving half (for
     /// requests answered by many frames: watches).
-    pub(crate) async fn open_request(
+    /// Opens a bi-stream to `addr`, sends `request` as its first frame and keeps both
+    /// halves open (for a watch channel).
+    pub(crate) async fn open_channel(
         &self,
         addr: &str,
         request: &ClientRequest,
-    ) -> Result<quinn::RecvStream, Error> {
-        self.inner.deliver(addr, &wire::encode_frame(request)).await
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), Error> {
+        let connect_err = |reason: String| Error::Connect {
+            addr: addr.to_string(),
+            reason,
+        };
+        let timeout = self.inner.config.request_timeout;
+        let open = async {
+            let conn = self.inner.connection(addr).await?;
+            let (mut send, recv) = conn
+                .open_bi()
+                .await
+                .map_err(|e| connect_err(e.to_string()))?;
+            send.write_all(&wire::encode_frame(request))
+                .await
+                .map_err(|e| connect_err(e.to_string()))?;
+            Ok::<_, Error>((send, recv))
+        };
+        tokio::time::timeout(timeout, open)
+            .await
+            .unwrap_or_else(|_| Err(connect_err(format!("not opened within {timeout:?}"))))
+    }
+
+    /// The client's watch channels.
+    pub(crate) fn watch_channels(&self) -> &crate::watch::Channels {
+        &self.inner.watch_channels
     }
 
     /// Sends raw bytes as a request frame to `addr` and returns the decoded response

@@ -87,8 +87,8 @@ impl Client {
         }
     }
 
-    /// Renews many leases with one request per owner range (for a process that holds many,
-    /// e.g. a proxy for a fleet). Returns the renewed leases with their TTLs in milliseconds,
+    /// Renews many leases with one request per owner range, sent concurrently (for a process
+    /// that holds many, e.g. a proxy for a fleet). Returns the renewed leases with their TTLs in milliseconds,
     /// and the ids that no longer exist.
     pub async fn lease_keep_alive_many(
         &self,
@@ -101,22 +101,28 @@ impl Client {
                 .or_default()
                 .push(*id);
         }
-        let (mut renewed, mut missing) = (Vec::with_capacity(ids.len()), Vec::new());
+        // One request per owner range (and per batch of ids), all at once.
+        let mut calls = tokio::task::JoinSet::new();
         for owned in by_range.into_values() {
             for chunk in owned.chunks(KEEPALIVE_BATCH_MAX) {
-                let request = LeaseRequest::KeepAliveMany {
-                    ids: chunk.to_vec(),
-                };
-                match self.lease_call(request).await? {
-                    LeaseResponse::KeptAliveMany {
-                        renewed: r,
-                        missing: m,
-                    } => {
-                        renewed.extend(r);
-                        missing.extend(m);
-                    }
-                    other => return Err(unexpected(other)),
+                let (client, ids) = (self.clone(), chunk.to_vec());
+                calls.spawn(
+                    async move { client.lease_call(LeaseRequest::KeepAliveMany { ids }).await },
+                );
+            }
+        }
+        let (mut renewed, mut missing) = (Vec::with_capacity(ids.len()), Vec::new());
+        while let Some(answer) = calls.join_next().await {
+            let answer = answer.map_err(|e| Error::Protocol(format!("keepalive task: {e}")))?;
+            match answer? {
+                LeaseResponse::KeptAliveMany {
+                    renewed: r,
+                    missing: m,
+                } => {
+                    renewed.extend(r);
+                    missing.extend(m);
                 }
+                other => return Err(unexpected(other)),
             }
         }
         Ok((renewed, missing))

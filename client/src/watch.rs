@@ -1,25 +1,40 @@
-//! Watches in the client: one stream per range the span covers, merged into one [`Watcher`].
+//! Watches in the client: every watch of a [`Client`] on one range shares that range's
+//! **watch channel** (one QUIC stream to one replica, run by one task), and a watch over
+//! several ranges is one watch per range, merged into one [`Watcher`].
 //!
-//! Each range's stream remembers the next revision it owes; when the stream breaks (the node
-//! stopped, the watcher fell behind and was cancelled with `WATCH_OVERFLOW`, a snapshot reset
-//! the replica) it is reopened — on another replica if need be — from that revision, so the
-//! caller sees every revision once, in order per range, without doing anything. Only a
-//! compacted start revision, or `attempts_max` reconnections in a row that all fail, end the
-//! watch with an error.
+//! Each watch remembers the next revision it owes its caller. When the channel breaks (the
+//! node stopped, the channel fell behind and was cancelled with `WATCH_OVERFLOW`, a snapshot
+//! reset the replica) it is reopened — on another replica if need be — and every watch is
+//! recreated from its own next revision, so the caller sees every revision once, in order
+//! per range, without doing anything. A caller that does not keep up with its watch does not
+//! hold up the channel: its watch is dropped on the node once its buffer is full and
+//! recreated from where it stopped once the caller has read half of it. Only a compacted
+//! start revision, or `attempts_max` reopenings in a row that all fail, end a watch with an
+//! error.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use concord_placement::RangeDescriptor;
 use concord_transport::api::{ApiError, ClientRequest, RangeId};
-use concord_transport::watch::{Event, WatchMessage, WatchRequest};
+use concord_transport::watch::{Event, GroupId, WatchControl, WatchId, WatchMessage, WatchRequest};
 use concord_transport::wire;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 
 use crate::client::{backoff, clip, RESPONSE_BYTES_MAX};
 use crate::{Client, Error};
 
-/// Responses buffered in the client before a range's stream stops reading (and the node,
-/// after its own buffer, cancels it; it is then resumed).
+/// Responses buffered per watcher before its watch is dropped on the node (and later
+/// recreated from where the caller stopped reading).
 const WATCH_CLIENT_BUFFER: usize = 256;
+
+/// How often a channel recreates the watches whose callers fell behind and caught up.
+const CATCH_UP_CHECK: Duration = Duration::from_millis(100);
+
+/// The watch channels of a client, by range (`pub(crate)` for the client's state).
+pub(crate) type Channels = std::sync::Mutex<HashMap<RangeId, mpsc::UnboundedSender<Command>>>;
 
 /// What a [`Watcher`] yields.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,10 +49,12 @@ pub struct WatchResponse {
     pub progress: bool,
 }
 
-/// A live watch. Dropping it stops every stream.
+type Sink = mpsc::Sender<Result<WatchResponse, Error>>;
+
+/// A live watch. Dropping it stops it on every range.
 pub struct Watcher {
     rx: mpsc::Receiver<Result<WatchResponse, Error>>,
-    tasks: Vec<JoinHandle<()>>,
+    parts: Vec<(mpsc::UnboundedSender<Command>, u64)>,
 }
 
 impl Watcher {
@@ -49,167 +66,487 @@ impl Watcher {
 
 impl Drop for Watcher {
     fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
+        for (channel, id) in &self.parts {
+            let _ = channel.send(Command::Remove { id: *id });
         }
     }
+}
+
+/// A request to a range's channel task.
+pub(crate) enum Command {
+    Add {
+        id: u64,
+        request: WatchRequest,
+        sink: Sink,
+        ready: oneshot::Sender<Result<(), Error>>,
+    },
+    Remove {
+        id: u64,
+    },
 }
 
 impl Client {
     /// Watches `request.span` (a key, prefix or interval over any number of ranges). Returns
-    /// once every range's stream is established: a write acknowledged after that is seen.
+    /// once every range's watch is established: a write acknowledged after that is seen.
     pub async fn watch(&self, request: WatchRequest) -> Result<Watcher, Error> {
-        let (tx, rx) = mpsc::channel(WATCH_CLIENT_BUFFER);
-        let mut tasks = Vec::new();
-        let mut created = Vec::new();
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let (sink, rx) = mpsc::channel(WATCH_CLIENT_BUFFER);
+        let mut watcher = Watcher {
+            rx,
+            parts: Vec::new(),
+        };
         for desc in self.overlapping(&request.span) {
-            let mut req = request.clone();
-            req.span = clip(&desc, &request.span);
-            let (ready_tx, ready_rx) = oneshot::channel();
-            let stream = RangeWatch {
-                client: self.clone(),
-                desc,
-                request: req,
-                tx: tx.clone(),
-                established: false,
-            };
-            tasks.push(tokio::spawn(stream.run(ready_tx)));
-            created.push(ready_rx);
-        }
-        let watcher = Watcher { rx, tasks };
-        for ready in created {
-            match ready.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(Error::Protocol("watch task ended early".into())),
+            let mut part = request.clone();
+            part.span = clip(&desc, &request.span);
+            // A channel task that just ended (it had no watches left) drops the command: try
+            // again with a fresh one.
+            let mut tries = 0;
+            loop {
+                let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+                let (ready_tx, ready) = oneshot::channel();
+                let channel = self.watch_channel(&desc);
+                let add = Command::Add {
+                    id,
+                    request: part.clone(),
+                    sink: sink.clone(),
+                    ready: ready_tx,
+                };
+                if channel.send(add).is_ok() {
+                    watcher.parts.push((channel, id));
+                    match ready.await {
+                        Ok(Ok(())) => break,
+                        Ok(Err(e)) => return Err(e),
+                        Err(_) => {}
+                    }
+                }
+                tries += 1;
+                if tries >= 3 {
+                    return Err(Error::Protocol("watch channel ended early".into()));
+                }
             }
         }
         Ok(watcher)
     }
+
+    /// The channel task of `desc`'s range, started if there is none.
+    fn watch_channel(&self, desc: &RangeDescriptor) -> mpsc::UnboundedSender<Command> {
+        let mut channels = self.watch_channels().lock().expect("watch channels lock");
+        if let Some(channel) = channels.get(&desc.id).filter(|c| !c.is_closed()) {
+            return channel.clone();
+        }
+        let (tx, commands) = mpsc::unbounded_channel();
+        let task = Channel {
+            client: self.clone(),
+            desc: desc.clone(),
+            commands,
+            watches: HashMap::new(),
+            by_server_id: HashMap::new(),
+            groups: HashMap::new(),
+            next_server_id: 0,
+        };
+        tokio::spawn(task.run());
+        channels.insert(desc.id, tx.clone());
+        tx
+    }
 }
 
-/// The watch of one range.
-struct RangeWatch {
-    client: Client,
-    desc: RangeDescriptor,
+/// One watch of a channel, as the client keeps it.
+struct Local {
     request: WatchRequest,
-    tx: mpsc::Sender<Result<WatchResponse, Error>>,
-    /// The current stream reached `Created`.
-    established: bool,
+    sink: Sink,
+    /// First revision still owed to the caller; 0 until the watch is first established
+    /// (a watch "from now").
+    next: u64,
+    /// The node's id of the watch on the current channel.
+    server_id: WatchId,
+    /// Its group and the revision it was established at, once `Created`.
+    joined: Option<(GroupId, u64)>,
+    /// The caller's buffer was full: the watch is dropped on the node until it catches up.
+    behind: bool,
+    ready: Option<oneshot::Sender<Result<(), Error>>>,
 }
 
-/// How a stream of one range ended.
-enum StreamEnd {
-    /// The caller dropped the watcher.
-    CallerGone,
-    /// Reopen from the next revision owed.
+/// How a channel ended.
+enum ChannelEnd {
+    /// No watches left (or the client is gone): the task ends.
+    Idle,
+    /// Reopen and recreate every watch.
     Resume(Error),
-    /// The watch cannot go on.
+    /// The watches cannot go on.
     Fatal(Error),
 }
 
-impl RangeWatch {
-    async fn run(mut self, ready: oneshot::Sender<Result<(), Error>>) {
-        let mut ready = Some(ready);
+/// The task running the watch channel of one range.
+struct Channel {
+    client: Client,
+    desc: RangeDescriptor,
+    commands: mpsc::UnboundedReceiver<Command>,
+    watches: HashMap<u64, Local>,
+    by_server_id: HashMap<WatchId, u64>,
+    groups: HashMap<GroupId, HashSet<u64>>,
+    next_server_id: WatchId,
+}
+
+impl Channel {
+    async fn run(mut self) {
         let attempts_max = self.client.config().attempts_max.max(1);
-        // Failed attempts in a row (an established stream resets it); `tries` rotates the
-        // replicas.
         let (mut failures, mut tries) = (0, 0u32);
+        // The task is started for a watch whose `Add` is on its way.
+        match self.commands.recv().await {
+            Some(command) => self.command_offline(command),
+            None => return,
+        }
         loop {
-            let end = self.stream(tries, &mut ready).await;
+            if self.watches.is_empty() {
+                // The last watch went: end (a later watch starts a new task).
+                return;
+            }
+            let mut opened = false;
+            let end = self.channel(tries, &mut opened).await;
             tries = tries.wrapping_add(1);
             let e = match end {
-                StreamEnd::CallerGone => return,
-                StreamEnd::Fatal(e) => return self.fail(&mut ready, e).await,
-                StreamEnd::Resume(e) => e,
+                ChannelEnd::Idle => return,
+                ChannelEnd::Fatal(e) => {
+                    self.fail_all(e);
+                    continue;
+                }
+                ChannelEnd::Resume(e) => e,
             };
-            tracing::debug!(range = self.desc.id, "watch resumes: {e}");
-            failures = if self.established { 0 } else { failures + 1 };
+            tracing::debug!(range = self.desc.id, "watch channel resumes: {e}");
+            failures = if opened { 0 } else { failures + 1 };
             if failures >= attempts_max {
-                let e = Error::Exhausted {
+                self.fail_all(Error::Exhausted {
                     attempts: attempts_max,
                     last: Box::new(e),
-                };
-                return self.fail(&mut ready, e).await;
+                });
+                failures = 0;
+                continue;
             }
             backoff(failures).await;
         }
     }
 
-    async fn fail(&self, ready: &mut Option<oneshot::Sender<Result<(), Error>>>, e: Error) {
-        match ready.take() {
-            Some(ready) => {
-                let _ = ready.send(Err(e));
-            }
-            None => {
-                let _ = self.tx.send(Err(e)).await;
+    /// Ends every watch with `e`.
+    fn fail_all(&mut self, e: Error) {
+        self.by_server_id.clear();
+        self.groups.clear();
+        for (_, local) in self.watches.drain() {
+            match local.ready {
+                Some(ready) => {
+                    let _ = ready.send(Err(e.clone()));
+                }
+                None => {
+                    let (sink, e) = (local.sink, e.clone());
+                    tokio::spawn(async move { sink.send(Err(e)).await });
+                }
             }
         }
     }
 
-    /// One stream to one replica, until it ends.
-    async fn stream(
-        &mut self,
-        attempt: u32,
-        ready: &mut Option<oneshot::Sender<Result<(), Error>>>,
-    ) -> StreamEnd {
-        self.established = false;
+    /// A command while no channel is open.
+    fn command_offline(&mut self, command: Command) {
+        match command {
+            Command::Add {
+                id,
+                request,
+                sink,
+                ready,
+            } => {
+                self.watches.insert(
+                    id,
+                    Local {
+                        request,
+                        sink,
+                        next: 0,
+                        server_id: 0,
+                        joined: None,
+                        behind: false,
+                        ready: Some(ready),
+                    },
+                );
+            }
+            Command::Remove { id } => {
+                self.watches.remove(&id);
+            }
+        }
+    }
+
+    /// Sends `Create` for watch `id` from the revision it owes, under a fresh node id.
+    async fn create(&mut self, send: &mut quinn::SendStream, id: u64) -> Result<(), Error> {
+        self.next_server_id += 1;
+        let server_id = self.next_server_id;
+        let local = self.watches.get_mut(&id).expect("watch exists");
+        local.server_id = server_id;
+        local.joined = None;
+        local.behind = false;
+        let mut request = local.request.clone();
+        if local.next != 0 {
+            request.start_revision = local.next;
+        }
+        self.by_server_id.insert(server_id, id);
+        let control = WatchControl::Create {
+            id: server_id,
+            request,
+        };
+        wire::write_frame(send, &control)
+            .await
+            .map_err(|e| Error::Protocol(e.to_string()))
+    }
+
+    /// Stops watch `id` on the node (it stays known here unless the caller removed it).
+    async fn cancel(&mut self, send: &mut quinn::SendStream, id: u64) -> Result<(), Error> {
+        let Some(local) = self.watches.get_mut(&id) else {
+            return Ok(());
+        };
+        self.by_server_id.remove(&local.server_id);
+        if let Some((group, _)) = local.joined.take() {
+            if let Some(members) = self.groups.get_mut(&group) {
+                members.remove(&id);
+            }
+        }
+        let control = WatchControl::Cancel {
+            id: local.server_id,
+        };
+        wire::write_frame(send, &control)
+            .await
+            .map_err(|e| Error::Protocol(e.to_string()))
+    }
+
+    /// One channel to one replica, until it ends.
+    async fn channel(&mut self, attempt: u32, opened: &mut bool) -> ChannelEnd {
         let replicas = &self.desc.replicas;
         let node = replicas[attempt as usize % replicas.len().max(1)];
         let Some(addr) = self.client.node_addr(node) else {
-            return StreamEnd::Resume(Error::Config(format!("no address for node {node}")));
+            return ChannelEnd::Resume(Error::Config(format!("no address for node {node}")));
         };
-        let frame = ClientRequest::Watch {
+        let open = ClientRequest::Watch {
             range_id: self.desc.id,
             epoch: self.desc.epoch,
-            request: self.request.clone(),
         };
-        let mut recv = match self.client.open_request(&addr, &frame).await {
-            Ok(recv) => recv,
-            Err(e) => return StreamEnd::Resume(e),
+        let (mut send, mut recv) = match self.client.open_channel(&addr, &open).await {
+            Ok(streams) => streams,
+            Err(e) => return ChannelEnd::Resume(e),
         };
-        loop {
-            let message =
-                match wire::read_frame::<_, WatchMessage>(&mut recv, RESPONSE_BYTES_MAX).await {
-                    Ok(m) => m,
-                    Err(e) => return StreamEnd::Resume(Error::Protocol(format!("{addr}: {e}"))),
-                };
-            let response = match message {
-                WatchMessage::Created { header } => {
-                    self.established = true;
-                    if self.request.start_revision == 0 {
-                        self.request.start_revision = header.revision + 1;
-                    }
-                    if let Some(ready) = ready.take() {
-                        let _ = ready.send(Ok(()));
-                    }
-                    continue;
+        // Frames are read by their own task: a frame read is not cancel-safe.
+        let (frames_tx, mut frames) = mpsc::channel(WATCH_CLIENT_BUFFER);
+        let reader = tokio::spawn(async move {
+            loop {
+                let frame =
+                    wire::read_frame::<_, WatchMessage>(&mut recv, RESPONSE_BYTES_MAX).await;
+                let failed = frame.is_err();
+                if frames_tx.send(frame).await.is_err() || failed {
+                    return;
                 }
-                WatchMessage::Events { header, events } => WatchResponse {
-                    range_id: header.range_id,
-                    revision: header.revision,
-                    events,
-                    progress: false,
-                },
-                WatchMessage::Progress { header } => WatchResponse {
-                    range_id: header.range_id,
-                    revision: header.revision,
-                    events: Vec::new(),
-                    progress: true,
-                },
-                WatchMessage::Cancelled(e) => {
-                    return match e {
-                        ApiError::WatchOverflow { .. }
-                        | ApiError::Unavailable { .. }
-                        | ApiError::NotLeader { .. } => StreamEnd::Resume(Error::Api(e)),
-                        e => StreamEnd::Fatal(Error::Api(e)),
-                    }
-                }
-            };
-            self.request.start_revision = self.request.start_revision.max(response.revision + 1);
-            if self.tx.send(Ok(response)).await.is_err() {
-                return StreamEnd::CallerGone;
+            }
+        });
+        let _reader = AbortOnDrop(reader);
+        match frames.recv().await {
+            Some(Ok(WatchMessage::Opened { .. })) => *opened = true,
+            Some(Ok(WatchMessage::Cancelled(e))) => return cancelled(e),
+            Some(Ok(other)) => {
+                return ChannelEnd::Resume(Error::Protocol(format!("unexpected {other:?}")))
+            }
+            Some(Err(e)) => return ChannelEnd::Resume(Error::Protocol(format!("{addr}: {e}"))),
+            None => return ChannelEnd::Resume(Error::Protocol("watch channel closed".into())),
+        }
+        self.by_server_id.clear();
+        self.groups.clear();
+        let ids: Vec<u64> = self.watches.keys().copied().collect();
+        for id in ids {
+            if let Err(e) = self.create(&mut send, id).await {
+                return ChannelEnd::Resume(e);
             }
         }
+        let mut catch_up = tokio::time::interval(CATCH_UP_CHECK);
+        loop {
+            let step = tokio::select! {
+                command = self.commands.recv() => match command {
+                    None => return ChannelEnd::Idle,
+                    Some(command) => self.command(&mut send, command).await,
+                },
+                frame = frames.recv() => match frame {
+                    Some(Ok(message)) => self.message(&mut send, message).await,
+                    Some(Err(e)) => Err(ChannelEnd::Resume(Error::Protocol(format!("{addr}: {e}")))),
+                    None => Err(ChannelEnd::Resume(Error::Protocol("watch channel closed".into()))),
+                },
+                _ = catch_up.tick() => self.catch_up(&mut send).await,
+            };
+            if let Err(end) = step {
+                return end;
+            }
+            if self.watches.is_empty() {
+                let _ = send.finish();
+                return ChannelEnd::Idle;
+            }
+        }
+    }
+
+    async fn command(
+        &mut self,
+        send: &mut quinn::SendStream,
+        command: Command,
+    ) -> Result<(), ChannelEnd> {
+        match command {
+            Command::Add { id, .. } => {
+                self.command_offline(command);
+                self.create(send, id).await.map_err(ChannelEnd::Resume)
+            }
+            Command::Remove { id } => {
+                let result = self.cancel(send, id).await;
+                self.watches.remove(&id);
+                result.map_err(ChannelEnd::Resume)
+            }
+        }
+    }
+
+    /// Handles one frame from the node.
+    async fn message(
+        &mut self,
+        send: &mut quinn::SendStream,
+        message: WatchMessage,
+    ) -> Result<(), ChannelEnd> {
+        let range_id = self.desc.id;
+        let response = |revision, events, progress| WatchResponse {
+            range_id,
+            revision,
+            events,
+            progress,
+        };
+        let mut deliveries: Vec<(u64, WatchResponse)> = Vec::new();
+        match message {
+            WatchMessage::Opened { .. } => {}
+            WatchMessage::Created { id, group, header } => {
+                if let Some(local_id) = self.by_server_id.get(&id).copied() {
+                    let local = self.watches.get_mut(&local_id).expect("watch exists");
+                    local.joined = Some((group, header.revision));
+                    if local.next == 0 {
+                        local.next = header.revision + 1;
+                    }
+                    if let Some(ready) = local.ready.take() {
+                        let _ = ready.send(Ok(()));
+                    }
+                    self.groups.entry(group).or_default().insert(local_id);
+                }
+            }
+            WatchMessage::History { id, header, events } => {
+                if let Some(local_id) = self.by_server_id.get(&id) {
+                    deliveries.push((*local_id, response(header.revision, events, false)));
+                }
+            }
+            WatchMessage::Events {
+                group,
+                header,
+                events,
+            } => {
+                for local_id in self.groups.get(&group).into_iter().flatten() {
+                    let local = &self.watches[local_id];
+                    if local.joined.is_some_and(|(_, at)| at < header.revision) {
+                        deliveries
+                            .push((*local_id, response(header.revision, events.clone(), false)));
+                    }
+                }
+            }
+            WatchMessage::Progress { header } => {
+                for (local_id, local) in &self.watches {
+                    if local.request.progress_notify && local.joined.is_some() {
+                        deliveries.push((*local_id, response(header.revision, Vec::new(), true)));
+                    }
+                }
+            }
+            WatchMessage::Refused { id, error } => {
+                if let Some(local_id) = self.by_server_id.remove(&id) {
+                    if let Some(local) = self.watches.remove(&local_id) {
+                        match local.ready {
+                            Some(ready) => {
+                                let _ = ready.send(Err(Error::Api(error)));
+                            }
+                            None => {
+                                let sink = local.sink;
+                                tokio::spawn(
+                                    async move { sink.send(Err(Error::Api(error))).await },
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            WatchMessage::Cancelled(e) => return Err(cancelled(e)),
+        }
+        for (local_id, response) in deliveries {
+            self.deliver(send, local_id, response)
+                .await
+                .map_err(ChannelEnd::Resume)?;
+        }
+        Ok(())
+    }
+
+    /// Hands `response` to watch `id`'s caller if it is owed; a full buffer drops the watch
+    /// on the node until the caller catches up, a gone caller removes it.
+    async fn deliver(
+        &mut self,
+        send: &mut quinn::SendStream,
+        id: u64,
+        response: WatchResponse,
+    ) -> Result<(), Error> {
+        let Some(local) = self.watches.get_mut(&id) else {
+            return Ok(());
+        };
+        let owed = if response.progress {
+            response.revision + 1 >= local.next
+        } else {
+            response.revision >= local.next
+        };
+        if local.behind || !owed {
+            return Ok(());
+        }
+        let revision = response.revision;
+        match local.sink.try_send(Ok(response)) {
+            Ok(()) => {
+                local.next = local.next.max(revision + 1);
+                Ok(())
+            }
+            Err(TrySendError::Full(_)) => {
+                local.behind = true;
+                self.cancel(send, id).await
+            }
+            Err(TrySendError::Closed(_)) => {
+                let result = self.cancel(send, id).await;
+                self.watches.remove(&id);
+                result
+            }
+        }
+    }
+
+    /// Recreates the watches whose callers were behind and have read half their buffer.
+    async fn catch_up(&mut self, send: &mut quinn::SendStream) -> Result<(), ChannelEnd> {
+        let ready: Vec<u64> = self
+            .watches
+            .iter()
+            .filter(|(_, l)| l.behind && l.sink.capacity() >= WATCH_CLIENT_BUFFER / 2)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ready {
+            self.create(send, id).await.map_err(ChannelEnd::Resume)?;
+        }
+        Ok(())
+    }
+}
+
+/// How a `Cancelled` from the node ends the channel.
+fn cancelled(e: ApiError) -> ChannelEnd {
+    match e {
+        ApiError::WatchOverflow { .. }
+        | ApiError::Unavailable { .. }
+        | ApiError::NotLeader { .. } => ChannelEnd::Resume(Error::Api(e)),
+        e => ChannelEnd::Fatal(Error::Api(e)),
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

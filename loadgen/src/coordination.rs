@@ -55,6 +55,22 @@ fn percentiles_ms(hist: &Histogram<u64>, name: &str, extra: &mut Map<String, Val
     extra.insert(format!("{name}_count"), json!(hist.len()));
 }
 
+/// Reports events expected, delivered and missing, and the delivery latency.
+fn deliveries(
+    extra: &mut Map<String, Value>,
+    expected: u64,
+    delivered: u64,
+    latency: &Mutex<Histogram<u64>>,
+) {
+    extra.insert("events_expected".into(), json!(expected));
+    extra.insert("events_delivered".into(), json!(delivered));
+    extra.insert(
+        "events_missing".into(),
+        json!(expected.saturating_sub(delivered)),
+    );
+    percentiles_ms(&latency.lock().expect("latency lock"), "delivery", extra);
+}
+
 /// A tag that keeps this run's keys apart from earlier runs'.
 fn run_tag() -> String {
     let nanos = std::time::SystemTime::now()
@@ -449,17 +465,7 @@ pub async fn watch_fanout(clients: &[Client], args: &RunArgs) -> anyhow::Result<
         json!(rss_after.saturating_sub(rss_before) as f64 / args.watchers.max(1) as f64),
     );
     extra.insert("writes_acked".into(), json!(acked));
-    extra.insert("events_expected".into(), json!(expected));
-    extra.insert("events_delivered".into(), json!(delivered));
-    extra.insert(
-        "events_missing".into(),
-        json!(expected.saturating_sub(delivered)),
-    );
-    percentiles_ms(
-        &delivery.lock().expect("delivery lock"),
-        "delivery",
-        &mut extra,
-    );
+    deliveries(&mut extra, expected, delivered, &delivery);
     Ok(into_outcome(hist, errors, extra))
 }
 
@@ -689,25 +695,19 @@ pub async fn membership(clients: &[Client], args: &RunArgs) -> anyhow::Result<Ou
     }
     listeners.abort_all();
     let seen = seen.load(Ordering::Relaxed);
-    for session in sessions.into_iter().flatten() {
-        let _ = session.close().await;
+    // Revoke the members' leases, `--clients` at a time (not measured).
+    let sessions: Vec<Session> = sessions.into_iter().flatten().collect();
+    let mut sessions = sessions.into_iter().peekable();
+    while sessions.peek().is_some() {
+        let batch: Vec<Session> = sessions.by_ref().take(args.clients.max(1)).collect();
+        futures_join(batch.into_iter().map(Session::close)).await;
     }
 
     let mut extra = Map::new();
     extra.insert("members".into(), json!(args.members));
     extra.insert("watchers".into(), json!(args.watchers));
     extra.insert("changes".into(), json!(changes));
-    extra.insert("events_expected".into(), json!(expected));
-    extra.insert("events_seen".into(), json!(seen));
-    extra.insert(
-        "events_missing".into(),
-        json!(expected.saturating_sub(seen)),
-    );
-    percentiles_ms(
-        &delivery.lock().expect("delivery lock"),
-        "delivery",
-        &mut extra,
-    );
+    deliveries(&mut extra, expected, seen, &delivery);
     Ok(into_outcome(hist, errors, extra))
 }
 

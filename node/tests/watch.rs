@@ -1,7 +1,8 @@
 //! Watches on an in-process 3-node cluster: a watch over every range sees each write exactly
 //! once, in per-key order, a txn's events in one response; history from a past revision;
-//! `Compacted` for a compacted start; progress bookmarks; and transparent resumption after a
-//! node stops and after the node cancels a watcher that fell behind.
+//! `Compacted` for a compacted start; progress bookmarks; transparent resumption after a
+//! node stops and after the node cancels a channel that fell behind; and 2,000 watchers of
+//! one client sharing one channel per range, a slow one catching up alone.
 
 mod common;
 
@@ -258,5 +259,71 @@ async fn watches_resume_after_a_node_stops_and_after_falling_behind() {
     // Nothing more than that arrives.
     let extra = tokio::time::timeout(Duration::from_millis(500), watcher.next()).await;
     assert!(extra.is_err(), "unexpected extra response {extra:?}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_watchers_share_a_channel_and_a_slow_one_catches_up_alone() {
+    const WATCHERS: usize = 2_000;
+    let cluster = Cluster::start(3, RANGES).await;
+    let client = cluster.client().await;
+    let key = key_in(&client, 2, 0);
+    let mut watchers = Vec::with_capacity(WATCHERS);
+    for _ in 0..WATCHERS {
+        watchers.push(
+            client
+                .watch(WatchRequest::new(KeySpan::key(key.clone())))
+                .await
+                .expect("watch"),
+        );
+    }
+    // The nodes hold every watch (each a few dozen bytes), all on one channel per range.
+    let open: u64 = client
+        .status()
+        .await
+        .into_iter()
+        .map(|(_, s)| s.expect("status").process.watchers)
+        .sum();
+    assert_eq!(open, WATCHERS as u64);
+
+    // One watcher does not read while the key changes more often than its buffer holds.
+    let mut slow = watchers.pop().expect("one");
+    let writes = 300;
+    let mut revisions = Vec::new();
+    for i in 0..writes {
+        let put = client.put(key.clone(), format!("v{i}")).await.expect("put");
+        revisions.push(put.header.revision);
+    }
+    // The others each saw every write, in order.
+    for watcher in watchers.iter_mut().take(50) {
+        let got = collect_until(watcher, "every write", |r| event_count(r) >= writes).await;
+        let seen: Vec<u64> = got.iter().map(|r| r.revision).collect();
+        assert_eq!(seen, revisions);
+    }
+    // The slow one gets them all too, once, in order: its watch was recreated from where it
+    // stopped when it fell behind.
+    let got = collect_until(&mut slow, "the slow watcher", |r| event_count(r) >= writes).await;
+    let seen: Vec<u64> = got.iter().map(|r| r.revision).collect();
+    assert_eq!(seen, revisions);
+    let values = per_key(&got).remove(&key).expect("the key");
+    let expected: Vec<Option<Vec<u8>>> = (0..writes)
+        .map(|i| Some(format!("v{i}").into_bytes()))
+        .collect();
+    assert_eq!(values, expected);
+
+    drop(watchers);
+    drop(slow);
+    common::eventually("watches released on the nodes", || async {
+        let open: u64 = client
+            .status()
+            .await
+            .into_iter()
+            .map(|(_, s)| s.map_or(0, |s| s.process.watchers))
+            .sum();
+        (open == 0)
+            .then_some(())
+            .ok_or(format!("{open} watches open"))
+    })
+    .await;
     cluster.shutdown().await;
 }

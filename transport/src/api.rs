@@ -61,7 +61,7 @@ pub struct KeyValue {
 }
 
 /// Which keys an operation touches.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct KeySpan {
     /// The key, or the first key of the interval.
     pub key: Vec<u8>,
@@ -413,15 +413,15 @@ pub enum ClientRequest {
         /// The request.
         request: KvRequest,
     },
-    /// Open a watch of one range: the reply is a stream of
-    /// [`WatchMessage`](crate::watch::WatchMessage) frames instead of one response.
+    /// Open a watch channel of one range: the client then sends
+    /// [`WatchControl`](crate::watch::WatchControl) frames (create / cancel watches) on the
+    /// same stream, and the node answers with [`WatchMessage`](crate::watch::WatchMessage)
+    /// frames instead of one response.
     Watch {
         /// The range.
         range_id: RangeId,
         /// The epoch of the client's descriptor of that range.
         epoch: u64,
-        /// What to watch.
-        request: crate::watch::WatchRequest,
     },
     /// The route table: ranges, replicas, leader hints, node addresses.
     Routes,
@@ -505,7 +505,7 @@ pub struct StatusResponse {
 pub struct ProcessStats {
     /// Resident memory of the process (`VmRSS`); in `concord dev` all nodes share one process.
     pub rss_bytes: u64,
-    /// Watch streams open on this node now.
+    /// Watches open on this node now (over all watch channels).
     pub watchers: u64,
     /// Watchers cancelled for falling behind since start (they resume).
     pub watch_overflows: u64,

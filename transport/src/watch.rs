@@ -1,11 +1,22 @@
 //! The watch part of the client protocol.
 //!
-//! A watch of one range is one bi-stream: the client sends a [`WatchRequest`] (inside
-//! `ClientRequest::Watch`), the node answers with [`WatchMessage`] frames until the stream
-//! ends: `Created`, then `Events` (all events of one revision in one message, revisions
-//! ascending, each revision at most once), `Progress` bookmarks, and a final `Cancelled` when
-//! the node ends the watch. A watch over several ranges is one stream per range, merged by the
-//! client library.
+//! A client watches one range over one **watch channel**, a bi-stream that carries any number
+//! of watches: the client opens it with `ClientRequest::Watch`, then sends [`WatchControl`]
+//! frames (create or cancel a watch, each with the client's id for it); the node answers
+//! with [`WatchMessage`] frames until the stream ends.
+//!
+//! **Groups.** Watches of one channel that select the same events (same span, filters and
+//! `prev_kv`) form a *group*: the node filters and sends each revision's events once per
+//! group (`Events { group, .. }`), and the client hands them to every watch of the group that
+//! is established below that revision. The node keeps, per watch, only its id and its group
+//! (a few dozen bytes), so idle watchers cost almost nothing and a fan-out to many identical
+//! watchers costs one frame per channel.
+//!
+//! **Order.** On a channel, revisions are sent in ascending order, each at most once per
+//! group. A watch created with a past start revision first gets `History` frames for the
+//! revisions up to the one in its `Created`; from there its group's `Events` carry on.
+//! `Progress` bookmarks cover every watch of the channel. A watch over several ranges is one
+//! watch per range, on each range's channel, merged by the client library.
 
 use serde::{Deserialize, Serialize};
 
@@ -72,28 +83,81 @@ pub struct Event {
     pub prev_kv: Option<KeyValue>,
 }
 
-/// One frame a node sends on a watch stream.
+/// The client's id of a watch on one channel.
+pub type WatchId = u64;
+
+/// A group of identical watches on one channel (the node's id for it).
+pub type GroupId = u32;
+
+/// One frame the client sends on a watch channel after opening it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WatchControl {
+    /// Start watch `id`.
+    Create {
+        /// The client's id for it (unique on the channel).
+        id: WatchId,
+        /// What to watch (its span inside the channel's range).
+        request: WatchRequest,
+    },
+    /// Stop watch `id`.
+    Cancel {
+        /// The watch.
+        id: WatchId,
+    },
+}
+
+/// One frame a node sends on a watch channel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WatchMessage {
-    /// The watch is established; events after `header.revision` will follow (and history
-    /// from the start revision, if one was given).
-    Created {
-        /// Range and its revision at creation.
+    /// The channel is open at the range's revision `header.revision`.
+    Opened {
+        /// Range and revision.
         header: ResponseHeader,
     },
-    /// The selected events of one revision.
+    /// Watch `id` is established in group `group`: it gets that group's events of revisions
+    /// above `header.revision` (and, before this, `History` up to it if it started in the
+    /// past).
+    Created {
+        /// The watch.
+        id: WatchId,
+        /// Its group.
+        group: GroupId,
+        /// Range and the revision it is established at.
+        header: ResponseHeader,
+    },
+    /// Past events of one revision, for watch `id` alone (replay of its start).
+    History {
+        /// The watch.
+        id: WatchId,
+        /// Range and revision.
+        header: ResponseHeader,
+        /// The selected events of that revision.
+        events: Vec<Event>,
+    },
+    /// The selected events of one revision, for every watch of `group`.
     Events {
+        /// The group.
+        group: GroupId,
         /// Range and the revision of these events.
         header: ResponseHeader,
         /// The events, in the order the revision wrote them.
         events: Vec<Event>,
     },
-    /// Bookmark: every event of this range up to `header.revision` has been sent.
+    /// Bookmark for every watch of the channel: every event of the range up to
+    /// `header.revision` has been sent.
     Progress {
         /// Range and revision.
         header: ResponseHeader,
     },
-    /// The node ended the watch (see the error; `WATCH_OVERFLOW` and `UNAVAILABLE` are
-    /// resumable from the revision after the last one received).
+    /// Watch `id` could not be created (e.g. `COMPACTED`, `KEY_OUTSIDE_RANGE`).
+    Refused {
+        /// The watch.
+        id: WatchId,
+        /// Why.
+        error: ApiError,
+    },
+    /// The node ended the channel and all its watches (`WATCH_OVERFLOW` and `UNAVAILABLE`
+    /// are resumable: reopen and recreate each watch from the revision after the last one it
+    /// received).
     Cancelled(ApiError),
 }

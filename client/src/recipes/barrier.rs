@@ -9,7 +9,7 @@
 use concord_transport::api::{Consistency, KeySpan, RangeRequest};
 use concord_transport::watch::{EventKind, WatchRequest};
 
-use super::{check_one_range, prefix_of, wait_deleted};
+use super::{check_one_range, prefix_of, read_prefix, wait_deleted};
 use crate::{Client, Error, Session};
 
 /// A barrier: the key `name` while it is up.
@@ -85,29 +85,18 @@ impl DoubleBarrier {
         let mut mine = self.waiters();
         mine.extend(format!("{:016x}", session.lease()).into_bytes());
         self.client.put_leased(mine, "", session.lease()).await?;
-        let read = self
-            .client
-            .range(
-                RangeRequest::new(KeySpan::prefix(self.prefix.clone())),
-                Consistency::Linearizable,
-            )
-            .await?;
+        let (kvs, revision) = read_prefix(&self.client, &self.prefix).await?;
         let ready = self.ready_key();
-        if read.kvs.iter().any(|kv| kv.key == ready) {
+        if kvs.iter().any(|kv| kv.key == ready) {
             return Ok(());
         }
         let waiters = self.waiters();
-        if read
-            .kvs
-            .iter()
-            .filter(|kv| kv.key.starts_with(&waiters))
-            .count()
-            >= self.count
-        {
+        let arrived = kvs.iter().filter(|kv| kv.key.starts_with(&waiters)).count();
+        if arrived >= self.count {
             return self.client.put(ready, "").await.map(|_| ());
         }
         let mut request = WatchRequest::new(KeySpan::key(ready));
-        request.start_revision = read.headers.first().map_or(0, |h| h.revision) + 1;
+        request.start_revision = revision + 1;
         request.no_delete = true;
         let mut watcher = self.client.watch(request).await?;
         match watcher.next().await {

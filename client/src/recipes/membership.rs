@@ -6,10 +6,10 @@
 //! A group `g` keeps member `m` at key `g/m`. Members of one group may spread over several
 //! ranges (no ordering is needed), so a group scales with the cluster.
 
-use concord_transport::api::{Consistency, KeySpan, RangeRequest};
+use concord_transport::api::KeySpan;
 use concord_transport::watch::{EventKind, WatchRequest};
 
-use super::prefix_of;
+use super::{prefix_of, read_prefix};
 use crate::{Client, Error, Session, Watcher};
 
 /// The members of group `name`.
@@ -91,15 +91,8 @@ impl Membership {
 
     /// The current members, by id, and the revision of the read (per range, the highest).
     pub async fn list(&self) -> Result<(Vec<Member>, u64), Error> {
-        let read = self
-            .client
-            .range(
-                RangeRequest::new(KeySpan::prefix(self.prefix.clone())),
-                Consistency::Linearizable,
-            )
-            .await?;
-        let members = read
-            .kvs
+        let (kvs, revision) = read_prefix(&self.client, &self.prefix).await?;
+        let members = kvs
             .into_iter()
             .map(|kv| Member {
                 id: self.id_of(&kv.key),
@@ -107,7 +100,6 @@ impl Membership {
                 revision: kv.mod_revision,
             })
             .collect();
-        let revision = read.headers.iter().map(|h| h.revision).max().unwrap_or(0);
         Ok((members, revision))
     }
 

@@ -107,8 +107,9 @@ fn lost(key: &[u8], reason: &str) -> Error {
     }
 }
 
-/// The live keys under `prefix`, in creation order, and the revision they were read at.
-async fn contenders(client: &Client, prefix: &[u8]) -> Result<(Vec<KeyValue>, u64), Error> {
+/// The live keys under `prefix` (linearizable), and the revision they were read at (the
+/// highest, if the prefix spans ranges).
+async fn read_prefix(client: &Client, prefix: &[u8]) -> Result<(Vec<KeyValue>, u64), Error> {
     let read = client
         .range(
             RangeRequest::new(KeySpan::prefix(prefix.to_vec())),
@@ -116,7 +117,12 @@ async fn contenders(client: &Client, prefix: &[u8]) -> Result<(Vec<KeyValue>, u6
         )
         .await?;
     let revision = read.headers.iter().map(|h| h.revision).max().unwrap_or(0);
-    let mut kvs = read.kvs;
+    Ok((read.kvs, revision))
+}
+
+/// The live keys under `prefix`, in creation order, and the revision they were read at.
+async fn contenders(client: &Client, prefix: &[u8]) -> Result<(Vec<KeyValue>, u64), Error> {
+    let (mut kvs, revision) = read_prefix(client, prefix).await?;
     kvs.sort_by_key(|kv| kv.create_revision);
     Ok((kvs, revision))
 }

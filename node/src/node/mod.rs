@@ -312,7 +312,7 @@ struct NodeInner {
     groups: BTreeMap<RangeId, Group>,
     /// Watchers cancelled for falling behind, since start.
     watch_overflows: AtomicU64,
-    /// Watch streams being served now.
+    /// Watches being served now.
     watchers: AtomicU64,
 }
 
@@ -488,12 +488,8 @@ async fn serve_client_stream(
             Err(e) => Err(ApiError::Malformed(e.to_string())),
             Ok(bytes) => match wire::decode::<ClientRequest>(&bytes) {
                 Err(e) => Err(ApiError::Malformed(e.to_string())),
-                Ok(ClientRequest::Watch {
-                    range_id,
-                    epoch,
-                    request,
-                }) => {
-                    inner.serve_watch(&mut send, range_id, epoch, request).await;
+                Ok(ClientRequest::Watch { range_id, epoch }) => {
+                    inner.serve_watch(&mut send, recv, range_id, epoch).await;
                     let _ = send.finish();
                     return;
                 }

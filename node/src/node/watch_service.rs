@@ -1,144 +1,241 @@
-//! Serving a watch of one range on one client stream (any replica may serve it).
+//! Serving a watch channel of one range on one client stream (any replica may serve it): any
+//! number of watches, grouped by what they select (see `concord_transport::watch`).
 //!
-//! **Why nothing is lost or repeated:** the watcher subscribes to the range's event channel
+//! **Why nothing is lost or repeated:** the channel subscribes to the range's event channel
 //! and reads the range's revision under one read lock, while the state machine publishes
-//! under the write lock; so every revision above the one read arrives on the channel, and
-//! history up to it comes from the MVCC index. Revisions are sent in ascending order, each
-//! at most once (`last` only grows). A watcher that falls more than the channel's capacity
-//! behind (a slow reader stalls its QUIC stream, which stalls this task) is cancelled with
-//! `WatchOverflow { resume_revision }` instead of holding anything up.
+//! under the write lock; so every revision above the one read arrives on the channel, in
+//! order, and is sent at most once per group (`last` only grows). A watch created later reads
+//! the revision again under the read lock, gets its history up to there from the MVCC index
+//! (`History`), and from there its group's `Events` — the revisions at or below its `Created`
+//! revision are still queued on the channel, and the client drops them for that watch.
+//!
+//! **Memory:** per watch, the node keeps its id, its group and whether it wants bookmarks;
+//! per group, its request and member count; per channel, one event subscription and one
+//! task. A channel that falls more than the event buffer behind (a slow reader stalls its
+//! QUIC stream, which stalls this task) is cancelled with `WatchOverflow { resume_revision }`
+//! instead of holding anything up; the client recreates its watches from where each stopped.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use concord_transport::api::{ApiError, RangeId, ResponseHeader};
-use concord_transport::watch::{WatchMessage, WatchRequest};
+use concord_transport::api::{ApiError, KeySpan, RangeId, ResponseHeader};
+use concord_transport::watch::{Event, GroupId, WatchControl, WatchId, WatchMessage, WatchRequest};
 use concord_transport::wire;
 use futures::FutureExt;
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
 
-use super::{span_inside, NodeInner};
-use crate::storage::RevisionEvents;
+use super::{span_inside, Group, NodeInner};
 
-/// How often an idle watch sends a progress bookmark (when asked) and checks its client.
+/// How often an idle channel sends a progress bookmark (when a watch asked) and checks its
+/// client.
 pub const WATCH_PROGRESS_MS: u64 = 1_000;
 
-/// Why a watch stream ended on this side.
+/// Control frames read ahead of the channel task.
+const CONTROL_BUFFER: usize = 1_024;
+
+/// Why a watch channel ended on this side.
 enum End {
-    /// The client went away (a frame could not be written).
+    /// The client went away (a frame could not be written or read).
     Gone,
-    /// The watch ended with this message to the client.
+    /// The channel ended with this message to the client.
     Cancel(ApiError),
 }
 
 /// Counts one in a gauge for as long as it lives (also when its future is dropped).
-struct Counted<'a>(&'a AtomicU64);
+struct Counted<'a>(&'a AtomicU64, u64);
 
 impl<'a> Counted<'a> {
     fn new(gauge: &'a AtomicU64) -> Self {
-        gauge.fetch_add(1, Ordering::Relaxed);
-        Self(gauge)
+        Self(gauge, 0)
+    }
+
+    fn set(&mut self, n: u64) {
+        if n > self.1 {
+            self.0.fetch_add(n - self.1, Ordering::Relaxed);
+        } else {
+            self.0.fetch_sub(self.1 - n, Ordering::Relaxed);
+        }
+        self.1 = n;
     }
 }
 
 impl Drop for Counted<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.fetch_sub(self.1, Ordering::Relaxed);
     }
 }
 
+/// The watches of one channel.
+#[derive(Default)]
+struct Watches {
+    /// Watch → (its group, wants progress bookmarks).
+    members: HashMap<WatchId, (GroupId, bool)>,
+    /// Group → (what it selects, how many watches it has).
+    groups: HashMap<GroupId, (WatchRequest, usize)>,
+    /// What a group selects → the group.
+    by_selection: HashMap<Selection, GroupId>,
+    next_group: GroupId,
+    /// Watches that want progress bookmarks.
+    progress_wanted: usize,
+}
+
+impl Watches {
+    /// Adds watch `id`, to the group of an identical request or a new one.
+    fn add(&mut self, id: WatchId, request: &WatchRequest) -> GroupId {
+        self.remove(id);
+        let selection = selection_of(request);
+        let group = match self.by_selection.get(&selection) {
+            Some(group) => *group,
+            None => {
+                self.next_group += 1;
+                let mut shared = request.clone();
+                shared.start_revision = 0;
+                shared.progress_notify = false;
+                self.groups.insert(self.next_group, (shared, 0));
+                self.by_selection.insert(selection, self.next_group);
+                self.next_group
+            }
+        };
+        self.groups.get_mut(&group).expect("group exists").1 += 1;
+        self.members.insert(id, (group, request.progress_notify));
+        self.progress_wanted += usize::from(request.progress_notify);
+        group
+    }
+
+    fn remove(&mut self, id: WatchId) {
+        let Some((group, progress)) = self.members.remove(&id) else {
+            return;
+        };
+        self.progress_wanted -= usize::from(progress);
+        let members = &mut self.groups.get_mut(&group).expect("group exists").1;
+        *members -= 1;
+        if *members == 0 {
+            let (request, _) = self.groups.remove(&group).expect("group exists");
+            self.by_selection.remove(&selection_of(&request));
+        }
+    }
+}
+
+/// What a watch selects: span, `prev_kv`, `no_put`, `no_delete` (watches alike share a group).
+type Selection = (KeySpan, bool, bool, bool);
+
+fn selection_of(request: &WatchRequest) -> Selection {
+    (
+        request.span.clone(),
+        request.prev_kv,
+        request.no_put,
+        request.no_delete,
+    )
+}
+
 impl NodeInner {
-    /// Serves `request` on `send` until the client goes or the watch is cancelled.
+    /// Serves a watch channel of `range_id` until the client goes or the channel is
+    /// cancelled.
     pub(super) async fn serve_watch(
         &self,
         send: &mut quinn::SendStream,
+        recv: quinn::RecvStream,
         range_id: RangeId,
         epoch: u64,
-        request: WatchRequest,
     ) {
-        let _counted = Counted::new(&self.watchers);
-        if let End::Cancel(e) = self.watch(send, range_id, epoch, &request).await {
+        if let End::Cancel(e) = self.watch_channel(send, recv, range_id, epoch).await {
             let _ = wire::write_frame(send, &WatchMessage::Cancelled(e)).await;
         }
     }
 
-    async fn watch(
+    async fn watch_channel(
         &self,
         send: &mut quinn::SendStream,
+        mut recv: quinn::RecvStream,
         range_id: RangeId,
         epoch: u64,
-        request: &WatchRequest,
     ) -> End {
         let group = match self.group_at(range_id, epoch) {
             Ok(group) => group,
             Err(e) => return End::Cancel(e),
         };
-        if !span_inside(&group.descriptor, &request.span) {
-            return End::Cancel(ApiError::KeyOutsideRange { range_id });
-        }
         let header = |revision| ResponseHeader { range_id, revision };
-        let (mut events, now, history) = {
+        let (mut events, now) = {
             let state = group.state.read().expect("range state lock");
-            let now = state.mvcc.revision();
-            let compacted = state.mvcc.compact_revision();
-            let start = request.start_revision;
-            if start != 0 && start <= compacted {
-                return End::Cancel(ApiError::Compacted {
-                    compact_revision: compacted,
-                });
-            }
-            let history = if start != 0 && start <= now {
-                state.mvcc.history(&request.span, start)
-            } else {
-                Vec::new()
-            };
-            (state.events.subscribe(), now, history)
+            (state.events.subscribe(), state.mvcc.revision())
         };
-        let created = WatchMessage::Created {
-            header: header(now),
-        };
-        if wire::write_frame(send, &created).await.is_err() {
+        if wire::write_frame(
+            send,
+            &WatchMessage::Opened {
+                header: header(now),
+            },
+        )
+        .await
+        .is_err()
+        {
             return End::Gone;
         }
-        for (revision, batch) in history {
-            let batch = RevisionEvents {
-                revision,
-                events: batch,
-            };
-            if let Err(end) = send_selected(send, request, range_id, &batch).await {
-                return end;
+        // Control frames are read by their own task: a frame read is not cancel-safe.
+        let (control_tx, mut controls) = mpsc::channel(CONTROL_BUFFER);
+        let max_bytes = self.config.limits.request_bytes_max;
+        let reader = tokio::spawn(async move {
+            while let Ok(control) = wire::read_frame::<_, WatchControl>(&mut recv, max_bytes).await
+            {
+                if control_tx.send(control).await.is_err() {
+                    return;
+                }
             }
-        }
-        // Every revision up to `last` has been sent (or had nothing selected).
-        let mut last = now.max(request.start_revision.saturating_sub(1));
+        });
+        let _reader = AbortOnDrop(reader);
+        let mut counted = Counted::new(&self.watchers);
+        let mut watches = Watches::default();
+        // Every revision up to `last` has been sent to every group (or had nothing for it).
+        let mut last = now;
+        let mut sent_since_tick = false;
         let mut tick = tokio::time::interval(Duration::from_millis(WATCH_PROGRESS_MS));
         tick.tick().await;
         loop {
             tokio::select! {
+                control = controls.recv() => {
+                    let Some(control) = control else { return End::Gone };
+                    if let Err(end) = self.control(send, group, &mut watches, control).await {
+                        return end;
+                    }
+                    counted.set(watches.members.len() as u64);
+                }
                 received = events.recv() => match received {
                     Ok(batch) if batch.revision <= last => {}
                     Ok(batch) => {
                         last = batch.revision;
-                        if let Err(end) = send_selected(send, request, range_id, &batch).await {
-                            return end;
+                        for (id, (request, _)) in &watches.groups {
+                            let selected = select(request, &batch.events);
+                            if selected.is_empty() {
+                                continue;
+                            }
+                            let message = WatchMessage::Events {
+                                group: *id,
+                                header: header(batch.revision),
+                                events: selected,
+                            };
+                            if wire::write_frame(send, &message).await.is_err() {
+                                return End::Gone;
+                            }
+                            sent_since_tick = true;
                         }
                     }
                     Err(RecvError::Lagged(_)) => {
-                        self.watch_overflows.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        self.watch_overflows.fetch_add(1, Ordering::Relaxed);
                         return End::Cancel(ApiError::WatchOverflow {
                             range_id,
                             resume_revision: last + 1,
-                        })
+                        });
                     }
                     Err(RecvError::Closed) => {
                         return End::Cancel(ApiError::Unavailable {
                             range_id,
                             reason: "the replica's state was replaced (snapshot) or is shutting down".into(),
-                        })
+                        });
                     }
                 },
                 _ = tick.tick() => {
-                    if request.progress_notify {
+                    if watches.progress_wanted > 0 && !sent_since_tick {
                         let progress = WatchMessage::Progress { header: header(last) };
                         if wire::write_frame(send, &progress).await.is_err() {
                             return End::Gone;
@@ -147,21 +244,87 @@ impl NodeInner {
                         // The client stopped reading, or the connection is gone.
                         return End::Gone;
                     }
+                    sent_since_tick = false;
                 }
             }
         }
     }
+
+    /// Creates or cancels a watch of the channel.
+    async fn control(
+        &self,
+        send: &mut quinn::SendStream,
+        group: &Group,
+        watches: &mut Watches,
+        control: WatchControl,
+    ) -> Result<(), End> {
+        let range_id = group.descriptor.id;
+        let (id, request) = match control {
+            WatchControl::Cancel { id } => {
+                watches.remove(id);
+                return Ok(());
+            }
+            WatchControl::Create { id, request } => (id, request),
+        };
+        let refuse = |error| WatchMessage::Refused { id, error };
+        if !span_inside(&group.descriptor, &request.span) {
+            let message = refuse(ApiError::KeyOutsideRange { range_id });
+            return wire::write_frame(send, &message)
+                .await
+                .map_err(|_| End::Gone);
+        }
+        let read = {
+            let state = group.state.read().expect("range state lock");
+            let now = state.mvcc.revision();
+            let compacted = state.mvcc.compact_revision();
+            let start = request.start_revision;
+            if start != 0 && start <= compacted {
+                Err(compacted)
+            } else if start != 0 && start <= now {
+                Ok((now, state.mvcc.history(&request.span, start)))
+            } else {
+                Ok((now, Vec::new()))
+            }
+        };
+        let (now, history) = match read {
+            Ok(read) => read,
+            Err(compact_revision) => {
+                let message = refuse(ApiError::Compacted { compact_revision });
+                return wire::write_frame(send, &message)
+                    .await
+                    .map_err(|_| End::Gone);
+            }
+        };
+        let header = |revision| ResponseHeader { range_id, revision };
+        for (revision, batch) in history {
+            let events = select(&request, &batch);
+            if events.is_empty() {
+                continue;
+            }
+            let message = WatchMessage::History {
+                id,
+                header: header(revision),
+                events,
+            };
+            wire::write_frame(send, &message)
+                .await
+                .map_err(|_| End::Gone)?;
+        }
+        let group_id = watches.add(id, &request);
+        let created = WatchMessage::Created {
+            id,
+            group: group_id,
+            header: header(now),
+        };
+        wire::write_frame(send, &created)
+            .await
+            .map_err(|_| End::Gone)
+    }
 }
 
-/// Sends the events of `batch` that `request` selects, if any.
-async fn send_selected(
-    send: &mut quinn::SendStream,
-    request: &WatchRequest,
-    range_id: RangeId,
-    batch: &RevisionEvents,
-) -> Result<(), End> {
-    let events: Vec<_> = batch
-        .events
+/// The events of one revision that `request` selects, `prev_kv` kept only if asked for.
+fn select(request: &WatchRequest, events: &[Event]) -> Vec<Event> {
+    events
         .iter()
         .filter(|e| request.selects(e))
         .map(|e| {
@@ -171,18 +334,14 @@ async fn send_selected(
             }
             e
         })
-        .collect();
-    if events.is_empty() {
-        return Ok(());
+        .collect()
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
-    let message = WatchMessage::Events {
-        header: ResponseHeader {
-            range_id,
-            revision: batch.revision,
-        },
-        events,
-    };
-    wire::write_frame(send, &message)
-        .await
-        .map_err(|_| End::Gone)
 }
