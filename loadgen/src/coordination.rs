@@ -401,27 +401,31 @@ pub async fn watch_fanout(clients: &[Client], args: &RunArgs) -> anyhow::Result<
     }
     let opened_in = opened_at.elapsed();
     let (rss_after, open_streams) = server_gauges(&clients[0]).await;
+    // Delivery latencies go to a few shared histograms (one per listener would be far too
+    // much memory with 100,000 watchers).
+    const SHARDS: usize = 64;
+    let shards: Arc<Vec<Mutex<Histogram<u64>>>> =
+        Arc::new((0..SHARDS).map(|_| Mutex::new(histogram())).collect());
     let mut listeners = JoinSet::new();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    for mut watcher in watchers {
-        let (delivery, delivered, mut stop) =
-            (delivery.clone(), delivered.clone(), stop_rx.clone());
+    for (w, mut watcher) in watchers.into_iter().enumerate() {
+        let (shards, delivered, mut stop) = (shards.clone(), delivered.clone(), stop_rx.clone());
         listeners.spawn(async move {
-            let mut local = histogram();
             loop {
                 let response = tokio::select! {
                     r = watcher.next() => r,
                     _ = stop.changed() => break,
                 };
                 let Some(Ok(response)) = response else { break };
+                let mut shard = shards[w % SHARDS].lock().expect("shard lock");
                 for event in &response.events {
                     if let Some(us) = age_us(epoch, &event.kv.value) {
-                        local.saturating_record(us);
+                        shard.saturating_record(us);
                     }
                 }
+                drop(shard);
                 delivered.fetch_add(response.events.len() as u64, Ordering::Relaxed);
             }
-            delivery.lock().expect("delivery lock").add(&local).ok();
         });
     }
 
@@ -452,6 +456,13 @@ pub async fn watch_fanout(clients: &[Client], args: &RunArgs) -> anyhow::Result<
     stop_tx.send_replace(true);
     while listeners.join_next().await.is_some() {}
     let delivered = delivered.load(Ordering::Relaxed);
+    for shard in shards.iter() {
+        delivery
+            .lock()
+            .expect("delivery lock")
+            .add(&*shard.lock().expect("shard lock"))
+            .ok();
+    }
 
     let mut extra = Map::new();
     extra.insert("watchers".into(), json!(args.watchers));
