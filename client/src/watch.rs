@@ -154,10 +154,10 @@ impl Client {
 struct Local {
     request: WatchRequest,
     sink: Sink,
-    /// First revision still owed to the caller; 0 until the watch is first established
-    /// (a watch "from now").
+    /// First revision still owed to the caller (its start revision at first); 0 for a watch
+    /// "from now" until it is first established.
     next: u64,
-    /// The node's id of the watch on the current channel.
+    /// The id this channel gave the watch on the node (fresh at each creation).
     server_id: WatchId,
     /// Its group and the revision it was established at, once `Created`.
     joined: Option<(GroupId, u64)>,
@@ -252,12 +252,13 @@ impl Channel {
                 sink,
                 ready,
             } => {
+                let next = request.start_revision;
                 self.watches.insert(
                     id,
                     Local {
                         request,
                         sink,
-                        next: 0,
+                        next,
                         server_id: 0,
                         joined: None,
                         behind: false,
@@ -351,7 +352,13 @@ impl Channel {
         }
         self.by_server_id.clear();
         self.groups.clear();
-        let ids: Vec<u64> = self.watches.keys().copied().collect();
+        // Watches whose callers are still behind wait for `catch_up`.
+        let ids: Vec<u64> = self
+            .watches
+            .iter()
+            .filter(|(_, l)| !l.behind)
+            .map(|(id, _)| *id)
+            .collect();
         for id in ids {
             if let Err(e) = self.create(&mut send, id).await {
                 return ChannelEnd::Resume(e);

@@ -327,3 +327,28 @@ async fn many_watchers_share_a_channel_and_a_slow_one_catches_up_alone() {
     .await;
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_start_revision_in_the_future_skips_what_comes_before_it() {
+    let cluster = Cluster::start(3, RANGES).await;
+    let client = cluster.client().await;
+    let key = key_in(&client, 3, 0);
+    let first = client.put(key.clone(), "v0").await.expect("put");
+    let start = first.header.revision + 3;
+    let mut request = WatchRequest::new(KeySpan::key(key.clone()));
+    request.start_revision = start;
+    let mut watcher = client.watch(request).await.expect("watch");
+    let mut revisions = Vec::new();
+    for i in 1..=5 {
+        let put = client.put(key.clone(), format!("v{i}")).await.expect("put");
+        revisions.push(put.header.revision);
+    }
+    let expected: Vec<u64> = revisions.into_iter().filter(|r| *r >= start).collect();
+    let got = collect_until(&mut watcher, "writes from the start revision", |r| {
+        event_count(r) >= expected.len()
+    })
+    .await;
+    let seen: Vec<u64> = got.iter().map(|r| r.revision).collect();
+    assert_eq!(seen, expected);
+    cluster.shutdown().await;
+}

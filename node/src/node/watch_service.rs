@@ -28,8 +28,8 @@ use tokio::sync::mpsc;
 
 use super::{span_inside, Group, NodeInner};
 
-/// How often an idle channel sends a progress bookmark (when a watch asked) and checks its
-/// client.
+/// How often a channel sends a progress bookmark (when a watch asked for them) or else checks
+/// that its client is still there.
 pub const WATCH_PROGRESS_MS: u64 = 1_000;
 
 /// Control frames read ahead of the channel task.
@@ -188,7 +188,6 @@ impl NodeInner {
         let mut watches = Watches::default();
         // Every revision up to `last` has been sent to every group (or had nothing for it).
         let mut last = now;
-        let mut sent_since_tick = false;
         let mut tick = tokio::time::interval(Duration::from_millis(WATCH_PROGRESS_MS));
         tick.tick().await;
         loop {
@@ -217,7 +216,6 @@ impl NodeInner {
                             if wire::write_frame(send, &message).await.is_err() {
                                 return End::Gone;
                             }
-                            sent_since_tick = true;
                         }
                     }
                     Err(RecvError::Lagged(_)) => {
@@ -235,7 +233,7 @@ impl NodeInner {
                     }
                 },
                 _ = tick.tick() => {
-                    if watches.progress_wanted > 0 && !sent_since_tick {
+                    if watches.progress_wanted > 0 {
                         let progress = WatchMessage::Progress { header: header(last) };
                         if wire::write_frame(send, &progress).await.is_err() {
                             return End::Gone;
@@ -244,7 +242,6 @@ impl NodeInner {
                         // The client stopped reading, or the connection is gone.
                         return End::Gone;
                     }
-                    sent_since_tick = false;
                 }
             }
         }
