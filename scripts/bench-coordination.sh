@@ -23,8 +23,8 @@ if [ "$mode" = quick ]; then
   run --workload watch-fanout --watchers 100 --rate 50 --connections 2 --duration 3s
 else
   run --workload lock-contention --clients 32 --locks 8 --duration 15s
-  run --workload membership --members 10000 --watchers 16 --churn 50 --ttl 30 --clients 64 --duration 20s
-  run --workload lease-churn --leases 100000 --ttl 30 --churn 200 --clients 64 --connections 4 --duration 30s
+  run --workload membership --members 10000 --watchers 16 --churn 20 --ttl 30 --clients 64 --duration 20s
+  run --workload lease-churn --leases 100000 --ttl 60 --churn 50 --clients 64 --connections 4 --duration 30s
   run --workload watch-fanout --watchers 10000 --rate 100 --connections 8 --duration 15s
   run --workload watch-fanout --watchers 100000 --rate 100 --connections 8 --duration 15s
 fi
