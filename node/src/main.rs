@@ -38,6 +38,9 @@ struct LimitArgs {
     /// Most operations in one txn.
     #[arg(long, default_value_t = 128)]
     txn_ops_max: usize,
+    /// Most watches on one watch channel (one client's watches of one range).
+    #[arg(long, default_value_t = 100_000)]
+    watches_per_channel_max: usize,
 }
 
 impl LimitArgs {
@@ -47,6 +50,7 @@ impl LimitArgs {
             value_bytes_max: self.value_bytes_max,
             request_bytes_max: self.request_bytes_max,
             txn_ops_max: self.txn_ops_max,
+            watches_per_channel_max: self.watches_per_channel_max,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Bad input: oversize keys, values and requests, too many txn ops, malformed frames and
-//! unknown wire versions get their documented errors, and the node keeps serving.
+//! unknown wire versions get their documented errors, a watch channel refuses watches past its
+//! limit, and the node keeps serving.
 
 mod common;
 
@@ -7,6 +8,7 @@ use common::Cluster;
 use concord_client::api::{
     ApiError, ClientRequest, DeleteRequest, KeySpan, PutRequest, TxnOp, TxnRequest,
 };
+use concord_client::watch_api::WatchRequest;
 use concord_client::Error;
 use concord_transport::wire::{encode_frame, WIRE_VERSION};
 
@@ -102,5 +104,40 @@ async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
     assert!(client.get("k").await.unwrap().kvs.is_empty());
     client.put("k", "fine").await.unwrap();
     assert_eq!(client.get("k").await.unwrap().kvs[0].value, b"fine");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_channel_refuses_watches_beyond_its_limit() {
+    let cluster = Cluster::start_tuned(3, 2, |c| c.limits.watches_per_channel_max = 3).await;
+    let client = cluster.client().await;
+    let mut watchers = Vec::new();
+    for i in 0..3 {
+        let key = format!("a/{i}");
+        watchers.push(
+            client
+                .watch(WatchRequest::new(KeySpan::key(key)))
+                .await
+                .expect("within the limit"),
+        );
+    }
+    match client.watch(WatchRequest::new(KeySpan::key("a/x"))).await {
+        Err(Error::Api(ApiError::TooManyWatches { max: 3 })) => {}
+        other => panic!("expected TOO_MANY_WATCHES, got {:?}", other.map(|_| ())),
+    }
+    // Another range's channel has room of its own; a freed slot can be used again.
+    client
+        .watch(WatchRequest::new(KeySpan::key("0/1")))
+        .await
+        .expect("another range");
+    watchers.pop();
+    common::eventually("a freed slot is reused", || async {
+        client
+            .watch(WatchRequest::new(KeySpan::key("a/y")))
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })
+    .await;
     cluster.shutdown().await;
 }

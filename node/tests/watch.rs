@@ -212,7 +212,7 @@ async fn history_compaction_and_progress_bookmarks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn watches_resume_after_a_node_stops_and_after_falling_behind() {
     // A buffer of one revision: any apply batch of two writes overflows a watcher.
-    let mut cluster = Cluster::start_with_watch_buffer(3, RANGES, 1).await;
+    let mut cluster = Cluster::start_tuned(3, RANGES, |c| c.watch_buffer = 1).await;
     let client = cluster.client().await;
     let mut watcher = client
         .watch(WatchRequest::new(everything()))

@@ -594,6 +594,12 @@ pub enum ApiError {
         /// The limit.
         max: usize,
     },
+    /// A watch channel already carries the most watches allowed.
+    #[error("a watch channel carries at most {max} watches")]
+    TooManyWatches {
+        /// The limit.
+        max: usize,
+    },
     /// The requested revision has been compacted.
     #[error("revision has been compacted (compact revision {compact_revision})")]
     Compacted {
@@ -683,6 +689,7 @@ impl ApiError {
             Self::ValueTooLarge { .. } => "VALUE_TOO_LARGE",
             Self::RequestTooLarge { .. } => "REQUEST_TOO_LARGE",
             Self::TooManyTxnOps { .. } => "TOO_MANY_TXN_OPS",
+            Self::TooManyWatches { .. } => "TOO_MANY_WATCHES",
             Self::Compacted { .. } => "COMPACTED",
             Self::FutureRevision { .. } => "FUTURE_REVISION",
             Self::InvalidRequest(_) => "INVALID_REQUEST",
@@ -710,6 +717,8 @@ pub struct RequestLimits {
     pub request_bytes_max: usize,
     /// Most operations (compares + both branches) in one txn.
     pub txn_ops_max: usize,
+    /// Most watches on one watch channel (one client's watches of one range).
+    pub watches_per_channel_max: usize,
 }
 
 impl Default for RequestLimits {
@@ -719,6 +728,7 @@ impl Default for RequestLimits {
             value_bytes_max: 1 << 20,
             request_bytes_max: 2 << 20,
             txn_ops_max: 128,
+            watches_per_channel_max: 100_000,
         }
     }
 }

@@ -264,6 +264,13 @@ impl NodeInner {
             WatchControl::Create { id, request } => (id, request),
         };
         let refuse = |error| WatchMessage::Refused { id, error };
+        let max = self.config.limits.watches_per_channel_max;
+        if watches.members.len() >= max && !watches.members.contains_key(&id) {
+            let message = refuse(ApiError::TooManyWatches { max });
+            return wire::write_frame(send, &message)
+                .await
+                .map_err(|_| End::Gone);
+        }
         if !span_inside(&group.descriptor, &request.span) {
             let message = refuse(ApiError::KeyOutsideRange { range_id });
             return wire::write_frame(send, &message)

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use concord_client::api::{NodeId, RangeId};
 use concord_client::{Client, ClientConfig};
-use concord_node::storage::WATCH_BUFFER_DEFAULT;
 use concord_node::{BoundNode, Node, NodeConfig, RaftSettings};
 use tempfile::TempDir;
 
@@ -32,8 +31,8 @@ pub struct Cluster {
     pub dir: TempDir,
     pub members: BTreeMap<NodeId, SocketAddr>,
     pub ranges: usize,
-    /// Revisions a watcher may fall behind (the node's `watch_buffer`).
-    pub watch_buffer: usize,
+    /// Applied to every node's config (also at restart).
+    tune: fn(&mut NodeConfig),
     nodes: BTreeMap<NodeId, Option<Node>>,
 }
 
@@ -43,7 +42,7 @@ impl Cluster {
         id: NodeId,
         listen: SocketAddr,
         ranges: usize,
-        watch_buffer: usize,
+        tune: fn(&mut NodeConfig),
     ) -> NodeConfig {
         let mut c = NodeConfig::new(
             id,
@@ -53,23 +52,21 @@ impl Cluster {
         );
         c.ranges = ranges;
         c.raft = test_raft();
-        c.watch_buffer = watch_buffer;
+        tune(&mut c);
         c
     }
 
     /// `start N nodes with R ranges`, and wait until every range has a leader.
     pub async fn start(n: u64, ranges: usize) -> Self {
-        Self::start_with_watch_buffer(n, ranges, WATCH_BUFFER_DEFAULT).await
+        Self::start_tuned(n, ranges, |_| {}).await
     }
 
-    /// `start N nodes with R ranges` whose watchers may fall `watch_buffer` revisions behind.
-    pub async fn start_with_watch_buffer(n: u64, ranges: usize, watch_buffer: usize) -> Self {
+    /// `start N nodes with R ranges`, each node's config changed by `tune`.
+    pub async fn start_tuned(n: u64, ranges: usize, tune: fn(&mut NodeConfig)) -> Self {
         let dir = TempDir::new().expect("tempdir");
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let bound: Vec<BoundNode> = (1..=n)
-            .map(|id| {
-                BoundNode::bind(Self::config(&dir, id, any, ranges, watch_buffer)).expect("bind")
-            })
+            .map(|id| BoundNode::bind(Self::config(&dir, id, any, ranges, tune)).expect("bind"))
             .collect();
         let members: BTreeMap<NodeId, SocketAddr> = bound
             .iter()
@@ -87,7 +84,7 @@ impl Cluster {
             dir,
             members,
             ranges,
-            watch_buffer,
+            tune,
             nodes,
         };
         cluster.wait_ready().await;
@@ -121,13 +118,7 @@ impl Cluster {
 
     /// `restart node ID` on its old address and data.
     pub async fn restart(&mut self, id: NodeId) {
-        let config = Self::config(
-            &self.dir,
-            id,
-            self.members[&id],
-            self.ranges,
-            self.watch_buffer,
-        );
+        let config = Self::config(&self.dir, id, self.members[&id], self.ranges, self.tune);
         let node = BoundNode::bind(config)
             .expect("rebind")
             .start(self.members.clone())
