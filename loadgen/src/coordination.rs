@@ -58,6 +58,14 @@ fn percentiles_ms(hist: &Histogram<u64>, name: &str, extra: &mut Map<String, Val
     extra.insert(format!("{name}_count"), json!(hist.len()));
 }
 
+/// The fields of a JSON object literal, for a report's `extra`.
+fn figures(object: Value) -> Map<String, Value> {
+    match object {
+        Value::Object(map) => map,
+        other => unreachable!("figures are an object, not {other}"),
+    }
+}
+
 /// Reports events expected, delivered and missing, and the delivery latency.
 fn deliveries(
     extra: &mut Map<String, Value>,
@@ -65,12 +73,11 @@ fn deliveries(
     delivered: u64,
     latency: &Mutex<Histogram<u64>>,
 ) {
-    extra.insert("events_expected".into(), json!(expected));
-    extra.insert("events_delivered".into(), json!(delivered));
-    extra.insert(
-        "events_missing".into(),
-        json!(expected.saturating_sub(delivered)),
-    );
+    extra.extend(figures(json!({
+        "events_expected": expected,
+        "events_delivered": delivered,
+        "events_missing": expected.saturating_sub(delivered),
+    })));
     percentiles_ms(&latency.lock().expect("latency lock"), "delivery", extra);
 }
 
@@ -322,26 +329,24 @@ pub async fn lease_churn(clients: &[Client], args: &RunArgs) -> anyhow::Result<O
     background.abort_all();
     let not_expired = book.lock().expect("book lock").dying.len();
 
-    let mut extra = Map::new();
-    extra.insert("leases".into(), json!(args.leases));
-    extra.insert("ttl_s".into(), json!(args.ttl));
-    extra.insert("granted_in_s".into(), json!(granted_in.as_secs_f64()));
-    extra.insert("active_leases_at_start".into(), json!(active_at_start));
-    extra.insert("active_leases".into(), json!(active_leases));
-    extra.insert("renewals_per_sec".into(), json!(renewals_per_sec));
-    extra.insert("churned".into(), json!(churned));
-    extra.insert("churn_per_sec".into(), json!(churned as f64 / churn_secs));
+    let mut extra = figures(json!({
+        "leases": args.leases,
+        "ttl_s": args.ttl,
+        "granted_in_s": granted_in.as_secs_f64(),
+        "active_leases_at_start": active_at_start,
+        "active_leases": active_leases,
+        "renewals_per_sec": renewals_per_sec,
+        "churned": churned,
+        "churn_per_sec": churned as f64 / churn_secs,
+        "not_expired": not_expired,
+        "early_expiries": early.load(Ordering::Relaxed),
+        "lost_live": lost_live.load(Ordering::Relaxed),
+    }));
     percentiles_ms(
         &lateness.lock().expect("lateness lock"),
         "expiry_lateness",
         &mut extra,
     );
-    extra.insert("not_expired".into(), json!(not_expired));
-    extra.insert(
-        "early_expiries".into(),
-        json!(early.load(Ordering::Relaxed)),
-    );
-    extra.insert("lost_live".into(), json!(lost_live.load(Ordering::Relaxed)));
     Ok(into_outcome(hist, errors, extra))
 }
 
@@ -468,18 +473,16 @@ pub async fn watch_fanout(clients: &[Client], args: &RunArgs) -> anyhow::Result<
             .ok();
     }
 
-    let mut extra = Map::new();
-    extra.insert("watchers".into(), json!(args.watchers));
-    extra.insert("rate".into(), json!(args.rate));
-    extra.insert("opened_in_s".into(), json!(opened_in.as_secs_f64()));
-    extra.insert("server_watches".into(), json!(open_streams));
-    extra.insert("server_rss_before".into(), json!(rss_before));
-    extra.insert("server_rss_after".into(), json!(rss_after));
-    extra.insert(
-        "server_bytes_per_watcher".into(),
-        json!(rss_after.saturating_sub(rss_before) as f64 / args.watchers.max(1) as f64),
-    );
-    extra.insert("writes_acked".into(), json!(acked));
+    let mut extra = figures(json!({
+        "watchers": args.watchers,
+        "rate": args.rate,
+        "opened_in_s": opened_in.as_secs_f64(),
+        "server_watches": open_streams,
+        "server_rss_before": rss_before,
+        "server_rss_after": rss_after,
+        "server_bytes_per_watcher": rss_after.saturating_sub(rss_before) as f64 / args.watchers.max(1) as f64,
+        "writes_acked": acked,
+    }));
     deliveries(&mut extra, expected, delivered, &delivery);
     Ok(into_outcome(hist, errors, extra))
 }
@@ -577,14 +580,12 @@ pub async fn lock_contention(clients: &[Client], args: &RunArgs) -> anyhow::Resu
             violations += 1;
         }
     }
-    let mut extra = Map::new();
-    extra.insert("locks".into(), json!(locks));
-    extra.insert("acquisitions".into(), json!(acquisitions));
-    extra.insert(
-        "acquisitions_per_sec".into(),
-        json!(acquisitions as f64 / elapsed),
-    );
-    extra.insert("fencing_violations".into(), json!(violations));
+    let extra = figures(json!({
+        "locks": locks,
+        "acquisitions": acquisitions,
+        "acquisitions_per_sec": acquisitions as f64 / elapsed,
+        "fencing_violations": violations,
+    }));
     Ok(into_outcome(hist, errors, extra))
 }
 
@@ -718,10 +719,11 @@ pub async fn membership(clients: &[Client], args: &RunArgs) -> anyhow::Result<Ou
         futures_join(batch.into_iter().map(Session::close)).await;
     }
 
-    let mut extra = Map::new();
-    extra.insert("members".into(), json!(args.members));
-    extra.insert("watchers".into(), json!(args.watchers));
-    extra.insert("changes".into(), json!(changes));
+    let mut extra = figures(json!({
+        "members": args.members,
+        "watchers": args.watchers,
+        "changes": changes,
+    }));
     deliveries(&mut extra, expected, seen, &delivery);
     Ok(into_outcome(hist, errors, extra))
 }

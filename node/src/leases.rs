@@ -8,8 +8,10 @@
 //! is at most the election plus one tick, and it only ever delays an expiry.
 //!
 //! **Keepalives** are not Raft entries: the leader collects renewed ids in memory and the next
-//! tick carries them, one entry for any number of renewals; the same entry revokes every lease
-//! that expired, so there is no fixed revoke rate.
+//! tick carries them, one entry for any number of renewals, each with its age (how long
+//! before the tick the keepalive arrived), so a renewal counts from its keepalive, not from
+//! the tick; the same entry revokes every lease that expired, so there is no fixed revoke
+//! rate.
 //!
 //! **Revocation across ranges, in two phases.** The owner range revokes a lease (expiry or
 //! explicit); the id stays *pending* while the owner's leader (retrying each tick until done)
@@ -191,21 +193,22 @@ impl LeaseTable {
         }
     }
 
-    /// Advances the clock by `advance_ms`, renews `renewals` for their full TTL and revokes
-    /// what expired. Returns the expired ids.
+    /// Advances the clock by `advance_ms`, renews `renewals` (id, milliseconds since its
+    /// keepalive) for their full TTL from the keepalive, and revokes what expired. A renewal
+    /// never shortens a lease. Returns the expired ids.
     pub fn tick(
         &mut self,
         advance_ms: u64,
-        renewals: &[LeaseId],
+        renewals: &[(LeaseId, u64)],
         out: &mut Vec<LeaseMutation>,
     ) -> Vec<LeaseId> {
         if advance_ms > 0 {
             self.clock_ms += advance_ms;
             out.push(LeaseMutation::Clock(self.clock_ms));
         }
-        for id in renewals {
+        for (id, age_ms) in renewals {
             if let Some(lease) = self.owned.get_mut(id) {
-                let expires_at_ms = self.clock_ms + lease.ttl_ms;
+                let expires_at_ms = (self.clock_ms + lease.ttl_ms).saturating_sub(*age_ms);
                 if expires_at_ms > lease.expires_at_ms {
                     lease.expires_at_ms = expires_at_ms;
                     out.push(LeaseMutation::Owned(*id, Some(*lease)));
@@ -303,11 +306,17 @@ mod tests {
         let mut t = LeaseTable::default();
         let out = &mut Vec::new();
         t.grant(1, 1_000, out).unwrap();
-        t.tick(900, &[1], out);
+        t.tick(900, &[(1, 0)], out);
         assert_eq!(t.time_to_live(1), Some((1_000, 1_000)));
         assert_eq!(t.tick(999, &[], out), Vec::<LeaseId>::new());
         // A renewal arriving in the tick that would expire the lease keeps it.
-        assert_eq!(t.tick(1, &[1], out), Vec::<LeaseId>::new());
+        assert_eq!(t.tick(1, &[(1, 0)], out), Vec::<LeaseId>::new());
+        // A renewal counts from its keepalive: 300 ms before this tick.
+        t.tick(500, &[(1, 300)], out);
+        assert_eq!(t.time_to_live(1), Some((1_000, 700)));
+        // An older keepalive never shortens the lease.
+        t.tick(0, &[(1, 900)], out);
+        assert_eq!(t.time_to_live(1), Some((1_000, 700)));
         assert!(t.owns(1));
     }
 

@@ -65,8 +65,9 @@ pub enum Command {
     LeaseTick {
         /// Time passed on the leader since its previous tick.
         advance_ms: u64,
-        /// Leases kept alive since the previous tick.
-        renewals: Vec<LeaseId>,
+        /// Leases kept alive since the previous tick, each with the milliseconds between its
+        /// keepalive and the tick.
+        renewals: Vec<(LeaseId, u64)>,
     },
     /// Leases revoked by their owner range, phase 1: refuse them here from now on (their keys
     /// stay until the detach).
@@ -1155,7 +1156,7 @@ mod tests {
             Command::LeaseRevoke { id: 6 },
             Command::LeaseTick {
                 advance_ms: 10,
-                renewals: vec![5],
+                renewals: vec![(5, 0)],
             },
         ] {
             m.apply(&c, &mut out).unwrap();

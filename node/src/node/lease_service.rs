@@ -4,7 +4,7 @@
 //! that a fenced txn's token still holds its lock when the lock lives in another range. The replicated
 //! lease state and its rules are in [`crate::leases`].
 
-use std::collections::BTreeSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -28,8 +28,8 @@ const PROPOSE_TIMEOUT_MS: u64 = 3_000;
 /// Per-range lease bookkeeping of this node, used while it leads the range.
 #[derive(Default)]
 pub(super) struct LeaseKeeper {
-    /// Leases kept alive since the last tick.
-    renewals: Mutex<BTreeSet<LeaseId>>,
+    /// Leases kept alive since the last tick, with when (the latest keepalive of each).
+    renewals: Mutex<HashMap<LeaseId, Instant>>,
     /// When this node last ticked the range, and in which term.
     last_tick: Mutex<Option<(Instant, u64)>>,
     /// A tick of this range is running.
@@ -37,18 +37,17 @@ pub(super) struct LeaseKeeper {
 }
 
 impl LeaseKeeper {
-    fn renew(&self, id: LeaseId) {
-        self.renewals.lock().expect("renewals lock").insert(id);
+    /// Records keepalives of `ids` received `at`.
+    fn renew_all(&self, ids: impl IntoIterator<Item = (LeaseId, Instant)>) {
+        let mut renewals = self.renewals.lock().expect("renewals lock");
+        for (id, at) in ids {
+            let latest = renewals.entry(id).or_insert(at);
+            *latest = (*latest).max(at);
+        }
     }
 
-    fn renew_all(&self, ids: impl IntoIterator<Item = LeaseId>) {
-        self.renewals.lock().expect("renewals lock").extend(ids);
-    }
-
-    fn take_renewals(&self) -> Vec<LeaseId> {
+    fn take_renewals(&self) -> HashMap<LeaseId, Instant> {
         std::mem::take(&mut *self.renewals.lock().expect("renewals lock"))
-            .into_iter()
-            .collect()
     }
 
     /// Milliseconds since the previous tick in `term`; 0 on the first tick of a term (time
@@ -110,7 +109,8 @@ impl NodeInner {
     /// expire (all in one entry), then push pending revocations to the other ranges.
     async fn lease_tick(&self, group: &Group) {
         let term = group.raft.metrics().borrow_watched().current_term;
-        let advance_ms = group.keeper.advance(Instant::now(), term);
+        let now = Instant::now();
+        let advance_ms = group.keeper.advance(now, term);
         let owns_leases = {
             let state = group.state.read().expect("range state lock");
             let owns = state.mvcc.leases().owned().next().is_some();
@@ -120,7 +120,10 @@ impl NodeInner {
         if owns_leases || !renewals.is_empty() {
             let tick = Command::LeaseTick {
                 advance_ms,
-                renewals: renewals.clone(),
+                renewals: renewals
+                    .iter()
+                    .map(|(id, at)| (*id, now.saturating_duration_since(*at).as_millis() as u64))
+                    .collect(),
             };
             let timeout = Duration::from_millis(PROPOSE_TIMEOUT_MS);
             match tokio::time::timeout(timeout, group.raft.client_write(tick)).await {
@@ -319,8 +322,11 @@ impl NodeInner {
     /// Renews lease `id` at the next tick. Only a leader sure of its lease (the barrier) may
     /// promise that; a deposed one would accept keepalives that never reach a tick.
     async fn keep_alive(&self, group: &Group, id: LeaseId) -> Result<LeaseResponse, ApiError> {
+        // The renewal counts from the keepalive's arrival (before the barrier: never later
+        // than the client's own idea of it).
+        let received = Instant::now();
         let (ttl_ms, _) = self.owned_lease_ttl(group, id).await?;
-        group.keeper.renew(id);
+        group.keeper.renew_all([(id, received)]);
         Ok(LeaseResponse::KeptAlive { id, ttl_ms })
     }
 
@@ -330,6 +336,7 @@ impl NodeInner {
         group: &Group,
         ids: &[LeaseId],
     ) -> Result<LeaseResponse, ApiError> {
+        let received = Instant::now();
         if let Err(f) = group.raft.as_leader() {
             return Err(not_leader(group.descriptor.id, f.leader_id));
         }
@@ -344,7 +351,9 @@ impl NodeInner {
                 }
             }
         }
-        group.keeper.renew_all(renewed.iter().map(|(id, _)| *id));
+        group
+            .keeper
+            .renew_all(renewed.iter().map(|(id, _)| (*id, received)));
         Ok(LeaseResponse::KeptAliveMany { renewed, missing })
     }
 
