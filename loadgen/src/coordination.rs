@@ -115,8 +115,13 @@ struct LeaseBook {
     live: HashMap<LeaseId, Vec<u8>>,
     /// When the last keepalive batch that renewed each live lease was sent.
     renewed_at: HashMap<LeaseId, Instant>,
+    /// The ids of `live`, in no order (to pick one at random in O(1)).
+    ids: Vec<LeaseId>,
     /// Keys of leases let go → the latest their lease may expire without being late.
     dying: HashMap<Vec<u8>, Instant>,
+    /// Leases let go → their keys (a renewal already in flight when a lease was let go
+    /// moves its deadline).
+    dying_keys: HashMap<LeaseId, Vec<u8>>,
 }
 
 /// `lease-churn`: `--leases` leases of `--ttl`, each with one attached key, renewed in
@@ -212,13 +217,19 @@ pub async fn lease_churn(clients: &[Client], args: &RunArgs) -> anyhow::Result<O
                     Ok((renewed, missing)) => {
                         renewals.fetch_add(renewed.len() as u64, Ordering::Relaxed);
                         let mut book = book.lock().expect("book lock");
+                        let book = &mut *book;
                         for (id, _) in renewed {
                             if book.live.contains_key(&id) {
                                 book.renewed_at.insert(id, sent);
+                            } else if let Some(key) = book.dying_keys.get(&id) {
+                                if let Some(deadline) = book.dying.get_mut(key) {
+                                    *deadline = (*deadline).max(sent + ttl);
+                                }
                             }
                         }
                         for id in missing {
                             if book.live.remove(&id).is_some() {
+                                book.ids.retain(|i| *i != id);
                                 lost_live.fetch_add(1, Ordering::Relaxed);
                             }
                         }
@@ -262,6 +273,7 @@ pub async fn lease_churn(clients: &[Client], args: &RunArgs) -> anyhow::Result<O
                         record(&hist, started);
                         let mut book = book.lock().expect("book lock");
                         book.live.insert(id, key);
+                        book.ids.push(id);
                         book.renewed_at.insert(id, started);
                     }
                     Err(e) => count_error(&errors, &e),
@@ -300,14 +312,15 @@ pub async fn lease_churn(clients: &[Client], args: &RunArgs) -> anyhow::Result<O
             pace.tick().await;
             {
                 let mut book = book.lock().expect("book lock");
-                let ids: Vec<LeaseId> = book.live.keys().copied().collect();
-                if ids.is_empty() {
+                if book.ids.is_empty() {
                     break;
                 }
-                let id = ids[(rng.next() % ids.len() as u64) as usize];
+                let at = (rng.next() % book.ids.len() as u64) as usize;
+                let id = book.ids.swap_remove(at);
                 let key = book.live.remove(&id).expect("live");
                 let sent = book.renewed_at.remove(&id).expect("renewed");
-                book.dying.insert(key, sent + ttl);
+                book.dying.insert(key.clone(), sent + ttl);
+                book.dying_keys.insert(id, key);
             }
             churned += 1;
             grant_one(clients[churned as usize % clients.len()].clone()).await;
