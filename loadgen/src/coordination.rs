@@ -36,6 +36,19 @@ pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds")
 }
 
+/// Shared recorders of a workload's operations: latency histogram and errors by code.
+type Recorders = (
+    Arc<Mutex<Histogram<u64>>>,
+    Arc<Mutex<BTreeMap<String, u64>>>,
+);
+
+fn recorders() -> Recorders {
+    (
+        Arc::new(Mutex::new(histogram())),
+        Arc::new(Mutex::new(BTreeMap::new())),
+    )
+}
+
 fn count_error(errors: &Mutex<BTreeMap<String, u64>>, e: &Error) {
     *errors
         .lock()
@@ -124,6 +137,41 @@ struct LeaseBook {
     dying_keys: HashMap<LeaseId, Vec<u8>>,
 }
 
+/// Grants one lease with one attached key for lease-churn and books it as live.
+#[derive(Clone)]
+struct Granter {
+    book: Arc<Mutex<LeaseBook>>,
+    hist: Arc<Mutex<Histogram<u64>>>,
+    errors: Arc<Mutex<BTreeMap<String, u64>>>,
+    next_index: Arc<AtomicU64>,
+    tag: String,
+    ttl: Duration,
+}
+
+impl Granter {
+    async fn grant(&self, client: &Client) {
+        let i = self.next_index.fetch_add(1, Ordering::Relaxed);
+        let key = spread_key(&self.tag, "lease", i);
+        let started = Instant::now();
+        let granted = async {
+            let id = client.lease_grant(self.ttl).await?;
+            client.put_leased(key.clone(), "", id).await?;
+            Ok::<_, Error>(id)
+        }
+        .await;
+        match granted {
+            Ok(id) => {
+                record(&self.hist, started);
+                let mut book = self.book.lock().expect("book lock");
+                book.live.insert(id, key);
+                book.ids.push(id);
+                book.renewed_at.insert(id, started);
+            }
+            Err(e) => count_error(&self.errors, &e),
+        }
+    }
+}
+
 /// `lease-churn`: `--leases` leases of `--ttl`, each with one attached key, renewed in
 /// batches every TTL/3; `--churn` leases per second are let go and replaced. A watch on
 /// every range sees the let-go keys deleted: lateness = deletion seen − (last renewal sent +
@@ -133,10 +181,7 @@ pub async fn lease_churn(clients: &[Client], args: &RunArgs) -> anyhow::Result<O
     let tag = run_tag();
     let marker = format!("/{tag}/lease/").into_bytes();
     let book = Arc::new(Mutex::new(LeaseBook::default()));
-    let (hist, errors) = (
-        Arc::new(Mutex::new(histogram())),
-        Arc::new(Mutex::new(BTreeMap::new())),
-    );
+    let (hist, errors) = recorders();
     let lateness = Arc::new(Mutex::new(histogram()));
     let (early, lost_live, renewals) = (
         Arc::new(AtomicU64::new(0)),
@@ -241,45 +286,13 @@ pub async fn lease_churn(clients: &[Client], args: &RunArgs) -> anyhow::Result<O
     }
 
     // Grant and attach `--leases` leases with `--clients` workers.
-    let next_index = Arc::new(AtomicU64::new(0));
-    let grant_one = {
-        let (book, hist, errors, next_index, tag) = (
-            book.clone(),
-            hist.clone(),
-            errors.clone(),
-            next_index.clone(),
-            tag.clone(),
-        );
-        move |client: Client| {
-            let (book, hist, errors, next_index, tag) = (
-                book.clone(),
-                hist.clone(),
-                errors.clone(),
-                next_index.clone(),
-                tag.clone(),
-            );
-            async move {
-                let i = next_index.fetch_add(1, Ordering::Relaxed);
-                let key = spread_key(&tag, "lease", i);
-                let started = Instant::now();
-                let granted = async {
-                    let id = client.lease_grant(ttl).await?;
-                    client.put_leased(key.clone(), "", id).await?;
-                    Ok::<_, Error>(id)
-                }
-                .await;
-                match granted {
-                    Ok(id) => {
-                        record(&hist, started);
-                        let mut book = book.lock().expect("book lock");
-                        book.live.insert(id, key);
-                        book.ids.push(id);
-                        book.renewed_at.insert(id, started);
-                    }
-                    Err(e) => count_error(&errors, &e),
-                }
-            }
-        }
+    let granter = Granter {
+        book: book.clone(),
+        hist: hist.clone(),
+        errors: errors.clone(),
+        next_index: Arc::new(AtomicU64::new(0)),
+        tag: tag.clone(),
+        ttl,
     };
     let started = Instant::now();
     // Granting is bounded by the count, and by time in case the cluster is stuck.
@@ -287,13 +300,13 @@ pub async fn lease_churn(clients: &[Client], args: &RunArgs) -> anyhow::Result<O
     let mut workers = JoinSet::new();
     let per_worker = args.leases.div_ceil(args.clients as u64);
     for w in 0..args.clients {
-        let (client, grant_one) = (clients[w % clients.len()].clone(), grant_one.clone());
+        let (client, granter) = (clients[w % clients.len()].clone(), granter.clone());
         workers.spawn(async move {
             for _ in 0..per_worker {
                 if Instant::now() > hard_stop {
                     return;
                 }
-                grant_one(client.clone()).await;
+                granter.grant(&client).await;
             }
         });
     }
@@ -323,7 +336,9 @@ pub async fn lease_churn(clients: &[Client], args: &RunArgs) -> anyhow::Result<O
                 book.dying_keys.insert(id, key);
             }
             churned += 1;
-            grant_one(clients[churned as usize % clients.len()].clone()).await;
+            granter
+                .grant(&clients[churned as usize % clients.len()])
+                .await;
         }
     } else {
         tokio::time::sleep_until(deadline.into()).await;
@@ -403,10 +418,7 @@ pub async fn watch_fanout(clients: &[Client], args: &RunArgs) -> anyhow::Result<
     let tag = run_tag();
     let prefix = format!("{tag}/fanout/").into_bytes();
     let epoch = Instant::now();
-    let (hist, errors) = (
-        Arc::new(Mutex::new(histogram())),
-        Arc::new(Mutex::new(BTreeMap::new())),
-    );
+    let (hist, errors) = recorders();
     let delivery = Arc::new(Mutex::new(histogram()));
     let delivered = Arc::new(AtomicU64::new(0));
 
@@ -507,10 +519,7 @@ pub async fn watch_fanout(clients: &[Client], args: &RunArgs) -> anyhow::Result<
 /// whose outcome is unknown): anything else is a fencing violation.
 pub async fn lock_contention(clients: &[Client], args: &RunArgs) -> anyhow::Result<Outcome> {
     let tag = run_tag();
-    let (hist, errors) = (
-        Arc::new(Mutex::new(histogram())),
-        Arc::new(Mutex::new(BTreeMap::new())),
-    );
+    let (hist, errors) = recorders();
     let locks = args.locks.max(1);
     // Per lock: (acknowledged increments, increments of unknown outcome).
     let counts = Arc::new(Mutex::new(vec![(0u64, 0u64); locks]));
@@ -611,10 +620,7 @@ pub async fn membership(clients: &[Client], args: &RunArgs) -> anyhow::Result<Ou
     let tag = run_tag();
     let group_name = format!("{tag}/members");
     let epoch = Instant::now();
-    let (hist, errors) = (
-        Arc::new(Mutex::new(histogram())),
-        Arc::new(Mutex::new(BTreeMap::new())),
-    );
+    let (hist, errors) = recorders();
     let delivery = Arc::new(Mutex::new(histogram()));
     let seen = Arc::new(AtomicU64::new(0));
     // Member id → when its departure was sent.
