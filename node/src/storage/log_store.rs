@@ -70,11 +70,26 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(x) => *x + 1,
             Bound::Unbounded => 0,
         };
+        // An upper bound keeps the iterator from stepping past the range into deleted
+        // entries (purged ones of this group or of the next group still in the memtable):
+        // that walk showed up as a third of the nodes' CPU under many small writes.
+        let end = match range.end_bound() {
+            Bound::Included(x) => x.checked_add(1).map(|e| self.log_key(e)),
+            Bound::Excluded(x) => Some(self.log_key(*x)),
+            Bound::Unbounded => None,
+        }
+        .unwrap_or_else(|| match self.gid.checked_add(1) {
+            Some(next_group) => next_group.to_be_bytes().to_vec(),
+            None => vec![0xff; 17],
+        });
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_upper_bound(end);
         let db = self.engine.db();
         let from = self.log_key(start);
         let mut entries = Vec::new();
-        for item in db.iterator_cf(
+        for item in db.iterator_cf_opt(
             self.engine.cf(CF_LOG),
+            options,
             IteratorMode::From(&from, Direction::Forward),
         ) {
             let (key, value) = item.map_err(to_io)?;
