@@ -8,6 +8,7 @@ packages=(
   clang             # bindgen finds libclang through it
   build-essential   # the C++ compiler for RocksDB itself
   pkg-config
+  iproute2          # `ss`: scripts/cluster.sh checks that the benchmark ports are free
 )
 
 missing=()
