@@ -454,8 +454,6 @@ impl Client {
         out
     }
 
-    /// Sends `request` to `addr` on a new stream and returns the stream's receiving half (for
-    /// requests answered by many frames: watches).
     /// Opens a bi-stream to `addr`, sends `request` as its first frame and keeps both
     /// halves open (for a watch channel).
     pub(crate) async fn open_channel(
@@ -463,25 +461,9 @@ impl Client {
         addr: &str,
         request: &ClientRequest,
     ) -> Result<(quinn::SendStream, quinn::RecvStream), Error> {
-        let connect_err = |reason: String| Error::Connect {
-            addr: addr.to_string(),
-            reason,
-        };
-        let timeout = self.inner.config.request_timeout;
-        let open = async {
-            let conn = self.inner.connection(addr).await?;
-            let (mut send, recv) = conn
-                .open_bi()
-                .await
-                .map_err(|e| connect_err(e.to_string()))?;
-            send.write_all(&wire::encode_frame(request))
-                .await
-                .map_err(|e| connect_err(e.to_string()))?;
-            Ok::<_, Error>((send, recv))
-        };
-        tokio::time::timeout(timeout, open)
+        self.inner
+            .open_stream(addr, &wire::encode_frame(request))
             .await
-            .unwrap_or_else(|_| Err(connect_err(format!("not opened within {timeout:?}"))))
     }
 
     /// The client's watch channels.
@@ -563,6 +545,17 @@ impl Inner {
 
     /// Opens a stream to `addr` and hands it the whole `frame`; returns the receiving half.
     async fn deliver(&self, addr: &str, frame: &[u8]) -> Result<quinn::RecvStream, Error> {
+        let (mut send, recv) = self.open_stream(addr, frame).await?;
+        let _ = send.finish();
+        Ok(recv)
+    }
+
+    /// Opens a bi-stream to `addr` and writes `frame` on it, within the request timeout.
+    async fn open_stream(
+        &self,
+        addr: &str,
+        frame: &[u8],
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), Error> {
         let timeout = self.config.request_timeout;
         let connect_err = |reason: String| Error::Connect {
             addr: addr.to_string(),
@@ -571,7 +564,7 @@ impl Inner {
         // Until the whole frame is handed to QUIC the node cannot have decoded the request:
         // a failure (or the deadline) up to then is "not delivered", safe to retry. After
         // that the outcome is unknown.
-        let deliver = async {
+        let open = async {
             let conn = self.connection(addr).await?;
             let (mut send, recv) = conn
                 .open_bi()
@@ -580,10 +573,9 @@ impl Inner {
             send.write_all(frame)
                 .await
                 .map_err(|e| connect_err(e.to_string()))?;
-            let _ = send.finish();
-            Ok::<_, Error>(recv)
+            Ok::<_, Error>((send, recv))
         };
-        match tokio::time::timeout(timeout, deliver).await {
+        match tokio::time::timeout(timeout, open).await {
             Err(_) => Err(connect_err(format!("not delivered within {timeout:?}"))),
             Ok(r) => r,
         }

@@ -166,6 +166,32 @@ struct Local {
     ready: Option<oneshot::Sender<Result<(), Error>>>,
 }
 
+impl Local {
+    /// Whether the caller is still owed `revision` (a bookmark at `revision` when
+    /// `progress`), and can take it now.
+    fn owes(&self, revision: u64, progress: bool) -> bool {
+        let owed = if progress {
+            revision + 1 >= self.next
+        } else {
+            revision >= self.next
+        };
+        owed && !self.behind
+    }
+
+    /// Ends the watch with `e`: its creation fails, or its caller gets the error.
+    fn fail(self, e: Error) {
+        match self.ready {
+            Some(ready) => {
+                let _ = ready.send(Err(e));
+            }
+            None => {
+                let sink = self.sink;
+                tokio::spawn(async move { sink.send(Err(e)).await });
+            }
+        }
+    }
+}
+
 /// How a channel ended.
 enum ChannelEnd {
     /// No watches left (or the client is gone): the task ends.
@@ -231,15 +257,7 @@ impl Channel {
         self.by_server_id.clear();
         self.groups.clear();
         for (_, local) in self.watches.drain() {
-            match local.ready {
-                Some(ready) => {
-                    let _ = ready.send(Err(e.clone()));
-                }
-                None => {
-                    let (sink, e) = (local.sink, e.clone());
-                    tokio::spawn(async move { sink.send(Err(e)).await });
-                }
-            }
+            local.fail(e.clone());
         }
     }
 
@@ -330,7 +348,9 @@ impl Channel {
         };
         // Frames are read by their own task: a frame read is not cancel-safe.
         let (frames_tx, mut frames) = mpsc::channel(WATCH_CLIENT_BUFFER);
-        let reader = tokio::spawn(async move {
+        // Aborted when dropped with the channel.
+        let mut reader = tokio::task::JoinSet::new();
+        reader.spawn(async move {
             loop {
                 let frame =
                     wire::read_frame::<_, WatchMessage>(&mut recv, RESPONSE_BYTES_MAX).await;
@@ -340,7 +360,6 @@ impl Channel {
                 }
             }
         });
-        let _reader = AbortOnDrop(reader);
         match frames.recv().await {
             Some(Ok(WatchMessage::Opened { .. })) => *opened = true,
             Some(Ok(WatchMessage::Cancelled(e))) => return cancelled(e),
@@ -447,7 +466,9 @@ impl Channel {
             } => {
                 for local_id in self.groups.get(&group).into_iter().flatten() {
                     let local = &self.watches[local_id];
-                    if local.joined.is_some_and(|(_, at)| at < header.revision) {
+                    let joined = local.joined.is_some_and(|(_, at)| at < header.revision);
+                    // Only watches that still owe this revision get a copy of the events.
+                    if joined && local.owes(header.revision, false) {
                         deliveries
                             .push((*local_id, response(header.revision, events.clone(), false)));
                     }
@@ -455,7 +476,10 @@ impl Channel {
             }
             WatchMessage::Progress { header } => {
                 for (local_id, local) in &self.watches {
-                    if local.request.progress_notify && local.joined.is_some() {
+                    if local.request.progress_notify
+                        && local.joined.is_some()
+                        && local.owes(header.revision, true)
+                    {
                         deliveries.push((*local_id, response(header.revision, Vec::new(), true)));
                     }
                 }
@@ -463,17 +487,7 @@ impl Channel {
             WatchMessage::Refused { id, error } => {
                 if let Some(local_id) = self.by_server_id.remove(&id) {
                     if let Some(local) = self.watches.remove(&local_id) {
-                        match local.ready {
-                            Some(ready) => {
-                                let _ = ready.send(Err(Error::Api(error)));
-                            }
-                            None => {
-                                let sink = local.sink;
-                                tokio::spawn(
-                                    async move { sink.send(Err(Error::Api(error))).await },
-                                );
-                            }
-                        }
+                        local.fail(Error::Api(error));
                     }
                 }
             }
@@ -498,12 +512,7 @@ impl Channel {
         let Some(local) = self.watches.get_mut(&id) else {
             return Ok(());
         };
-        let owed = if response.progress {
-            response.revision + 1 >= local.next
-        } else {
-            response.revision >= local.next
-        };
-        if local.behind || !owed {
+        if !local.owes(response.revision, response.progress) {
             return Ok(());
         }
         let revision = response.revision;
@@ -546,14 +555,5 @@ fn cancelled(e: ApiError) -> ChannelEnd {
         | ApiError::Unavailable { .. }
         | ApiError::NotLeader { .. } => ChannelEnd::Resume(Error::Api(e)),
         e => ChannelEnd::Fatal(Error::Api(e)),
-    }
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

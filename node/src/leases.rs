@@ -63,8 +63,11 @@ pub enum LeaseMutation {
 pub struct LeaseTable {
     clock_ms: u64,
     owned: BTreeMap<LeaseId, OwnedLease>,
-    /// Revoked ids → whether other ranges still have to detach them.
-    revoked: BTreeMap<LeaseId, bool>,
+    /// Every id revoked here.
+    revoked: BTreeSet<LeaseId>,
+    /// The revoked ids other ranges have not all fenced and detached yet (owner only): kept
+    /// apart so that a tick does not scan every id ever revoked.
+    pending: BTreeSet<LeaseId>,
     /// Lease → live keys of this range attached to it. Derived from the key records: not
     /// serialized, rebuilt by [`LeaseTable::attach`] on restore.
     #[serde(skip)]
@@ -78,12 +81,18 @@ impl LeaseTable {
         owned: impl IntoIterator<Item = (LeaseId, OwnedLease)>,
         revoked: impl IntoIterator<Item = (LeaseId, bool)>,
     ) -> Self {
-        Self {
+        let mut table = Self {
             clock_ms,
             owned: owned.into_iter().collect(),
-            revoked: revoked.into_iter().collect(),
-            attached: HashMap::new(),
+            ..Self::default()
+        };
+        for (id, pending) in revoked {
+            table.revoked.insert(id);
+            if pending {
+                table.pending.insert(id);
+            }
         }
+        table
     }
 
     /// The lease clock.
@@ -110,30 +119,30 @@ impl LeaseTable {
 
     /// Revoked ids here (every id, with whether it still awaits other ranges' detach).
     pub fn revoked(&self) -> impl Iterator<Item = (LeaseId, bool)> + '_ {
-        self.revoked.iter().map(|(id, p)| (*id, *p))
+        self.revoked
+            .iter()
+            .map(|id| (*id, self.pending.contains(id)))
     }
 
     /// Where lease `id` is in its life, as seen by its owner range.
     pub fn status(&self, id: LeaseId) -> LeaseStatus {
-        match (self.owned.contains_key(&id), self.revoked.get(&id)) {
-            (true, _) => LeaseStatus::Alive,
-            (false, Some(true)) => LeaseStatus::Detaching,
-            (false, _) => LeaseStatus::Gone,
+        if self.owned.contains_key(&id) {
+            LeaseStatus::Alive
+        } else if self.pending.contains(&id) {
+            LeaseStatus::Detaching
+        } else {
+            LeaseStatus::Gone
         }
     }
 
     /// Revoked leases other ranges have not all detached yet.
     pub fn pending_detach(&self) -> Vec<LeaseId> {
-        self.revoked
-            .iter()
-            .filter(|(_, pending)| **pending)
-            .map(|(id, _)| *id)
-            .collect()
+        self.pending.iter().copied().collect()
     }
 
     /// Whether a put with lease `id` must be refused here.
     pub fn is_revoked(&self, id: LeaseId) -> bool {
-        self.revoked.contains_key(&id)
+        self.revoked.contains(&id)
     }
 
     /// The live keys of this range attached to `id`.
@@ -169,7 +178,7 @@ impl LeaseTable {
         ttl_ms: u64,
         out: &mut Vec<LeaseMutation>,
     ) -> Result<(), ApiError> {
-        if self.owned.contains_key(&id) || self.revoked.contains_key(&id) {
+        if self.owned.contains_key(&id) || self.revoked.contains(&id) {
             return Err(ApiError::LeaseExists { id });
         }
         let lease = OwnedLease {
@@ -187,7 +196,8 @@ impl LeaseTable {
         for id in ids {
             if self.owned.remove(id).is_some() {
                 out.push(LeaseMutation::Owned(*id, None));
-                self.revoked.insert(*id, true);
+                self.revoked.insert(*id);
+                self.pending.insert(*id);
                 out.push(LeaseMutation::Revoked(*id, true));
             }
         }
@@ -229,8 +239,7 @@ impl LeaseTable {
     /// Idempotent.
     pub fn fence(&mut self, ids: &[LeaseId], out: &mut Vec<LeaseMutation>) {
         for id in ids {
-            if !self.revoked.contains_key(id) {
-                self.revoked.insert(*id, false);
+            if self.revoked.insert(*id) {
                 out.push(LeaseMutation::Revoked(*id, false));
             }
         }
@@ -252,11 +261,10 @@ impl LeaseTable {
     pub fn detached(&mut self, ids: &[LeaseId], out: &mut Vec<LeaseMutation>) -> Vec<Vec<u8>> {
         let mut keys = Vec::new();
         for id in ids {
-            if let Some(pending) = self.revoked.get_mut(id) {
-                if *pending {
-                    *pending = false;
-                    out.push(LeaseMutation::Revoked(*id, false));
-                }
+            if self.pending.remove(id) {
+                out.push(LeaseMutation::Revoked(*id, false));
+            }
+            if self.revoked.contains(id) {
                 keys.extend(self.attached.remove(id).unwrap_or_default());
             }
         }
@@ -268,11 +276,15 @@ impl LeaseTable {
         if cfg!(debug_assertions) {
             for id in self.owned.keys() {
                 assert!(
-                    !self.revoked.contains_key(id),
+                    !self.revoked.contains(id),
                     "lease {id} is owned and revoked"
                 );
             }
-            assert!(!self.owned.contains_key(&0) && !self.revoked.contains_key(&0));
+            assert!(!self.owned.contains_key(&0) && !self.revoked.contains(&0));
+            assert!(
+                self.pending.is_subset(&self.revoked),
+                "a pending id is revoked"
+            );
         }
     }
 }

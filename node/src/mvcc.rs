@@ -746,18 +746,14 @@ impl Mvcc {
     /// The holder of the lock whose contenders' keys live under `prefix`: the live key with
     /// the lowest create revision (contenders queue in creation order).
     pub fn lock_holder(&self, prefix: &[u8]) -> Option<KeyValue> {
-        let span = KeySpan::prefix(prefix.to_vec());
-        let (start, end) = span.bounds();
-        let keys = if end.is_empty() {
-            self.index.range(start..)
-        } else {
-            self.index.range(start..end)
-        };
-        keys.filter_map(|(key, _)| {
-            self.live_at(key, u64::MAX)
-                .map(|(rev, record)| kv(key, rev, record, true))
-        })
-        .min_by_key(|kv| kv.create_revision)
+        self.index
+            .range(span_bounds(&KeySpan::prefix(prefix.to_vec())))
+            .filter_map(|(key, history)| {
+                let newest = history.last()?;
+                Some((key, newest.rev, newest.record.as_ref()?))
+            })
+            .min_by_key(|(_, _, record)| record.create_revision)
+            .map(|(key, rev, record)| kv(key, rev, record, true))
     }
 
     /// Whether `fence`'s token and lease are those of its lock's holder (the lock's keys are

@@ -175,7 +175,9 @@ impl NodeInner {
         // Control frames are read by their own task: a frame read is not cancel-safe.
         let (control_tx, mut controls) = mpsc::channel(CONTROL_BUFFER);
         let max_bytes = self.config.limits.request_bytes_max;
-        let reader = tokio::spawn(async move {
+        // Aborted when dropped with the channel.
+        let mut reader = tokio::task::JoinSet::new();
+        reader.spawn(async move {
             while let Ok(control) = wire::read_frame::<_, WatchControl>(&mut recv, max_bytes).await
             {
                 if control_tx.send(control).await.is_err() {
@@ -183,7 +185,6 @@ impl NodeInner {
                 }
             }
         });
-        let _reader = AbortOnDrop(reader);
         let mut counted = Counted::new(&self.watchers);
         let mut watches = Watches::default();
         // Every revision up to `last` has been sent to every group (or had nothing for it).
@@ -331,21 +332,14 @@ fn select(request: &WatchRequest, events: &[Event]) -> Vec<Event> {
     events
         .iter()
         .filter(|e| request.selects(e))
-        .map(|e| {
-            let mut e = e.clone();
-            if !request.prev_kv {
-                e.prev_kv = None;
-            }
-            e
+        .map(|e| Event {
+            kind: e.kind,
+            kv: e.kv.clone(),
+            prev_kv: if request.prev_kv {
+                e.prev_kv.clone()
+            } else {
+                None
+            },
         })
         .collect()
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }

@@ -93,13 +93,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
             IteratorMode::From(&from, Direction::Forward),
         ) {
             let (key, value) = item.map_err(to_io)?;
-            if key[..8] != self.gid.to_be_bytes() {
-                break;
-            }
             let index = u64::from_be_bytes(key[8..16].try_into().expect("16-byte log key"));
-            if !range.contains(&index) {
-                break;
-            }
+            debug_assert!(
+                key[..8] == self.gid.to_be_bytes() && range.contains(&index),
+                "the upper bound keeps the read inside the group's requested range"
+            );
             let entry: Entry = decode(&value)?;
             assert_eq!(entry.index(), index, "log entry stored under another index");
             entries.push(entry);
