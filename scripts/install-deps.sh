@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Installs the system packages concord's build and tests need on a fresh Debian machine.
+# `scripts/install-deps.sh bench` adds etcd-server for the comparison benchmark.
 # Idempotent: packages already present are skipped. Needs root (or sudo).
 set -euo pipefail
 
@@ -9,7 +10,14 @@ packages=(
   build-essential   # the C++ compiler for RocksDB itself
   pkg-config
   iproute2          # `ss`: scripts/cluster.sh checks that the benchmark ports are free
+  protobuf-compiler # protoc for etcd-client's gRPC bindings (concord-loadgen's etcd target)
+  libprotobuf-dev   # the well-known .proto files (descriptor.proto) etcd's protos import
+  fonts-dejavu-core # the font concord-loadgen draws its --plot charts with
 )
+# `install-deps.sh bench`: also the systems concord is compared with.
+if [[ ${1:-} == bench ]]; then
+  packages+=(etcd-server)
+fi
 
 missing=()
 for p in "${packages[@]}"; do

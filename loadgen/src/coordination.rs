@@ -2,65 +2,26 @@
 //! `membership`. Each runs for `--duration` (plus a bounded drain), records its operations'
 //! latency in the main histogram and reports its own figures in `extra`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use concord_client::api::{KeySpan, LeaseId};
-use concord_client::watch_api::{EventKind, WatchRequest};
-use concord_client::{Client, Error, MemberEvent, Membership, Session};
+use concord_client::api::Consistency;
 use hdrhistogram::Histogram;
 use serde_json::{json, Map, Value};
 use tokio::task::JoinSet;
 
-use crate::{Rng, RunArgs};
-
-/// What a workload measured.
-pub struct Outcome {
-    /// Latency of the workload's operations, in microseconds.
-    pub hist: Histogram<u64>,
-    /// Failed operations by error code.
-    pub errors: BTreeMap<String, u64>,
-    /// The workload's own figures.
-    pub extra: Map<String, Value>,
-}
+use crate::kv::parse_u64;
+use crate::report::{histogram, Recorder};
+use crate::store::{Change, OpError, Store, StoreSession};
+use crate::{figures, Rng, RunArgs};
 
 /// Longest a run waits after its duration for outstanding effects (expiries, deliveries).
 const DRAIN_MAX: Duration = Duration::from_secs(15);
 
 /// Longest lease-churn spends granting its leases before the measured part.
 const GRANT_PHASE_MAX: Duration = Duration::from_secs(600);
-
-pub fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds")
-}
-
-/// Shared recorders of a workload's operations: latency histogram and errors by code.
-type Recorders = (
-    Arc<Mutex<Histogram<u64>>>,
-    Arc<Mutex<BTreeMap<String, u64>>>,
-);
-
-fn recorders() -> Recorders {
-    (
-        Arc::new(Mutex::new(histogram())),
-        Arc::new(Mutex::new(BTreeMap::new())),
-    )
-}
-
-fn count_error(errors: &Mutex<BTreeMap<String, u64>>, e: &Error) {
-    *errors
-        .lock()
-        .expect("errors lock")
-        .entry(e.code().to_string())
-        .or_default() += 1;
-}
-
-fn record(hist: &Mutex<Histogram<u64>>, since: Instant) {
-    let us = since.elapsed().as_micros().max(1) as u64;
-    hist.lock().expect("hist lock").saturating_record(us);
-}
 
 fn percentiles_ms(hist: &Histogram<u64>, name: &str, extra: &mut Map<String, Value>) {
     for (q, label) in [(0.5, "p50"), (0.99, "p99")] {
@@ -69,14 +30,6 @@ fn percentiles_ms(hist: &Histogram<u64>, name: &str, extra: &mut Map<String, Val
     }
     extra.insert(format!("{name}_max_ms"), json!(hist.max() as f64 / 1000.0));
     extra.insert(format!("{name}_count"), json!(hist.len()));
-}
-
-/// The fields of a JSON object literal, for a report's `extra`.
-fn figures(object: Value) -> Map<String, Value> {
-    match object {
-        Value::Object(map) => map,
-        other => unreachable!("figures are an object, not {other}"),
-    }
 }
 
 /// Reports events expected, delivered and missing, and the delivery latency.
@@ -95,7 +48,7 @@ fn deliveries(
 }
 
 /// A tag that keeps this run's keys apart from earlier runs'.
-fn run_tag() -> String {
+pub fn run_tag() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
@@ -109,65 +62,52 @@ fn spread_key(tag: &str, kind: &str, i: u64) -> Vec<u8> {
     key
 }
 
-fn into_outcome(
-    hist: Arc<Mutex<Histogram<u64>>>,
-    errors: Arc<Mutex<BTreeMap<String, u64>>>,
-    extra: Map<String, Value>,
-) -> Outcome {
-    Outcome {
-        hist: std::mem::replace(&mut *hist.lock().expect("hist lock"), histogram()),
-        errors: std::mem::take(&mut *errors.lock().expect("errors lock")),
-        extra,
-    }
-}
-
 /// Leases of the lease-churn workload.
 #[derive(Default)]
 struct LeaseBook {
     /// Renewed leases → the key attached to each.
-    live: HashMap<LeaseId, Vec<u8>>,
+    live: HashMap<i64, Vec<u8>>,
     /// When the last keepalive batch that renewed each live lease was sent.
-    renewed_at: HashMap<LeaseId, Instant>,
+    renewed_at: HashMap<i64, Instant>,
     /// The ids of `live`, in no order (to pick one at random in O(1)).
-    ids: Vec<LeaseId>,
+    ids: Vec<i64>,
     /// Keys of leases let go → the latest their lease may expire without being late.
     dying: HashMap<Vec<u8>, Instant>,
     /// Leases let go → their keys (a renewal already in flight when a lease was let go
     /// moves its deadline).
-    dying_keys: HashMap<LeaseId, Vec<u8>>,
+    dying_keys: HashMap<i64, Vec<u8>>,
 }
 
 /// Grants one lease with one attached key for lease-churn and books it as live.
 #[derive(Clone)]
 struct Granter {
     book: Arc<Mutex<LeaseBook>>,
-    hist: Arc<Mutex<Histogram<u64>>>,
-    errors: Arc<Mutex<BTreeMap<String, u64>>>,
+    recorder: Recorder,
     next_index: Arc<AtomicU64>,
     tag: String,
     ttl: Duration,
 }
 
 impl Granter {
-    async fn grant(&self, client: &Client) {
+    async fn grant(&self, store: &Store) {
         let i = self.next_index.fetch_add(1, Ordering::Relaxed);
         let key = spread_key(&self.tag, "lease", i);
         let started = Instant::now();
         let granted = async {
-            let id = client.lease_grant(self.ttl).await?;
-            client.put_leased(key.clone(), "", id).await?;
-            Ok::<_, Error>(id)
+            let id = store.lease_grant(self.ttl).await?;
+            store.put(key.clone(), Vec::new(), id).await?;
+            Ok::<_, String>(id)
         }
         .await;
         match granted {
             Ok(id) => {
-                record(&self.hist, started);
+                self.recorder.record(started);
                 let mut book = self.book.lock().expect("book lock");
                 book.live.insert(id, key);
                 book.ids.push(id);
                 book.renewed_at.insert(id, started);
             }
-            Err(e) => count_error(&self.errors, &e),
+            Err(kind) => self.recorder.error(&kind),
         }
     }
 }
@@ -175,13 +115,17 @@ impl Granter {
 /// `lease-churn`: `--leases` leases of `--ttl`, each with one attached key, renewed in
 /// batches every TTL/3; `--churn` leases per second are let go and replaced. A watch on
 /// every range sees the let-go keys deleted: lateness = deletion seen − (last renewal sent +
-/// TTL). A renewed lease whose key disappears is `lost_live`.
-pub async fn lease_churn(clients: &[Client], args: &RunArgs) -> anyhow::Result<Outcome> {
+/// TTL). A renewed lease whose key disappears is `lost_live`. The operation measured is a
+/// grant with its key attached; `grants_per_sec` is their rate while the leases are granted.
+pub async fn lease_churn(
+    stores: &[Store],
+    args: &RunArgs,
+    recorder: &Recorder,
+) -> anyhow::Result<Map<String, Value>> {
     let ttl = Duration::from_secs(args.ttl);
     let tag = run_tag();
     let marker = format!("/{tag}/lease/").into_bytes();
     let book = Arc::new(Mutex::new(LeaseBook::default()));
-    let (hist, errors) = recorders();
     let lateness = Arc::new(Mutex::new(histogram()));
     let (early, lost_live, renewals) = (
         Arc::new(AtomicU64::new(0)),
@@ -192,9 +136,10 @@ pub async fn lease_churn(clients: &[Client], args: &RunArgs) -> anyhow::Result<O
     let mut background = JoinSet::new();
 
     // Deletions of this run's keys, anywhere in the keyspace.
-    let mut request = WatchRequest::new(KeySpan::prefix(""));
-    request.no_put = true;
-    let mut watcher = clients[0].watch(request).await?;
+    let mut watcher = stores[0]
+        .watch_prefix(Vec::new(), true)
+        .await
+        .map_err(anyhow::Error::msg)?;
     {
         let (book, lateness, early, lost_live) = (
             book.clone(),
@@ -207,9 +152,8 @@ pub async fn lease_churn(clients: &[Client], args: &RunArgs) -> anyhow::Result<O
             while let Some(Ok(response)) = watcher.next().await {
                 let seen = Instant::now();
                 let mut book = book.lock().expect("book lock");
-                for event in response.events {
-                    let key = event.kv.key;
-                    if event.kind != EventKind::Delete || !contains(&key, &marker) {
+                for Change { deleted, key, .. } in response {
+                    if !deleted || !contains(&key, &marker) {
                         continue;
                     }
                     if let Some(deadline) = book.dying.remove(&key) {
@@ -232,10 +176,10 @@ pub async fn lease_churn(clients: &[Client], args: &RunArgs) -> anyhow::Result<O
 
     // Renew every live lease each TTL/3, in batches.
     {
-        let (client, book, errors, stop, renewals, lost_live) = (
-            clients[0].clone(),
+        let (store, book, recorder, stop, renewals, lost_live) = (
+            stores[0].clone(),
             book.clone(),
-            errors.clone(),
+            recorder.clone(),
             stop.clone(),
             renewals.clone(),
             lost_live.clone(),
@@ -247,7 +191,7 @@ pub async fn lease_churn(clients: &[Client], args: &RunArgs) -> anyhow::Result<O
                 if stop.load(Ordering::Relaxed) {
                     return;
                 }
-                let ids: Vec<LeaseId> = book
+                let ids: Vec<i64> = book
                     .lock()
                     .expect("book lock")
                     .live
@@ -258,12 +202,12 @@ pub async fn lease_churn(clients: &[Client], args: &RunArgs) -> anyhow::Result<O
                     continue;
                 }
                 let sent = Instant::now();
-                match client.lease_keep_alive_many(&ids).await {
+                match store.keep_alive_many(&ids).await {
                     Ok((renewed, missing)) => {
                         renewals.fetch_add(renewed.len() as u64, Ordering::Relaxed);
                         let mut book = book.lock().expect("book lock");
                         let book = &mut *book;
-                        for (id, _) in renewed {
+                        for id in renewed {
                             if book.live.contains_key(&id) {
                                 book.renewed_at.insert(id, sent);
                             } else if let Some(key) = book.dying_keys.get(&id) {
@@ -279,7 +223,7 @@ pub async fn lease_churn(clients: &[Client], args: &RunArgs) -> anyhow::Result<O
                             }
                         }
                     }
-                    Err(e) => count_error(&errors, &e),
+                    Err(kind) => recorder.error(&kind),
                 }
             }
         });
@@ -288,30 +232,31 @@ pub async fn lease_churn(clients: &[Client], args: &RunArgs) -> anyhow::Result<O
     // Grant and attach `--leases` leases with `--clients` workers.
     let granter = Granter {
         book: book.clone(),
-        hist: hist.clone(),
-        errors: errors.clone(),
+        recorder: recorder.clone(),
         next_index: Arc::new(AtomicU64::new(0)),
         tag: tag.clone(),
         ttl,
     };
+    recorder.start_now();
     let started = Instant::now();
     // Granting is bounded by the count, and by time in case the cluster is stuck.
     let hard_stop = started + GRANT_PHASE_MAX;
     let mut workers = JoinSet::new();
     let per_worker = args.leases.div_ceil(args.clients as u64);
     for w in 0..args.clients {
-        let (client, granter) = (clients[w % clients.len()].clone(), granter.clone());
+        let (store, granter) = (stores[w % stores.len()].clone(), granter.clone());
         workers.spawn(async move {
             for _ in 0..per_worker {
                 if Instant::now() > hard_stop {
                     return;
                 }
-                granter.grant(&client).await;
+                granter.grant(&store).await;
             }
         });
     }
     while workers.join_next().await.is_some() {}
     let granted_in = started.elapsed();
+    let granted = recorder.ops();
     let active_at_start = book.lock().expect("book lock").live.len();
 
     // Churn for the duration: let go of leases and replace them.
@@ -337,7 +282,7 @@ pub async fn lease_churn(clients: &[Client], args: &RunArgs) -> anyhow::Result<O
             }
             churned += 1;
             granter
-                .grant(&clients[churned as usize % clients.len()])
+                .grant(&stores[churned as usize % stores.len()])
                 .await;
         }
     } else {
@@ -361,6 +306,7 @@ pub async fn lease_churn(clients: &[Client], args: &RunArgs) -> anyhow::Result<O
         "leases": args.leases,
         "ttl_s": args.ttl,
         "granted_in_s": granted_in.as_secs_f64(),
+        "grants_per_sec": granted as f64 / granted_in.as_secs_f64(),
         "active_leases_at_start": active_at_start,
         "active_leases": active_leases,
         "renewals_per_sec": renewals_per_sec,
@@ -375,7 +321,7 @@ pub async fn lease_churn(clients: &[Client], args: &RunArgs) -> anyhow::Result<O
         "expiry_lateness",
         &mut extra,
     );
-    Ok(into_outcome(hist, errors, extra))
+    Ok(extra)
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -396,8 +342,10 @@ fn age_us(epoch: Instant, stamp: &[u8]) -> Option<u64> {
     )
 }
 
-/// The summed process gauges of every node: (resident bytes, open watch streams).
-async fn server_gauges(client: &Client) -> (u64, u64) {
+/// The summed process gauges of every concord node: (resident bytes, open watch streams);
+/// none for etcd.
+async fn server_gauges(store: &Store) -> Option<(u64, u64)> {
+    let client = store.as_concord()?;
     let mut rss = 0;
     let mut watchers = 0;
     for (_, status) in client.status().await {
@@ -406,35 +354,40 @@ async fn server_gauges(client: &Client) -> (u64, u64) {
             watchers += s.process.watchers;
         }
     }
-    (rss, watchers)
+    Some((rss, watchers))
 }
 
 /// `watch-fanout`: `--watchers` watchers of one prefix (spread over the connections), one
 /// writer at `--rate` puts per second. Delivery latency = event received − put sent; every
 /// event must reach every watcher. Server memory per watcher = growth of the nodes' summed
 /// resident memory while the watchers were opened, divided by their number (meaningful when
-/// each node is its own process).
-pub async fn watch_fanout(clients: &[Client], args: &RunArgs) -> anyhow::Result<Outcome> {
+/// each node is its own process; concord only).
+pub async fn watch_fanout(
+    stores: &[Store],
+    args: &RunArgs,
+    recorder: &Recorder,
+) -> anyhow::Result<Map<String, Value>> {
     let tag = run_tag();
     let prefix = format!("{tag}/fanout/").into_bytes();
     let epoch = Instant::now();
-    let (hist, errors) = recorders();
+    let rate = args.rate.unwrap_or(100).max(1);
     let delivery = Arc::new(Mutex::new(histogram()));
     let delivered = Arc::new(AtomicU64::new(0));
 
-    let (rss_before, _) = server_gauges(&clients[0]).await;
+    let gauges_before = server_gauges(&stores[0]).await;
     let opened_at = Instant::now();
     let mut watchers = Vec::with_capacity(args.watchers);
     for w in 0..args.watchers {
-        let client = &clients[w % clients.len()];
+        let store = &stores[w % stores.len()];
         watchers.push(
-            client
-                .watch(WatchRequest::new(KeySpan::prefix(prefix.clone())))
-                .await?,
+            store
+                .watch_prefix(prefix.clone(), false)
+                .await
+                .map_err(anyhow::Error::msg)?,
         );
     }
     let opened_in = opened_at.elapsed();
-    let (rss_after, open_streams) = server_gauges(&clients[0]).await;
+    let gauges_after = server_gauges(&stores[0]).await;
     // Delivery latencies go to a few shared histograms (one per listener would be far too
     // much memory with 100,000 watchers).
     const SHARDS: usize = 64;
@@ -452,20 +405,21 @@ pub async fn watch_fanout(clients: &[Client], args: &RunArgs) -> anyhow::Result<
                 };
                 let Some(Ok(response)) = response else { break };
                 let mut shard = shards[w % SHARDS].lock().expect("shard lock");
-                for event in &response.events {
-                    if let Some(us) = age_us(epoch, &event.kv.value) {
+                for change in &response {
+                    if let Some(us) = age_us(epoch, &change.value) {
                         shard.saturating_record(us);
                     }
                 }
                 drop(shard);
-                delivered.fetch_add(response.events.len() as u64, Ordering::Relaxed);
+                delivered.fetch_add(response.len() as u64, Ordering::Relaxed);
             }
         });
     }
 
     // The writer.
+    recorder.start_now();
     let deadline = Instant::now() + args.duration;
-    let mut pace = tokio::time::interval(Duration::from_secs(1) / args.rate.max(1) as u32);
+    let mut pace = tokio::time::interval(Duration::from_secs(1) / rate as u32);
     let mut acked = 0u64;
     let mut i = 0u64;
     while Instant::now() < deadline {
@@ -474,12 +428,12 @@ pub async fn watch_fanout(clients: &[Client], args: &RunArgs) -> anyhow::Result<
         key.extend(format!("{:06}", i % 1000).into_bytes());
         i += 1;
         let started = Instant::now();
-        match clients[0].put(key, stamp(epoch)).await {
-            Ok(_) => {
-                record(&hist, started);
+        match stores[0].put(key, stamp(epoch).into_bytes(), 0).await {
+            Ok(()) => {
+                recorder.record(started);
                 acked += 1;
             }
-            Err(e) => count_error(&errors, &e),
+            Err(kind) => recorder.error(&kind),
         }
     }
     let expected = acked * args.watchers as u64;
@@ -500,86 +454,89 @@ pub async fn watch_fanout(clients: &[Client], args: &RunArgs) -> anyhow::Result<
 
     let mut extra = figures(json!({
         "watchers": args.watchers,
-        "rate": args.rate,
+        "rate": rate,
         "opened_in_s": opened_in.as_secs_f64(),
-        "server_watches": open_streams,
-        "server_rss_before": rss_before,
-        "server_rss_after": rss_after,
-        "server_bytes_per_watcher": rss_after.saturating_sub(rss_before) as f64 / args.watchers.max(1) as f64,
         "writes_acked": acked,
     }));
+    if let (Some((rss_before, _)), Some((rss_after, open_streams))) = (gauges_before, gauges_after)
+    {
+        extra.extend(figures(json!({
+            "server_watches": open_streams,
+            "server_rss_before": rss_before,
+            "server_rss_after": rss_after,
+            "server_bytes_per_watcher": rss_after.saturating_sub(rss_before) as f64 / args.watchers.max(1) as f64,
+        })));
+    }
     deliveries(&mut extra, expected, delivered, &delivery);
-    Ok(into_outcome(hist, errors, extra))
+    Ok(extra)
 }
 
 /// `lock-contention`: `--clients` clients, each with its own session, acquire one of
 /// `--locks` locks at random, increment the lock's counter (a key in another range) with a
 /// fenced read-modify-write, and release. Latency = acquire + increment + release. At the end
-/// each counter must equal the increments acknowledged under its lock (give or take those
-/// whose outcome is unknown): anything else is a fencing violation.
-pub async fn lock_contention(clients: &[Client], args: &RunArgs) -> anyhow::Result<Outcome> {
+/// each counter must equal the increments acknowledged under its lock, give or take those
+/// that failed other than by being fenced (their outcome may be unknown): anything else is a
+/// fencing violation.
+pub async fn lock_contention(
+    stores: &[Store],
+    args: &RunArgs,
+    recorder: &Recorder,
+) -> anyhow::Result<Map<String, Value>> {
     let tag = run_tag();
-    let (hist, errors) = recorders();
     let locks = args.locks.max(1);
-    // Per lock: (acknowledged increments, increments of unknown outcome).
+    // Per lock: (acknowledged increments, increments that may or may not have happened).
     let counts = Arc::new(Mutex::new(vec![(0u64, 0u64); locks]));
     let deadline = Instant::now() + args.duration;
     let started = Instant::now();
     let mut workers = JoinSet::new();
     for w in 0..args.clients {
-        let client = clients[w % clients.len()].clone();
-        let (hist, errors, counts, tag) =
-            (hist.clone(), errors.clone(), counts.clone(), tag.clone());
+        let store = stores[w % stores.len()].clone();
+        let (recorder, counts, tag) = (recorder.clone(), counts.clone(), tag.clone());
         let ttl = Duration::from_secs(args.ttl);
         workers.spawn(async move {
-            let session = match client.session(ttl).await {
+            let session = match store.session(ttl).await {
                 Ok(s) => s,
-                Err(e) => return count_error(&errors, &e),
+                Err(kind) => return recorder.error(&kind),
             };
             let mut rng = Rng(0xC0FF_EE00 ^ (w as u64 + 1));
             while Instant::now() < deadline {
                 let l = (rng.next() % locks as u64) as usize;
                 let op_started = Instant::now();
                 let left = deadline.saturating_duration_since(Instant::now());
-                let guard = match tokio::time::timeout(
-                    left,
-                    client.lock(&format!("{tag}/lock/{l}"), &session),
-                )
-                .await
-                {
+                let name = format!("{tag}/lock/{l}");
+                let held = match tokio::time::timeout(left, store.lock(&name, &session)).await {
                     Err(_) => break,
-                    Ok(Err(e)) => {
-                        count_error(&errors, &e);
+                    Ok(Err(kind)) => {
+                        recorder.error(&kind);
                         continue;
                     }
-                    Ok(Ok(g)) => g,
+                    Ok(Ok(held)) => held,
                 };
                 let counter = spread_key(&tag, "counter", l as u64);
                 let increment = async {
-                    let read = client.get(counter.clone()).await?;
-                    let value: u64 = read
-                        .kvs
-                        .first()
-                        .and_then(|kv| std::str::from_utf8(&kv.value).ok()?.parse().ok())
-                        .unwrap_or(0);
-                    guard.put(counter.clone(), (value + 1).to_string()).await
+                    let read = store
+                        .get(counter.clone(), Consistency::Linearizable)
+                        .await?;
+                    let value = read.map_or(0, |v| parse_u64(&v.value));
+                    let next = (value + 1).to_string().into_bytes();
+                    store.fenced_put(&held, counter.clone(), next).await
                 }
                 .await;
                 match increment {
-                    Ok(_) => counts.lock().expect("counts lock")[l].0 += 1,
-                    Err(e) => {
-                        if e.outcome_unknown() {
+                    Ok(()) => counts.lock().expect("counts lock")[l].0 += 1,
+                    Err(kind) => {
+                        if kind != "FENCED" {
                             counts.lock().expect("counts lock")[l].1 += 1;
                         }
-                        count_error(&errors, &e);
+                        recorder.error(&kind);
                     }
                 }
-                match guard.unlock().await {
-                    Ok(()) => record(&hist, op_started),
-                    Err(e) => count_error(&errors, &e),
+                match store.unlock(held).await {
+                    Ok(()) => recorder.record(op_started),
+                    Err(kind) => recorder.error(&kind),
                 }
             }
-            let _ = session.close().await;
+            let _ = store.close_session(session).await;
         });
     }
     while workers.join_next().await.is_some() {}
@@ -590,14 +547,14 @@ pub async fn lock_contention(clients: &[Client], args: &RunArgs) -> anyhow::Resu
     let mut acquisitions = 0u64;
     for (l, (acked, unknown)) in counts.iter().enumerate() {
         acquisitions += acked + unknown;
-        let read = clients[0]
-            .get(spread_key(&tag, "counter", l as u64))
-            .await?;
-        let value: u64 = read
-            .kvs
-            .first()
-            .and_then(|kv| std::str::from_utf8(&kv.value).ok()?.parse().ok())
-            .unwrap_or(0);
+        let read = stores[0]
+            .get(
+                spread_key(&tag, "counter", l as u64),
+                Consistency::Linearizable,
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let value = read.map_or(0, |v| parse_u64(&v.value));
         if value < *acked || value > acked + unknown {
             violations += 1;
         }
@@ -608,7 +565,7 @@ pub async fn lock_contention(clients: &[Client], args: &RunArgs) -> anyhow::Resu
         "acquisitions_per_sec": acquisitions as f64 / elapsed,
         "fencing_violations": violations,
     }));
-    Ok(into_outcome(hist, errors, extra))
+    Ok(extra)
 }
 
 /// `membership`: `--members` members register in one group, each under its own session of
@@ -616,11 +573,14 @@ pub async fn lock_contention(clients: &[Client], args: &RunArgs) -> anyhow::Resu
 /// second leave (their session closed) and rejoin with a new one. Latency = leave + rejoin.
 /// Delivery latency = event seen − change sent; every join and leave must reach every
 /// watcher.
-pub async fn membership(clients: &[Client], args: &RunArgs) -> anyhow::Result<Outcome> {
+pub async fn membership(
+    stores: &[Store],
+    args: &RunArgs,
+    recorder: &Recorder,
+) -> anyhow::Result<Map<String, Value>> {
     let tag = run_tag();
     let group_name = format!("{tag}/members");
     let epoch = Instant::now();
-    let (hist, errors) = recorders();
     let delivery = Arc::new(Mutex::new(histogram()));
     let seen = Arc::new(AtomicU64::new(0));
     // Member id → when its departure was sent.
@@ -628,22 +588,23 @@ pub async fn membership(clients: &[Client], args: &RunArgs) -> anyhow::Result<Ou
 
     let mut listeners = JoinSet::new();
     for w in 0..args.watchers {
-        let group = Membership::new(clients[w % clients.len()].clone(), &group_name);
-        let mut watcher = group.watch().await?;
+        let mut watcher = stores[w % stores.len()]
+            .watch_members(&group_name)
+            .await
+            .map_err(anyhow::Error::msg)?;
         let (delivery, seen, leaving) = (delivery.clone(), seen.clone(), leaving.clone());
         listeners.spawn(async move {
-            while let Some(Ok(events)) = watcher.next().await {
+            while let Some(Ok(changes)) = watcher.next().await {
                 let mut delivery = delivery.lock().expect("delivery lock");
-                for event in events {
-                    let us = match &event {
-                        MemberEvent::Joined(m) | MemberEvent::Updated(m) => {
-                            age_us(epoch, &m.metadata)
-                        }
-                        MemberEvent::Left { id, .. } => leaving
+                for change in changes {
+                    let us = if change.left {
+                        leaving
                             .lock()
                             .expect("leaving lock")
-                            .get(id)
-                            .map(|t| t.elapsed().as_micros().max(1) as u64),
+                            .get(&change.id)
+                            .map(|t| t.elapsed().as_micros().max(1) as u64)
+                    } else {
+                        age_us(epoch, &change.metadata)
                     };
                     if let Some(us) = us {
                         delivery.saturating_record(us);
@@ -655,17 +616,16 @@ pub async fn membership(clients: &[Client], args: &RunArgs) -> anyhow::Result<Ou
     }
 
     let ttl = Duration::from_secs(args.ttl);
-    let register = |client: Client, id: String| {
-        let group = Membership::new(client.clone(), &group_name);
+    let register = |store: Store, id: String| {
+        let group_name = group_name.clone();
         async move {
-            let session = client.session(ttl).await?;
-            group
-                .register(&session, &id, stamp(epoch).as_bytes())
-                .await?;
-            Ok::<Session, Error>(session)
+            let session = store.session(ttl).await?;
+            let metadata = stamp(epoch).into_bytes();
+            store.register(&group_name, &id, metadata, &session).await?;
+            Ok::<StoreSession, OpError>(session)
         }
     };
-    let mut sessions: Vec<Option<Session>> = Vec::with_capacity(args.members);
+    let mut sessions: Vec<Option<StoreSession>> = Vec::with_capacity(args.members);
     let mut changes = 0u64;
     for chunk in (0..args.members)
         .collect::<Vec<_>>()
@@ -674,7 +634,7 @@ pub async fn membership(clients: &[Client], args: &RunArgs) -> anyhow::Result<Ou
         let joined = futures_join(
             chunk
                 .iter()
-                .map(|i| register(clients[i % clients.len()].clone(), format!("m{i:06}"))),
+                .map(|i| register(stores[i % stores.len()].clone(), format!("m{i:06}"))),
         )
         .await;
         for session in joined {
@@ -683,14 +643,15 @@ pub async fn membership(clients: &[Client], args: &RunArgs) -> anyhow::Result<Ou
                     sessions.push(Some(s));
                     changes += 1;
                 }
-                Err(e) => {
-                    count_error(&errors, &e);
+                Err(kind) => {
+                    recorder.error(&kind);
                     sessions.push(None);
                 }
             }
         }
     }
 
+    recorder.start_now();
     let deadline = Instant::now() + args.duration;
     let mut rng = Rng(0xFEED ^ args.members as u64);
     if args.churn > 0 && !sessions.is_empty() {
@@ -699,25 +660,25 @@ pub async fn membership(clients: &[Client], args: &RunArgs) -> anyhow::Result<Ou
             pace.tick().await;
             let i = (rng.next() % sessions.len() as u64) as usize;
             let id = format!("m{i:06}");
-            let client = clients[i % clients.len()].clone();
+            let store = stores[i % stores.len()].clone();
             let started = Instant::now();
             if let Some(old) = sessions[i].take() {
                 leaving
                     .lock()
                     .expect("leaving lock")
                     .insert(id.clone(), Instant::now());
-                match old.close().await {
+                match store.close_session(old).await {
                     Ok(()) => changes += 1,
-                    Err(e) => count_error(&errors, &e),
+                    Err(kind) => recorder.error(&kind),
                 }
             }
-            match register(client, id).await {
+            match register(store, id).await {
                 Ok(s) => {
                     sessions[i] = Some(s);
                     changes += 1;
-                    record(&hist, started);
+                    recorder.record(started);
                 }
-                Err(e) => count_error(&errors, &e),
+                Err(kind) => recorder.error(&kind),
             }
         }
     } else {
@@ -731,11 +692,15 @@ pub async fn membership(clients: &[Client], args: &RunArgs) -> anyhow::Result<Ou
     listeners.abort_all();
     let seen = seen.load(Ordering::Relaxed);
     // Revoke the members' leases, `--clients` at a time (not measured).
-    let sessions: Vec<Session> = sessions.into_iter().flatten().collect();
-    let mut sessions = sessions.into_iter().peekable();
+    let sessions: Vec<StoreSession> = sessions.into_iter().flatten().collect();
+    let mut sessions = sessions.into_iter().enumerate().peekable();
     while sessions.peek().is_some() {
-        let batch: Vec<Session> = sessions.by_ref().take(args.clients.max(1)).collect();
-        futures_join(batch.into_iter().map(Session::close)).await;
+        let batch: Vec<_> = sessions.by_ref().take(args.clients.max(1)).collect();
+        futures_join(batch.into_iter().map(|(i, session)| {
+            let store = stores[i % stores.len()].clone();
+            async move { store.close_session(session).await }
+        }))
+        .await;
     }
 
     let mut extra = figures(json!({
@@ -744,7 +709,7 @@ pub async fn membership(clients: &[Client], args: &RunArgs) -> anyhow::Result<Ou
         "changes": changes,
     }));
     deliveries(&mut extra, expected, seen, &delivery);
-    Ok(into_outcome(hist, errors, extra))
+    Ok(extra)
 }
 
 /// Runs the futures concurrently and returns their outputs in order.

@@ -1,25 +1,29 @@
-//! concord-loadgen: drives a workload against a cluster and reports throughput and latency.
+//! concord-loadgen: drives a workload against concord or etcd and reports throughput and
+//! latency.
 //!
 //! `concord-loadgen run --target concord --config FILE --workload put --clients 64
-//! --duration 10s -o json`. Closed loop: each client issues its next request when the previous
-//! one is answered. Every run is bounded by `--duration` and optionally `--ops`; the
-//! coordination workloads (`coordination.rs`) add a bounded drain for expiries and
-//! deliveries.
+//! --duration 10s -o json`, or `--target etcd --endpoints 127.0.0.1:2379,...`. Every run is
+//! bounded by `--duration` and optionally `--ops`; the coordination workloads
+//! (`coordination.rs`) add a bounded drain for expiries and deliveries. Only loopback and
+//! test-host addresses (10.0.0.0/8, inside network namespaces a test created) are targets.
 
 mod coordination;
+mod kv;
+mod report;
+mod store;
 
-use std::collections::BTreeMap;
+use std::net::{IpAddr, ToSocketAddrs};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
-use concord_client::api::{Consistency, KeySpan, RangeRequest};
-use concord_client::{Client, ClientConfig};
-use hdrhistogram::Histogram;
-use serde_json::json;
+use concord_client::api::Consistency;
+use concord_client::ClientConfig;
+use serde_json::{json, Map, Value};
+
+use report::Recorder;
+use store::Store;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -28,7 +32,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(
     name = "concord-loadgen",
     version,
-    about = "Load generator for concord"
+    about = "Load generator for concord and etcd"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -38,22 +42,33 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run one workload.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
+/// The system under test.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
 enum Target {
+    /// concord, through the client library over QUIC (`--config`).
     Concord,
+    /// etcd v3, through the etcd-client crate over gRPC (`--endpoints`).
+    Etcd,
 }
 
+/// The workloads.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
 enum Workload {
-    /// Puts of `--value-size` bytes to random keys.
+    /// Puts of `--value-size` bytes to keys picked from `--key-space`.
     Put,
-    /// Reads of random keys (pre-loaded) at `--consistency`.
+    /// Reads of pre-loaded keys at `--consistency`.
     Get,
+    /// Gets (`--read-ratio` of the operations) and puts.
+    Mixed,
+    /// Read-modify-write of `--key-space` counters by mod revision (compare-and-swap).
+    TxnCas,
+    /// Writes distinct keys, then reads every acknowledged one back; fails on any loss.
+    Verify,
     /// `--leases` leases with one key each, renewed in batches; `--churn` per second let go
-    /// and replaced; reports expiry lateness.
+    /// and replaced; reports grants per second and expiry lateness.
     LeaseChurn,
     /// `--watchers` watchers of one prefix, one writer at `--rate`; reports delivery latency
     /// and server memory per watcher.
@@ -66,21 +81,33 @@ enum Workload {
     Membership,
 }
 
+/// How keys are picked from the key space.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
+enum Distribution {
+    /// Every key equally likely.
+    Uniform,
+    /// A few hot keys (`--zipf-theta`), scattered over the keyspace.
+    Zipfian,
+}
+
 #[derive(clap::Args)]
 struct RunArgs {
     /// The system under test.
     #[arg(long, value_enum, default_value_t = Target::Concord)]
     target: Target,
-    /// Client config of the concord cluster.
-    #[arg(long, env = "CONCORD_CONFIG")]
-    config: PathBuf,
+    /// concord: the client config of the cluster.
+    #[arg(long, env = "CONCORD_CONFIG", required_if_eq("target", "concord"))]
+    config: Option<PathBuf>,
+    /// etcd: its client endpoints, HOST:PORT,...
+    #[arg(long, value_delimiter = ',', required_if_eq("target", "etcd"))]
+    endpoints: Vec<String>,
     /// The workload.
     #[arg(long, value_enum)]
     workload: Workload,
-    /// Concurrent clients (closed loop).
+    /// Concurrent clients.
     #[arg(long, default_value_t = 16)]
     clients: usize,
-    /// QUIC connections the clients share (round robin).
+    /// Connections the clients share (round robin).
     #[arg(long, default_value_t = 1)]
     connections: usize,
     /// How long to run (e.g. 10s, 500ms, 1m).
@@ -89,15 +116,31 @@ struct RunArgs {
     /// Stop after this many operations in total (0 = only the duration bounds the run).
     #[arg(long, default_value_t = 0)]
     ops: u64,
-    /// Number of distinct keys.
+    /// Number of distinct keys (put, get, mixed; counters for txn-cas).
     #[arg(long, default_value_t = 10_000)]
     key_space: u64,
+    /// How keys are picked from the key space.
+    #[arg(long, value_enum, default_value_t = Distribution::Uniform)]
+    distribution: Distribution,
+    /// Skew of the zipfian distribution, in (0, 1).
+    #[arg(long, default_value_t = 0.99)]
+    zipf_theta: f64,
+    /// Key size in bytes (keys are padded to it; 0 = their natural length, about 22).
+    #[arg(long, default_value_t = 0)]
+    key_size: usize,
     /// Value size in bytes.
     #[arg(long, default_value_t = 256)]
     value_size: usize,
-    /// Read consistency for `get`.
+    /// mixed: the share of operations that are reads, in [0, 1].
+    #[arg(long, default_value_t = 0.9)]
+    read_ratio: f64,
+    /// Read consistency for get and mixed (etcd: linearizable or serializable).
     #[arg(long, default_value = "linearizable")]
     consistency: Consistency,
+    /// Operations per second in all (open loop; absent = closed loop). watch-fanout: writes
+    /// per second (default 100).
+    #[arg(long)]
+    rate: Option<u64>,
     /// lease-churn: active leases to hold.
     #[arg(long, default_value_t = 10_000)]
     leases: u64,
@@ -110,18 +153,34 @@ struct RunArgs {
     /// watch-fanout, membership: watchers.
     #[arg(long, default_value_t = 100)]
     watchers: usize,
-    /// watch-fanout: writes per second.
-    #[arg(long, default_value_t = 100)]
-    rate: u64,
     /// lock-contention: locks contended for.
     #[arg(long, default_value_t = 4)]
     locks: usize,
     /// membership: registered members.
     #[arg(long, default_value_t = 1_000)]
     members: usize,
-    /// Output format.
+    /// Output format: text (a table) or json (one object).
     #[arg(short, long, default_value = "text")]
     output: String,
+    /// Draw latency percentiles and throughput over time into this PNG.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// "workload@target", for the progress bar and the chart.
+    fn label(&self) -> String {
+        format!("{}@{}", name(self.workload), name(self.target))
+    }
+}
+
+/// A value's command-line name.
+fn name(value: impl ValueEnum) -> String {
+    value
+        .to_possible_value()
+        .expect("a named value")
+        .get_name()
+        .to_string()
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -156,179 +215,111 @@ impl Rng {
     }
 }
 
-/// `put` and `get`: closed-loop clients on random keys.
-async fn run_kv(clients: &[Client], args: &RunArgs) -> anyhow::Result<coordination::Outcome> {
-    let value = vec![b'v'; args.value_size];
-    if args.workload == Workload::Get {
-        // Pre-load the keys that will be read (bounded by the key space).
-        let preload = args.key_space.min(10_000);
-        let c = clients[0].clone();
-        let mut tasks = tokio::task::JoinSet::new();
-        for w in 0..32u64 {
-            let c = c.clone();
-            let value = value.clone();
-            tasks.spawn(async move {
-                let mut i = w;
-                while i < preload {
-                    c.put(key_of(i), value.clone()).await?;
-                    i += 32;
-                }
-                Ok::<_, concord_client::Error>(())
-            });
-        }
-        while let Some(r) = tasks.join_next().await {
-            r?.context("pre-loading keys")?;
-        }
-    }
-    let key_space = if args.workload == Workload::Get {
-        args.key_space.min(10_000)
-    } else {
-        args.key_space
+/// Refuses any target that is not loopback or a test host (10.0.0.0/8).
+fn check_endpoint(endpoint: &str) -> anyhow::Result<()> {
+    let host_port = endpoint
+        .trim_start_matches("http://")
+        .trim_start_matches("https://");
+    let addrs: Vec<_> = host_port
+        .to_socket_addrs()
+        .with_context(|| format!("resolving endpoint {endpoint:?}"))?
+        .collect();
+    let allowed = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.octets()[0] == 10,
+        IpAddr::V6(v6) => v6.is_loopback(),
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let issued = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for id in 0..args.clients {
-        let client = clients[id % clients.len()].clone();
-        let (stop, issued, value) = (stop.clone(), issued.clone(), value.clone());
-        let (workload, consistency, ops_max, deadline) = (
-            args.workload,
-            args.consistency,
-            args.ops,
-            start + args.duration,
-        );
-        tasks.spawn(async move {
-            let mut hist =
-                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
-            let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1));
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                if ops_max != 0 && issued.fetch_add(1, Ordering::Relaxed) >= ops_max {
-                    break;
-                }
-                let key = key_of(rng.next() % key_space);
-                let t = Instant::now();
-                let result = if workload == Workload::Put {
-                    client.put(key, value.clone()).await.map(|_| ())
-                } else {
-                    client
-                        .range(RangeRequest::new(KeySpan::key(key)), consistency)
-                        .await
-                        .map(|_| ())
-                };
-                match result {
-                    Ok(()) => hist
-                        .record(t.elapsed().as_micros().max(1) as u64)
-                        .expect("within bounds"),
-                    Err(e) => *errors.entry(e.code().to_string()).or_default() += 1,
-                }
-            }
-            (hist, errors)
-        });
+    if addrs.is_empty() || !addrs.iter().all(|a| allowed(a.ip())) {
+        bail!("endpoint {endpoint} is neither loopback nor a test host (10.0.0.0/8); refused");
     }
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
-    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-    while let Some(r) = tasks.join_next().await {
-        let (h, e) = r?;
-        hist.add(h).expect("same bounds");
-        for (k, v) in e {
-            *errors.entry(k).or_default() += v;
+    Ok(())
+}
+
+async fn connect(args: &RunArgs) -> anyhow::Result<Vec<Store>> {
+    match args.target {
+        Target::Concord => {
+            let path = args
+                .config
+                .as_ref()
+                .context("--config is required for concord")?;
+            let config = ClientConfig::from_file(path).context("reading the client config")?;
+            for e in &config.endpoints {
+                check_endpoint(e)?;
+            }
+            Store::concord(&config, args.connections)
+                .await
+                .context("connecting to concord")
+        }
+        Target::Etcd => {
+            for e in &args.endpoints {
+                check_endpoint(e)?;
+            }
+            Store::etcd(&args.endpoints, args.connections)
+                .await
+                .context("connecting to etcd")
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    Ok(coordination::Outcome {
-        hist,
-        errors,
-        extra: serde_json::Map::new(),
-    })
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let Target::Concord = args.target;
     if args.clients == 0 || args.connections == 0 {
         bail!("--clients and --connections must be at least 1");
     }
-    let config = ClientConfig::from_file(&args.config).context("reading the client config")?;
-    let mut clients = Vec::new();
-    for _ in 0..args.connections {
-        clients.push(
-            Client::connect(config.clone())
-                .await
-                .context("connecting")?,
-        );
-    }
-    let started = Instant::now();
-    let outcome = match args.workload {
-        Workload::Put | Workload::Get => run_kv(&clients, &args).await?,
-        Workload::LeaseChurn => coordination::lease_churn(&clients, &args).await?,
-        Workload::WatchFanout => coordination::watch_fanout(&clients, &args).await?,
-        Workload::LockContention => coordination::lock_contention(&clients, &args).await?,
-        Workload::Membership => coordination::membership(&clients, &args).await?,
+    let stores = connect(&args).await?;
+    let recorder = Recorder::new();
+    let extra = match args.workload {
+        Workload::Put | Workload::Get | Workload::Mixed => {
+            kv::run_kv(&stores, &args, &recorder).await?
+        }
+        Workload::TxnCas => kv::run_txn_cas(&stores, &args, &recorder).await?,
+        Workload::Verify => kv::run_verify(&stores, &args, &recorder).await?,
+        Workload::LeaseChurn => coordination::lease_churn(&stores, &args, &recorder).await?,
+        Workload::WatchFanout => coordination::watch_fanout(&stores, &args, &recorder).await?,
+        Workload::LockContention => {
+            coordination::lock_contention(&stores, &args, &recorder).await?
+        }
+        Workload::Membership => coordination::membership(&stores, &args, &recorder).await?,
     };
-    let coordination::Outcome {
-        hist,
-        errors,
-        extra,
-    } = outcome;
-    let elapsed = started.elapsed().as_secs_f64();
-    let ops = hist.len();
-    let ops_per_sec = ops as f64 / elapsed;
-    let workload = args
-        .workload
-        .to_possible_value()
-        .expect("a named workload")
-        .get_name()
-        .to_string();
-    let mut report = json!({
-        "workload": workload,
-        "target": "concord",
+    let elapsed = recorder.elapsed();
+    let recorded = recorder.take();
+    let mut report = Map::new();
+    report.extend(figures(json!({
+        "workload": name(args.workload),
+        "target": name(args.target),
         "clients": args.clients,
         "connections": args.connections,
         "value_size": args.value_size,
+        "key_space": args.key_space,
+        "distribution": name(args.distribution),
         "consistency": format!("{:?}", args.consistency).to_lowercase(),
-        "duration_s": elapsed,
-        "ops": ops,
-        "ops_per_sec": ops_per_sec,
-        "p50_us": hist.value_at_quantile(0.50),
-        "p90_us": hist.value_at_quantile(0.90),
-        "p99_us": hist.value_at_quantile(0.99),
-        "p999_us": hist.value_at_quantile(0.999),
-        "max_us": hist.max(),
-        "errors": errors,
-    });
-    report
-        .as_object_mut()
-        .expect("an object")
-        .extend(extra.clone());
+        "rate": args.rate,
+    })));
+    report.extend(report::summary(&recorded, elapsed));
+    report.extend(extra);
+    if let Some(path) = &args.plot {
+        report::plot(path, &args.label(), &recorded.timeline)?;
+    }
     if args.output == "json" {
-        println!("{report}");
+        println!("{}", Value::Object(report.clone()));
     } else {
-        println!(
-            "workload {workload} on concord: {} clients, {:.1} s",
-            args.clients, elapsed
-        );
-        println!("  ops        {ops}");
-        println!("  ops/s      {ops_per_sec:.0}");
-        println!(
-            "  p50/p90/p99/p999/max (us)  {} / {} / {} / {} / {}",
-            hist.value_at_quantile(0.5),
-            hist.value_at_quantile(0.9),
-            hist.value_at_quantile(0.99),
-            hist.value_at_quantile(0.999),
-            hist.max()
-        );
-        println!("  errors     {errors:?}");
-        for (name, value) in &extra {
-            println!("  {name:<28} {value}");
-        }
+        report::print_table(&report);
+    }
+    if report.get("lost").and_then(Value::as_u64).unwrap_or(0) > 0 {
+        bail!("verify: {} acknowledged writes were lost", report["lost"]);
     }
     Ok(())
+}
+
+/// The fields of a JSON object literal, for a report.
+fn figures(object: Value) -> Map<String, Value> {
+    match object {
+        Value::Object(map) => map,
+        other => unreachable!("figures are an object, not {other}"),
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Cmd::Run(args) => run(args).await,
+        Cmd::Run(args) => run(*args).await,
     }
 }

@@ -1,0 +1,620 @@
+//! The systems under test behind one interface: concord (the client library over QUIC) and
+//! etcd (the `etcd-client` crate over gRPC). A workload is written once against [`Store`];
+//! each operation is the one a user of that system would issue for the same job, and the
+//! mapping is documented in `docs/benchmarks/README.md`.
+//!
+//! Errors are reduced to a kind (concord's error code, or etcd's gRPC status code) so a
+//! report can count them by kind.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use concord_client::api::{
+    Compare, CompareOp, CompareTarget, Consistency, KeySpan, PutRequest, RangeRequest, TxnOp,
+    TxnRequest,
+};
+use concord_client::watch_api::{EventKind, WatchRequest};
+use concord_client::{Client, ClientConfig, LockGuard, MemberEvent, Membership, Session};
+use etcd_client as etcd;
+use futures::stream::{self, StreamExt};
+use tokio::sync::Mutex;
+
+/// An operation's failure, by kind (`NOT_LEADER`, `GRPC_UNAVAILABLE`, ...).
+pub type OpError = String;
+
+/// One connection to the system under test; cheap to clone (clones share the connection).
+#[derive(Clone)]
+pub enum Store {
+    /// A concord client (one QUIC connection per node it talks to).
+    Concord(Client),
+    /// An etcd client (one gRPC channel balanced over the endpoints).
+    Etcd(Arc<EtcdStore>),
+}
+
+/// An etcd client and the keep-alive streams of the leases it renews.
+pub struct EtcdStore {
+    client: etcd::Client,
+    /// etcd-client opens one keep-alive stream per lease; they are kept and reused.
+    keepers: Mutex<HashMap<i64, Keeper>>,
+}
+
+type Keeper = (etcd::LeaseKeeper, etcd::LeaseKeepAliveStream);
+
+/// A key's current value and modification revision.
+pub struct Versioned {
+    /// The value.
+    pub value: Vec<u8>,
+    /// The revision of the key's last modification.
+    pub mod_revision: i64,
+}
+
+/// A change seen by a watch.
+pub struct Change {
+    /// True for a deletion, false for a put.
+    pub deleted: bool,
+    /// The key.
+    pub key: Vec<u8>,
+    /// The value put (empty for a deletion).
+    pub value: Vec<u8>,
+}
+
+/// A watch of one prefix.
+pub enum Watch {
+    /// A concord watch (the client library merges the ranges' streams).
+    Concord(concord_client::Watcher),
+    /// An etcd watch stream.
+    Etcd(Box<etcd::WatchStream>),
+}
+
+/// A lease kept alive in the background until closed (concord's session recipe; on etcd a
+/// lease and one keep-alive stream, as etcd's `concurrency.Session`).
+pub enum StoreSession {
+    /// A concord session.
+    Concord(Session),
+    /// An etcd lease and the task renewing it.
+    Etcd {
+        /// The lease.
+        lease: i64,
+        /// Renews the lease every TTL/3 until aborted.
+        keeper: tokio::task::JoinHandle<()>,
+    },
+}
+
+/// A lock held (concord's mutex recipe; on etcd the lock RPC's key).
+pub enum Held {
+    /// A concord lock guard (fencing token, fenced writes).
+    Concord(LockGuard),
+    /// The key etcd's lock RPC created for this holder.
+    Etcd(Vec<u8>),
+}
+
+/// A watch of a membership group: joins, updates and departures by member id.
+pub enum MemberWatch {
+    /// concord's membership recipe.
+    Concord(concord_client::MemberWatcher),
+    /// A watch of the group's prefix, whose length is kept to cut the ids out of the keys.
+    Etcd(Box<Watch>, usize),
+}
+
+/// A change of a membership group.
+pub struct MemberChange {
+    /// The member's id.
+    pub id: String,
+    /// True if it left, false if it joined or changed its metadata.
+    pub left: bool,
+    /// Its metadata (empty when it left).
+    pub metadata: Vec<u8>,
+}
+
+/// How many etcd keep-alive round trips run at once.
+const ETCD_KEEPALIVE_CONCURRENCY: usize = 256;
+
+fn etcd_error(e: etcd::Error) -> OpError {
+    match e {
+        etcd::Error::GRpcStatus(s) => format!("GRPC_{:?}", s.code()).to_uppercase(),
+        other => format!("ETCD_{}", error_variant(&other)),
+    }
+}
+
+/// The variant name of an etcd-client error (its Debug text up to the first parenthesis).
+fn error_variant(e: &etcd::Error) -> String {
+    let text = format!("{e:?}");
+    text.split(['(', ' ', '{'])
+        .next()
+        .unwrap_or("ERROR")
+        .to_uppercase()
+}
+
+fn concord_error(e: concord_client::Error) -> OpError {
+    e.code().to_string()
+}
+
+impl Store {
+    /// Connects `connections` clients to concord, from a client config file.
+    pub async fn concord(config: &ClientConfig, connections: usize) -> anyhow::Result<Vec<Store>> {
+        let mut stores = Vec::with_capacity(connections);
+        for _ in 0..connections {
+            stores.push(Store::Concord(Client::connect(config.clone()).await?));
+        }
+        Ok(stores)
+    }
+
+    /// Connects `connections` clients to etcd at `endpoints` (HOST:PORT, loopback).
+    pub async fn etcd(endpoints: &[String], connections: usize) -> anyhow::Result<Vec<Store>> {
+        let mut stores = Vec::with_capacity(connections);
+        let options = etcd::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(Duration::from_secs(30));
+        for _ in 0..connections {
+            let client = etcd::Client::connect(endpoints, Some(options.clone())).await?;
+            stores.push(Store::Etcd(Arc::new(EtcdStore {
+                client,
+                keepers: Mutex::default(),
+            })));
+        }
+        Ok(stores)
+    }
+
+    /// The concord client, for what only concord reports (its nodes' gauges).
+    pub fn as_concord(&self) -> Option<&Client> {
+        match self {
+            Store::Concord(c) => Some(c),
+            Store::Etcd(_) => None,
+        }
+    }
+
+    /// Puts `value` at `key`, attached to `lease` unless it is 0.
+    pub async fn put(&self, key: Vec<u8>, value: Vec<u8>, lease: i64) -> Result<(), OpError> {
+        match self {
+            Store::Concord(c) => c
+                .put_with(PutRequest {
+                    key,
+                    value,
+                    lease,
+                    prev_kv: false,
+                })
+                .await
+                .map(drop)
+                .map_err(concord_error),
+            Store::Etcd(e) => {
+                let options = (lease != 0).then(|| etcd::PutOptions::new().with_lease(lease));
+                e.client
+                    .kv_client()
+                    .put(key, value, options)
+                    .await
+                    .map(drop)
+                    .map_err(etcd_error)
+            }
+        }
+    }
+
+    /// Reads `key` at `consistency`. etcd has no follower reads: `follower` is refused.
+    pub async fn get(
+        &self,
+        key: Vec<u8>,
+        consistency: Consistency,
+    ) -> Result<Option<Versioned>, OpError> {
+        match self {
+            Store::Concord(c) => {
+                let result = c
+                    .range(RangeRequest::new(KeySpan::key(key)), consistency)
+                    .await
+                    .map_err(concord_error)?;
+                Ok(result.kvs.into_iter().next().map(|kv| Versioned {
+                    value: kv.value,
+                    mod_revision: kv.mod_revision as i64,
+                }))
+            }
+            Store::Etcd(e) => {
+                let options = match consistency {
+                    Consistency::Linearizable => None,
+                    Consistency::Serializable => Some(etcd::GetOptions::new().with_serializable()),
+                    Consistency::Follower => return Err("UNSUPPORTED_ON_ETCD".into()),
+                };
+                let mut response = e
+                    .client
+                    .kv_client()
+                    .get(key, options)
+                    .await
+                    .map_err(etcd_error)?;
+                Ok(response.take_kvs().into_iter().next().map(|kv| Versioned {
+                    value: kv.value().to_vec(),
+                    mod_revision: kv.mod_revision(),
+                }))
+            }
+        }
+    }
+
+    /// Compare-and-swap: puts `value` at `key` if its mod revision is still `expected`
+    /// (0: the key is absent). Returns whether it did.
+    pub async fn cas(&self, key: Vec<u8>, expected: i64, value: Vec<u8>) -> Result<bool, OpError> {
+        match self {
+            Store::Concord(c) => c
+                .txn(TxnRequest {
+                    compares: vec![Compare {
+                        key: key.clone(),
+                        op: CompareOp::Equal,
+                        target: CompareTarget::ModRevision(expected as u64),
+                    }],
+                    success: vec![TxnOp::Put(PutRequest {
+                        key,
+                        value,
+                        lease: 0,
+                        prev_kv: false,
+                    })],
+                    failure: vec![],
+                    fence: None,
+                })
+                .await
+                .map(|r| r.succeeded)
+                .map_err(concord_error),
+            Store::Etcd(e) => {
+                let txn = etcd::Txn::new()
+                    .when([etcd::Compare::mod_revision(
+                        key.clone(),
+                        etcd::CompareOp::Equal,
+                        expected,
+                    )])
+                    .and_then([etcd::TxnOp::put(key, value, None)]);
+                e.client
+                    .kv_client()
+                    .txn(txn)
+                    .await
+                    .map(|r| r.succeeded())
+                    .map_err(etcd_error)
+            }
+        }
+    }
+
+    /// Grants a lease of `ttl`.
+    pub async fn lease_grant(&self, ttl: Duration) -> Result<i64, OpError> {
+        match self {
+            Store::Concord(c) => c.lease_grant(ttl).await.map_err(concord_error),
+            Store::Etcd(e) => e
+                .client
+                .lease_client()
+                .grant(ttl.as_secs() as i64, None)
+                .await
+                .map(|r| r.id())
+                .map_err(etcd_error),
+        }
+    }
+
+    /// Renews `ids`; returns the renewed ids and the ids that no longer exist.
+    pub async fn keep_alive_many(&self, ids: &[i64]) -> Result<(Vec<i64>, Vec<i64>), OpError> {
+        match self {
+            Store::Concord(c) => c
+                .lease_keep_alive_many(ids)
+                .await
+                .map(|(renewed, missing)| {
+                    (renewed.into_iter().map(|(id, _)| id).collect(), missing)
+                })
+                .map_err(concord_error),
+            Store::Etcd(e) => e.keep_alive_many(ids).await,
+        }
+    }
+
+    /// Watches the keys under `prefix` (every key if it is empty) from now on; `deletes_only`
+    /// filters puts out.
+    pub async fn watch_prefix(
+        &self,
+        prefix: Vec<u8>,
+        deletes_only: bool,
+    ) -> Result<Watch, OpError> {
+        match self {
+            Store::Concord(c) => {
+                let mut request = WatchRequest::new(KeySpan::prefix(prefix));
+                request.no_put = deletes_only;
+                c.watch(request)
+                    .await
+                    .map(Watch::Concord)
+                    .map_err(concord_error)
+            }
+            Store::Etcd(e) => {
+                let mut options = etcd::WatchOptions::new();
+                options = if prefix.is_empty() {
+                    options.with_all_keys()
+                } else {
+                    options.with_prefix()
+                };
+                if deletes_only {
+                    options = options.with_filters([etcd::WatchFilterType::NoPut]);
+                }
+                let mut stream = e
+                    .client
+                    .watch_client()
+                    .watch(prefix, Some(options))
+                    .await
+                    .map_err(etcd_error)?;
+                // The first message confirms the watch was created.
+                match stream.message().await.map_err(etcd_error)? {
+                    Some(r) if r.created() => Ok(Watch::Etcd(Box::new(stream))),
+                    _ => Err("ETCD_WATCH_NOT_CREATED".into()),
+                }
+            }
+        }
+    }
+}
+
+impl Store {
+    /// Opens a session of `ttl`.
+    pub async fn session(&self, ttl: Duration) -> Result<StoreSession, OpError> {
+        match self {
+            Store::Concord(c) => c
+                .session(ttl)
+                .await
+                .map(StoreSession::Concord)
+                .map_err(concord_error),
+            Store::Etcd(e) => {
+                let lease = self.lease_grant(ttl).await?;
+                let (mut keeper, mut responses) = e
+                    .client
+                    .lease_client()
+                    .keep_alive(lease)
+                    .await
+                    .map_err(etcd_error)?;
+                let keeper = tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(ttl / 3);
+                    loop {
+                        tick.tick().await;
+                        if keeper.keep_alive().await.is_err()
+                            || !matches!(responses.message().await, Ok(Some(r)) if r.ttl() > 0)
+                        {
+                            return;
+                        }
+                    }
+                });
+                Ok(StoreSession::Etcd { lease, keeper })
+            }
+        }
+    }
+
+    /// Ends a session: its lease is revoked and its keys deleted.
+    pub async fn close_session(&self, session: StoreSession) -> Result<(), OpError> {
+        match (self, session) {
+            (Store::Concord(_), StoreSession::Concord(s)) => s.close().await.map_err(concord_error),
+            (Store::Etcd(e), StoreSession::Etcd { lease, keeper }) => {
+                keeper.abort();
+                e.client
+                    .lease_client()
+                    .revoke(lease)
+                    .await
+                    .map(drop)
+                    .map_err(etcd_error)
+            }
+            _ => Err("SESSION_OF_ANOTHER_TARGET".into()),
+        }
+    }
+
+    /// Waits for the lock `name` under `session`.
+    pub async fn lock(&self, name: &str, session: &StoreSession) -> Result<Held, OpError> {
+        match (self, session) {
+            (Store::Concord(c), StoreSession::Concord(s)) => c
+                .lock(name, s)
+                .await
+                .map(Held::Concord)
+                .map_err(concord_error),
+            (Store::Etcd(e), StoreSession::Etcd { lease, .. }) => e
+                .client
+                .lock_client()
+                .lock(name, Some(etcd::LockOptions::new().with_lease(*lease)))
+                .await
+                .map(|r| Held::Etcd(r.key().to_vec()))
+                .map_err(etcd_error),
+            _ => Err("SESSION_OF_ANOTHER_TARGET".into()),
+        }
+    }
+
+    /// Puts `value` at `key` only while `held` is still held, else `FENCED`: concord's fenced
+    /// put; on etcd a txn on the holder's key still existing (etcd's `Mutex.IsOwner`).
+    pub async fn fenced_put(
+        &self,
+        held: &Held,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    ) -> Result<(), OpError> {
+        match (self, held) {
+            (Store::Concord(_), Held::Concord(guard)) => {
+                guard.put(key, value).await.map(drop).map_err(concord_error)
+            }
+            (Store::Etcd(e), Held::Etcd(lock_key)) => {
+                let txn = etcd::Txn::new()
+                    .when([etcd::Compare::version(
+                        lock_key.clone(),
+                        etcd::CompareOp::Greater,
+                        0,
+                    )])
+                    .and_then([etcd::TxnOp::put(key, value, None)]);
+                match e
+                    .client
+                    .kv_client()
+                    .txn(txn)
+                    .await
+                    .map_err(etcd_error)?
+                    .succeeded()
+                {
+                    true => Ok(()),
+                    false => Err("FENCED".into()),
+                }
+            }
+            _ => Err("LOCK_OF_ANOTHER_TARGET".into()),
+        }
+    }
+
+    /// Releases a lock.
+    pub async fn unlock(&self, held: Held) -> Result<(), OpError> {
+        match (self, held) {
+            (Store::Concord(_), Held::Concord(guard)) => {
+                guard.unlock().await.map_err(concord_error)
+            }
+            (Store::Etcd(e), Held::Etcd(key)) => e
+                .client
+                .lock_client()
+                .unlock(key)
+                .await
+                .map(drop)
+                .map_err(etcd_error),
+            _ => Err("LOCK_OF_ANOTHER_TARGET".into()),
+        }
+    }
+
+    /// Registers member `id` of `group` with `metadata` for as long as `session` lives.
+    pub async fn register(
+        &self,
+        group: &str,
+        id: &str,
+        metadata: Vec<u8>,
+        session: &StoreSession,
+    ) -> Result<(), OpError> {
+        match (self, session) {
+            (Store::Concord(c), StoreSession::Concord(s)) => Membership::new(c.clone(), group)
+                .register(s, id, &metadata)
+                .await
+                .map_err(concord_error),
+            (Store::Etcd(_), StoreSession::Etcd { lease, .. }) => {
+                self.put(format!("{group}/{id}").into_bytes(), metadata, *lease)
+                    .await
+            }
+            _ => Err("SESSION_OF_ANOTHER_TARGET".into()),
+        }
+    }
+
+    /// Watches the members of `group` from now on.
+    pub async fn watch_members(&self, group: &str) -> Result<MemberWatch, OpError> {
+        match self {
+            Store::Concord(c) => Membership::new(c.clone(), group)
+                .watch()
+                .await
+                .map(MemberWatch::Concord)
+                .map_err(concord_error),
+            Store::Etcd(_) => {
+                let prefix = format!("{group}/").into_bytes();
+                let len = prefix.len();
+                let watch = self.watch_prefix(prefix, false).await?;
+                Ok(MemberWatch::Etcd(Box::new(watch), len))
+            }
+        }
+    }
+}
+
+impl MemberWatch {
+    /// The next batch of changes; `None` when the watch ended.
+    pub async fn next(&mut self) -> Option<Result<Vec<MemberChange>, OpError>> {
+        match self {
+            MemberWatch::Concord(w) => Some(
+                w.next()
+                    .await?
+                    .map(|events| {
+                        events
+                            .into_iter()
+                            .map(|e| match e {
+                                MemberEvent::Joined(m) | MemberEvent::Updated(m) => MemberChange {
+                                    id: m.id,
+                                    left: false,
+                                    metadata: m.metadata,
+                                },
+                                MemberEvent::Left { id, .. } => MemberChange {
+                                    id,
+                                    left: true,
+                                    metadata: Vec::new(),
+                                },
+                            })
+                            .collect()
+                    })
+                    .map_err(concord_error),
+            ),
+            MemberWatch::Etcd(watch, prefix_len) => Some(watch.next().await?.map(|changes| {
+                changes
+                    .into_iter()
+                    .map(|c| MemberChange {
+                        id: String::from_utf8_lossy(&c.key[(*prefix_len).min(c.key.len())..])
+                            .into_owned(),
+                        left: c.deleted,
+                        metadata: c.value,
+                    })
+                    .collect()
+            })),
+        }
+    }
+}
+
+impl EtcdStore {
+    async fn keep_alive_many(&self, ids: &[i64]) -> Result<(Vec<i64>, Vec<i64>), OpError> {
+        let results: Vec<(i64, Result<bool, OpError>)> = stream::iter(ids.iter().copied())
+            .map(|id| async move { (id, self.keep_alive(id).await) })
+            .buffer_unordered(ETCD_KEEPALIVE_CONCURRENCY)
+            .collect()
+            .await;
+        let (mut renewed, mut missing) = (Vec::new(), Vec::new());
+        for (id, result) in results {
+            match result? {
+                true => renewed.push(id),
+                false => missing.push(id),
+            }
+        }
+        Ok((renewed, missing))
+    }
+
+    /// One keep-alive round trip on the lease's stream (opened on first use). False when
+    /// the lease no longer exists (etcd answers TTL 0).
+    async fn keep_alive(&self, id: i64) -> Result<bool, OpError> {
+        let taken = self.keepers.lock().await.remove(&id);
+        let (mut keeper, mut stream) = match taken {
+            Some(k) => k,
+            None => self
+                .client
+                .lease_client()
+                .keep_alive(id)
+                .await
+                .map_err(etcd_error)?,
+        };
+        keeper.keep_alive().await.map_err(etcd_error)?;
+        let response = stream.message().await.map_err(etcd_error)?;
+        let alive = response.is_some_and(|r| r.ttl() > 0);
+        if alive {
+            self.keepers.lock().await.insert(id, (keeper, stream));
+        }
+        Ok(alive)
+    }
+}
+
+impl Watch {
+    /// The next batch of changes; `None` when the watch ended.
+    pub async fn next(&mut self) -> Option<Result<Vec<Change>, OpError>> {
+        match self {
+            Watch::Concord(w) => Some(
+                w.next()
+                    .await?
+                    .map(|r| {
+                        r.events
+                            .into_iter()
+                            .map(|e| Change {
+                                deleted: e.kind == EventKind::Delete,
+                                key: e.kv.key,
+                                value: e.kv.value,
+                            })
+                            .collect()
+                    })
+                    .map_err(concord_error),
+            ),
+            Watch::Etcd(s) => match s.message().await {
+                Err(e) => Some(Err(etcd_error(e))),
+                Ok(None) => None,
+                Ok(Some(r)) if r.canceled() => Some(Err("ETCD_WATCH_CANCELED".into())),
+                Ok(Some(r)) => Some(Ok(r
+                    .events()
+                    .iter()
+                    .filter_map(|e| {
+                        let kv = e.kv()?;
+                        Some(Change {
+                            deleted: e.event_type() == etcd::EventType::Delete,
+                            key: kv.key().to_vec(),
+                            value: kv.value().to_vec(),
+                        })
+                    })
+                    .collect())),
+            },
+        }
+    }
+}
