@@ -117,7 +117,7 @@ fn event(i: usize) -> Event {
         kv: KeyValue {
             key: format!(
                 "{}/service/{i:06}",
-                if i % 2 == 0 { "app" } else { "other" }
+                if i.is_multiple_of(2) { "app" } else { "other" }
             )
             .into_bytes(),
             value: vec![b'v'; 128],
@@ -137,11 +137,7 @@ fn watch_dispatch(c: &mut Criterion) {
     let request = WatchRequest::new(KeySpan::prefix("app/"));
     c.bench_function("watch_select_and_encode_16_events", |b| {
         b.iter(|| {
-            let selected: Vec<Event> = events
-                .iter()
-                .filter(|e| request.selects(e))
-                .cloned()
-                .collect();
+            let selected = request.select(&events);
             wire::encode_frame(&WatchMessage::Events {
                 group: 1,
                 header: ResponseHeader {

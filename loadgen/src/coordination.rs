@@ -20,8 +20,25 @@ use crate::{figures, Rng, RunArgs};
 /// Longest a run waits after its duration for outstanding effects (expiries, deliveries).
 const DRAIN_MAX: Duration = Duration::from_secs(15);
 
+/// Pause before a worker retries after an error (so errors do not spin).
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+
 /// Longest lease-churn spends granting its leases before the measured part.
 const GRANT_PHASE_MAX: Duration = Duration::from_secs(600);
+
+/// Ticks `per_sec` times a second (at least once).
+fn pace(per_sec: u64) -> tokio::time::Interval {
+    tokio::time::interval(Duration::from_secs(1).div_f64(per_sec.max(1) as f64))
+}
+
+/// Waits until `done()` holds, or for `limit` at most, checking every `POLL`.
+async fn drain(limit: Duration, done: impl Fn() -> bool) {
+    const POLL: Duration = Duration::from_millis(50);
+    let until = Instant::now() + limit;
+    while !done() && Instant::now() < until {
+        tokio::time::sleep(POLL).await;
+    }
+}
 
 fn percentiles_ms(hist: &Histogram<u64>, name: &str, extra: &mut Map<String, Value>) {
     for (q, label) in [(0.5, "p50"), (0.99, "p99")] {
@@ -56,7 +73,7 @@ pub fn run_tag() -> String {
 }
 
 /// A key of this run spread over the ranges by its first byte.
-fn spread_key(tag: &str, kind: &str, i: u64) -> Vec<u8> {
+pub fn spread_key(tag: &str, kind: &str, i: u64) -> Vec<u8> {
     let mut key = crate::key_of(i)[..1].to_vec();
     key.extend(format!("/{tag}/{kind}/{i:012}").into_bytes());
     key
@@ -262,10 +279,10 @@ pub async fn lease_churn(
     // Churn for the duration: let go of leases and replace them.
     let churn_started = Instant::now();
     let deadline = churn_started + args.duration;
-    let mut rng = Rng(0x5EED_1EA5 ^ args.leases);
+    let mut rng = Rng::seeded(0x5EED_1EA5 ^ args.leases);
     let mut churned = 0u64;
     if args.churn > 0 {
-        let mut pace = tokio::time::interval(Duration::from_secs(1) / args.churn as u32);
+        let mut pace = pace(args.churn);
         while Instant::now() < deadline {
             pace.tick().await;
             {
@@ -288,19 +305,32 @@ pub async fn lease_churn(
     } else {
         tokio::time::sleep_until(deadline.into()).await;
     }
+    recorder.stop_now();
     let active_leases = book.lock().expect("book lock").live.len();
     let churn_secs = churn_started.elapsed().as_secs_f64();
     let renewals_per_sec =
         renewals.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
 
     // Wait (bounded) for the let-go leases to expire.
-    let drain_until = Instant::now() + ttl + DRAIN_MAX;
-    while Instant::now() < drain_until && !book.lock().expect("book lock").dying.is_empty() {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    drain(ttl + DRAIN_MAX, || {
+        book.lock().expect("book lock").dying.is_empty()
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
     background.abort_all();
     let not_expired = book.lock().expect("book lock").dying.len();
+    // Revoke the live leases (not measured), so their expiry cannot disturb what runs next.
+    let live: Vec<i64> = book.lock().expect("book lock").ids.clone();
+    let revoking = live.chunks(live.len().div_ceil(args.clients.max(1)).max(1));
+    futures_join(revoking.enumerate().map(|(w, ids)| {
+        let (store, ids) = (stores[w % stores.len()].clone(), ids.to_vec());
+        async move {
+            for id in ids {
+                let _ = store.lease_revoke(id).await;
+            }
+        }
+    }))
+    .await;
 
     let mut extra = figures(json!({
         "leases": args.leases,
@@ -376,12 +406,13 @@ pub async fn watch_fanout(
 
     let gauges_before = server_gauges(&stores[0]).await;
     let opened_at = Instant::now();
+    // The watchers are spread evenly over the connections.
     let mut watchers = Vec::with_capacity(args.watchers);
-    for w in 0..args.watchers {
-        let store = &stores[w % stores.len()];
-        watchers.push(
+    for (c, store) in stores.iter().enumerate() {
+        let count = args.watchers / stores.len() + usize::from(c < args.watchers % stores.len());
+        watchers.extend(
             store
-                .watch_prefix(prefix.clone(), false)
+                .watch_prefix_many(prefix.clone(), count, false)
                 .await
                 .map_err(anyhow::Error::msg)?,
         );
@@ -419,7 +450,7 @@ pub async fn watch_fanout(
     // The writer.
     recorder.start_now();
     let deadline = Instant::now() + args.duration;
-    let mut pace = tokio::time::interval(Duration::from_secs(1) / rate as u32);
+    let mut pace = pace(rate);
     let mut acked = 0u64;
     let mut i = 0u64;
     while Instant::now() < deadline {
@@ -436,11 +467,9 @@ pub async fn watch_fanout(
             Err(kind) => recorder.error(&kind),
         }
     }
+    recorder.stop_now();
     let expected = acked * args.watchers as u64;
-    let drain_until = Instant::now() + DRAIN_MAX;
-    while delivered.load(Ordering::Relaxed) < expected && Instant::now() < drain_until {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    drain(DRAIN_MAX, || delivered.load(Ordering::Relaxed) >= expected).await;
     stop_tx.send_replace(true);
     while listeners.join_next().await.is_some() {}
     let delivered = delivered.load(Ordering::Relaxed);
@@ -486,32 +515,50 @@ pub async fn lock_contention(
     let locks = args.locks.max(1);
     // Per lock: (acknowledged increments, increments that may or may not have happened).
     let counts = Arc::new(Mutex::new(vec![(0u64, 0u64); locks]));
+    let acquisitions = Arc::new(AtomicU64::new(0));
+    recorder.start_now();
     let deadline = Instant::now() + args.duration;
-    let started = Instant::now();
     let mut workers = JoinSet::new();
     for w in 0..args.clients {
         let store = stores[w % stores.len()].clone();
         let (recorder, counts, tag) = (recorder.clone(), counts.clone(), tag.clone());
+        let acquisitions = acquisitions.clone();
         let ttl = Duration::from_secs(args.ttl);
         workers.spawn(async move {
-            let session = match store.session(ttl).await {
-                Ok(s) => s,
-                Err(kind) => return recorder.error(&kind),
-            };
-            let mut rng = Rng(0xC0FF_EE00 ^ (w as u64 + 1));
+            let mut rng = Rng::seeded(0xC0FF_EE00 ^ w as u64);
+            let mut session = None;
             while Instant::now() < deadline {
+                // A session lost (expired, or revoked by an unlock after a fenced write of
+                // unknown outcome) is replaced, after a pause so errors do not spin.
+                let current = match session.take() {
+                    Some(s) => s,
+                    None => match store.session(ttl).await {
+                        Ok(s) => s,
+                        Err(kind) => {
+                            recorder.error(&kind);
+                            tokio::time::sleep(RETRY_PAUSE).await;
+                            continue;
+                        }
+                    },
+                };
                 let l = (rng.next() % locks as u64) as usize;
                 let op_started = Instant::now();
                 let left = deadline.saturating_duration_since(Instant::now());
                 let name = format!("{tag}/lock/{l}");
-                let held = match tokio::time::timeout(left, store.lock(&name, &session)).await {
-                    Err(_) => break,
+                let held = match tokio::time::timeout(left, store.lock(&name, &current)).await {
+                    Err(_) => {
+                        session = Some(current);
+                        break;
+                    }
                     Ok(Err(kind)) => {
                         recorder.error(&kind);
+                        let _ = store.close_session(current).await;
+                        tokio::time::sleep(RETRY_PAUSE).await;
                         continue;
                     }
                     Ok(Ok(held)) => held,
                 };
+                acquisitions.fetch_add(1, Ordering::Relaxed);
                 let counter = spread_key(&tag, "counter", l as u64);
                 let increment = async {
                     let read = store
@@ -522,31 +569,39 @@ pub async fn lock_contention(
                     store.fenced_put(&held, counter.clone(), next).await
                 }
                 .await;
-                match increment {
-                    Ok(()) => counts.lock().expect("counts lock")[l].0 += 1,
+                let incremented = match increment {
+                    Ok(()) => {
+                        counts.lock().expect("counts lock")[l].0 += 1;
+                        true
+                    }
                     Err(kind) => {
                         if kind != "FENCED" {
                             counts.lock().expect("counts lock")[l].1 += 1;
                         }
                         recorder.error(&kind);
+                        false
                     }
-                }
+                };
                 match store.unlock(held).await {
-                    Ok(()) => recorder.record(op_started),
+                    Ok(()) if incremented => recorder.record(op_started),
+                    Ok(()) => {}
                     Err(kind) => recorder.error(&kind),
                 }
+                session = Some(current);
             }
-            let _ = store.close_session(session).await;
+            if let Some(s) = session {
+                let _ = store.close_session(s).await;
+            }
         });
     }
     while workers.join_next().await.is_some() {}
-    let elapsed = started.elapsed().as_secs_f64();
+    recorder.stop_now();
+    let elapsed = recorder.elapsed().as_secs_f64();
 
     let counts = counts.lock().expect("counts lock").clone();
     let mut violations = 0u64;
-    let mut acquisitions = 0u64;
+    let acquisitions = acquisitions.load(Ordering::Relaxed);
     for (l, (acked, unknown)) in counts.iter().enumerate() {
-        acquisitions += acked + unknown;
         let read = stores[0]
             .get(
                 spread_key(&tag, "counter", l as u64),
@@ -653,9 +708,9 @@ pub async fn membership(
 
     recorder.start_now();
     let deadline = Instant::now() + args.duration;
-    let mut rng = Rng(0xFEED ^ args.members as u64);
+    let mut rng = Rng::seeded(0xFEED ^ args.members as u64);
     if args.churn > 0 && !sessions.is_empty() {
-        let mut pace = tokio::time::interval(Duration::from_secs(1) / args.churn as u32);
+        let mut pace = pace(args.churn);
         while Instant::now() < deadline {
             pace.tick().await;
             let i = (rng.next() % sessions.len() as u64) as usize;
@@ -684,11 +739,9 @@ pub async fn membership(
     } else {
         tokio::time::sleep_until(deadline.into()).await;
     }
+    recorder.stop_now();
     let expected = changes * args.watchers as u64;
-    let drain_until = Instant::now() + DRAIN_MAX;
-    while seen.load(Ordering::Relaxed) < expected && Instant::now() < drain_until {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    drain(DRAIN_MAX, || seen.load(Ordering::Relaxed) >= expected).await;
     listeners.abort_all();
     let seen = seen.load(Ordering::Relaxed);
     // Revoke the members' leases, `--clients` at a time (not measured).

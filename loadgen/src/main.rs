@@ -25,9 +25,13 @@ use serde_json::{json, Map, Value};
 use report::Recorder;
 use store::Store;
 
+/// How long a connection attempt may take, on both targets (concord's client default).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The command line.
 #[derive(Parser)]
 #[command(
     name = "concord-loadgen",
@@ -90,6 +94,7 @@ enum Distribution {
     Zipfian,
 }
 
+/// A run's parameters (scripts depend on the names).
 #[derive(clap::Args)]
 struct RunArgs {
     /// The system under test.
@@ -159,6 +164,9 @@ struct RunArgs {
     /// membership: registered members.
     #[arg(long, default_value_t = 1_000)]
     members: usize,
+    /// Per-request timeout, the same on both targets (concord's client default).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    request_timeout: Duration,
     /// Output format: text (a table) or json (one object).
     #[arg(short, long, default_value = "text")]
     output: String,
@@ -207,6 +215,15 @@ fn key_of(i: u64) -> Vec<u8> {
 /// A small xorshift generator: reproducible keys without a dependency.
 struct Rng(u64);
 impl Rng {
+    /// A generator whose sequence is unrelated to those of nearby seeds (the seed goes
+    /// through splitmix64 first).
+    fn seeded(seed: u64) -> Rng {
+        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        Rng((z ^ (z >> 31)) | 1)
+    }
+
     fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
@@ -241,7 +258,9 @@ async fn connect(args: &RunArgs) -> anyhow::Result<Vec<Store>> {
                 .config
                 .as_ref()
                 .context("--config is required for concord")?;
-            let config = ClientConfig::from_file(path).context("reading the client config")?;
+            let mut config = ClientConfig::from_file(path).context("reading the client config")?;
+            config.request_timeout = args.request_timeout;
+            config.connect_timeout = CONNECT_TIMEOUT;
             for e in &config.endpoints {
                 check_endpoint(e)?;
             }
@@ -253,16 +272,25 @@ async fn connect(args: &RunArgs) -> anyhow::Result<Vec<Store>> {
             for e in &args.endpoints {
                 check_endpoint(e)?;
             }
-            Store::etcd(&args.endpoints, args.connections)
-                .await
-                .context("connecting to etcd")
+            Store::etcd(
+                &args.endpoints,
+                args.connections,
+                args.request_timeout,
+                CONNECT_TIMEOUT,
+            )
+            .await
+            .context("connecting to etcd")
         }
     }
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    if args.clients == 0 || args.connections == 0 {
-        bail!("--clients and --connections must be at least 1");
+    if args.clients == 0 || args.connections == 0 || args.key_space == 0 {
+        bail!("--clients, --connections and --key-space must be at least 1");
+    }
+    let reads = matches!(args.workload, Workload::Get | Workload::Mixed);
+    if reads && args.target == Target::Etcd && args.consistency == Consistency::Follower {
+        bail!("etcd has no follower reads: use --consistency linearizable or serializable");
     }
     let stores = connect(&args).await?;
     let recorder = Recorder::new();
@@ -303,10 +331,39 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         report::print_table(&report);
     }
-    if report.get("lost").and_then(Value::as_u64).unwrap_or(0) > 0 {
-        bail!("verify: {} acknowledged writes were lost", report["lost"]);
+    let violations = violations(&report);
+    if !violations.is_empty() {
+        bail!("{}: {}", args.label(), violations.join("; "));
     }
     Ok(())
+}
+
+/// What a report shows was broken (the run then fails): acknowledged writes lost, counters
+/// that do not add up, fenced writes that got through, live leases whose keys vanished.
+fn violations(report: &Map<String, Value>) -> Vec<String> {
+    let count = |field: &str| report.get(field).and_then(Value::as_u64).unwrap_or(0);
+    let mut found = Vec::new();
+    for (field, what) in [
+        ("lost", "acknowledged writes lost"),
+        (
+            "fencing_violations",
+            "locks whose counter shows a fencing violation",
+        ),
+        ("lost_live", "live leases whose key vanished"),
+    ] {
+        if count(field) > 0 {
+            found.push(format!("{} {what}", count(field)));
+        }
+    }
+    if report.get("counters_consistent") == Some(&Value::Bool(false)) {
+        found.push(format!(
+            "counters add up to {}, not to the {} increments acknowledged (+ {} unknown)",
+            count("counter_total"),
+            count("ops"),
+            count("increments_unknown")
+        ));
+    }
+    found
 }
 
 /// The fields of a JSON object literal, for a report.

@@ -14,14 +14,17 @@ use indicatif::{ProgressBar, ProgressStyle};
 use plotters::prelude::*;
 use serde_json::{json, Map, Value};
 
-/// Latencies are recorded in microseconds, up to ten minutes.
+/// The longest latency recorded, in microseconds (ten minutes); longer ones are clamped.
+const LATENCY_MAX_US: u64 = 600_000_000;
+
+/// Latencies of a run, in microseconds, to 3 significant digits.
 pub fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds")
+    Histogram::new_with_bounds(1, LATENCY_MAX_US, 3).expect("valid bounds")
 }
 
 /// A second of the timeline: latency at lower precision (one per second of the run).
 fn second_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 600_000_000, 2).expect("valid bounds")
+    Histogram::new_with_bounds(1, LATENCY_MAX_US, 2).expect("valid bounds")
 }
 
 /// Records a workload's operations; shared by its tasks (cheap to clone).
@@ -30,8 +33,10 @@ pub struct Recorder {
     inner: Arc<Mutex<Recorded>>,
     /// Operations recorded so far (read by the progress bar without the lock).
     ops: Arc<AtomicU64>,
-    /// When the measured part of the run began (the timeline's second 0).
-    started: Arc<Mutex<Instant>>,
+    /// The measured window, in nanoseconds after `base`: its start (the timeline's second 0)
+    /// and its end (0 while it lasts).
+    window: Arc<[AtomicU64; 2]>,
+    base: Instant,
 }
 
 /// Everything recorded.
@@ -54,27 +59,43 @@ impl Recorder {
                 errors: BTreeMap::new(),
             })),
             ops: Arc::default(),
-            started: Arc::new(Mutex::new(Instant::now())),
+            window: Arc::default(),
+            base: Instant::now(),
         }
     }
 
-    /// Starts the measured part of the run now: set-up before it (connecting, pre-loading
-    /// keys) counts neither in the throughput nor in the timeline.
-    pub fn start_now(&self) {
-        *self.started.lock().expect("start lock") = Instant::now();
+    fn since_base(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
     }
 
-    /// How long the measured part of the run has lasted.
+    /// Starts the measured part of the run now: set-up before it (connecting, pre-loading
+    /// keys, opening watchers) counts neither in the throughput nor in the timeline.
+    pub fn start_now(&self) {
+        self.window[0].store(self.since_base(), Ordering::Relaxed);
+    }
+
+    /// Ends the measured part of the run now: checks and drains after it (reading back,
+    /// waiting for expiries or deliveries) do not dilute the throughput.
+    pub fn stop_now(&self) {
+        self.window[1].store(self.since_base().max(1), Ordering::Relaxed);
+    }
+
+    /// How long the measured part of the run lasted (so far, if it has not ended).
     pub fn elapsed(&self) -> Duration {
-        self.started.lock().expect("start lock").elapsed()
+        let end = match self.window[1].load(Ordering::Relaxed) {
+            0 => self.since_base(),
+            end => end,
+        };
+        Duration::from_nanos(end.saturating_sub(self.window[0].load(Ordering::Relaxed)))
     }
 
     /// Records an operation that succeeded, issued (or due, in an open loop) at `since`.
     pub fn record(&self, since: Instant) {
         let now = Instant::now();
         let us = now.duration_since(since).as_micros().max(1) as u64;
-        let started = *self.started.lock().expect("start lock");
-        let second = now.saturating_duration_since(started).as_secs() as usize;
+        let from_start = (now.duration_since(self.base).as_nanos() as u64)
+            .saturating_sub(self.window[0].load(Ordering::Relaxed));
+        let second = (from_start / 1_000_000_000) as usize;
         let mut r = self.inner.lock().expect("recorder lock");
         r.hist.saturating_record(us);
         if r.timeline.len() <= second {
@@ -162,10 +183,7 @@ pub fn summary(recorded: &Recorded, elapsed: Duration) -> Map<String, Value> {
         "max_us": hist.max(),
         "errors": recorded.errors,
     });
-    match fields {
-        Value::Object(map) => map,
-        _ => unreachable!("a JSON object literal"),
-    }
+    crate::figures(fields)
 }
 
 /// Prints `report` as the summary table.

@@ -1,14 +1,14 @@
 //! The systems under test behind one interface: concord (the client library over QUIC) and
 //! etcd (the `etcd-client` crate over gRPC). A workload is written once against [`Store`];
 //! each operation is the one a user of that system would issue for the same job, and the
-//! mapping is documented in `docs/benchmarks/README.md`.
+//! mapping is documented in `docs/benchmarks/mapping.md`.
 //!
 //! Errors are reduced to a kind (concord's error code, or etcd's gRPC status code) so a
 //! report can count them by kind.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use concord_client::api::{
     Compare, CompareOp, CompareTarget, Consistency, KeySpan, PutRequest, RangeRequest, TxnOp,
@@ -34,7 +34,10 @@ pub enum Store {
 
 /// An etcd client and the keep-alive streams of the leases it renews.
 pub struct EtcdStore {
+    /// The gRPC client (its per-service clients are cheap clones).
     client: etcd::Client,
+    /// Longest wait for a message on a stream (tonic's timeout covers only a call's start).
+    timeout: Duration,
     /// etcd-client opens one keep-alive stream per lease; they are kept and reused.
     keepers: Mutex<HashMap<i64, Keeper>>,
 }
@@ -76,9 +79,19 @@ pub enum StoreSession {
     Etcd {
         /// The lease.
         lease: i64,
-        /// Renews the lease every TTL/3 until aborted.
-        keeper: tokio::task::JoinHandle<()>,
+        /// Renews the lease every TTL/3 until dropped.
+        keeper: KeeperTask,
     },
+}
+
+/// The task renewing an etcd session's lease; stopped when dropped (so a dropped session
+/// stops being renewed and expires, as a dropped concord session does).
+pub struct KeeperTask(tokio::task::JoinHandle<()>);
+
+impl Drop for KeeperTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A lock held (concord's mutex recipe; on etcd the lock RPC's key).
@@ -140,16 +153,23 @@ impl Store {
         Ok(stores)
     }
 
-    /// Connects `connections` clients to etcd at `endpoints` (HOST:PORT, loopback).
-    pub async fn etcd(endpoints: &[String], connections: usize) -> anyhow::Result<Vec<Store>> {
+    /// Connects `connections` clients to etcd at `endpoints` (HOST:PORT, loopback), with the
+    /// same timeouts as concord's client: `timeout` per request, `connect_timeout` to connect.
+    pub async fn etcd(
+        endpoints: &[String],
+        connections: usize,
+        timeout: Duration,
+        connect_timeout: Duration,
+    ) -> anyhow::Result<Vec<Store>> {
         let mut stores = Vec::with_capacity(connections);
         let options = etcd::ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(Duration::from_secs(30));
+            .with_connect_timeout(connect_timeout)
+            .with_timeout(timeout);
         for _ in 0..connections {
             let client = etcd::Client::connect(endpoints, Some(options.clone())).await?;
             stores.push(Store::Etcd(Arc::new(EtcdStore {
                 client,
+                timeout,
                 keepers: Mutex::default(),
             })));
         }
@@ -281,6 +301,20 @@ impl Store {
         }
     }
 
+    /// Revokes a lease (its keys are deleted).
+    pub async fn lease_revoke(&self, id: i64) -> Result<(), OpError> {
+        match self {
+            Store::Concord(c) => c.lease_revoke(id).await.map_err(concord_error),
+            Store::Etcd(e) => e
+                .client
+                .lease_client()
+                .revoke(id)
+                .await
+                .map(drop)
+                .map_err(etcd_error),
+        }
+    }
+
     /// Renews `ids`; returns the renewed ids and the ids that no longer exist.
     pub async fn keep_alive_many(&self, ids: &[i64]) -> Result<(Vec<i64>, Vec<i64>), OpError> {
         match self {
@@ -302,14 +336,31 @@ impl Store {
         prefix: Vec<u8>,
         deletes_only: bool,
     ) -> Result<Watch, OpError> {
+        let mut watches = self.watch_prefix_many(prefix, 1, deletes_only).await?;
+        Ok(watches.pop().expect("one watch"))
+    }
+
+    /// Opens `count` watches of the keys under `prefix` (every key if it is empty), as a
+    /// client with that many watchers would. concord: `count` watches, which the client
+    /// library multiplexes on each range's watch channel. etcd: one `Watch` stream carrying
+    /// the `count` watches, as Go's clientv3 multiplexes the watches of one client; its
+    /// responses (one per watch and revision) come out of the one [`Watch`] returned.
+    pub async fn watch_prefix_many(
+        &self,
+        prefix: Vec<u8>,
+        count: usize,
+        deletes_only: bool,
+    ) -> Result<Vec<Watch>, OpError> {
         match self {
             Store::Concord(c) => {
                 let mut request = WatchRequest::new(KeySpan::prefix(prefix));
                 request.no_put = deletes_only;
-                c.watch(request)
-                    .await
-                    .map(Watch::Concord)
-                    .map_err(concord_error)
+                let mut watches = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let watcher = c.watch(request.clone()).await.map_err(concord_error)?;
+                    watches.push(Watch::Concord(watcher));
+                }
+                Ok(watches)
             }
             Store::Etcd(e) => {
                 let mut options = etcd::WatchOptions::new();
@@ -321,19 +372,42 @@ impl Store {
                 if deletes_only {
                     options = options.with_filters([etcd::WatchFilterType::NoPut]);
                 }
+                if count == 0 {
+                    return Ok(Vec::new());
+                }
                 let mut stream = e
                     .client
                     .watch_client()
-                    .watch(prefix, Some(options))
+                    .watch(prefix.clone(), Some(options.clone()))
                     .await
                     .map_err(etcd_error)?;
-                // The first message confirms the watch was created.
-                match stream.message().await.map_err(etcd_error)? {
-                    Some(r) if r.created() => Ok(Watch::Etcd(Box::new(stream))),
-                    _ => Err("ETCD_WATCH_NOT_CREATED".into()),
+                for _ in 1..count {
+                    stream
+                        .watch(prefix.clone(), Some(options.clone()))
+                        .await
+                        .map_err(etcd_error)?;
                 }
+                // Each watch is confirmed by a message of its own.
+                for _ in 0..count {
+                    match within(e.timeout, stream.message()).await? {
+                        Some(r) if r.created() => {}
+                        _ => return Err("ETCD_WATCH_NOT_CREATED".into()),
+                    }
+                }
+                Ok(vec![Watch::Etcd(Box::new(stream))])
             }
         }
+    }
+}
+
+/// Waits for an etcd stream's next message, at most `timeout`.
+async fn within<T>(
+    timeout: Duration,
+    message: impl std::future::Future<Output = Result<T, etcd::Error>>,
+) -> Result<T, OpError> {
+    match tokio::time::timeout(timeout, message).await {
+        Ok(result) => result.map_err(etcd_error),
+        Err(_) => Err("ETCD_STREAM_TIMEOUT".into()),
     }
 }
 
@@ -348,24 +422,32 @@ impl Store {
                 .map_err(concord_error),
             Store::Etcd(e) => {
                 let lease = self.lease_grant(ttl).await?;
-                let (mut keeper, mut responses) = e
-                    .client
-                    .lease_client()
-                    .keep_alive(lease)
-                    .await
-                    .map_err(etcd_error)?;
+                // As concord's session: the first renewal after TTL/3 (etcd-client's
+                // keep-alive stream renews once as it opens, so it is opened then).
+                let (e, timeout) = (e.clone(), e.timeout);
                 let keeper = tokio::spawn(async move {
-                    let mut tick = tokio::time::interval(ttl / 3);
+                    tokio::time::sleep(ttl / 3).await;
+                    let Ok((mut keeper, mut responses)) =
+                        within(timeout, e.client.lease_client().keep_alive(lease)).await
+                    else {
+                        return;
+                    };
+                    let mut tick =
+                        tokio::time::interval_at((Instant::now() + ttl / 3).into(), ttl / 3);
                     loop {
                         tick.tick().await;
-                        if keeper.keep_alive().await.is_err()
-                            || !matches!(responses.message().await, Ok(Some(r)) if r.ttl() > 0)
-                        {
+                        let renewed = keeper.keep_alive().await.is_ok()
+                            && matches!(within(timeout, responses.message()).await,
+                                Ok(Some(r)) if r.ttl() > 0);
+                        if !renewed {
                             return;
                         }
                     }
                 });
-                Ok(StoreSession::Etcd { lease, keeper })
+                Ok(StoreSession::Etcd {
+                    lease,
+                    keeper: KeeperTask(keeper),
+                })
             }
         }
     }
@@ -375,13 +457,19 @@ impl Store {
         match (self, session) {
             (Store::Concord(_), StoreSession::Concord(s)) => s.close().await.map_err(concord_error),
             (Store::Etcd(e), StoreSession::Etcd { lease, keeper }) => {
-                keeper.abort();
-                e.client
+                drop(keeper);
+                match e
+                    .client
                     .lease_client()
                     .revoke(lease)
                     .await
-                    .map(drop)
                     .map_err(etcd_error)
+                {
+                    // Already expired: ended all the same (as concord's `Session::close`).
+                    Ok(_) => Ok(()),
+                    Err(kind) if kind == "GRPC_NOTFOUND" => Ok(()),
+                    Err(kind) => Err(kind),
+                }
             }
             _ => Err("SESSION_OF_ANOTHER_TARGET".into()),
         }
@@ -546,14 +634,20 @@ impl EtcdStore {
             .buffer_unordered(ETCD_KEEPALIVE_CONCURRENCY)
             .collect()
             .await;
-        let (mut renewed, mut missing) = (Vec::new(), Vec::new());
+        // A lease whose round trip failed is neither renewed nor missing; only if every one
+        // failed is the batch an error.
+        let (mut renewed, mut missing, mut failed) = (Vec::new(), Vec::new(), None);
         for (id, result) in results {
-            match result? {
-                true => renewed.push(id),
-                false => missing.push(id),
+            match result {
+                Ok(true) => renewed.push(id),
+                Ok(false) => missing.push(id),
+                Err(kind) => failed = Some(kind),
             }
         }
-        Ok((renewed, missing))
+        match failed {
+            Some(kind) if renewed.is_empty() && missing.is_empty() => Err(kind),
+            _ => Ok((renewed, missing)),
+        }
     }
 
     /// One keep-alive round trip on the lease's stream (opened on first use). False when
@@ -562,15 +656,21 @@ impl EtcdStore {
         let taken = self.keepers.lock().await.remove(&id);
         let (mut keeper, mut stream) = match taken {
             Some(k) => k,
-            None => self
-                .client
-                .lease_client()
-                .keep_alive(id)
-                .await
-                .map_err(etcd_error)?,
+            // Opening the stream renews the lease once already.
+            None => {
+                return match within(self.timeout, self.client.lease_client().keep_alive(id)).await {
+                    Ok(opened) => {
+                        self.keepers.lock().await.insert(id, opened);
+                        Ok(true)
+                    }
+                    // etcd-client's word for a lease that no longer exists.
+                    Err(kind) if kind == "ETCD_LEASEKEEPALIVEERROR" => Ok(false),
+                    Err(kind) => Err(kind),
+                };
+            }
         };
         keeper.keep_alive().await.map_err(etcd_error)?;
-        let response = stream.message().await.map_err(etcd_error)?;
+        let response = within(self.timeout, stream.message()).await?;
         let alive = response.is_some_and(|r| r.ttl() > 0);
         if alive {
             self.keepers.lock().await.insert(id, (keeper, stream));

@@ -60,6 +60,24 @@ impl WatchRequest {
         };
         kind_ok && self.span.contains(&event.kv.key)
     }
+
+    /// The events of one revision this request selects, `prev_kv` kept only if asked for
+    /// (what a node sends a watch group).
+    pub fn select(&self, events: &[Event]) -> Vec<Event> {
+        events
+            .iter()
+            .filter(|e| self.selects(e))
+            .map(|e| Event {
+                kind: e.kind,
+                kv: e.kv.clone(),
+                prev_kv: if self.prev_kv {
+                    e.prev_kv.clone()
+                } else {
+                    None
+                },
+            })
+            .collect()
+    }
 }
 
 /// What happened to a key.

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use concord_transport::api::{ApiError, KeySpan, RangeId, ResponseHeader};
-use concord_transport::watch::{Event, GroupId, WatchControl, WatchId, WatchMessage, WatchRequest};
+use concord_transport::watch::{GroupId, WatchControl, WatchId, WatchMessage, WatchRequest};
 use concord_transport::wire;
 use futures::FutureExt;
 use tokio::sync::broadcast::error::RecvError;
@@ -205,7 +205,7 @@ impl NodeInner {
                     Ok(batch) => {
                         last = batch.revision;
                         for (id, (request, _)) in &watches.groups {
-                            let selected = select(request, &batch.events);
+                            let selected = request.select(&batch.events);
                             if selected.is_empty() {
                                 continue;
                             }
@@ -302,7 +302,7 @@ impl NodeInner {
         };
         let header = |revision| ResponseHeader { range_id, revision };
         for (revision, batch) in history {
-            let events = select(&request, &batch);
+            let events = request.select(&batch);
             if events.is_empty() {
                 continue;
             }
@@ -325,21 +325,4 @@ impl NodeInner {
             .await
             .map_err(|_| End::Gone)
     }
-}
-
-/// The events of one revision that `request` selects, `prev_kv` kept only if asked for.
-fn select(request: &WatchRequest, events: &[Event]) -> Vec<Event> {
-    events
-        .iter()
-        .filter(|e| request.selects(e))
-        .map(|e| Event {
-            kind: e.kind,
-            kv: e.kv.clone(),
-            prev_kv: if request.prev_kv {
-                e.prev_kv.clone()
-            } else {
-                None
-            },
-        })
-        .collect()
 }
