@@ -54,14 +54,14 @@ fn deliveries(
     extra: &mut Map<String, Value>,
     expected: u64,
     delivered: u64,
-    latency: &Mutex<Histogram<u64>>,
+    latency: &Histogram<u64>,
 ) {
     extra.extend(figures(json!({
         "events_expected": expected,
         "events_delivered": delivered,
         "events_missing": expected.saturating_sub(delivered),
     })));
-    percentiles_ms(&latency.lock().expect("latency lock"), "delivery", extra);
+    percentiles_ms(latency, "delivery", extra);
 }
 
 /// A tag that keeps this run's keys apart from earlier runs'.
@@ -401,7 +401,6 @@ pub async fn watch_fanout(
     let prefix = format!("{tag}/fanout/").into_bytes();
     let epoch = Instant::now();
     let rate = args.rate.unwrap_or(100).max(1);
-    let delivery = Arc::new(Mutex::new(histogram()));
     let delivered = Arc::new(AtomicU64::new(0));
 
     let gauges_before = server_gauges(&stores[0]).await;
@@ -425,16 +424,10 @@ pub async fn watch_fanout(
     let shards: Arc<Vec<Mutex<Histogram<u64>>>> =
         Arc::new((0..SHARDS).map(|_| Mutex::new(histogram())).collect());
     let mut listeners = JoinSet::new();
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     for (w, mut watcher) in watchers.into_iter().enumerate() {
-        let (shards, delivered, mut stop) = (shards.clone(), delivered.clone(), stop_rx.clone());
+        let (shards, delivered) = (shards.clone(), delivered.clone());
         listeners.spawn(async move {
-            loop {
-                let response = tokio::select! {
-                    r = watcher.next() => r,
-                    _ = stop.changed() => break,
-                };
-                let Some(Ok(response)) = response else { break };
+            while let Some(Ok(response)) = watcher.next().await {
                 let mut shard = shards[w % SHARDS].lock().expect("shard lock");
                 for change in &response {
                     if let Some(us) = age_us(epoch, &change.value) {
@@ -470,15 +463,12 @@ pub async fn watch_fanout(
     recorder.stop_now();
     let expected = acked * args.watchers as u64;
     drain(DRAIN_MAX, || delivered.load(Ordering::Relaxed) >= expected).await;
-    stop_tx.send_replace(true);
+    listeners.abort_all();
     while listeners.join_next().await.is_some() {}
     let delivered = delivered.load(Ordering::Relaxed);
+    let mut delivery = histogram();
     for shard in shards.iter() {
-        delivery
-            .lock()
-            .expect("delivery lock")
-            .add(&*shard.lock().expect("shard lock"))
-            .ok();
+        delivery.add(&*shard.lock().expect("shard lock")).ok();
     }
 
     let mut extra = figures(json!({
@@ -761,7 +751,12 @@ pub async fn membership(
         "watchers": args.watchers,
         "changes": changes,
     }));
-    deliveries(&mut extra, expected, seen, &delivery);
+    deliveries(
+        &mut extra,
+        expected,
+        seen,
+        &delivery.lock().expect("delivery lock"),
+    );
     Ok(extra)
 }
 

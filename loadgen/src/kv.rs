@@ -121,8 +121,8 @@ fn key(args: &RunArgs, i: u64) -> Vec<u8> {
 }
 
 /// Calls `op` from `--clients` tasks until the duration or the op budget runs out, closed
-/// or open loop; the recorder's measured window is the time this takes. `op` gets its store
-/// and a fresh random seed.
+/// or open loop, with a progress bar; the recorder's measured window is the time this
+/// takes. `op` gets its store and a fresh random seed.
 async fn drive<F, Fut>(stores: &[Store], args: &RunArgs, recorder: &Recorder, op: F)
 where
     F: Fn(Store, u64) -> Fut + Clone + Send + 'static,
@@ -130,6 +130,7 @@ where
 {
     let issued = Arc::new(AtomicU64::new(0));
     recorder.start_now();
+    let progress = crate::report::Progress::start(&args.label(), recorder, args.duration);
     let start = Instant::now();
     let deadline = start + args.duration;
     // Open loop: each client's share of the rate, at fixed intervals.
@@ -173,21 +174,21 @@ where
     }
     while tasks.join_next().await.is_some() {}
     recorder.stop_now();
+    drop(progress);
 }
 
-/// Writes keys `0..n` (not measured), so reads find them.
-async fn preload(stores: &[Store], args: &RunArgs, n: u64) -> anyhow::Result<()> {
-    let value = vec![b'v'; args.value_size];
+/// Writes `keys` (not measured), so reads find them.
+async fn preload(stores: &[Store], keys: &Arc<Vec<Vec<u8>>>, value: &[u8]) -> anyhow::Result<()> {
     let mut tasks = JoinSet::new();
-    for w in 0..FILL_CONCURRENCY {
-        let (store, value) = (stores[w as usize % stores.len()].clone(), value.clone());
-        let keys: Vec<Vec<u8>> = (w..n)
-            .step_by(FILL_CONCURRENCY as usize)
-            .map(|i| key(args, i))
-            .collect();
+    for w in 0..FILL_CONCURRENCY as usize {
+        let (store, keys, value) = (
+            stores[w % stores.len()].clone(),
+            keys.clone(),
+            value.to_vec(),
+        );
         tasks.spawn(async move {
-            for k in keys {
-                store.put(k, value.clone(), 0).await?;
+            for k in keys.iter().skip(w).step_by(FILL_CONCURRENCY as usize) {
+                store.put(k.clone(), value.clone(), 0).await?;
             }
             Ok::<_, OpError>(())
         });
@@ -214,18 +215,18 @@ pub async fn run_kv(
     }
     // Reads pick among the pre-loaded keys only, so every read finds its key.
     let key_space = if read_ratio > 0.0 {
-        let n = args.key_space.min(PRELOAD_MAX);
-        preload(stores, args, n).await?;
-        n
+        args.key_space.min(PRELOAD_MAX)
     } else {
         args.key_space
     };
-    let picker = Arc::new(KeyPicker::new(args, key_space)?);
     let keys: Arc<Vec<Vec<u8>>> = Arc::new((0..key_space).map(|i| key(args, i)).collect());
     let value = Arc::new(vec![b'v'; args.value_size]);
+    if read_ratio > 0.0 {
+        preload(stores, &keys, &value).await?;
+    }
+    let picker = Arc::new(KeyPicker::new(args, key_space)?);
     let consistency = args.consistency;
     let threshold = (read_ratio * u64::MAX as f64) as u64;
-    let progress = crate::report::Progress::start(&args.label(), recorder, args.duration);
     drive(stores, args, recorder, move |store, seed| {
         let mut rng = Rng::seeded(seed);
         let k = keys[picker.pick(&mut rng) as usize].clone();
@@ -240,7 +241,6 @@ pub async fn run_kv(
         }
     })
     .await;
-    drop(progress);
     Ok(figures(json!({ "keys_used": key_space })))
 }
 
@@ -259,7 +259,6 @@ pub async fn run_txn_cas(
     let picker = Arc::new(KeyPicker::new(args, counters)?);
     let conflicts = Arc::new(AtomicU64::new(0));
     let unknown = Arc::new(AtomicU64::new(0));
-    let progress = crate::report::Progress::start(&args.label(), recorder, args.duration);
     {
         let (conflicts, unknown, tag) = (conflicts.clone(), unknown.clone(), tag.clone());
         drive(stores, args, recorder, move |store, seed| {
@@ -285,7 +284,6 @@ pub async fn run_txn_cas(
         })
         .await;
     }
-    drop(progress);
     // Every acknowledged increment is in a counter; an increment whose txn failed may or may
     // not be.
     let acked = recorder.ops();
@@ -325,7 +323,6 @@ pub async fn run_verify(
     // The sequence numbers of the acknowledged writes (key and value derive from them).
     let acked: Arc<Mutex<Vec<u64>>> = Arc::default();
     let sequence = Arc::new(AtomicU64::new(0));
-    let progress = crate::report::Progress::start(&args.label(), recorder, args.duration);
     {
         let (acked, tag, value_of) = (acked.clone(), tag.clone(), value_of.clone());
         drive(stores, args, recorder, move |store, _| {
@@ -340,7 +337,6 @@ pub async fn run_verify(
         })
         .await;
     }
-    drop(progress);
     let acked = std::mem::take(&mut *acked.lock().expect("acked lock"));
     let keys = acked
         .iter()

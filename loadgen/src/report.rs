@@ -261,7 +261,10 @@ fn register_font() -> anyhow::Result<()> {
 /// out.
 pub fn plot(path: &Path, title: &str, timeline: &[Histogram<u64>]) -> anyhow::Result<()> {
     register_font()?;
-    let timeline = &timeline[..timeline.len().saturating_sub(1).max(timeline.len().min(1))];
+    let timeline = match timeline {
+        [measured @ .., _last] if !measured.is_empty() => measured,
+        whole => whole,
+    };
     let root = BitMapBackend::new(path, (1000, 700)).into_drawing_area();
     root.fill(&WHITE)?;
     let (upper, lower) = root.split_vertically(400);

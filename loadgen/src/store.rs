@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use concord_client::api::{
     Compare, CompareOp, CompareTarget, Consistency, KeySpan, PutRequest, RangeRequest, TxnOp,
@@ -107,7 +107,7 @@ pub enum MemberWatch {
     /// concord's membership recipe.
     Concord(concord_client::MemberWatcher),
     /// A watch of the group's prefix, whose length is kept to cut the ids out of the keys.
-    Etcd(Box<Watch>, usize),
+    Etcd(Watch, usize),
 }
 
 /// A change of a membership group.
@@ -362,6 +362,7 @@ impl Store {
                 }
                 Ok(watches)
             }
+            Store::Etcd(_) if count == 0 => Ok(Vec::new()),
             Store::Etcd(e) => {
                 let mut options = etcd::WatchOptions::new();
                 options = if prefix.is_empty() {
@@ -371,9 +372,6 @@ impl Store {
                 };
                 if deletes_only {
                     options = options.with_filters([etcd::WatchFilterType::NoPut]);
-                }
-                if count == 0 {
-                    return Ok(Vec::new());
                 }
                 let mut stream = e
                     .client
@@ -398,20 +396,7 @@ impl Store {
             }
         }
     }
-}
 
-/// Waits for an etcd stream's next message, at most `timeout`.
-async fn within<T>(
-    timeout: Duration,
-    message: impl std::future::Future<Output = Result<T, etcd::Error>>,
-) -> Result<T, OpError> {
-    match tokio::time::timeout(timeout, message).await {
-        Ok(result) => result.map_err(etcd_error),
-        Err(_) => Err("ETCD_STREAM_TIMEOUT".into()),
-    }
-}
-
-impl Store {
     /// Opens a session of `ttl`.
     pub async fn session(&self, ttl: Duration) -> Result<StoreSession, OpError> {
         match self {
@@ -422,24 +407,13 @@ impl Store {
                 .map_err(concord_error),
             Store::Etcd(e) => {
                 let lease = self.lease_grant(ttl).await?;
-                // As concord's session: the first renewal after TTL/3 (etcd-client's
-                // keep-alive stream renews once as it opens, so it is opened then).
-                let (e, timeout) = (e.clone(), e.timeout);
+                // As concord's session: renewed every TTL/3, the first time after TTL/3,
+                // through the same keep-alive streams as `keep_alive_many`.
+                let e = e.clone();
                 let keeper = tokio::spawn(async move {
-                    tokio::time::sleep(ttl / 3).await;
-                    let Ok((mut keeper, mut responses)) =
-                        within(timeout, e.client.lease_client().keep_alive(lease)).await
-                    else {
-                        return;
-                    };
-                    let mut tick =
-                        tokio::time::interval_at((Instant::now() + ttl / 3).into(), ttl / 3);
                     loop {
-                        tick.tick().await;
-                        let renewed = keeper.keep_alive().await.is_ok()
-                            && matches!(within(timeout, responses.message()).await,
-                                Ok(Some(r)) if r.ttl() > 0);
-                        if !renewed {
+                        tokio::time::sleep(ttl / 3).await;
+                        if e.keep_alive(lease).await != Ok(true) {
                             return;
                         }
                     }
@@ -458,6 +432,7 @@ impl Store {
             (Store::Concord(_), StoreSession::Concord(s)) => s.close().await.map_err(concord_error),
             (Store::Etcd(e), StoreSession::Etcd { lease, keeper }) => {
                 drop(keeper);
+                e.keepers.lock().await.remove(&lease);
                 match e
                     .client
                     .lease_client()
@@ -495,7 +470,8 @@ impl Store {
     }
 
     /// Puts `value` at `key` only while `held` is still held, else `FENCED`: concord's fenced
-    /// put; on etcd a txn on the holder's key still existing (etcd's `Mutex.IsOwner`).
+    /// put; on etcd a txn on the holder's key still existing (the key is unique to the
+    /// holder's session, so this is etcd's `Mutex.IsOwner` check).
     pub async fn fenced_put(
         &self,
         held: &Held,
@@ -580,7 +556,7 @@ impl Store {
                 let prefix = format!("{group}/").into_bytes();
                 let len = prefix.len();
                 let watch = self.watch_prefix(prefix, false).await?;
-                Ok(MemberWatch::Etcd(Box::new(watch), len))
+                Ok(MemberWatch::Etcd(watch, len))
             }
         }
     }
@@ -624,6 +600,17 @@ impl MemberWatch {
                     .collect()
             })),
         }
+    }
+}
+
+/// Waits for an etcd stream's next message, at most `timeout`.
+async fn within<T>(
+    timeout: Duration,
+    message: impl std::future::Future<Output = Result<T, etcd::Error>>,
+) -> Result<T, OpError> {
+    match tokio::time::timeout(timeout, message).await {
+        Ok(result) => result.map_err(etcd_error),
+        Err(_) => Err("ETCD_STREAM_TIMEOUT".into()),
     }
 }
 

@@ -73,6 +73,16 @@ struct Case {
     bar: Option<Bar>,
 }
 
+impl Case {
+    /// The loadgen arguments of this case in `mode`.
+    fn args_for(&self, mode: Mode) -> &'static str {
+        match mode {
+            Mode::Full => self.args,
+            Mode::Quick => self.quick_args,
+        }
+    }
+}
+
 /// What concord must show against etcd in one case.
 struct Bar {
     /// The bar in words, for the report.
@@ -515,11 +525,7 @@ fn run_case(
     rounds: usize,
     raw: &mut String,
 ) -> anyhow::Result<Outcome> {
-    let workload_args = if args.mode == Mode::Full {
-        case.args
-    } else {
-        case.quick_args
-    };
+    let workload_args = case.args_for(args.mode);
     let mut figures: [(Vec<f64>, Vec<f64>); 2] = Default::default();
     let mut invalid_reason = None;
     for round in 0..rounds {
@@ -610,11 +616,7 @@ fn main() -> anyhow::Result<()> {
         {
             continue;
         }
-        let workload_args = if args.mode == Mode::Full {
-            case.args
-        } else {
-            case.quick_args
-        };
+        let workload_args = case.args_for(args.mode);
         writeln!(
             commands,
             "concord-loadgen run --target concord|etcd ... {workload_args}"
