@@ -172,7 +172,12 @@ impl Client {
         let attempts_max = self.inner.config.attempts_max.max(1);
         let mut desc = desc.clone();
         let mut last: Option<Error> = None;
+        // The node to skip on the next attempt (it just failed us).
         let mut avoid: Option<NodeId> = None;
+        // A node we could not reach in this call: a hint naming it is stale.
+        let mut unreachable: Option<NodeId> = None;
+        // Nodes that said "not leader" in this call (at most one per attempt).
+        let mut refused: Vec<NodeId> = Vec::new();
         for attempt in 0..attempts_max {
             let target = self.pick_node(&desc, &request, attempt, avoid);
             let Some(addr) = target.and_then(|n| self.node_addr(n)) else {
@@ -198,9 +203,11 @@ impl Client {
                     range_id,
                     leader_hint,
                 })) => {
+                    refused.extend(target);
                     // A hint naming the node we just asked, or one we could not reach, is stale:
                     // an election is under way, so wait for it instead of bouncing.
-                    let usable = leader_hint.filter(|l| Some(*l) != target && Some(*l) != avoid);
+                    let usable =
+                        leader_hint.filter(|l| Some(*l) != target && Some(*l) != unreachable);
                     {
                         let mut routes = self.inner.routes.write().expect("routes lock");
                         match usable {
@@ -208,9 +215,22 @@ impl Client {
                             None => routes.leaders.remove(&range_id),
                         };
                     }
-                    if usable.is_none() {
-                        avoid = avoid.or(target);
-                        backoff(attempt).await;
+                    match usable {
+                        // Follow the hint; but if that node already refused in this call,
+                        // leadership is moving between the two (a hand-over under way): pause,
+                        // so that they do not bounce the request to and fro until it gives up.
+                        Some(l) => {
+                            if avoid == Some(l) {
+                                avoid = None;
+                            }
+                            if refused.contains(&l) {
+                                backoff(attempt).await;
+                            }
+                        }
+                        None => {
+                            avoid = target;
+                            backoff(attempt).await;
+                        }
                     }
                     last = Some(Error::Api(ApiError::NotLeader {
                         range_id,
@@ -241,6 +261,7 @@ impl Client {
                 Err(e @ Error::Connect { .. }) => {
                     // Never delivered: safe to retry elsewhere.
                     avoid = target;
+                    unreachable = target;
                     self.inner
                         .routes
                         .write()

@@ -94,6 +94,10 @@ enum Command {
         /// Also write a concordctl.toml for this cluster to this path.
         #[arg(long)]
         client_config: Option<PathBuf>,
+        /// How often to look for range leaders to hand over so that every node leads about as
+        /// many ranges as the others, in milliseconds; 0 turns leader balancing off.
+        #[arg(long, default_value_t = 1_000)]
+        leader_balance_ms: u64,
         #[command(flatten)]
         limits: LimitArgs,
     },
@@ -159,12 +163,14 @@ async fn main() -> anyhow::Result<()> {
             cert_dir,
             ranges,
             client_config,
+            leader_balance_ms,
             limits,
         } => {
             let members = parse_peers(&peers)?;
             let mut config = NodeConfig::new(id, listen, data_dir, cert_dir.clone());
             config.ranges = ranges;
             config.limits = limits.to_limits();
+            config.raft.leader_balance_interval_ms = leader_balance_ms;
             let node = BoundNode::bind(config)?.start(members.clone()).await?;
             if let Some(path) = client_config {
                 dev::write_client_config(

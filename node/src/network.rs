@@ -21,7 +21,8 @@ use concord_transport::{wire, SERVER_NAME};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{Backoff, RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
@@ -58,6 +59,9 @@ pub enum PeerRequest {
         /// The snapshot's bytes.
         data: Vec<u8>,
     },
+    /// The leader hands its leadership to `to_node_id` (sent to every member: the others
+    /// drop their leader lease so that they vote for the new leader at once).
+    TransferLeader(TransferLeaderRequest<TypeConfig>),
     /// A follower asks the leader for a read index (follower reads).
     ReadIndex,
     /// Propose an internal command (a lease detach) at the group's leader.
@@ -122,6 +126,8 @@ pub enum PeerReply {
     Vote(VoteResponse<TypeConfig>),
     /// To `Snapshot`.
     Snapshot(SnapshotResponse<TypeConfig>),
+    /// To `TransferLeader`.
+    TransferLeader(TransferLeaderResponse<TypeConfig>),
     /// To `ReadIndex`: apply up to this log id, then read locally.
     ReadIndex {
         /// The leader's read log id.
@@ -515,6 +521,17 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
                 Err(e @ CallError::Unreachable { .. }) => Err(StreamingError::Unreachable(Unreachable::new(&e))),
                 Err(e) => Err(StreamingError::Network(NetworkError::new(&e))),
             },
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.rpc(PeerRequest::TransferLeader(req), &option).await? {
+            PeerReply::TransferLeader(r) => Ok(r),
+            other => Err(unexpected(other)),
         }
     }
 

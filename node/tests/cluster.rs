@@ -1,10 +1,13 @@
 //! In-process 3-node cluster: writes to every range survive a leader stop, a restarted node
 //! catches up (also through a snapshot after log purge), and every acknowledged write reads
-//! back at every consistency level.
+//! back at every consistency level; leaders spread over the nodes, and writes in flight
+//! survive leader transfers.
 
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use common::{eventually, key_in, Cluster};
 use concord_client::api::{ApiError, Consistency, KeySpan, RangeRequest, TxnOp, TxnRequest};
@@ -202,5 +205,104 @@ async fn scans_and_deletes_span_ranges_and_txns_may_not() {
         .await
         .unwrap();
     assert!(after.kvs.is_empty());
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leaders_spread_over_the_nodes_and_follow_a_node_that_stops_and_returns() {
+    // `start` waits until the balancer settled: 8 ranges on 3 nodes are led 3/3/2.
+    let mut cluster = Cluster::start(3, RANGES).await;
+    let counts = cluster.leader_counts();
+    assert!(
+        counts.values().all(|c| (2..=3).contains(c)),
+        "ranges led per node: {counts:?}"
+    );
+    let client = cluster.client().await;
+    let mut acked = BTreeMap::new();
+    write_round(&client, 0, &mut acked).await;
+
+    // Stop the node leading the most: its ranges fail over, then the two others settle 4/4.
+    let busiest = *counts.iter().max_by_key(|(_, c)| **c).unwrap().0;
+    cluster.stop(busiest).await;
+    cluster.wait_balanced().await;
+    let counts = cluster.leader_counts();
+    assert!(
+        counts.values().all(|c| *c == RANGES / 2),
+        "ranges led per node after stopping {busiest}: {counts:?}"
+    );
+    write_round(&client, 1, &mut acked).await;
+
+    // Back again: it gets its share of leaders (3/3/2) and has every write.
+    cluster.restart(busiest).await;
+    cluster.wait_ready().await;
+    assert!(
+        cluster.leader_counts()[&busiest] >= 2,
+        "ranges led per node after restarting {busiest}: {:?}",
+        cluster.leader_counts()
+    );
+    wait_caught_up(&cluster, &client).await;
+    check_all_readable(&client, &acked).await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_in_flight_survive_leader_transfers() {
+    // One range: the balancer leaves it alone (1 vs 0 is balanced), the test moves it.
+    let cluster = Cluster::start(3, 1).await;
+    let client = cluster.client().await;
+    const WRITERS: usize = 16;
+    const PUTS_PER_WRITER_MAX: usize = 5_000;
+    const TRANSFERS: usize = 6;
+    let stop = Arc::new(AtomicBool::new(false));
+    // Writers put until the transfers are over: every put must succeed (a write refused during
+    // the hand-over is retried by the client; one appended before it commits under the new
+    // leader).
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (client, stop) = (client.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut acked = Vec::new();
+                for i in 0..PUTS_PER_WRITER_MAX {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let key = format!("transfer/{w:02}/{i:04}").into_bytes();
+                    let value = format!("{w}-{i}").into_bytes();
+                    client
+                        .put(key.clone(), value.clone())
+                        .await
+                        .unwrap_or_else(|e| panic!("put {w}/{i} during leader transfers: {e}"));
+                    acked.push((key, value));
+                }
+                acked
+            })
+        })
+        .collect();
+
+    // Hand the range round the nodes while the writers run.
+    for _ in 0..TRANSFERS {
+        let from = cluster.leader_of(1).expect("range 1 has a leader");
+        let to = from % 3 + 1;
+        cluster
+            .node(from)
+            .transfer_leader(1, to)
+            .await
+            .expect("transfer requested");
+        eventually(&format!("range 1 led by {to}"), || async {
+            match cluster.leader_of(1) {
+                Some(l) if l == to => Ok(()),
+                other => Err(format!("leader now {other:?}")),
+            }
+        })
+        .await;
+    }
+    stop.store(true, Ordering::Relaxed);
+
+    let mut acked = BTreeMap::new();
+    for w in writers {
+        acked.extend(w.await.expect("writer task"));
+    }
+    assert!(acked.len() >= WRITERS, "writers wrote {} keys", acked.len());
+    check_all_readable(&client, &acked).await;
     cluster.shutdown().await;
 }

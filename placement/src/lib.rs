@@ -1,4 +1,4 @@
-//! Range-table types and the static bootstrap layout.
+//! Range-table types, the static bootstrap layout, and leader balancing.
 //!
 //! A *range* is a half-open key interval `[start, end)`; an empty `end` means "to the end of
 //! the keyspace". Each range is replicated by its own Raft group. This crate holds the table
@@ -12,6 +12,8 @@
 #![warn(missing_docs)]
 
 use serde::{Deserialize, Serialize};
+
+pub mod balance;
 
 /// Identifies a range (and the Raft group that replicates it) within a cluster.
 pub type RangeId = u64;

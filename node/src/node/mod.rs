@@ -36,8 +36,10 @@ use crate::network::{
 };
 use crate::raft_types::Raft;
 use crate::storage::{Engine, LogStore, RangeState, StateMachine, WATCH_BUFFER_DEFAULT};
+use balance_service::leader_balance_loop;
 use lease_service::{lease_loop, LeaseKeeper};
 
+mod balance_service;
 mod lease_service;
 mod watch_service;
 
@@ -56,6 +58,9 @@ pub struct RaftSettings {
     pub logs_kept_after_snapshot: u64,
     /// How long a follower read waits to apply the leader's read index.
     pub follower_read_timeout_ms: u64,
+    /// How often the node looks for leaders to hand over so that every node leads about as
+    /// many ranges as the others; 0 turns leader balancing off.
+    pub leader_balance_interval_ms: u64,
 }
 
 impl Default for RaftSettings {
@@ -67,6 +72,7 @@ impl Default for RaftSettings {
             snapshot_logs_since_last: 10_000,
             logs_kept_after_snapshot: 1_000,
             follower_read_timeout_ms: 2_000,
+            leader_balance_interval_ms: 1_000,
         }
     }
 }
@@ -128,6 +134,9 @@ pub enum StartError {
     #[error("config: {0}")]
     Config(String),
 }
+
+/// How long [`Node::shutdown`] waits for closed connections to drain.
+pub const SHUTDOWN_DRAIN_WAIT_MS: u64 = 3_000;
 
 /// How long [`BoundNode::bind`] waits for an explicit port to be released.
 pub const REBIND_WAIT_MS: u64 = 5_000;
@@ -268,6 +277,8 @@ impl BoundNode {
         let mut tasks = JoinSet::new();
         tasks.spawn(accept_loop(inner.clone(), endpoint.clone()));
         tasks.spawn(lease_loop(Arc::downgrade(&inner)));
+        let balance_every = Duration::from_millis(inner.config.raft.leader_balance_interval_ms);
+        tasks.spawn(leader_balance_loop(Arc::downgrade(&inner), balance_every));
         Ok(Node {
             inner: Some(inner),
             endpoint,
@@ -372,6 +383,24 @@ impl Node {
             .collect()
     }
 
+    /// Asks this node, if it leads `range`, to hand the leadership to node `to` (openraft's
+    /// leader transfer: `to` is elected once its log holds everything this node appended).
+    /// Returns at once; watch [`Node::led_ranges`] to see the move happen. A node that does not
+    /// lead `range` ignores the request.
+    pub async fn transfer_leader(&self, range: RangeId, to: NodeId) -> Result<(), String> {
+        let group = self
+            .inner()
+            .groups
+            .get(&range)
+            .ok_or_else(|| format!("no range {range}"))?;
+        group
+            .raft
+            .trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     /// Waits until every range has a leader known to this node, at most `timeout`.
     pub async fn wait_for_leaders(&self, timeout: Duration) -> Result<(), String> {
         for (id, g) in &self.inner().groups {
@@ -415,7 +444,16 @@ impl Node {
             tracing::warn!("storage or peer pool still referenced after shutdown");
         }
         drop(engine);
-        self.endpoint.wait_idle().await;
+        // Closed connections drain for three probe timeouts before the socket is released;
+        // to a peer that is already gone the probe timeout has backed off to many seconds, so
+        // the wait is bounded (the socket is released in the background afterwards).
+        let drain = Duration::from_millis(SHUTDOWN_DRAIN_WAIT_MS);
+        if tokio::time::timeout(drain, self.endpoint.wait_idle())
+            .await
+            .is_err()
+        {
+            tracing::debug!("connections still draining after {drain:?}; not waiting longer");
+        }
     }
 }
 
@@ -735,14 +773,12 @@ impl NodeInner {
         }
         match group.raft.client_write(command).await {
             Ok(resp) => resp.data.0,
+            // openraft answers ForwardToLeader only for a write it refused before appending it
+            // (no longer leader, a leader transfer under way, or an expired leader lease): the
+            // write was not applied, so the client may retry it at the new leader. An appended
+            // entry whose fate is unknown comes back as `LogEntryDiscarded` (below).
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(ApiError::Indeterminate {
-                    range_id,
-                    reason: format!(
-                        "leadership moved to {:?} while the write was in flight",
-                        f.leader_id
-                    ),
-                })
+                Err(not_leader(range_id, f.leader_id))
             }
             Err(e) => Err(ApiError::Indeterminate {
                 range_id,
@@ -847,6 +883,11 @@ impl NodeInner {
                     .await
                     .map_or_else(|e| raft_err(&e), PeerReply::Snapshot)
             }
+            PeerRequest::TransferLeader(req) => group
+                .raft
+                .handle_transfer_leader(req)
+                .await
+                .map_or_else(|e| raft_err(&e), PeerReply::TransferLeader),
             PeerRequest::Propose(cmd) => PeerReply::Proposed(self.propose(group, cmd).await),
             PeerRequest::LeaseAlive { id } => match group.raft.as_leader() {
                 Err(f) => PeerReply::Error(PeerError::NotLeader(f.leader_id)),

@@ -23,6 +23,7 @@ pub fn test_raft() -> RaftSettings {
         snapshot_logs_since_last: 200,
         logs_kept_after_snapshot: 0,
         follower_read_timeout_ms: 3_000,
+        leader_balance_interval_ms: 200,
     }
 }
 
@@ -99,11 +100,37 @@ impl Cluster {
         self.nodes.values().flatten()
     }
 
-    /// Every running node knows a leader of every range.
+    /// Every running node knows a leader of every range, and leader balancing has settled:
+    /// no running node leads two more ranges than another (so tests start from a steady state).
     pub async fn wait_ready(&self) {
         for n in self.running() {
             n.wait_for_leaders(WAIT).await.expect("leaders elected");
         }
+        self.wait_balanced().await;
+    }
+
+    /// How many ranges each running node leads now.
+    pub fn leader_counts(&self) -> BTreeMap<NodeId, usize> {
+        self.running()
+            .map(|n| (n.id(), n.led_ranges().len()))
+            .collect()
+    }
+
+    /// Waits until every range has a leader among the running nodes and their leader counts
+    /// are at most one apart.
+    pub async fn wait_balanced(&self) {
+        eventually("leaders balanced", || async {
+            let counts = self.leader_counts();
+            let led: usize = counts.values().sum();
+            let max = counts.values().max().copied().unwrap_or(0);
+            let min = counts.values().min().copied().unwrap_or(0);
+            if led == self.ranges && max - min <= 1 {
+                Ok(())
+            } else {
+                Err(format!("ranges led per node: {counts:?}"))
+            }
+        })
+        .await;
     }
 
     /// `stop node ID` (graceful: its connections close).
