@@ -3,6 +3,8 @@
 # for benchmarks, and stops it. Sourced by the bench scripts:
 #   source scripts/cluster.sh; cluster_start DIR; ...; cluster_stop
 # Ports: CONCORD_BENCH_PORT (default 27101) and the two after it; refused if taken.
+# Binaries: CONCORD_BIN_DIR (default ./target/release); more `concord node` flags:
+# CONCORD_NODE_ARGS (e.g. "--leader-balance-ms 0").
 cluster_pids=()
 
 cluster_start() {
@@ -15,17 +17,17 @@ cluster_start() {
     peers+="${peers:+,}$id=127.0.0.1:$((base + id - 1))"
   done
   for id in 1 2 3; do
-    ./target/release/concord node --id "$id" --listen "127.0.0.1:$((base + id - 1))" \
+    "${CONCORD_BIN_DIR:-./target/release}/concord" node --id "$id" --listen "127.0.0.1:$((base + id - 1))" \
       --peers "$peers" --data-dir "$dir/node-$id" --cert-dir "$dir/certs" \
-      --client-config "$dir/concordctl.toml" >"$dir/node-$id.log" 2>&1 &
+      --client-config "$dir/concordctl.toml" ${CONCORD_NODE_ARGS:-} >"$dir/node-$id.log" 2>&1 &
     cluster_pids+=($!)
   done
   for _ in $(seq 1 300); do
     # Ready when every node answers and every range it hosts has a leader.
     if [ -f "$dir/concordctl.toml" ] &&
-      ./target/release/concordctl --config "$dir/concordctl.toml" status -o json 2>/dev/null |
+      "${CONCORD_BIN_DIR:-./target/release}/concordctl" --config "$dir/concordctl.toml" status -o json 2>/dev/null |
       grep -q '"node_id"' &&
-      ! ./target/release/concordctl --config "$dir/concordctl.toml" status -o json 2>/dev/null |
+      ! "${CONCORD_BIN_DIR:-./target/release}/concordctl" --config "$dir/concordctl.toml" status -o json 2>/dev/null |
       grep -q -e '"leader":null' -e '"error"'; then
       return 0
     fi

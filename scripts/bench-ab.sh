@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Before against after on one machine, side by side: starts the 3-process cluster of
+# scripts/cluster.sh (fsync on) from two directories of release binaries in turn (A B, B A,
+# A B, ...), runs the same concord-loadgen workload once on each, and prints one JSON line per
+# run with the build's label added ("build":"A"). Medians are left to the reader (or `jq`).
+#   scripts/bench-ab.sh DIR_A DIR_B ROUNDS -- LOADGEN_ARGS...
+# e.g. scripts/bench-ab.sh /tmp/before target/release 3 -- --workload put --clients 64 --duration 10s
+set -euo pipefail
+[ $# -ge 4 ] && [ "$4" = "--" ] || { sed -n 2,7p "$0"; exit 2; }
+cd "$(dirname "$0")/.."
+a=$1 b=$2 rounds=$3
+shift 4
+source scripts/cluster.sh
+trap 'cluster_stop' EXIT
+one() {
+  local bin=$1 label=$2 dir
+  shift 2
+  dir=$(mktemp -d target/concord-ab.XXXXXX)
+  CONCORD_BIN_DIR=$bin cluster_start "$dir"
+  # Every range has a leader now; leader balancing (a round a second) settles within a few.
+  sleep 3
+  timeout 300 "$bin/concord-loadgen" run --target concord --config "$dir/concordctl.toml" -o json "$@" |
+    sed "s/^{/{\"build\":\"$label\",/"
+  cluster_stop
+  rm -rf "$dir"
+}
+for r in $(seq 1 "$rounds"); do
+  if [ $((r % 2)) -eq 1 ]; then one "$a" A "$@"; one "$b" B "$@"; else one "$b" B "$@"; one "$a" A "$@"; fi
+done
