@@ -223,6 +223,12 @@ pub async fn run_kv(
     let value = Arc::new(vec![b'v'; args.value_size]);
     if read_ratio > 0.0 {
         preload(stores, &keys, &value).await?;
+    } else if stores.iter().any(Store::puts_need_existing_keys) {
+        // ZooKeeper's put is set_data on an existing znode: create them first (not measured;
+        // keys past PRELOAD_MAX are created by their first put).
+        let first: Arc<Vec<Vec<u8>>> =
+            Arc::new(keys.iter().take(PRELOAD_MAX as usize).cloned().collect());
+        preload(stores, &first, &value).await?;
     }
     let picker = Arc::new(KeyPicker::new(args, key_space)?);
     let consistency = args.consistency;

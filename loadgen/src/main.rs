@@ -1,8 +1,9 @@
-//! concord-loadgen: drives a workload against concord or etcd and reports throughput and
-//! latency.
+//! concord-loadgen: drives a workload against concord, etcd or ZooKeeper and reports
+//! throughput and latency.
 //!
 //! `concord-loadgen run --target concord --config FILE --workload put --clients 64
-//! --duration 10s -o json`, or `--target etcd --endpoints 127.0.0.1:2379,...`. Every run is
+//! --duration 10s -o json`, or `--target etcd|zookeeper --endpoints 127.0.0.1:2379,...`
+//! (ZooKeeper: the key-value workloads only). Every run is
 //! bounded by `--duration` and optionally `--ops`; the coordination workloads
 //! (`coordination.rs`) add a bounded drain for expiries and deliveries. Only loopback and
 //! test-host addresses (10.0.0.0/8, inside network namespaces a test created) are targets.
@@ -11,6 +12,7 @@ mod coordination;
 mod kv;
 mod report;
 mod store;
+mod zk;
 
 use std::net::{IpAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -27,6 +29,8 @@ use store::Store;
 
 /// How long a connection attempt may take, on both targets (concord's client default).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// ZooKeeper session timeout asked for (the servers clamp it to 2–20 ticks).
+const ZK_SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -56,6 +60,9 @@ enum Target {
     Concord,
     /// etcd v3, through the etcd-client crate over gRPC (`--endpoints`).
     Etcd,
+    /// ZooKeeper 3.5+, through the zookeeper-client crate (`--endpoints`): put, get, mixed,
+    /// txn-cas and verify.
+    Zookeeper,
 }
 
 /// The workloads.
@@ -103,8 +110,12 @@ struct RunArgs {
     /// concord: the client config of the cluster.
     #[arg(long, env = "CONCORD_CONFIG", required_if_eq("target", "concord"))]
     config: Option<PathBuf>,
-    /// etcd: its client endpoints, HOST:PORT,...
-    #[arg(long, value_delimiter = ',', required_if_eq("target", "etcd"))]
+    /// etcd or ZooKeeper: its client endpoints, HOST:PORT,...
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required_if_eq_any([("target", "etcd"), ("target", "zookeeper")])
+    )]
     endpoints: Vec<String>,
     /// The workload.
     #[arg(long, value_enum)]
@@ -281,6 +292,20 @@ async fn connect(args: &RunArgs) -> anyhow::Result<Vec<Store>> {
             .await
             .context("connecting to etcd")
         }
+        Target::Zookeeper => {
+            for e in &args.endpoints {
+                check_endpoint(e)?;
+            }
+            let sessions = zk::ZkStore::connect(
+                &args.endpoints,
+                args.connections,
+                ZK_SESSION_TIMEOUT,
+                args.request_timeout,
+            )
+            .await
+            .context("connecting to ZooKeeper")?;
+            Ok(sessions.into_iter().map(Store::Zookeeper).collect())
+        }
     }
 }
 
@@ -289,8 +314,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         bail!("--clients, --connections and --key-space must be at least 1");
     }
     let reads = matches!(args.workload, Workload::Get | Workload::Mixed);
-    if reads && args.target == Target::Etcd && args.consistency == Consistency::Follower {
-        bail!("etcd has no follower reads: use --consistency linearizable or serializable");
+    if reads && args.target != Target::Concord && args.consistency == Consistency::Follower {
+        bail!(
+            "{} has no follower reads: use --consistency linearizable or serializable",
+            name(args.target)
+        );
+    }
+    let kv_only = matches!(
+        args.workload,
+        Workload::Put | Workload::Get | Workload::Mixed | Workload::TxnCas | Workload::Verify
+    );
+    if args.target == Target::Zookeeper && !kv_only {
+        bail!(
+            "{} is not mapped to ZooKeeper yet (put, get, mixed, txn-cas and verify are)",
+            name(args.workload)
+        );
     }
     let stores = connect(&args).await?;
     let recorder = Recorder::new();

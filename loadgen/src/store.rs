@@ -1,5 +1,6 @@
-//! The systems under test behind one interface: concord (the client library over QUIC) and
-//! etcd (the `etcd-client` crate over gRPC). A workload is written once against [`Store`];
+//! The systems under test behind one interface: concord (the client library over QUIC), etcd
+//! (the `etcd-client` crate over gRPC) and ZooKeeper (the `zookeeper-client` crate; key-value
+//! workloads only, see [`crate::zk`]). A workload is written once against [`Store`];
 //! each operation is the one a user of that system would issue for the same job, and the
 //! mapping is documented in `docs/benchmarks/mapping.md`.
 //!
@@ -20,6 +21,8 @@ use etcd_client as etcd;
 use futures::stream::{self, StreamExt};
 use tokio::sync::Mutex;
 
+use crate::zk::ZkStore;
+
 /// An operation's failure, by kind (`NOT_LEADER`, `GRPC_UNAVAILABLE`, ...).
 pub type OpError = String;
 
@@ -30,7 +33,12 @@ pub enum Store {
     Concord(Client),
     /// An etcd client (one gRPC channel balanced over the endpoints).
     Etcd(Arc<EtcdStore>),
+    /// A ZooKeeper session (connected to one server of the ensemble, picked at random).
+    Zookeeper(ZkStore),
 }
+
+/// What a ZooKeeper store answers to an operation not mapped to ZooKeeper yet.
+pub const UNSUPPORTED_ON_ZOOKEEPER: &str = "UNSUPPORTED_ON_ZOOKEEPER";
 
 /// An etcd client and the keep-alive streams of the leases it renews.
 pub struct EtcdStore {
@@ -180,8 +188,14 @@ impl Store {
     pub fn as_concord(&self) -> Option<&Client> {
         match self {
             Store::Concord(c) => Some(c),
-            Store::Etcd(_) => None,
+            Store::Etcd(_) | Store::Zookeeper(_) => None,
         }
+    }
+
+    /// Whether a put expects its key to exist (ZooKeeper's set_data), so a put workload
+    /// creates its keys before measuring.
+    pub fn puts_need_existing_keys(&self) -> bool {
+        matches!(self, Store::Zookeeper(_))
     }
 
     /// Puts `value` at `key`, attached to `lease` unless it is 0.
@@ -206,6 +220,8 @@ impl Store {
                     .map(drop)
                     .map_err(etcd_error)
             }
+            Store::Zookeeper(_) if lease != 0 => Err(UNSUPPORTED_ON_ZOOKEEPER.into()),
+            Store::Zookeeper(z) => z.put(&key, &value).await,
         }
     }
 
@@ -243,6 +259,11 @@ impl Store {
                     mod_revision: kv.mod_revision(),
                 }))
             }
+            Store::Zookeeper(z) => match consistency {
+                Consistency::Linearizable => z.get(&key, true).await,
+                Consistency::Serializable => z.get(&key, false).await,
+                Consistency::Follower => Err(UNSUPPORTED_ON_ZOOKEEPER.into()),
+            },
         }
     }
 
@@ -284,6 +305,7 @@ impl Store {
                     .map(|r| r.succeeded())
                     .map_err(etcd_error)
             }
+            Store::Zookeeper(z) => z.cas(&key, expected, &value).await,
         }
     }
 
@@ -298,6 +320,7 @@ impl Store {
                 .await
                 .map(|r| r.id())
                 .map_err(etcd_error),
+            Store::Zookeeper(_) => Err(UNSUPPORTED_ON_ZOOKEEPER.into()),
         }
     }
 
@@ -312,6 +335,7 @@ impl Store {
                 .await
                 .map(drop)
                 .map_err(etcd_error),
+            Store::Zookeeper(_) => Err(UNSUPPORTED_ON_ZOOKEEPER.into()),
         }
     }
 
@@ -326,6 +350,7 @@ impl Store {
                 })
                 .map_err(concord_error),
             Store::Etcd(e) => e.keep_alive_many(ids).await,
+            Store::Zookeeper(_) => Err(UNSUPPORTED_ON_ZOOKEEPER.into()),
         }
     }
 
@@ -394,6 +419,7 @@ impl Store {
                 }
                 Ok(vec![Watch::Etcd(Box::new(stream))])
             }
+            Store::Zookeeper(_) => Err(UNSUPPORTED_ON_ZOOKEEPER.into()),
         }
     }
 
@@ -423,6 +449,7 @@ impl Store {
                     keeper: KeeperTask(keeper),
                 })
             }
+            Store::Zookeeper(_) => Err(UNSUPPORTED_ON_ZOOKEEPER.into()),
         }
     }
 
@@ -558,6 +585,7 @@ impl Store {
                 let watch = self.watch_prefix(prefix, false).await?;
                 Ok(MemberWatch::Etcd(watch, len))
             }
+            Store::Zookeeper(_) => Err(UNSUPPORTED_ON_ZOOKEEPER.into()),
         }
     }
 }
