@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# concord and etcd side by side on this machine (issue 4's comparison harness):
-#   scripts/bench-compare.sh quick|full [--only NAME]
+# concord, etcd and ZooKeeper side by side on this machine (the comparison harness):
+#   [BENCH_OUT=DIR] scripts/bench-compare.sh quick|full [--only NAME,...]
 # full (about half an hour): writes docs/benchmarks/README.md, raw.jsonl and the charts.
 # quick (a few minutes, CI's smoke test): the same runs, seconds each, report under
-# target/bench-quick/. Installs etcd-server (Debian) if missing; builds the release binaries
+# target/bench-quick/. Installs etcd-server and zookeeper (Debian) if missing; builds the release binaries
 # unless CONCORD_BIN_DIR points at built ones. The clusters' data go under target/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,8 +11,9 @@ mode=${1:-}
 case "$mode" in
   quick) out=target/bench-quick ;;
   full) out=docs/benchmarks ;;
-  *) echo "usage: $0 quick|full [--only NAME]" >&2; exit 2 ;;
+  *) echo "usage: [BENCH_OUT=DIR] $0 quick|full [--only NAME,...]" >&2; exit 2 ;;
 esac
+out=${BENCH_OUT:-$out}
 shift
 ./scripts/install-deps.sh bench
 bin_dir=${CONCORD_BIN_DIR:-target/release}

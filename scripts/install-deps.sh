@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages concord's build and tests need on a fresh Debian machine.
-# `scripts/install-deps.sh bench` adds etcd-server for the comparison benchmark.
+# `scripts/install-deps.sh bench` adds etcd-server and zookeeper (with a Java runtime) for the
+# comparison benchmark.
 # Idempotent: packages already present are skipped. Needs root (or sudo).
 set -euo pipefail
 
@@ -16,7 +17,7 @@ packages=(
 )
 # `install-deps.sh bench`: also the systems concord is compared with.
 if [[ ${1:-} == bench ]]; then
-  packages+=(etcd-server)
+  packages+=(etcd-server zookeeper)
 fi
 
 missing=()

@@ -1,15 +1,16 @@
-//! concord-compare: the side-by-side benchmark of concord and etcd on this machine.
+//! concord-compare: the side-by-side benchmark of concord, etcd and ZooKeeper on this machine.
 //!
-//! Starts a 3-member etcd cluster and a 3-process concord cluster (separate `concord node`
-//! processes) on loopback, both with fsync on and 3 replicas; runs each workload on both in
-//! turn through `concord-loadgen` (A/B, then B/A in full mode, so linear machine drift
-//! cancels); and writes a report: the machine (cores, memory, fsync latency measured on the
-//! spot), the exact commands, a table with both figures, their ratio and the bar, and the
-//! loadgen's charts. A run that lost events, broke a check or failed more than 1 % of its
+//! Starts a 3-member etcd cluster, a 3-server ZooKeeper ensemble and a 3-process concord
+//! cluster (separate `concord node` processes) on loopback, all with fsync on and 3 replicas;
+//! runs each workload on each system in turn through `concord-loadgen` (A/B/C, then C/B/A in
+//! full mode, so linear machine drift cancels; ZooKeeper runs the key-value workloads only);
+//! and writes a report: the machine (cores, memory, fsync latency measured on the spot), the
+//! exact commands, a table with the figures, concord's ratios and the bars, and the loadgen's
+//! charts. A run that lost events, broke a check or failed more than 1 % of its
 //! operations makes its case invalid rather than a figure.
 //!
-//! Run through `scripts/bench-compare.sh quick|full`, which installs etcd and builds the
-//! binaries. Every process it starts is killed (by pid) when it ends, error or not.
+//! Run through `scripts/bench-compare.sh quick|full`, which installs etcd and ZooKeeper and
+//! builds the binaries. Every process it starts is killed (by pid) when it ends, error or not.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -34,7 +35,10 @@ enum Mode {
 
 /// The command line.
 #[derive(Parser)]
-#[command(name = "concord-compare", about = "concord and etcd side by side")]
+#[command(
+    name = "concord-compare",
+    about = "concord, etcd and ZooKeeper side by side"
+)]
 struct Args {
     /// quick (smoke test) or full (published figures).
     #[arg(long, value_enum)]
@@ -45,6 +49,13 @@ struct Args {
     /// The etcd server binary.
     #[arg(long, default_value = "etcd")]
     etcd: PathBuf,
+    /// ZooKeeper's server jar (Debian's `zookeeper` package; its manifest names the rest of
+    /// the classpath).
+    #[arg(long, default_value = "/usr/share/java/zookeeper.jar")]
+    zookeeper_jar: PathBuf,
+    /// The Java runtime that runs ZooKeeper.
+    #[arg(long, default_value = "java")]
+    java: PathBuf,
     /// Where the report (README.md), its raw data and its charts go.
     #[arg(long)]
     out: PathBuf,
@@ -52,9 +63,9 @@ struct Args {
     /// measured (not a tmpfs).
     #[arg(long, default_value = "target")]
     work_dir: PathBuf,
-    /// Only the workloads whose name contains this.
-    #[arg(long)]
-    only: Option<String>,
+    /// Only the workloads whose name contains one of these (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 /// One row of the comparison: a loadgen workload and what decides it.
@@ -69,8 +80,12 @@ struct Case {
     figure: &'static str,
     /// True if more is better (throughput), false if less is (latency).
     higher_is_better: bool,
-    /// The bar, if the issue sets one.
+    /// The bar against etcd, if the issue sets one.
     bar: Option<Bar>,
+    /// Whether ZooKeeper runs this workload too.
+    zookeeper: bool,
+    /// The bar against ZooKeeper, if the issue sets one.
+    zk_bar: Option<Bar>,
 }
 
 impl Case {
@@ -83,13 +98,13 @@ impl Case {
     }
 }
 
-/// What concord must show against etcd in one case.
+/// What concord must show against another system in one case.
 struct Bar {
     /// The bar in words, for the report.
     text: &'static str,
     /// The least ratio (how many times better concord is) that meets it.
     ratio: f64,
-    /// Whether concord's operation p99 must also be no worse than etcd's.
+    /// Whether concord's operation p99 must also be no worse than the other system's.
     p99_no_worse: bool,
 }
 
@@ -98,6 +113,13 @@ const PUT_BAR: Bar = Bar {
     text: "≥ 1.5× etcd, p99 ≤ etcd's",
     ratio: 1.5,
     p99_no_worse: true,
+};
+
+/// Reads and puts against ZooKeeper: at least equal.
+const ZK_BAR: Bar = Bar {
+    text: "≥ ZooKeeper",
+    ratio: 1.0,
+    p99_no_worse: false,
 };
 
 /// The comparison, in the order it runs.
@@ -109,6 +131,8 @@ const CASES: &[Case] = &[
         figure: "ops_per_sec",
         higher_is_better: true,
         bar: Some(PUT_BAR),
+        zookeeper: true,
+        zk_bar: None,
     },
     Case {
         name: "put-256",
@@ -117,6 +141,8 @@ const CASES: &[Case] = &[
         figure: "ops_per_sec",
         higher_is_better: true,
         bar: Some(PUT_BAR),
+        zookeeper: true,
+        zk_bar: Some(ZK_BAR),
     },
     Case {
         name: "get-linearizable-256",
@@ -129,6 +155,8 @@ const CASES: &[Case] = &[
             ratio: 1.5,
             p99_no_worse: false,
         }),
+        zookeeper: true,
+        zk_bar: Some(ZK_BAR),
     },
     Case {
         name: "get-serializable-256",
@@ -137,6 +165,8 @@ const CASES: &[Case] = &[
         figure: "ops_per_sec",
         higher_is_better: true,
         bar: None,
+        zookeeper: true,
+        zk_bar: Some(ZK_BAR),
     },
     Case {
         name: "mixed-90-10-zipfian",
@@ -145,6 +175,8 @@ const CASES: &[Case] = &[
         figure: "ops_per_sec",
         higher_is_better: true,
         bar: None,
+        zookeeper: true,
+        zk_bar: None,
     },
     Case {
         name: "txn-cas-64",
@@ -153,6 +185,8 @@ const CASES: &[Case] = &[
         figure: "ops_per_sec",
         higher_is_better: true,
         bar: None,
+        zookeeper: true,
+        zk_bar: None,
     },
     Case {
         name: "watch-fanout-10k",
@@ -165,6 +199,8 @@ const CASES: &[Case] = &[
             ratio: 1.0,
             p99_no_worse: false,
         }),
+        zookeeper: false,
+        zk_bar: None,
     },
     Case {
         name: "lease-churn-10k",
@@ -177,6 +213,8 @@ const CASES: &[Case] = &[
             ratio: 2.0,
             p99_no_worse: false,
         }),
+        zookeeper: false,
+        zk_bar: None,
     },
     Case {
         name: "lock-contention-32x8",
@@ -185,6 +223,8 @@ const CASES: &[Case] = &[
         figure: "acquisitions_per_sec",
         higher_is_better: true,
         bar: None,
+        zookeeper: false,
+        zk_bar: None,
     },
     Case {
         name: "membership-2k",
@@ -193,6 +233,8 @@ const CASES: &[Case] = &[
         figure: "delivery_p99_ms",
         higher_is_better: false,
         bar: None,
+        zookeeper: false,
+        zk_bar: None,
     },
 ];
 
@@ -311,6 +353,65 @@ fn start_etcd(args: &Args, dir: &Path, procs: &mut Processes) -> anyhow::Result<
     Ok(members
         .iter()
         .map(|(_, client, _)| format!("127.0.0.1:{client}"))
+        .collect())
+}
+
+/// ZooKeeper's version, from the name of the jar its path links to (Debian:
+/// `zookeeper-3.8.0.jar`).
+fn zookeeper_version(jar: &Path) -> String {
+    fs::canonicalize(jar)
+        .ok()
+        .and_then(|p| Some(p.file_stem()?.to_string_lossy().replace('-', " ")))
+        .unwrap_or_else(|| "zookeeper".into())
+}
+
+/// Starts the 3-server ZooKeeper ensemble (fsync on, every server's data in `dir`); returns
+/// its client endpoints.
+fn start_zookeeper(args: &Args, dir: &Path, procs: &mut Processes) -> anyhow::Result<Vec<String>> {
+    let mut servers = Vec::new();
+    for _ in 1..=3 {
+        servers.push((free_tcp_port()?, free_tcp_port()?, free_tcp_port()?));
+    }
+    let mut ensemble = String::new();
+    for (i, (_, quorum, election)) in servers.iter().enumerate() {
+        writeln!(ensemble, "server.{}=127.0.0.1:{quorum}:{election}", i + 1)?;
+    }
+    for (i, (client, _, _)) in servers.iter().enumerate() {
+        let id = i + 1;
+        let home = dir.join(format!("zk{id}"));
+        let data = home.join("data");
+        fs::create_dir_all(&data)?;
+        fs::write(data.join("myid"), format!("{id}\n"))?;
+        // ZooKeeper's defaults, but: fsync forced (its default too, stated), no admin HTTP
+        // server (the three would share port 8080), no cap on connections per client address.
+        let config = format!(
+            "tickTime=2000\ninitLimit=10\nsyncLimit=5\ndataDir={}\nclientPort={client}\n\
+             clientPortAddress=127.0.0.1\nforceSync=yes\nadmin.enableServer=false\n\
+             maxClientCnxns=0\nstandaloneEnabled=false\n4lw.commands.whitelist=srvr\n{ensemble}",
+            data.display()
+        );
+        let config_path = home.join("zoo.cfg");
+        fs::write(&config_path, config)?;
+        let log = fs::File::create(dir.join(format!("zk{id}.log")))?;
+        let child = Command::new(&args.java)
+            .args(["-Xms256m", "-Xmx1g", "-cp"])
+            .arg(&args.zookeeper_jar)
+            .arg("org.apache.zookeeper.server.quorum.QuorumPeerMain")
+            .arg(&config_path)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "starting ZooKeeper with {} (scripts/install-deps.sh bench installs it)",
+                    args.java.display()
+                )
+            })?;
+        procs.0.push(child);
+    }
+    Ok(servers
+        .iter()
+        .map(|(client, _, _)| format!("127.0.0.1:{client}"))
         .collect())
 }
 
@@ -482,54 +583,83 @@ fn median(mut values: Vec<f64>) -> f64 {
     }
 }
 
-/// One case's outcome on both targets: medians of the figure and of the operation p99 (ms).
+/// One case's outcome: medians of the figure and of the operation p99 (ms) per system.
 struct Outcome {
     concord: f64,
     etcd: f64,
     concord_p99: f64,
     etcd_p99: f64,
+    /// ZooKeeper's figure and p99, for the cases it runs.
+    zookeeper: Option<(f64, f64)>,
     /// The first reason a run of the case is invalid, if any.
     invalid: Option<String>,
 }
 
 impl Outcome {
-    /// How many times better concord is (higher throughput, or lower latency).
-    fn ratio(&self, case: &Case) -> f64 {
+    /// How many times better concord is than `other` (higher throughput, or lower latency).
+    fn times_better(&self, case: &Case, other: f64) -> f64 {
         if case.higher_is_better {
-            self.concord / self.etcd
+            self.concord / other
         } else {
-            self.etcd / self.concord
+            other / self.concord
         }
     }
 
-    /// The bar's verdict, and whether it is met (true when the case has no bar).
+    /// How many times better concord is than etcd.
+    fn ratio(&self, case: &Case) -> f64 {
+        self.times_better(case, self.etcd)
+    }
+
+    /// How many times better concord is than ZooKeeper, for the cases it runs.
+    fn zk_ratio(&self, case: &Case) -> Option<f64> {
+        self.zookeeper.map(|(zk, _)| self.times_better(case, zk))
+    }
+
+    /// The bars' verdict, and whether they are met (true when the case has none).
     fn verdict(&self, case: &Case) -> (String, bool) {
+        let has_bar = case.bar.is_some() || case.zk_bar.is_some();
         if let Some(reason) = &self.invalid {
-            return (format!("**invalid**: {reason}"), case.bar.is_none());
+            return (format!("**invalid**: {reason}"), !has_bar);
         }
-        let Some(bar) = &case.bar else {
-            return ("—".into(), true);
+        let mut parts = Vec::new();
+        let mut all_met = true;
+        let mut judge = |bar: &Bar, ratio: f64, other_p99: f64| {
+            let p99_ok = !bar.p99_no_worse || self.concord_p99 <= other_p99;
+            let met = ratio >= bar.ratio && p99_ok;
+            all_met &= met;
+            let word = if met { "met" } else { "not met" };
+            parts.push(format!("{}: **{word}**", bar.text));
         };
-        let p99_ok = !bar.p99_no_worse || self.concord_p99 <= self.etcd_p99;
-        let met = self.ratio(case) >= bar.ratio && p99_ok;
-        let word = if met { "met" } else { "not met" };
-        (format!("{}: **{word}**", bar.text), met)
+        if let Some(bar) = &case.bar {
+            judge(bar, self.ratio(case), self.etcd_p99);
+        }
+        if let (Some(bar), Some((zk, zk_p99))) = (&case.zk_bar, self.zookeeper) {
+            judge(bar, self.times_better(case, zk), zk_p99);
+        }
+        if parts.is_empty() {
+            return ("—".into(), true);
+        }
+        (parts.join("; "), all_met)
     }
 }
 
-/// Runs one case on both targets, `rounds` times, alternating which goes first.
+/// Runs one case on each of `targets` (concord, etcd, then ZooKeeper if given), `rounds`
+/// times, in reverse order every other round.
 fn run_case(
     args: &Args,
     case: &Case,
-    targets: &[(&str, Vec<String>); 2],
+    targets: &[(&str, Vec<String>)],
     rounds: usize,
     raw: &mut String,
 ) -> anyhow::Result<Outcome> {
     let workload_args = case.args_for(args.mode);
-    let mut figures: [(Vec<f64>, Vec<f64>); 2] = Default::default();
+    let mut figures: Vec<(Vec<f64>, Vec<f64>)> = vec![Default::default(); targets.len()];
     let mut invalid_reason = None;
     for round in 0..rounds {
-        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        let mut order: Vec<usize> = (0..targets.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
         for t in order {
             let (target, target_args) = &targets[t];
             let plot = args
@@ -551,12 +681,15 @@ fn run_case(
                 .push(report["p99_us"].as_f64().unwrap_or(f64::NAN) / 1000.0);
         }
     }
-    let [(c, c99), (e, e99)] = figures;
+    let mut medians = figures.into_iter().map(|(f, p99)| (median(f), median(p99)));
+    let (concord, concord_p99) = medians.next().context("concord ran")?;
+    let (etcd, etcd_p99) = medians.next().context("etcd ran")?;
     Ok(Outcome {
-        concord: median(c),
-        etcd: median(e),
-        concord_p99: median(c99),
-        etcd_p99: median(e99),
+        concord,
+        etcd,
+        concord_p99,
+        etcd_p99,
+        zookeeper: medians.next(),
         invalid: invalid_reason,
     })
 }
@@ -579,6 +712,7 @@ fn main() -> anyhow::Result<()> {
 
     let mut procs = Processes(Vec::new());
     let etcd_endpoints = start_etcd(&args, work, &mut procs)?;
+    let zookeeper_endpoints = start_zookeeper(&args, work, &mut procs)?;
     let concord_config = start_concord(&args, work, &mut procs)?;
     let targets = [
         (
@@ -599,8 +733,18 @@ fn main() -> anyhow::Result<()> {
                 etcd_endpoints.join(","),
             ],
         ),
+        (
+            "zookeeper",
+            vec![
+                "--target".to_string(),
+                "zookeeper".into(),
+                "--endpoints".into(),
+                zookeeper_endpoints.join(","),
+            ],
+        ),
     ];
     wait_ready(&args, &targets[1].1, "etcd")?;
+    wait_ready(&args, &targets[2].1, "zookeeper")?;
     wait_leaders(&args, &concord_config)?;
     wait_ready(&args, &targets[0].1, "concord")?;
 
@@ -609,37 +753,53 @@ fn main() -> anyhow::Result<()> {
         (String::new(), String::new(), String::new(), String::new());
     let mut not_met = Vec::new();
     for case in CASES {
-        if args
-            .only
-            .as_ref()
-            .is_some_and(|o| !case.name.contains(o.as_str()))
-        {
+        if !args.only.is_empty() && !args.only.iter().any(|o| case.name.contains(o.as_str())) {
             continue;
         }
         let workload_args = case.args_for(args.mode);
+        let systems = if case.zookeeper {
+            "concord|etcd|zookeeper"
+        } else {
+            "concord|etcd"
+        };
         writeln!(
             commands,
-            "concord-loadgen run --target concord|etcd ... {workload_args}"
+            "concord-loadgen run --target {systems} ... {workload_args}"
         )?;
-        let outcome = run_case(&args, case, &targets, rounds, &mut raw)?;
+        let ran = if case.zookeeper { 3 } else { 2 };
+        let outcome = run_case(&args, case, &targets[..ran], rounds, &mut raw)?;
         let (verdict, met) = outcome.verdict(case);
         if !met {
             not_met.push(case.name);
         }
+        let (zk, zk_ratio, zk_p99) = match (outcome.zookeeper, outcome.zk_ratio(case)) {
+            (Some((zk, p99)), Some(ratio)) => (
+                format!("{zk:.1}"),
+                format!("{ratio:.2}×"),
+                format!("{p99:.2}"),
+            ),
+            _ => ("—".into(), "—".into(), "—".into()),
+        };
         writeln!(
             rows,
-            "| {} | {} | {:.1} | {:.1} | {:.2}× | {:.2} | {:.2} | {verdict} |",
+            "| {} | {} | {:.1} | {:.1} | {zk} | {:.2}× | {zk_ratio} | {:.2} | {:.2} | {zk_p99} | \
+             {verdict} |",
             case.name,
             case.figure,
             outcome.concord,
             outcome.etcd,
             outcome.ratio(case),
             outcome.concord_p99,
-            outcome.etcd_p99
+            outcome.etcd_p99,
         )?;
+        let zk_chart = if case.zookeeper {
+            format!("\n![zookeeper](charts/{}-zookeeper.png)", case.name)
+        } else {
+            String::new()
+        };
         writeln!(
             charts,
-            "### {}\n\n![concord](charts/{0}-concord.png)\n![etcd](charts/{0}-etcd.png)\n",
+            "### {}\n\n![concord](charts/{0}-concord.png)\n![etcd](charts/{0}-etcd.png){zk_chart}\n",
             case.name
         )?;
     }
@@ -647,20 +807,22 @@ fn main() -> anyhow::Result<()> {
 
     let mode = format!("{:?}", args.mode).to_lowercase();
     let mut report = String::new();
-    writeln!(report, "# concord and etcd, side by side\n")?;
+    writeln!(report, "# concord, etcd and ZooKeeper, side by side\n")?;
     writeln!(
         report,
-        "Generated by `scripts/bench-compare.sh {mode}` (concord-compare). Both systems run as 3 \
-         processes on loopback on this machine, 3 replicas, fsync on ({}; concord: `concord \
-         node` processes, one RocksDB each, group commit), with the load generator on the same \
-         cores. Each workload runs on concord and on etcd{}; a figure is the median of its \
-         rounds. The ratio says how many times better concord is (higher throughput, or lower \
-         latency for the latency figures). The p99 columns are the operation's p99 in ms. A \
-         run that lost events, broke a check or failed more than 1 % of its operations makes \
-         its row invalid.\n",
+        "Generated by `scripts/bench-compare.sh {mode}` (concord-compare). Every system runs \
+         as 3 processes on loopback on this machine, 3 replicas, fsync on ({}; {} with \
+         `forceSync=yes`; concord: `concord node` processes, one RocksDB each, group commit), \
+         with the load generator on the same cores. Each workload runs on concord, etcd and, \
+         for the key-value workloads, ZooKeeper{}; a figure is the median of its rounds. A \
+         ratio says how many times better concord is (higher throughput, or lower latency for \
+         the latency figures). The p99 columns are the operation's p99 in ms. A run that lost \
+         events, broke a check or failed more than 1 % of its operations makes its row \
+         invalid.\n",
         etcd_version(&args.etcd),
+        zookeeper_version(&args.zookeeper_jar),
         if rounds > 1 {
-            ", in the order A/B then B/A"
+            ", in the order A/B/C then C/B/A"
         } else {
             ""
         }
@@ -675,9 +837,10 @@ fn main() -> anyhow::Result<()> {
     )?;
     writeln!(
         report,
-        "| workload | figure | concord | etcd | ratio | concord p99 ms | etcd p99 ms | bar |"
+        "| workload | figure | concord | etcd | ZooKeeper | vs etcd | vs ZooKeeper | concord p99 ms \
+         | etcd p99 ms | ZooKeeper p99 ms | bars |"
     )?;
-    writeln!(report, "|---|---|---|---|---|---|---|---|")?;
+    writeln!(report, "|---|---|---|---|---|---|---|---|---|---|---|")?;
     report.push_str(&rows);
     writeln!(
         report,
@@ -714,6 +877,8 @@ mod tests {
                 ratio,
                 p99_no_worse,
             }),
+            zookeeper: false,
+            zk_bar: None,
         }
     }
 
@@ -723,6 +888,7 @@ mod tests {
             etcd,
             concord_p99,
             etcd_p99,
+            zookeeper: None,
             invalid: None,
         }
     }
@@ -752,6 +918,20 @@ mod tests {
         assert_eq!(o.ratio(&c), 2.0);
         assert!(o.verdict(&c).1);
         assert!(!outcome(20.0, 10.0, 0.0, 0.0).verdict(&c).1);
+    }
+
+    #[test]
+    fn both_bars_must_be_met() {
+        let mut c = case(true, 1.5, false);
+        c.zookeeper = true;
+        c.zk_bar = Some(ZK_BAR);
+        let mut o = outcome(150.0, 100.0, 10.0, 10.0);
+        o.zookeeper = Some((150.0, 5.0));
+        assert!(o.verdict(&c).1, "{}", o.verdict(&c).0);
+        o.zookeeper = Some((151.0, 5.0));
+        let (text, met) = o.verdict(&c);
+        assert!(!met, "behind ZooKeeper: {text}");
+        assert_eq!(o.zk_ratio(&c).map(|r| r < 1.0), Some(true));
     }
 
     #[test]
