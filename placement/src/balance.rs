@@ -131,6 +131,10 @@ mod tests {
         }
     }
 
+    fn mv(range: RangeId, from: NodeId, to: NodeId) -> LeaderMove {
+        LeaderMove { range, from, to }
+    }
+
     fn live(nodes: &[NodeId]) -> BTreeSet<NodeId> {
         nodes.iter().copied().collect()
     }
@@ -152,27 +156,18 @@ mod tests {
         let ranges: Vec<_> = (1..=8).map(|id| range(id, &[1, 2, 3], Some(2))).collect();
         let moves = plan_leader_moves(&ranges, &live(&[1, 2, 3]), usize::MAX);
         let expected = [(1, 1), (2, 3), (3, 1), (4, 3), (5, 1)];
-        assert_eq!(
-            moves,
-            expected
-                .iter()
-                .map(|&(range, to)| LeaderMove { range, from: 2, to })
-                .collect::<Vec<_>>()
-        );
+        let expected: Vec<_> = expected
+            .iter()
+            .map(|&(range, to)| mv(range, 2, to))
+            .collect();
+        assert_eq!(moves, expected);
     }
 
     #[test]
     fn moves_max_bounds_the_plan() {
         let ranges: Vec<_> = (1..=8).map(|id| range(id, &[1, 2, 3], Some(1))).collect();
         let moves = plan_leader_moves(&ranges, &live(&[1, 2, 3]), 1);
-        assert_eq!(
-            moves,
-            vec![LeaderMove {
-                range: 1,
-                from: 1,
-                to: 2
-            }]
-        );
+        assert_eq!(moves, vec![mv(1, 1, 2)]);
     }
 
     #[test]
@@ -196,14 +191,7 @@ mod tests {
             range(4, &[1, 2, 3], Some(3)),
         ];
         let moves = plan_leader_moves(&ranges, &live(&[1, 2]), usize::MAX);
-        assert_eq!(
-            moves,
-            vec![LeaderMove {
-                range: 1,
-                from: 1,
-                to: 2
-            }]
-        );
+        assert_eq!(moves, vec![mv(1, 1, 2)]);
     }
 
     #[test]

@@ -848,8 +848,8 @@ fn main() -> anyhow::Result<()> {
     )?;
     writeln!(
         report,
-        "What each workload is on each system: [mapping.md](mapping.md). Why the bars not \
-         met are not, where the time goes and what would close them: [analysis.md](analysis.md).\n"
+        "What each workload is on each system: [mapping.md](/docs/benchmarks/mapping.md). Why the bars not \
+         met are not, where the time goes and what would close them: [analysis.md](/docs/benchmarks/analysis.md).\n"
     )?;
     writeln!(report, "## Charts (last round)\n\n{charts}")?;
     fs::write(args.out.join("README.md"), report)?;
