@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
-cargo build --workspace --bins
+# With --tests, the binaries are built with the same feature resolution as `cargo test`
+# (dev-dependencies included), so RocksDB is compiled once, not once per resolution.
+cargo build --workspace --bins --tests
 # One test at a time per binary: the cluster tests start several nodes each, and this is
 # meant to pass on a 2-core machine.
 cargo test --workspace -- --test-threads=1
