@@ -74,7 +74,8 @@ impl NodeInner {
         let mut lag: BTreeMap<RangeId, BTreeMap<NodeId, u64>> = BTreeMap::new();
         let mut view = Vec::with_capacity(self.groups.len());
         for (id, group) in &self.groups {
-            let metrics = group.raft.metrics().borrow_watched().clone();
+            let watched = group.raft.metrics();
+            let metrics = watched.borrow_watched();
             if metrics.current_leader == Some(me) {
                 for (peer, acked) in metrics.heartbeat.iter().flatten() {
                     if acked.as_ref().is_some_and(|at| at.elapsed() < fresh) {
