@@ -285,7 +285,7 @@ pub async fn lease_churn(
         let mut pace = pace(args.churn);
         while Instant::now() < deadline {
             pace.tick().await;
-            {
+            let (id, key) = {
                 let mut book = book.lock().expect("book lock");
                 if book.ids.is_empty() {
                     break;
@@ -293,14 +293,24 @@ pub async fn lease_churn(
                 let at = (rng.next() % book.ids.len() as u64) as usize;
                 let id = book.ids.swap_remove(at);
                 let key = book.live.remove(&id).expect("live");
-                let sent = book.renewed_at.remove(&id).expect("renewed");
-                book.dying.insert(key.clone(), sent + ttl);
-                book.dying_keys.insert(id, key);
+                let renewed = book.renewed_at.remove(&id).expect("renewed");
+                book.dying.insert(key.clone(), renewed + ttl);
+                book.dying_keys.insert(id, key.clone());
+                (id, key)
+            };
+            let store = &stores[churned as usize % stores.len()];
+            match store.lease_abandon(id).await {
+                // The TTL runs from the last contact the store knows of.
+                Ok(Some(at)) => {
+                    if let Some(deadline) = book.lock().expect("book lock").dying.get_mut(&key) {
+                        *deadline = at + ttl;
+                    }
+                }
+                Ok(None) => {}
+                Err(kind) => recorder.error(&kind),
             }
             churned += 1;
-            granter
-                .grant(&stores[churned as usize % stores.len()])
-                .await;
+            granter.grant(store).await;
         }
     } else {
         tokio::time::sleep_until(deadline.into()).await;
@@ -387,9 +397,13 @@ async fn server_gauges(store: &Store) -> Option<(u64, u64)> {
     Some((rss, watchers))
 }
 
+/// How many keys watch-fanout's writer cycles through.
+const FANOUT_KEYS: u64 = 1000;
+
 /// `watch-fanout`: `--watchers` watchers of one prefix (spread over the connections), one
-/// writer at `--rate` puts per second. Delivery latency = event received − put sent; every
-/// event must reach every watcher. Server memory per watcher = growth of the nodes' summed
+/// writer at `--rate` puts per second over [`FANOUT_KEYS`] keys. Delivery latency = event
+/// received − put of its key sent (ZooKeeper's events carry no value, so the send times are
+/// kept by key, for every target); every event must reach every watcher. Server memory per watcher = growth of the nodes' summed
 /// resident memory while the watchers were opened, divided by their number (meaningful when
 /// each node is its own process; concord only).
 pub async fn watch_fanout(
@@ -402,6 +416,22 @@ pub async fn watch_fanout(
     let epoch = Instant::now();
     let rate = args.rate.unwrap_or(100).max(1);
     let delivered = Arc::new(AtomicU64::new(0));
+    let key_at = |i: u64| {
+        let mut key = prefix.clone();
+        key.extend(format!("{i:06}").into_bytes());
+        key
+    };
+    // When the put of each key was last sent, in microseconds since `epoch`.
+    let sent: Arc<Vec<AtomicU64>> = Arc::new((0..FANOUT_KEYS).map(|_| AtomicU64::new(0)).collect());
+    if stores[0].puts_need_existing_keys() {
+        // ZooKeeper's put is set_data on an existing znode: create them first (not measured).
+        for i in 0..FANOUT_KEYS {
+            stores[0]
+                .put(key_at(i), Vec::new(), 0)
+                .await
+                .map_err(anyhow::Error::msg)?;
+        }
+    }
 
     let gauges_before = server_gauges(&stores[0]).await;
     let opened_at = Instant::now();
@@ -424,14 +454,21 @@ pub async fn watch_fanout(
     let shards: Arc<Vec<Mutex<Histogram<u64>>>> =
         Arc::new((0..SHARDS).map(|_| Mutex::new(histogram())).collect());
     let mut listeners = JoinSet::new();
+    let index_at = prefix.len();
     for (w, mut watcher) in watchers.into_iter().enumerate() {
-        let (shards, delivered) = (shards.clone(), delivered.clone());
+        let (shards, delivered, sent) = (shards.clone(), delivered.clone(), sent.clone());
         listeners.spawn(async move {
             while let Some(Ok(response)) = watcher.next().await {
+                let now = epoch.elapsed().as_micros() as u64;
                 let mut shard = shards[w % SHARDS].lock().expect("shard lock");
                 for change in &response {
-                    if let Some(us) = age_us(epoch, &change.value) {
-                        shard.saturating_record(us);
+                    let i = std::str::from_utf8(&change.key[index_at.min(change.key.len())..])
+                        .ok()
+                        .and_then(|i| i.parse::<usize>().ok());
+                    if let Some(at) = i.and_then(|i| sent.get(i)) {
+                        shard.saturating_record(
+                            now.saturating_sub(at.load(Ordering::Relaxed)).max(1),
+                        );
                     }
                 }
                 drop(shard);
@@ -448,11 +485,11 @@ pub async fn watch_fanout(
     let mut i = 0u64;
     while Instant::now() < deadline {
         pace.tick().await;
-        let mut key = prefix.clone();
-        key.extend(format!("{:06}", i % 1000).into_bytes());
+        let k = i % FANOUT_KEYS;
         i += 1;
         let started = Instant::now();
-        match stores[0].put(key, stamp(epoch).into_bytes(), 0).await {
+        sent[k as usize].store(epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
+        match stores[0].put(key_at(k), stamp(epoch).into_bytes(), 0).await {
             Ok(()) => {
                 recorder.record(started);
                 acked += 1;

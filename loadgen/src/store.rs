@@ -1,6 +1,6 @@
 //! The systems under test behind one interface: concord (the client library over QUIC), etcd
-//! (the `etcd-client` crate over gRPC) and ZooKeeper (the `zookeeper-client` crate; key-value
-//! workloads only, see [`crate::zk`]). A workload is written once against [`Store`];
+//! (the `etcd-client` crate over gRPC) and ZooKeeper (the `zookeeper-client` crate, see
+//! [`crate::zk`]). A workload is written once against [`Store`];
 //! each operation is the one a user of that system would issue for the same job, and the
 //! mapping is documented in `docs/benchmarks/mapping.md`.
 //!
@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use concord_client::api::{
     Compare, CompareOp, CompareTarget, Consistency, KeySpan, PutRequest, RangeRequest, TxnOp,
@@ -21,7 +21,7 @@ use etcd_client as etcd;
 use futures::stream::{self, StreamExt};
 use tokio::sync::Mutex;
 
-use crate::zk::ZkStore;
+use crate::zk::{ZkHeld, ZkSession, ZkStore, ZkWatch};
 
 /// An operation's failure, by kind (`NOT_LEADER`, `GRPC_UNAVAILABLE`, ...).
 pub type OpError = String;
@@ -37,7 +37,7 @@ pub enum Store {
     Zookeeper(ZkStore),
 }
 
-/// What a ZooKeeper store answers to an operation not mapped to ZooKeeper yet.
+/// What a ZooKeeper store answers to an operation ZooKeeper has no equivalent of.
 pub const UNSUPPORTED_ON_ZOOKEEPER: &str = "UNSUPPORTED_ON_ZOOKEEPER";
 
 /// An etcd client and the keep-alive streams of the leases it renews.
@@ -76,6 +76,8 @@ pub enum Watch {
     Concord(concord_client::Watcher),
     /// An etcd watch stream.
     Etcd(Box<etcd::WatchStream>),
+    /// A ZooKeeper persistent recursive watch (events carry no value).
+    Zookeeper(Box<ZkWatch>),
 }
 
 /// A lease kept alive in the background until closed (concord's session recipe; on etcd a
@@ -90,6 +92,8 @@ pub enum StoreSession {
         /// Renews the lease every TTL/3 until dropped.
         keeper: KeeperTask,
     },
+    /// A ZooKeeper session of that timeout.
+    Zookeeper(ZkSession),
 }
 
 /// The task renewing an etcd session's lease; stopped when dropped (so a dropped session
@@ -108,6 +112,8 @@ pub enum Held {
     Concord(LockGuard),
     /// The key etcd's lock RPC created for this holder.
     Etcd(Vec<u8>),
+    /// The holder's contender znode (ZooKeeper's lock recipe).
+    Zookeeper(ZkHeld),
 }
 
 /// A watch of a membership group: joins, updates and departures by member id.
@@ -116,6 +122,9 @@ pub enum MemberWatch {
     Concord(concord_client::MemberWatcher),
     /// A watch of the group's prefix, whose length is kept to cut the ids out of the keys.
     Etcd(Watch, usize),
+    /// A watch of the group's znode, and the prefix length; a member's metadata is read
+    /// when it joins (ZooKeeper's events carry no data).
+    Zookeeper(Box<ZkWatch>, usize),
 }
 
 /// A change of a membership group.
@@ -220,7 +229,7 @@ impl Store {
                     .map(drop)
                     .map_err(etcd_error)
             }
-            Store::Zookeeper(_) if lease != 0 => Err(UNSUPPORTED_ON_ZOOKEEPER.into()),
+            Store::Zookeeper(z) if lease != 0 => z.put_ephemeral(lease, &key, &value).await,
             Store::Zookeeper(z) => z.put(&key, &value).await,
         }
     }
@@ -320,7 +329,7 @@ impl Store {
                 .await
                 .map(|r| r.id())
                 .map_err(etcd_error),
-            Store::Zookeeper(_) => Err(UNSUPPORTED_ON_ZOOKEEPER.into()),
+            Store::Zookeeper(z) => z.lease_grant(ttl).await,
         }
     }
 
@@ -335,7 +344,18 @@ impl Store {
                 .await
                 .map(drop)
                 .map_err(etcd_error),
-            Store::Zookeeper(_) => Err(UNSUPPORTED_ON_ZOOKEEPER.into()),
+            Store::Zookeeper(z) => z.lease_revoke(id).await,
+        }
+    }
+
+    /// Stops renewing lease `id`, which will expire. Returns the instant its TTL runs from
+    /// when the store knows it better than its last renewal (ZooKeeper: the session's last
+    /// contact, whose pings are the client's own).
+    pub async fn lease_abandon(&self, id: i64) -> Result<Option<Instant>, OpError> {
+        match self {
+            // Not renewing it is all it takes.
+            Store::Concord(_) | Store::Etcd(_) => Ok(None),
+            Store::Zookeeper(z) => z.lease_abandon(id).await.map(Some),
         }
     }
 
@@ -350,7 +370,7 @@ impl Store {
                 })
                 .map_err(concord_error),
             Store::Etcd(e) => e.keep_alive_many(ids).await,
-            Store::Zookeeper(_) => Err(UNSUPPORTED_ON_ZOOKEEPER.into()),
+            Store::Zookeeper(z) => Ok(z.lease_states(ids)),
         }
     }
 
@@ -419,7 +439,12 @@ impl Store {
                 }
                 Ok(vec![Watch::Etcd(Box::new(stream))])
             }
-            Store::Zookeeper(_) => Err(UNSUPPORTED_ON_ZOOKEEPER.into()),
+            Store::Zookeeper(z) => Ok(z
+                .watch_prefix_many(&prefix, count, deletes_only)
+                .await?
+                .into_iter()
+                .map(|w| Watch::Zookeeper(Box::new(w)))
+                .collect()),
         }
     }
 
@@ -449,7 +474,7 @@ impl Store {
                     keeper: KeeperTask(keeper),
                 })
             }
-            Store::Zookeeper(_) => Err(UNSUPPORTED_ON_ZOOKEEPER.into()),
+            Store::Zookeeper(z) => z.session(ttl).await.map(StoreSession::Zookeeper),
         }
     }
 
@@ -473,6 +498,7 @@ impl Store {
                     Err(kind) => Err(kind),
                 }
             }
+            (Store::Zookeeper(z), StoreSession::Zookeeper(s)) => z.close_session(s).await,
             _ => Err("SESSION_OF_ANOTHER_TARGET".into()),
         }
     }
@@ -492,6 +518,9 @@ impl Store {
                 .await
                 .map(|r| Held::Etcd(r.key().to_vec()))
                 .map_err(etcd_error),
+            (Store::Zookeeper(z), StoreSession::Zookeeper(s)) => {
+                z.lock(name, s).await.map(Held::Zookeeper)
+            }
             _ => Err("SESSION_OF_ANOTHER_TARGET".into()),
         }
     }
@@ -529,6 +558,7 @@ impl Store {
                     false => Err("FENCED".into()),
                 }
             }
+            (Store::Zookeeper(z), Held::Zookeeper(held)) => z.fenced_put(held, &key, &value).await,
             _ => Err("LOCK_OF_ANOTHER_TARGET".into()),
         }
     }
@@ -546,6 +576,7 @@ impl Store {
                 .await
                 .map(drop)
                 .map_err(etcd_error),
+            (Store::Zookeeper(z), Held::Zookeeper(held)) => z.unlock(held).await,
             _ => Err("LOCK_OF_ANOTHER_TARGET".into()),
         }
     }
@@ -567,6 +598,10 @@ impl Store {
                 self.put(format!("{group}/{id}").into_bytes(), metadata, *lease)
                     .await
             }
+            (Store::Zookeeper(z), StoreSession::Zookeeper(s)) => {
+                z.register(format!("{group}/{id}").as_bytes(), &metadata, s)
+                    .await
+            }
             _ => Err("SESSION_OF_ANOTHER_TARGET".into()),
         }
     }
@@ -585,7 +620,13 @@ impl Store {
                 let watch = self.watch_prefix(prefix, false).await?;
                 Ok(MemberWatch::Etcd(watch, len))
             }
-            Store::Zookeeper(_) => Err(UNSUPPORTED_ON_ZOOKEEPER.into()),
+            Store::Zookeeper(z) => {
+                let prefix = format!("{group}/").into_bytes();
+                let len = prefix.len();
+                let mut watches = z.watch_prefix_many(&prefix, 1, false).await?;
+                let watch = watches.pop().expect("one watch");
+                Ok(MemberWatch::Zookeeper(Box::new(watch), len))
+            }
         }
     }
 }
@@ -627,6 +668,29 @@ impl MemberWatch {
                     })
                     .collect()
             })),
+            MemberWatch::Zookeeper(watch, prefix_len) => {
+                let changes = match watch.next().await? {
+                    Ok(changes) => changes,
+                    Err(kind) => return Some(Err(kind)),
+                };
+                let mut members = Vec::with_capacity(changes.len());
+                for c in changes {
+                    // Only the group's children are members.
+                    let Some(id) = c.key.get(*prefix_len..).filter(|id| !id.contains(&b'/')) else {
+                        continue;
+                    };
+                    let metadata = match c.deleted {
+                        true => Vec::new(),
+                        false => watch.value_of(&c.key).await,
+                    };
+                    members.push(MemberChange {
+                        id: String::from_utf8_lossy(id).into_owned(),
+                        left: c.deleted,
+                        metadata,
+                    });
+                }
+                Some(Ok(members))
+            }
         }
     }
 }
@@ -730,6 +794,7 @@ impl Watch {
                     })
                     .collect())),
             },
+            Watch::Zookeeper(w) => w.next().await,
         }
     }
 }
