@@ -10,7 +10,8 @@ packages=(
   clang             # bindgen finds libclang through it
   build-essential   # the C++ compiler for RocksDB itself
   pkg-config
-  iproute2          # `ss`: scripts/cluster.sh checks that the benchmark ports are free
+  iproute2          # `ss` (scripts/cluster.sh), `ip netns` and `tc` (the fault tests' test hosts)
+  iptables          # random packet loss on a test host (the fault tests' lossy nemesis)
   protobuf-compiler # protoc for etcd-client's gRPC bindings (concord-loadgen's etcd target)
   libprotobuf-dev   # the well-known .proto files (descriptor.proto) etcd's protos import
   fonts-dejavu-core # the font concord-loadgen draws its --plot charts with

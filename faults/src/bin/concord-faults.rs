@@ -1,0 +1,155 @@
+//! `concord-faults run`: a fault campaign against a cluster of `concord node` processes on
+//! test hosts (network namespaces this process creates; run as root), with the register
+//! workload and the linearizability checker. Prints the seed first; on a violation exits
+//! with 1 and leaves the history, the faults, the seed and the node logs in `--out`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use concord_client::api::Consistency;
+use concord_faults::campaign::{self, Config};
+use concord_faults::nemesis::Kind;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "concord-faults", about = "concord under faults")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a campaign.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Seeds the faults and the clients (default: from the clock; printed either way).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// How long faults are injected (`90s`, `30m`).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Kinds of fault, comma-separated, or `all`: kill, kill-all, pause, partition,
+    /// isolate-leader, bridge, lossy.
+    #[arg(long, default_value = "all")]
+    nemesis: String,
+    /// Nodes.
+    #[arg(long, default_value_t = 5)]
+    nodes: usize,
+    /// Ranges.
+    #[arg(long, default_value_t = 8)]
+    ranges: u32,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 8)]
+    clients: u32,
+    /// Registers (keys) the clients share.
+    #[arg(long, default_value_t = 32)]
+    keys: u64,
+    /// The consistency of the clients' reads: linearizable, or serializable / follower to
+    /// see what the checker reports when reads may be stale (serializable should fail under
+    /// partitions).
+    #[arg(long, default_value = "linearizable", value_parser = parse_consistency)]
+    reads: Consistency,
+    /// The clients' request timeout; an operation without an answer by then is unknown.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    request_timeout: Duration,
+    /// Where the run's files go (default: target/faults/SEED).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The `concord` binary (default: next to this one).
+    #[arg(long)]
+    concord: Option<PathBuf>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("bad duration unit in {s:?} (ms, s, m)")),
+    }
+}
+
+fn parse_consistency(s: &str) -> Result<Consistency, String> {
+    match s {
+        "linearizable" => Ok(Consistency::Linearizable),
+        "serializable" => Ok(Consistency::Serializable),
+        "follower" => Ok(Consistency::Follower),
+        _ => Err(format!("{s:?}: linearizable, serializable or follower")),
+    }
+}
+
+fn nemeses(list: &str) -> anyhow::Result<Vec<Kind>> {
+    if list == "all" {
+        return Ok(Kind::ALL.to_vec());
+    }
+    list.split(',')
+        .map(|k| k.trim().parse::<Kind>().map_err(anyhow::Error::msg))
+        .collect()
+}
+
+fn main() -> anyhow::Result<()> {
+    let Command::Run(args) = Cli::parse().command;
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    });
+    println!("seed {seed}");
+    if !concord_faults::netns::available() {
+        bail!("cannot create network namespaces: run as root, with iproute2 installed");
+    }
+    let concord = match args.concord {
+        Some(path) => path,
+        None => std::env::current_exe()?.with_file_name("concord"),
+    };
+    let config = Config {
+        seed,
+        duration: args.duration,
+        nemeses: nemeses(&args.nemesis)?,
+        nodes: args.nodes,
+        ranges: args.ranges,
+        clients: args.clients,
+        keys: args.keys,
+        reads: args.reads,
+        request_timeout: args.request_timeout,
+        concord,
+        out: args
+            .out
+            .unwrap_or_else(|| PathBuf::from(format!("target/faults/{seed}"))),
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    let outcome = runtime
+        .block_on(campaign::run(&config))
+        .context("campaign")?;
+    let report = &outcome.linearizability;
+    println!(
+        "{} ops ({} of unknown outcome) on {} keys, {} faults: {} not linearizable, {} inconclusive",
+        outcome.ops,
+        outcome.unknown,
+        report.keys,
+        outcome.faults,
+        report.violations.len(),
+        report.inconclusive.len()
+    );
+    println!("files: {}", config.out.display());
+    if !outcome.passed() {
+        eprintln!(
+            "VIOLATION (seed {seed}): keys {:?} not linearizable, {:?} inconclusive; replay with --seed {seed}",
+            report.violations, report.inconclusive
+        );
+        std::process::exit(1);
+    }
+    Ok(())
+}

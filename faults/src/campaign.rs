@@ -1,0 +1,375 @@
+//! A campaign: a cluster on test hosts, the register workload, the faults of a seeded
+//! schedule one after the other (each held, then healed), then every fault healed, a final
+//! read of every register, and the checkers. Everything needed to replay or study a run goes
+//! to its folder: the seed and settings, the schedule, the faults as applied (with their
+//! times on the history's clock), the history, the verdict and the node logs.
+
+use std::fs;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use concord_client::api::{Consistency, KeySpan};
+use concord_client::watch_api::WatchRequest;
+use concord_client::Client;
+use serde_json::json;
+use tokio::task::JoinSet;
+
+use crate::cluster::Cluster;
+use crate::linearizability::{self, Report};
+use crate::nemesis::{schedule, Fault, Kind, Step};
+use crate::watches::{self, Seen, SeenEvent};
+use crate::workload::{self, History, Mix};
+
+/// Longest a cluster may take to be ready (at start and after the faults are healed).
+const READY_MAX: Duration = Duration::from_secs(60);
+
+/// Steps of a linearizability search per key before it is called inconclusive.
+const SEARCH_STEPS_MAX: u64 = 50_000_000;
+
+/// The most steps a schedule may have (the duration ends a campaign first).
+const STEPS_MAX: usize = 10_000;
+
+/// Longest the watcher may take to catch up with the final reads.
+const WATCH_CATCH_UP_MAX: Duration = Duration::from_secs(30);
+
+/// The id the final reads are recorded under.
+const FINAL_READER: u32 = u32::MAX;
+
+/// What a campaign does.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Seeds the schedule and the clients.
+    pub seed: u64,
+    /// How long faults are injected.
+    pub duration: Duration,
+    /// The kinds of fault.
+    pub nemeses: Vec<Kind>,
+    /// Nodes (3 or 5).
+    pub nodes: usize,
+    /// Ranges of the cluster.
+    pub ranges: u32,
+    /// Concurrent clients of the workload.
+    pub clients: u32,
+    /// Registers.
+    pub keys: u64,
+    /// The consistency of the clients' reads (the final reads are linearizable).
+    pub reads: Consistency,
+    /// The client's request timeout (an operation without an answer by then is unknown).
+    pub request_timeout: Duration,
+    /// The `concord` binary.
+    pub concord: PathBuf,
+    /// Where the run's files go.
+    pub out: PathBuf,
+}
+
+/// What a campaign found.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Operations recorded.
+    pub ops: usize,
+    /// Operations with an unknown outcome.
+    pub unknown: usize,
+    /// Faults applied.
+    pub faults: usize,
+    /// The linearizability check (it covers lost acknowledged writes: the final reads must
+    /// see them).
+    pub linearizability: Report,
+    /// Watch responses received.
+    pub watch_responses: usize,
+    /// The watch guarantees broken.
+    pub watch: Vec<watches::Violation>,
+}
+
+impl Outcome {
+    /// True when no checker found a violation.
+    pub fn passed(&self) -> bool {
+        self.linearizability.passed() && self.watch.is_empty()
+    }
+}
+
+/// What the watcher of every key received, and how it ended.
+#[derive(Default)]
+struct WatchLog {
+    seen: Vec<Seen>,
+    ended: Option<String>,
+}
+
+impl WatchLog {
+    /// The value of the latest event of register `k`.
+    fn last_value(&self, k: u64) -> Option<Option<u64>> {
+        self.seen
+            .iter()
+            .flat_map(|s| &s.events)
+            .filter(|e| e.key == k)
+            .max_by_key(|e| e.mod_revision)
+            .map(|e| e.value)
+    }
+}
+
+/// Opens a watch of every key (with progress notifications) and records what it receives.
+async fn watch_everything(
+    client: &Client,
+    log: Arc<Mutex<WatchLog>>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let mut request = WatchRequest::new(KeySpan::prefix(Vec::new()));
+    request.progress_notify = true;
+    let mut watcher = client.watch(request).await.context("opening the watch")?;
+    Ok(tokio::spawn(async move {
+        while let Some(response) = watcher.next().await {
+            let mut log = log.lock().expect("watch log lock");
+            match response {
+                Ok(r) => {
+                    let events = r
+                        .events
+                        .iter()
+                        .filter_map(|e| {
+                            Some(SeenEvent {
+                                key: workload::register_of(&e.kv.key)?,
+                                mod_revision: e.kv.mod_revision,
+                                value: workload::value_of(&e.kv.value),
+                            })
+                        })
+                        .collect();
+                    log.seen.push(Seen {
+                        range: r.range_id,
+                        revision: r.revision,
+                        progress: r.progress,
+                        events,
+                    });
+                }
+                Err(e) => {
+                    log.ended = Some(e.to_string());
+                    return;
+                }
+            }
+        }
+        log.lock().expect("watch log lock").ended = Some("the watch ended".into());
+    }))
+}
+
+/// Runs a campaign.
+pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
+    fs::create_dir_all(&config.out)?;
+    let steps = schedule(config.seed, &config.nemeses, config.nodes, STEPS_MAX);
+    let nemeses: Vec<String> = config.nemeses.iter().map(|k| k.to_string()).collect();
+    fs::write(
+        config.out.join("config.json"),
+        serde_json::to_string_pretty(&json!({
+            "seed": config.seed,
+            "duration_s": config.duration.as_secs_f64(),
+            "nemeses": nemeses,
+            "nodes": config.nodes,
+            "ranges": config.ranges,
+            "clients": config.clients,
+            "keys": config.keys,
+            "reads": format!("{:?}", config.reads).to_lowercase(),
+            "request_timeout_ms": config.request_timeout.as_millis() as u64,
+        }))?,
+    )?;
+    let mut cluster = Cluster::start(
+        &config.concord,
+        &config.out.join("cluster"),
+        config.nodes,
+        config.ranges,
+    )?;
+    cluster
+        .wait_ready(READY_MAX)
+        .await
+        .context("starting the cluster")?;
+
+    let history = Arc::new(History::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = JoinSet::new();
+    let client_config = cluster.client_config(config.request_timeout);
+    let watch_log = Arc::new(Mutex::new(WatchLog::default()));
+    let watch_client = Client::connect(client_config.clone()).await?;
+    let watching = watch_everything(&watch_client, watch_log.clone()).await?;
+    for id in 0..config.clients {
+        let client = Client::connect(client_config.clone()).await?;
+        let (stop, history) = (stop.clone(), history.clone());
+        let mix = Mix {
+            keys: config.keys,
+            seed: config.seed,
+            reads: config.reads,
+        };
+        clients.spawn(workload::client_loop(client, id, mix, stop, history));
+    }
+
+    let applied = inject(&mut cluster, &steps, config.duration, &history).await;
+    let healed = async {
+        cluster.heal_all()?;
+        cluster.wait_ready(READY_MAX).await
+    }
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    while clients.join_next().await.is_some() {}
+    let applied = applied?;
+    healed.context("healing the cluster after the faults")?;
+
+    // The final reads: every acknowledged write must show in them (or be overwritten).
+    let reader = Client::connect(client_config).await?;
+    let mut final_reads = Vec::new();
+    for k in 0..config.keys {
+        match workload::read(
+            &reader,
+            FINAL_READER,
+            k,
+            Consistency::Linearizable,
+            &history,
+        )
+        .await
+        {
+            Some(value) => final_reads.push((k, value)),
+            None => anyhow::bail!("final read of register {k} failed after healing"),
+        }
+    }
+    // The watcher has caught up once its last event of each key is the final read's value
+    // (bounded: if it never does, the checker says where it stopped).
+    let caught_up_by = Instant::now() + WATCH_CATCH_UP_MAX;
+    while Instant::now() < caught_up_by {
+        let caught_up = {
+            let log = watch_log.lock().expect("watch log lock");
+            log.ended.is_some()
+                || final_reads
+                    .iter()
+                    .all(|&(k, value)| log.last_value(k).unwrap_or(None) == value)
+        };
+        if caught_up {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    watching.abort();
+    drop(watch_client);
+    let ops = history.ops();
+    write_lines(&config.out.join("history.jsonl"), &ops)?;
+    write_lines(&config.out.join("faults.jsonl"), &applied)?;
+    let log = std::mem::take(&mut *watch_log.lock().expect("watch log lock"));
+    write_lines(&config.out.join("watch.jsonl"), &log.seen)?;
+    let report = linearizability::check(&ops, SEARCH_STEPS_MAX);
+    let watch = watches::check(&log.seen, log.ended.as_deref(), &ops, FINAL_READER);
+    let outcome = Outcome {
+        ops: ops.len(),
+        unknown: ops.iter().filter(|o| o.is_unknown()).count(),
+        faults: applied.len(),
+        linearizability: report,
+        watch_responses: log.seen.len(),
+        watch,
+    };
+    fs::write(
+        config.out.join("verdict.json"),
+        serde_json::to_string_pretty(&json!({
+            "passed": outcome.passed(),
+            "ops": outcome.ops,
+            "unknown": outcome.unknown,
+            "faults": outcome.faults,
+            "keys": outcome.linearizability.keys,
+            "not_linearizable_keys": outcome.linearizability.violations,
+            "inconclusive_keys": outcome.linearizability.inconclusive,
+            "watch_responses": outcome.watch_responses,
+            "watch_violations": outcome.watch,
+        }))?,
+    )?;
+    Ok(outcome)
+}
+
+/// A fault as applied, on the history's clock.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Applied {
+    step: Step,
+    /// The hosts it was applied to, once resolved (the leader for `IsolateLeader`).
+    hosts: Vec<usize>,
+    started_ns: u64,
+    healed_ns: u64,
+}
+
+/// Applies the steps in turn until `duration` has passed; each fault is healed before the
+/// next gap.
+async fn inject(
+    cluster: &mut Cluster,
+    steps: &[Step],
+    duration: Duration,
+    history: &History,
+) -> anyhow::Result<Vec<Applied>> {
+    let until = Instant::now() + duration;
+    let mut applied = Vec::new();
+    for step in steps {
+        let gap = Duration::from_millis(step.gap_ms);
+        if Instant::now() + gap >= until {
+            break;
+        }
+        tokio::time::sleep(gap).await;
+        let started_ns = history.now_ns();
+        let hosts = apply(cluster, &step.fault).await?;
+        let hold = Duration::from_millis(step.hold_ms)
+            .min(until.saturating_duration_since(Instant::now()));
+        tokio::time::sleep(hold).await;
+        cluster.heal_all()?;
+        applied.push(Applied {
+            step: step.clone(),
+            hosts,
+            started_ns,
+            healed_ns: history.now_ns(),
+        });
+    }
+    Ok(applied)
+}
+
+/// Applies one fault; returns the hosts it hit.
+async fn apply(cluster: &mut Cluster, fault: &Fault) -> anyhow::Result<Vec<usize>> {
+    match fault {
+        Fault::Kill(hosts) => {
+            for &h in hosts {
+                cluster.kill(h)?;
+            }
+            Ok(hosts.clone())
+        }
+        Fault::Pause(h) => {
+            cluster.pause(*h)?;
+            Ok(vec![*h])
+        }
+        Fault::Partition(side) => {
+            cluster.net().partition(side)?;
+            Ok(side.clone())
+        }
+        Fault::IsolateLeader(n) => {
+            let leader = cluster.leader_of_nth_range(*n).await;
+            match leader {
+                Some(h) => {
+                    cluster.net().partition(&[h])?;
+                    Ok(vec![h])
+                }
+                // No leader known right now: nothing to isolate this time.
+                None => Ok(Vec::new()),
+            }
+        }
+        Fault::Bridge { left, right } => {
+            for &a in left {
+                for &b in right {
+                    cluster.net().cut(a, b)?;
+                }
+            }
+            Ok(left.iter().chain(right).copied().collect())
+        }
+        Fault::Lossy {
+            host,
+            loss_pct,
+            rate_kbit,
+        } => {
+            cluster.net().lossy(*host, *loss_pct, *rate_kbit)?;
+            Ok(vec![*host])
+        }
+    }
+}
+
+fn write_lines<T: serde::Serialize>(path: &std::path::Path, items: &[T]) -> anyhow::Result<()> {
+    let mut text = String::new();
+    for item in items {
+        text.push_str(&serde_json::to_string(item)?);
+        text.push('\n');
+    }
+    fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}

@@ -1,0 +1,248 @@
+//! A concord cluster of `concord node` processes, each on a test host of its own
+//! ([`Net`]): started, killed (`kill -9`), restarted, paused (`SIGSTOP`) and resumed
+//! (`SIGCONT`), always by the pid of a process this cluster started.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use concord_client::{Client, ClientConfig};
+
+use crate::netns::Net;
+
+/// The port every node listens on (each on its own address).
+const PORT: u16 = 7000;
+
+/// How often readiness is polled.
+const POLL: Duration = Duration::from_millis(100);
+
+/// A cluster of node processes on test hosts.
+pub struct Cluster {
+    net: Net,
+    dir: PathBuf,
+    concord: PathBuf,
+    ranges: u32,
+    /// Per host: the running process, if any.
+    procs: Vec<Option<Child>>,
+    /// Per host: stopped with `SIGSTOP`.
+    paused: Vec<bool>,
+}
+
+/// Sends `signal` (`STOP`, `CONT`) to `pid`.
+fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .context("running kill")?;
+    if !status.success() {
+        bail!("kill -{signal} {pid} failed");
+    }
+    Ok(())
+}
+
+impl Cluster {
+    /// Starts `nodes` nodes with `ranges` ranges, on hosts of a new [`Net`], with their data,
+    /// certificates and logs under `dir`.
+    pub fn start(concord: &Path, dir: &Path, nodes: usize, ranges: u32) -> anyhow::Result<Cluster> {
+        if !concord.exists() {
+            bail!(
+                "{} missing: build it first (cargo build --bins)",
+                concord.display()
+            );
+        }
+        std::fs::create_dir_all(dir)?;
+        let mut cluster = Cluster {
+            net: Net::create(nodes)?,
+            dir: dir.to_path_buf(),
+            concord: concord.to_path_buf(),
+            ranges,
+            procs: (0..nodes).map(|_| None).collect(),
+            paused: vec![false; nodes],
+        };
+        for host in 0..nodes {
+            cluster.spawn(host)?;
+        }
+        Ok(cluster)
+    }
+
+    /// The test hosts.
+    pub fn net(&self) -> &Net {
+        &self.net
+    }
+
+    /// How many nodes the cluster has (running or not).
+    pub fn nodes(&self) -> usize {
+        self.procs.len()
+    }
+
+    /// The node id of `host` (ids count from 1).
+    pub fn id(host: usize) -> u64 {
+        host as u64 + 1
+    }
+
+    fn endpoint(&self, host: usize) -> String {
+        format!("{}:{PORT}", self.net.addr(host))
+    }
+
+    /// Where the node logs of `host` go (appended across restarts).
+    pub fn log_path(&self, host: usize) -> PathBuf {
+        self.dir.join(format!("node-{}.log", Cluster::id(host)))
+    }
+
+    fn spawn(&mut self, host: usize) -> anyhow::Result<()> {
+        let peers: Vec<String> = (0..self.nodes())
+            .map(|h| format!("{}={}", Cluster::id(h), self.endpoint(h)))
+            .collect();
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(host))?;
+        let child = self
+            .net
+            .command(host, &self.concord)
+            .args(["node", "--id", &Cluster::id(host).to_string()])
+            .args([
+                "--listen",
+                &self.endpoint(host),
+                "--peers",
+                &peers.join(","),
+            ])
+            .args(["--ranges", &self.ranges.to_string()])
+            .arg("--data-dir")
+            .arg(self.dir.join(format!("node-{}", Cluster::id(host))))
+            .arg("--cert-dir")
+            .arg(self.dir.join("certs"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning concord node")?;
+        self.procs[host] = Some(child);
+        self.paused[host] = false;
+        Ok(())
+    }
+
+    /// A client configuration for every node, with `request_timeout`.
+    pub fn client_config(&self, request_timeout: Duration) -> ClientConfig {
+        let endpoints = (0..self.nodes()).map(|h| self.endpoint(h)).collect();
+        let mut config = ClientConfig::new(endpoints, self.dir.join("certs").join("ca.pem"));
+        config.request_timeout = request_timeout;
+        config
+    }
+
+    /// Whether `host`'s node process is running (paused counts as running).
+    pub fn running(&self, host: usize) -> bool {
+        self.procs[host].is_some()
+    }
+
+    /// `kill -9` of `host`'s node (resumed first if paused, so that it dies at once).
+    pub fn kill(&mut self, host: usize) -> anyhow::Result<()> {
+        if let Some(mut child) = self.procs[host].take() {
+            child.kill().context("kill -9")?;
+            child.wait()?;
+        }
+        self.paused[host] = false;
+        Ok(())
+    }
+
+    /// Starts `host`'s node again on its data (no-op if it runs).
+    pub fn restart(&mut self, host: usize) -> anyhow::Result<()> {
+        if self.procs[host].is_none() {
+            self.spawn(host)?;
+        }
+        Ok(())
+    }
+
+    /// `SIGSTOP` to `host`'s node.
+    pub fn pause(&mut self, host: usize) -> anyhow::Result<()> {
+        if let Some(child) = &self.procs[host] {
+            signal(child.id(), "STOP")?;
+            self.paused[host] = true;
+        }
+        Ok(())
+    }
+
+    /// `SIGCONT` to `host`'s node.
+    pub fn resume(&mut self, host: usize) -> anyhow::Result<()> {
+        if let (Some(child), true) = (&self.procs[host], self.paused[host]) {
+            signal(child.id(), "CONT")?;
+        }
+        self.paused[host] = false;
+        Ok(())
+    }
+
+    /// Resumes every paused node, restarts every killed one and heals the network.
+    pub fn heal_all(&mut self) -> anyhow::Result<()> {
+        self.net.heal()?;
+        for host in 0..self.nodes() {
+            self.resume(host)?;
+            self.restart(host)?;
+        }
+        Ok(())
+    }
+
+    /// Waits (at most `limit`) until every node answers and knows a leader for every range.
+    pub async fn wait_ready(&self, limit: Duration) -> anyhow::Result<()> {
+        let until = Instant::now() + limit;
+        let mut last = String::from("no answer yet");
+        while Instant::now() < until {
+            match self.readiness().await {
+                Ok(()) => return Ok(()),
+                Err(why) => last = why,
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        bail!("cluster not ready after {limit:?}: {last}")
+    }
+
+    /// The host leading the `n`-th range (modulo their number) as the first node to answer
+    /// knows it; none if no node answers or none knows a leader.
+    pub async fn leader_of_nth_range(&self, n: usize) -> Option<usize> {
+        let client = Client::connect(self.client_config(Duration::from_secs(1)))
+            .await
+            .ok()?;
+        for (_, status) in client.status().await {
+            let Ok(status) = status else { continue };
+            if status.ranges.is_empty() {
+                continue;
+            }
+            let range = &status.ranges[n % status.ranges.len()];
+            return range.leader.map(|id| id as usize - 1);
+        }
+        None
+    }
+
+    async fn readiness(&self) -> Result<(), String> {
+        let config = self.client_config(Duration::from_secs(1));
+        if !config.ca.exists() {
+            return Err("no CA yet".into());
+        }
+        let client = Client::connect(config).await.map_err(|e| e.to_string())?;
+        let statuses = client.status().await;
+        if statuses.len() < self.nodes() {
+            return Err(format!(
+                "{} of {} nodes known",
+                statuses.len(),
+                self.nodes()
+            ));
+        }
+        for (addr, status) in statuses {
+            let status = status.map_err(|e| format!("{addr}: {e}"))?;
+            if let Some(r) = status.ranges.iter().find(|r| r.leader.is_none()) {
+                return Err(format!("{addr}: range {} has no leader", r.id));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for host in 0..self.nodes() {
+            let _ = self.resume(host);
+            let _ = self.kill(host);
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! The faults a campaign injects, and its schedule: a pure function of a seed, the kinds of
+//! fault asked for and the cluster's size, so that a failing seed replays the same faults in
+//! the same order with the same timings.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// A kind of fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// `kill -9` of a minority of the nodes, restarted when healed.
+    Kill,
+    /// `kill -9` of every node, restarted when healed.
+    KillAll,
+    /// `SIGSTOP` of one node for longer than an election timeout and a lease TTL.
+    Pause,
+    /// A minority of the nodes cut off from the majority.
+    Partition,
+    /// The leader of one range cut off from every other node.
+    IsolateLeader,
+    /// A non-transitive partition: two groups that cannot talk, and one node that talks to
+    /// both.
+    Bridge,
+    /// One node's packets dropped at random, the rest sent through a slow link.
+    Lossy,
+}
+
+impl Kind {
+    /// Every kind, in a fixed order.
+    pub const ALL: [Kind; 7] = [
+        Kind::Kill,
+        Kind::KillAll,
+        Kind::Pause,
+        Kind::Partition,
+        Kind::IsolateLeader,
+        Kind::Bridge,
+        Kind::Lossy,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Kill => "kill",
+            Kind::KillAll => "kill-all",
+            Kind::Pause => "pause",
+            Kind::Partition => "partition",
+            Kind::IsolateLeader => "isolate-leader",
+            Kind::Bridge => "bridge",
+            Kind::Lossy => "lossy",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Kind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Kind, String> {
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Kind::ALL.iter().map(|k| k.name()).collect();
+                format!("unknown nemesis {s:?}; one of {}", names.join(", "))
+            })
+    }
+}
+
+/// One fault, with its targets chosen.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum Fault {
+    /// `kill -9` of these hosts.
+    Kill(Vec<usize>),
+    /// `SIGSTOP` of this host.
+    Pause(usize),
+    /// These hosts (a minority) cut off from the others.
+    Partition(Vec<usize>),
+    /// The leader of the `n`-th range (in the order a node lists them) cut off from the others.
+    IsolateLeader(usize),
+    /// Every link between the two groups cut; the bridge host keeps both.
+    Bridge {
+        /// One side.
+        left: Vec<usize>,
+        /// The other side.
+        right: Vec<usize>,
+    },
+    /// Random loss and a slow link on one host's outgoing packets.
+    Lossy {
+        /// The host.
+        host: usize,
+        /// Loss, in percent.
+        loss_pct: u32,
+        /// Most bits per second it sends, in kbit/s.
+        rate_kbit: u32,
+    },
+}
+
+/// One step of a schedule: a healthy gap, then the fault held for a while, then healed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Step {
+    /// How long the cluster runs without a fault before this one, in milliseconds.
+    pub gap_ms: u64,
+    /// The fault.
+    pub fault: Fault,
+    /// How long it is held, in milliseconds.
+    pub hold_ms: u64,
+}
+
+/// A small xorshift generator: a schedule depends on nothing but its seed.
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator for `seed` (0 is remapped: xorshift would stay at 0).
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    /// The next number.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number in `[low, high)`.
+    pub fn between(&mut self, low: u64, high: u64) -> u64 {
+        low + self.next_u64() % (high - low).max(1)
+    }
+
+    /// `count` distinct hosts out of `hosts`.
+    fn hosts(&mut self, hosts: usize, count: usize) -> Vec<usize> {
+        let mut all: Vec<usize> = (0..hosts).collect();
+        for i in 0..count.min(hosts) {
+            let j = i + self.between(0, (hosts - i) as u64) as usize;
+            all.swap(i, j);
+        }
+        all.truncate(count);
+        all.sort_unstable();
+        all
+    }
+}
+
+/// The largest minority of `hosts`.
+fn minority(hosts: usize) -> usize {
+    (hosts - 1) / 2
+}
+
+/// The first `count` steps of the schedule of `seed` over `kinds` on `hosts` hosts.
+pub fn schedule(seed: u64, kinds: &[Kind], hosts: usize, count: usize) -> Vec<Step> {
+    let mut rng = Rng::new(seed);
+    if kinds.is_empty() || hosts == 0 {
+        return Vec::new();
+    }
+    (0..count)
+        .map(|_| {
+            let kind = kinds[rng.between(0, kinds.len() as u64) as usize];
+            let (fault, hold_ms) = match kind {
+                Kind::Kill => {
+                    let n = rng.between(1, minority(hosts) as u64 + 1) as usize;
+                    (Fault::Kill(rng.hosts(hosts, n)), rng.between(1_000, 6_000))
+                }
+                Kind::KillAll => (Fault::Kill((0..hosts).collect()), rng.between(500, 3_000)),
+                // Longer than an election timeout and a lease TTL's worth of renewals.
+                Kind::Pause => (
+                    Fault::Pause(rng.between(0, hosts as u64) as usize),
+                    rng.between(3_000, 9_000),
+                ),
+                Kind::Partition => {
+                    let n = rng.between(1, minority(hosts) as u64 + 1) as usize;
+                    (
+                        Fault::Partition(rng.hosts(hosts, n)),
+                        rng.between(2_000, 8_000),
+                    )
+                }
+                Kind::IsolateLeader => (
+                    Fault::IsolateLeader(rng.between(0, 64) as usize),
+                    rng.between(2_000, 8_000),
+                ),
+                Kind::Bridge => {
+                    let mut shuffled: Vec<usize> = (0..hosts).collect();
+                    for i in (1..shuffled.len()).rev() {
+                        shuffled.swap(i, rng.between(0, i as u64 + 1) as usize);
+                    }
+                    // The first host is the bridge; the others split in two halves.
+                    let rest = &shuffled[1..];
+                    let (left, right) = rest.split_at(rest.len() / 2);
+                    let fault = Fault::Bridge {
+                        left: sorted(left),
+                        right: sorted(right),
+                    };
+                    (fault, rng.between(2_000, 8_000))
+                }
+                Kind::Lossy => (
+                    Fault::Lossy {
+                        host: rng.between(0, hosts as u64) as usize,
+                        loss_pct: rng.between(1, 30) as u32,
+                        rate_kbit: rng.between(500, 20_000) as u32,
+                    },
+                    rng.between(2_000, 8_000),
+                ),
+            };
+            Step {
+                gap_ms: rng.between(500, 3_000),
+                fault,
+                hold_ms,
+            }
+        })
+        .collect()
+}
+
+fn sorted(hosts: &[usize]) -> Vec<usize> {
+    let mut hosts = hosts.to_vec();
+    hosts.sort_unstable();
+    hosts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_replays_the_same_schedule() {
+        let a = schedule(7, &Kind::ALL, 5, 50);
+        assert_eq!(a, schedule(7, &Kind::ALL, 5, 50));
+        assert_ne!(a, schedule(8, &Kind::ALL, 5, 50));
+    }
+
+    #[test]
+    fn faults_keep_a_majority_unless_asked_for_everything() {
+        for seed in 0..200 {
+            for step in schedule(seed, &Kind::ALL, 5, 20) {
+                match step.fault {
+                    Fault::Kill(hosts) => assert!(hosts.len() <= 2 || hosts.len() == 5),
+                    Fault::Partition(side) => assert!(!side.is_empty() && side.len() <= 2),
+                    Fault::Bridge { left, right } => {
+                        assert_eq!(left.len() + right.len(), 4);
+                        assert!(left.iter().all(|h| !right.contains(h)));
+                    }
+                    Fault::Pause(h) | Fault::Lossy { host: h, .. } => assert!(h < 5),
+                    Fault::IsolateLeader(_) => {}
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn only_the_kinds_asked_for_are_scheduled() {
+        for step in schedule(3, &[Kind::Pause], 3, 30) {
+            assert!(matches!(step.fault, Fault::Pause(_)));
+        }
+        assert!(schedule(3, &[], 3, 30).is_empty());
+        assert_eq!("kill-all".parse::<Kind>(), Ok(Kind::KillAll));
+        assert!("flood".parse::<Kind>().is_err());
+    }
+}

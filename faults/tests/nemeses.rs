@@ -1,0 +1,117 @@
+//! The fixed-seed selection of fault campaigns that `cargo test` runs: a 3-node cluster on
+//! test hosts in network namespaces (root required, as in CI), each campaign short, each
+//! checked for linearizability per key, which includes that no acknowledged write is lost
+//! (the final reads after healing must see it), and for the watch guarantees. A failing campaign leaves its history, faults
+//! and node logs under `target/tmp/` and names its seed; `concord-faults run --seed` replays
+//! it. The long randomized campaign is `concord-faults run` (docs/reliability.md).
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use concord_client::api::Consistency;
+use concord_faults::campaign::{self, Config, Outcome};
+use concord_faults::nemesis::Kind;
+
+/// One campaign at a time: each is a cluster of processes on a 2-core machine.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn concord_bin() -> PathBuf {
+    // target/<profile>/deps/nemeses-<hash> → target/<profile>/concord
+    let exe = std::env::current_exe().expect("test executable");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>")
+        .join("concord");
+    assert!(
+        bin.exists(),
+        "{} missing: build it first (`cargo build --workspace --bins`, as scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+fn campaign(name: &str, seed: u64, nemeses: &[Kind], duration: Duration) -> Outcome {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    assert!(
+        concord_faults::netns::available(),
+        "these tests create network namespaces: run them as root with iproute2 installed"
+    );
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{seed}"));
+    let _ = std::fs::remove_dir_all(&out);
+    let config = Config {
+        seed,
+        duration,
+        nemeses: nemeses.to_vec(),
+        nodes: 3,
+        ranges: 4,
+        clients: 6,
+        keys: 12,
+        reads: Consistency::Linearizable,
+        request_timeout: Duration::from_secs(2),
+        concord: concord_bin(),
+        out: out.clone(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let outcome = runtime
+        .block_on(campaign::run(&config))
+        .unwrap_or_else(|e| {
+            panic!(
+                "campaign {name} (seed {seed}) failed to run: {e:#}; files in {}",
+                out.display()
+            )
+        });
+    assert!(
+        outcome.passed(),
+        "seed {seed}: {:?}; history, faults and node logs in {}",
+        outcome.linearizability,
+        out.display()
+    );
+    // A campaign whose clients or faults did nothing would pass without testing anything.
+    assert!(
+        outcome.ops >= 100,
+        "only {} operations: {outcome:?}",
+        outcome.ops
+    );
+    assert!(
+        outcome.faults >= 2,
+        "only {} faults: {outcome:?}",
+        outcome.faults
+    );
+    assert!(
+        outcome.watch_responses > 0,
+        "the watch saw nothing: {outcome:?}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+    outcome
+}
+
+#[test]
+fn kills_and_pauses_keep_every_key_linearizable() {
+    campaign(
+        "kills-and-pauses",
+        1,
+        &[Kind::Kill, Kind::KillAll, Kind::Pause],
+        Duration::from_secs(25),
+    );
+}
+
+#[test]
+fn partitions_keep_every_key_linearizable() {
+    campaign(
+        "partitions",
+        2,
+        &[Kind::Partition, Kind::IsolateLeader, Kind::Bridge],
+        Duration::from_secs(25),
+    );
+}
+
+#[test]
+fn a_slow_lossy_network_keeps_every_key_linearizable() {
+    campaign("lossy", 3, &[Kind::Lossy], Duration::from_secs(15));
+}
