@@ -27,7 +27,7 @@ mod watch;
 pub use client::{Client, DeleteResult, RangeResult};
 pub use concord_transport::api;
 pub use concord_transport::watch as watch_api;
-pub use config::ClientConfig;
+pub use config::{parse_duration, ClientConfig};
 pub use error::Error;
 pub use lease::{LeaseTtl, Session, SessionState};
 pub use recipes::{

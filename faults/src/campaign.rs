@@ -4,6 +4,7 @@
 //! to its folder: the seed and settings, the schedule, the faults as applied (with their
 //! times on the history's clock), the history, the verdict and the node logs.
 
+use std::collections::HashMap;
 use std::fs;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use concord_client::api::{Consistency, KeySpan};
-use concord_client::watch_api::WatchRequest;
+use concord_client::watch_api::{EventKind, WatchRequest};
 use concord_client::Client;
 use serde_json::json;
 use tokio::task::JoinSet;
@@ -22,6 +23,7 @@ use crate::linearizability::{self, Report};
 use crate::nemesis::{schedule, Fault, Kind, Step};
 use crate::watches::{self, Seen, SeenEvent};
 use crate::workload::{self, History, Mix};
+use crate::{leases, locks};
 
 /// Longest a cluster may take to be ready (at start and after the faults are healed).
 const READY_MAX: Duration = Duration::from_secs(60);
@@ -34,6 +36,9 @@ const STEPS_MAX: usize = 10_000;
 
 /// Longest the watcher may take to catch up with the final reads.
 const WATCH_CATCH_UP_MAX: Duration = Duration::from_secs(30);
+
+/// Longest the lease keys of dead leases may take to go, past a TTL, once all is healed.
+const LEASE_DRAIN_MAX: Duration = Duration::from_secs(20);
 
 /// The id the final reads are recorded under.
 const FINAL_READER: u32 = u32::MAX;
@@ -51,8 +56,12 @@ pub struct Config {
     pub nodes: usize,
     /// Ranges of the cluster.
     pub ranges: u32,
-    /// Concurrent clients of the workload.
+    /// Concurrent clients of the register workload.
     pub clients: u32,
+    /// Lock clients incrementing a counter under one lock with fenced writes.
+    pub lock_clients: u32,
+    /// Lease clients granting, renewing, letting go of and revoking leases with a key each.
+    pub lease_clients: u32,
     /// Registers.
     pub keys: u64,
     /// The consistency of the clients' reads (the final reads are linearizable).
@@ -81,12 +90,23 @@ pub struct Outcome {
     pub watch_responses: usize,
     /// The watch guarantees broken.
     pub watch: Vec<watches::Violation>,
+    /// Fenced writes attempted by the lock clients (each after acquiring the lock).
+    pub lock_attempts: usize,
+    /// The mutual-exclusion properties broken.
+    pub locks: Vec<locks::Violation>,
+    /// Leases granted by the lease clients.
+    pub leases_granted: usize,
+    /// The lease properties broken.
+    pub leases: Vec<leases::Violation>,
 }
 
 impl Outcome {
     /// True when no checker found a violation.
     pub fn passed(&self) -> bool {
-        self.linearizability.passed() && self.watch.is_empty()
+        self.linearizability.passed()
+            && self.watch.is_empty()
+            && self.locks.is_empty()
+            && self.leases.is_empty()
     }
 }
 
@@ -95,6 +115,8 @@ impl Outcome {
 struct WatchLog {
     seen: Vec<Seen>,
     ended: Option<String>,
+    /// Lease keys → when their deletion was first seen (history clock).
+    lease_deletions: HashMap<String, u64>,
 }
 
 impl WatchLog {
@@ -113,6 +135,7 @@ impl WatchLog {
 async fn watch_everything(
     client: &Client,
     log: Arc<Mutex<WatchLog>>,
+    history: Arc<History>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let mut request = WatchRequest::new(KeySpan::prefix(Vec::new()));
     request.progress_notify = true;
@@ -122,6 +145,13 @@ async fn watch_everything(
             let mut log = log.lock().expect("watch log lock");
             match response {
                 Ok(r) => {
+                    let now_ns = history.now_ns();
+                    for e in &r.events {
+                        if e.kind == EventKind::Delete && leases::is_lease_key(&e.kv.key) {
+                            let key = String::from_utf8_lossy(&e.kv.key).into_owned();
+                            log.lease_deletions.entry(key).or_insert(now_ns);
+                        }
+                    }
                     let events = r
                         .events
                         .iter()
@@ -164,6 +194,8 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
             "nodes": config.nodes,
             "ranges": config.ranges,
             "clients": config.clients,
+            "lock_clients": config.lock_clients,
+            "lease_clients": config.lease_clients,
             "keys": config.keys,
             "reads": format!("{:?}", config.reads).to_lowercase(),
             "request_timeout_ms": config.request_timeout.as_millis() as u64,
@@ -186,7 +218,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
     let client_config = cluster.client_config(config.request_timeout);
     let watch_log = Arc::new(Mutex::new(WatchLog::default()));
     let watch_client = Client::connect(client_config.clone()).await?;
-    let watching = watch_everything(&watch_client, watch_log.clone()).await?;
+    let watching = watch_everything(&watch_client, watch_log.clone(), history.clone()).await?;
     for id in 0..config.clients {
         let client = Client::connect(client_config.clone()).await?;
         let (stop, history) = (stop.clone(), history.clone());
@@ -196,6 +228,25 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
             reads: config.reads,
         };
         clients.spawn(workload::client_loop(client, id, mix, stop, history));
+    }
+    let lock_attempts = Arc::new(Mutex::new(Vec::new()));
+    for id in 0..config.lock_clients {
+        let client = Client::connect(client_config.clone()).await?;
+        let (stop, attempts) = (stop.clone(), lock_attempts.clone());
+        clients.spawn(locks::client_loop(client, id, config.seed, stop, attempts));
+    }
+    let lease_records = Arc::new(Mutex::new(Vec::new()));
+    for id in 0..config.lease_clients {
+        let client = Client::connect(client_config.clone()).await?;
+        let (stop, history, records) = (stop.clone(), history.clone(), lease_records.clone());
+        clients.spawn(leases::client_loop(
+            client,
+            id,
+            config.seed,
+            stop,
+            history,
+            records,
+        ));
     }
 
     let applied = inject(&mut cluster, &steps, config.duration, &history).await;
@@ -242,8 +293,28 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Every dead lease's key must go: wait (bounded) until the watch saw them deleted.
+    let records = std::mem::take(&mut *lease_records.lock().expect("leases lock"));
+    let expired_by = Instant::now() + leases::LEASE_TTL + LEASE_DRAIN_MAX;
+    while Instant::now() < expired_by {
+        let all_gone = {
+            let log = watch_log.lock().expect("watch log lock");
+            log.ended.is_some()
+                || records
+                    .iter()
+                    .filter(|r| r.attached)
+                    .all(|r| log.lease_deletions.contains_key(&r.key))
+        };
+        if all_gone {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     watching.abort();
     drop(watch_client);
+    let final_counter = locks::read_counter(&reader)
+        .await
+        .context("final read of the lock clients' counter")?;
     let ops = history.ops();
     write_lines(&config.out.join("history.jsonl"), &ops)?;
     write_lines(&config.out.join("faults.jsonl"), &applied)?;
@@ -251,6 +322,11 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
     write_lines(&config.out.join("watch.jsonl"), &log.seen)?;
     let report = linearizability::check(&ops, SEARCH_STEPS_MAX);
     let watch = watches::check(&log.seen, log.ended.as_deref(), &ops, FINAL_READER);
+    let attempts = std::mem::take(&mut *lock_attempts.lock().expect("attempts lock"));
+    write_lines(&config.out.join("locks.jsonl"), &attempts)?;
+    let lock_violations = locks::check(&attempts, final_counter);
+    write_lines(&config.out.join("leases.jsonl"), &records)?;
+    let lease_violations = leases::check(&records, &log.lease_deletions);
     let outcome = Outcome {
         ops: ops.len(),
         unknown: ops.iter().filter(|o| o.is_unknown()).count(),
@@ -258,6 +334,10 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
         linearizability: report,
         watch_responses: log.seen.len(),
         watch,
+        lock_attempts: attempts.len(),
+        locks: lock_violations,
+        leases_granted: records.len(),
+        leases: lease_violations,
     };
     fs::write(
         config.out.join("verdict.json"),
@@ -271,6 +351,11 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
             "inconclusive_keys": outcome.linearizability.inconclusive,
             "watch_responses": outcome.watch_responses,
             "watch_violations": outcome.watch,
+            "lock_attempts": outcome.lock_attempts,
+            "final_counter": final_counter,
+            "lock_violations": outcome.locks,
+            "leases_granted": outcome.leases_granted,
+            "lease_violations": outcome.leases,
         }))?,
     )?;
     Ok(outcome)

@@ -3,13 +3,15 @@
 //! ([`netns`], [`cluster`]), faults from a seeded schedule ([`nemesis`]: kill -9, pauses,
 //! partitions, a lossy network), a workload that records what its clients saw
 //! ([`workload`], [`history`]), and checkers of what must hold whatever the faults
-//! ([`linearizability`], [`watches`]). [`campaign`] puts them together; `concord-faults run` is its
+//! ([`linearizability`], [`watches`], [`locks`], [`leases`]). [`campaign`] puts them together; `concord-faults run` is its
 //! command line, and `tests/nemeses.rs` the fixed-seed selection that `cargo test` runs.
 
 pub mod campaign;
 pub mod cluster;
 pub mod history;
+pub mod leases;
 pub mod linearizability;
+pub mod locks;
 pub mod nemesis;
 pub mod netns;
 pub mod watches;

@@ -1,7 +1,8 @@
 //! The fixed-seed selection of fault campaigns that `cargo test` runs: a 3-node cluster on
 //! test hosts in network namespaces (root required, as in CI), each campaign short, each
 //! checked for linearizability per key, which includes that no acknowledged write is lost
-//! (the final reads after healing must see it), and for the watch guarantees. A failing campaign leaves its history, faults
+//! (the final reads after healing must see it), for the watch guarantees, for mutual
+//! exclusion under fenced writes, and for lease expiry. A failing campaign leaves its history, faults
 //! and node logs under `target/tmp/` and names its seed; `concord-faults run --seed` replays
 //! it. The long randomized campaign is `concord-faults run` (docs/reliability.md).
 
@@ -47,6 +48,8 @@ fn campaign(name: &str, seed: u64, nemeses: &[Kind], duration: Duration) -> Outc
         nodes: 3,
         ranges: 4,
         clients: 6,
+        lock_clients: 3,
+        lease_clients: 2,
         keys: 12,
         reads: Consistency::Linearizable,
         request_timeout: Duration::from_secs(2),
@@ -86,6 +89,14 @@ fn campaign(name: &str, seed: u64, nemeses: &[Kind], duration: Duration) -> Outc
     assert!(
         outcome.watch_responses > 0,
         "the watch saw nothing: {outcome:?}"
+    );
+    assert!(
+        outcome.lock_attempts > 0,
+        "no lock was acquired: {outcome:?}"
+    );
+    assert!(
+        outcome.leases_granted > 0,
+        "no lease was granted: {outcome:?}"
     );
     let _ = std::fs::remove_dir_all(&out);
     outcome

@@ -20,7 +20,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use concord_client::api::Consistency;
-use concord_client::ClientConfig;
+use concord_client::{parse_duration, ClientConfig};
 use serde_json::{json, Map, Value};
 
 use report::Recorder;
@@ -199,19 +199,6 @@ fn name(value: impl ValueEnum) -> String {
         .expect("a named value")
         .get_name()
         .to_string()
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((s, "s"), |i| s.split_at(i));
-    let n: u64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("bad duration unit in {s:?} (ms, s, m)")),
-    }
 }
 
 /// Keys spread over every range: a fixed alphabet of first bytes, then the key number.

@@ -21,7 +21,7 @@ use etcd_client as etcd;
 use futures::stream::{self, StreamExt};
 use tokio::sync::Mutex;
 
-use crate::zk::{ZkHeld, ZkSession, ZkStore, ZkWatch};
+use crate::zk::{ZkHeld, ZkMember, ZkSession, ZkStore, ZkWatch};
 
 /// An operation's failure, by kind (`NOT_LEADER`, `GRPC_UNAVAILABLE`, ...).
 pub type OpError = String;
@@ -90,17 +90,18 @@ pub enum StoreSession {
         /// The lease.
         lease: i64,
         /// Renews the lease every TTL/3 until dropped.
-        keeper: KeeperTask,
+        keeper: TaskGuard,
     },
     /// A ZooKeeper session of that timeout.
     Zookeeper(ZkSession),
 }
 
-/// The task renewing an etcd session's lease; stopped when dropped (so a dropped session
-/// stops being renewed and expires, as a dropped concord session does).
-pub struct KeeperTask(tokio::task::JoinHandle<()>);
+/// A store's background task (the renewals of an etcd session's lease, the feed of a
+/// ZooKeeper member watch); stopped when dropped (so a dropped etcd session stops being
+/// renewed and expires, as a dropped concord session does).
+pub struct TaskGuard(tokio::task::JoinHandle<()>);
 
-impl Drop for KeeperTask {
+impl Drop for TaskGuard {
     fn drop(&mut self) {
         self.0.abort();
     }
@@ -122,9 +123,14 @@ pub enum MemberWatch {
     Concord(concord_client::MemberWatcher),
     /// A watch of the group's prefix, whose length is kept to cut the ids out of the keys.
     Etcd(Watch, usize),
-    /// A watch of the group's znode, and the prefix length; a member's metadata is read
-    /// when it joins (ZooKeeper's events carry no data).
-    Zookeeper(Box<ZkWatch>, usize),
+    /// The member changes of a watch of the group's znode (see [`ZkWatch::into_members`]),
+    /// and the task feeding them.
+    Zookeeper {
+        /// The changes.
+        members: tokio::sync::mpsc::Receiver<Result<ZkMember, OpError>>,
+        /// The feed, stopped when the watch is dropped.
+        _feed: TaskGuard,
+    },
 }
 
 /// A change of a membership group.
@@ -471,7 +477,7 @@ impl Store {
                 });
                 Ok(StoreSession::Etcd {
                     lease,
-                    keeper: KeeperTask(keeper),
+                    keeper: TaskGuard(keeper),
                 })
             }
             Store::Zookeeper(z) => z.session(ttl).await.map(StoreSession::Zookeeper),
@@ -625,7 +631,11 @@ impl Store {
                 let len = prefix.len();
                 let mut watches = z.watch_prefix_many(&prefix, 1, false).await?;
                 let watch = watches.pop().expect("one watch");
-                Ok(MemberWatch::Zookeeper(Box::new(watch), len))
+                let (members, feed) = watch.into_members(len);
+                Ok(MemberWatch::Zookeeper {
+                    members,
+                    _feed: TaskGuard(feed),
+                })
             }
         }
     }
@@ -668,29 +678,13 @@ impl MemberWatch {
                     })
                     .collect()
             })),
-            MemberWatch::Zookeeper(watch, prefix_len) => {
-                let changes = match watch.next().await? {
-                    Ok(changes) => changes,
-                    Err(kind) => return Some(Err(kind)),
-                };
-                let mut members = Vec::with_capacity(changes.len());
-                for c in changes {
-                    // Only the group's children are members.
-                    let Some(id) = c.key.get(*prefix_len..).filter(|id| !id.contains(&b'/')) else {
-                        continue;
-                    };
-                    let metadata = match c.deleted {
-                        true => Vec::new(),
-                        false => watch.value_of(&c.key).await,
-                    };
-                    members.push(MemberChange {
-                        id: String::from_utf8_lossy(id).into_owned(),
-                        left: c.deleted,
-                        metadata,
-                    });
-                }
-                Some(Ok(members))
-            }
+            MemberWatch::Zookeeper { members, .. } => Some(members.recv().await?.map(|m| {
+                vec![MemberChange {
+                    id: m.id,
+                    left: m.left,
+                    metadata: m.metadata,
+                }]
+            })),
         }
     }
 }

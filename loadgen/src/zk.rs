@@ -31,6 +31,9 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::future::{BoxFuture, FutureExt};
+use futures::stream::{FuturesOrdered, StreamExt};
+use tokio::sync::mpsc;
 use zookeeper_client as zk;
 
 use crate::store::{Change, OpError, Versioned};
@@ -562,7 +565,7 @@ impl ZkStore {
                 })
             }
         };
-        use futures::stream::{self, StreamExt, TryStreamExt};
+        use futures::stream::{self, TryStreamExt};
         stream::iter(0..count)
             .map(open)
             .buffer_unordered(OPENING_CONCURRENCY)
@@ -607,14 +610,85 @@ impl ZkWatch {
         }
     }
 
-    /// The current value of `key`, read on the watcher's session (empty if it is gone).
-    pub async fn value_of(&self, key: &[u8]) -> Vec<u8> {
-        match self.client.get_data(&path_of(key)).await {
-            Ok((value, _)) => value,
-            Err(_) => Vec::new(),
-        }
+    /// Turns this watch of a group's znode (keys `GROUP/ID`, the group `prefix_len` bytes
+    /// long with its `/`) into the group's member changes, in order, fed by the task
+    /// returned. A join's metadata is read with `getData` (ZooKeeper's events carry no data);
+    /// the reads are pipelined on the session, as Curator's caches do, so a burst of joins
+    /// costs about one round trip rather than one each. A member gone before its read has
+    /// empty metadata.
+    pub fn into_members(
+        mut self,
+        prefix_len: usize,
+    ) -> (
+        mpsc::Receiver<Result<ZkMember, OpError>>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (sender, receiver) = mpsc::channel(MEMBER_CHANGES_BUFFERED);
+        let feed = tokio::spawn(async move {
+            let client = self.client.clone();
+            let mut pending: FuturesOrdered<BoxFuture<'static, Result<ZkMember, OpError>>> =
+                FuturesOrdered::new();
+            let mut open = true;
+            loop {
+                tokio::select! {
+                    changes = self.next(), if open => match changes {
+                        Some(Ok(changes)) => {
+                            for c in changes {
+                                // Only the group's children are members.
+                                let Some(id) =
+                                    c.key.get(prefix_len..).filter(|id| !id.contains(&b'/'))
+                                else {
+                                    continue;
+                                };
+                                let id = String::from_utf8_lossy(id).into_owned();
+                                let (client, path, left) = (client.clone(), path_of(&c.key), c.deleted);
+                                pending.push_back(
+                                    async move {
+                                        let metadata = match left {
+                                            true => Vec::new(),
+                                            false => client
+                                                .get_data(&path)
+                                                .await
+                                                .map(|(value, _)| value)
+                                                .unwrap_or_default(),
+                                        };
+                                        Ok(ZkMember { id, left, metadata })
+                                    }
+                                    .boxed(),
+                                );
+                            }
+                        }
+                        Some(Err(kind)) => {
+                            pending.push_back(async move { Err(kind) }.boxed());
+                            open = false;
+                        }
+                        None => open = false,
+                    },
+                    Some(member) = pending.next(), if !pending.is_empty() => {
+                        if sender.send(member).await.is_err() {
+                            return;
+                        }
+                    }
+                    else => return,
+                }
+            }
+        });
+        (receiver, feed)
     }
 }
+
+/// A change of a ZooKeeper membership group.
+pub struct ZkMember {
+    /// The member's id (its znode's name).
+    pub id: String,
+    /// True if it left (its znode was deleted).
+    pub left: bool,
+    /// Its metadata (its znode's data; empty when it left).
+    pub metadata: Vec<u8>,
+}
+
+/// Most member changes buffered between a member feed and its reader.
+const MEMBER_CHANGES_BUFFERED: usize = 65_536;
 
 #[cfg(test)]
 mod tests {

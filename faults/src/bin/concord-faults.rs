@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use concord_client::api::Consistency;
+use concord_client::parse_duration;
 use concord_faults::campaign::{self, Config};
 use concord_faults::nemesis::Kind;
 
@@ -49,6 +50,12 @@ struct RunArgs {
     /// Concurrent clients.
     #[arg(long, default_value_t = 8)]
     clients: u32,
+    /// Lock clients (fenced increments of a counter under one lock).
+    #[arg(long, default_value_t = 3)]
+    lock_clients: u32,
+    /// Lease clients (leases with a key each, renewed, let go or revoked).
+    #[arg(long, default_value_t = 2)]
+    lease_clients: u32,
     /// Registers (keys) the clients share.
     #[arg(long, default_value_t = 32)]
     keys: u64,
@@ -66,19 +73,6 @@ struct RunArgs {
     /// The `concord` binary (default: next to this one).
     #[arg(long)]
     concord: Option<PathBuf>,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((s, "s"), |i| s.split_at(i));
-    let n: u64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("bad duration unit in {s:?} (ms, s, m)")),
-    }
 }
 
 fn parse_consistency(s: &str) -> Result<Consistency, String> {
@@ -121,6 +115,8 @@ fn main() -> anyhow::Result<()> {
         nodes: args.nodes,
         ranges: args.ranges,
         clients: args.clients,
+        lock_clients: args.lock_clients,
+        lease_clients: args.lease_clients,
         keys: args.keys,
         reads: args.reads,
         request_timeout: args.request_timeout,
@@ -143,11 +139,22 @@ fn main() -> anyhow::Result<()> {
         report.violations.len(),
         report.inconclusive.len()
     );
+    println!(
+        "watch: {} responses, {} violations; locks: {} fenced writes, {} violations; \
+         leases: {} granted, {} violations",
+        outcome.watch_responses,
+        outcome.watch.len(),
+        outcome.lock_attempts,
+        outcome.locks.len(),
+        outcome.leases_granted,
+        outcome.leases.len()
+    );
     println!("files: {}", config.out.display());
     if !outcome.passed() {
         eprintln!(
-            "VIOLATION (seed {seed}): keys {:?} not linearizable, {:?} inconclusive; replay with --seed {seed}",
-            report.violations, report.inconclusive
+            "VIOLATION (seed {seed}): keys {:?} not linearizable, {:?} inconclusive; watch {:?}; \
+             locks {:?}; leases {:?}; replay with --seed {seed}",
+            report.violations, report.inconclusive, outcome.watch, outcome.locks, outcome.leases
         );
         std::process::exit(1);
     }
