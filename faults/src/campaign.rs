@@ -40,6 +40,9 @@ const WATCH_CATCH_UP_MAX: Duration = Duration::from_secs(30);
 /// Longest the lease keys of dead leases may take to go, past a TTL, once all is healed.
 const LEASE_DRAIN_MAX: Duration = Duration::from_secs(20);
 
+/// Longest a final read may keep failing once the faults are healed.
+const FINAL_READ_MAX: Duration = Duration::from_secs(30);
+
 /// The id the final reads are recorded under.
 const FINAL_READER: u32 = u32::MAX;
 
@@ -183,6 +186,13 @@ async fn watch_everything(
 /// Runs a campaign.
 pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
     fs::create_dir_all(&config.out)?;
+    // A cluster left by an earlier run (of the same seed, say) would hold values this run's
+    // clients write again: every run starts from empty nodes.
+    let cluster_dir = config.out.join("cluster");
+    if cluster_dir.exists() {
+        fs::remove_dir_all(&cluster_dir)
+            .with_context(|| format!("removing {}", cluster_dir.display()))?;
+    }
     let steps = schedule(config.seed, &config.nemeses, config.nodes, STEPS_MAX);
     let nemeses: Vec<String> = config.nemeses.iter().map(|k| k.to_string()).collect();
     fs::write(
@@ -201,12 +211,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
             "request_timeout_ms": config.request_timeout.as_millis() as u64,
         }))?,
     )?;
-    let mut cluster = Cluster::start(
-        &config.concord,
-        &config.out.join("cluster"),
-        config.nodes,
-        config.ranges,
-    )?;
+    let mut cluster = Cluster::start(&config.concord, &cluster_dir, config.nodes, config.ranges)?;
     cluster
         .wait_ready(READY_MAX)
         .await
@@ -264,17 +269,20 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
     let reader = Client::connect(client_config).await?;
     let mut final_reads = Vec::new();
     for k in 0..config.keys {
-        match workload::read(
-            &reader,
-            FINAL_READER,
-            k,
-            Consistency::Linearizable,
-            &history,
-        )
-        .await
-        {
-            Some(value) => final_reads.push((k, value)),
-            None => anyhow::bail!("final read of register {k} failed after healing"),
+        // A read may fail while the last restarted nodes catch up: retried, within a bound.
+        let until = Instant::now() + FINAL_READ_MAX;
+        loop {
+            let linearizable = Consistency::Linearizable;
+            let read = workload::read(&reader, FINAL_READER, k, linearizable, &history).await;
+            if let Some(value) = read {
+                final_reads.push((k, value));
+                break;
+            }
+            if Instant::now() > until {
+                anyhow::bail!(
+                    "final read of register {k} still failing {FINAL_READ_MAX:?} after healing"
+                );
+            }
         }
     }
     // The watcher has caught up once its last event of each key is the final read's value
@@ -438,6 +446,14 @@ async fn apply(cluster: &mut Cluster, fault: &Fault) -> anyhow::Result<Vec<usize
                 }
             }
             Ok(left.iter().chain(right).copied().collect())
+        }
+        Fault::CrashPoint {
+            host,
+            point,
+            percent,
+        } => {
+            cluster.arm(*host, &format!("{point}={percent}%return"))?;
+            Ok(vec![*host])
         }
         Fault::Lossy {
             host,

@@ -28,6 +28,8 @@ pub struct Cluster {
     procs: Vec<Option<Child>>,
     /// Per host: stopped with `SIGSTOP`.
     paused: Vec<bool>,
+    /// Per host: running with fail points configured (restarted without them when healed).
+    armed: Vec<bool>,
 }
 
 /// Sends `signal` (`STOP`, `CONT`) to `pid`.
@@ -61,9 +63,10 @@ impl Cluster {
             ranges,
             procs: (0..nodes).map(|_| None).collect(),
             paused: vec![false; nodes],
+            armed: vec![false; nodes],
         };
         for host in 0..nodes {
-            cluster.spawn(host)?;
+            cluster.spawn(host, None)?;
         }
         Ok(cluster)
     }
@@ -92,7 +95,8 @@ impl Cluster {
         self.dir.join(format!("node-{}.log", Cluster::id(host)))
     }
 
-    fn spawn(&mut self, host: usize) -> anyhow::Result<()> {
+    /// Starts `host`'s node, with `failpoints` as its `FAILPOINTS` if given.
+    fn spawn(&mut self, host: usize, failpoints: Option<&str>) -> anyhow::Result<()> {
         let peers: Vec<String> = (0..self.nodes())
             .map(|h| format!("{}={}", Cluster::id(h), self.endpoint(h)))
             .collect();
@@ -100,9 +104,11 @@ impl Cluster {
             .create(true)
             .append(true)
             .open(self.log_path(host))?;
-        let child = self
-            .net
-            .command(host, &self.concord)
+        let mut command = self.net.command(host, &self.concord);
+        if let Some(failpoints) = failpoints {
+            command.env("FAILPOINTS", failpoints);
+        }
+        let child = command
             .args(["node", "--id", &Cluster::id(host).to_string()])
             .args([
                 "--listen",
@@ -121,7 +127,24 @@ impl Cluster {
             .context("spawning concord node")?;
         self.procs[host] = Some(child);
         self.paused[host] = false;
+        self.armed[host] = failpoints.is_some();
         Ok(())
+    }
+
+    /// Restarts `host`'s node with fail points configured (`name=actions;...`, the `fail`
+    /// crate's syntax): it crashes where they say. The `concord` binary must be built with
+    /// the `failpoints` feature (test builds are); one without refuses to start.
+    pub fn arm(&mut self, host: usize, failpoints: &str) -> anyhow::Result<()> {
+        self.kill(host)?;
+        self.spawn(host, Some(failpoints))
+    }
+
+    /// Whether `host`'s node process has exited by itself (a fail point crashed it).
+    fn exited(&mut self, host: usize) -> bool {
+        match &mut self.procs[host] {
+            Some(child) => matches!(child.try_wait(), Ok(Some(_))),
+            None => false,
+        }
     }
 
     /// A client configuration for every node, with `request_timeout`.
@@ -147,10 +170,14 @@ impl Cluster {
         Ok(())
     }
 
-    /// Starts `host`'s node again on its data (no-op if it runs).
+    /// Starts `host`'s node again on its data, without fail points (no-op if it runs
+    /// without them).
     pub fn restart(&mut self, host: usize) -> anyhow::Result<()> {
+        if self.armed[host] || self.exited(host) {
+            self.kill(host)?;
+        }
         if self.procs[host].is_none() {
-            self.spawn(host)?;
+            self.spawn(host, None)?;
         }
         Ok(())
     }

@@ -23,11 +23,25 @@ pub enum Kind {
     Bridge,
     /// One node's packets dropped at random, the rest sent through a slow link.
     Lossy,
+    /// One node restarted with a fail point that crashes it at a dangerous place of its
+    /// storage (before or after the group-commit fsync, a failing fsync, before apply,
+    /// during snapshot install).
+    CrashPoint,
 }
+
+/// The fail points of a `concord node` that [`Kind::CrashPoint`] arms (see
+/// `node/src/storage/group_commit.rs` and `state_machine.rs`).
+pub const CRASH_POINTS: [&str; 5] = [
+    "group-commit-before-sync",
+    "group-commit-after-sync",
+    "group-commit-sync-error",
+    "apply-before",
+    "snapshot-install",
+];
 
 impl Kind {
     /// Every kind, in a fixed order.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Kill,
         Kind::KillAll,
         Kind::Pause,
@@ -35,6 +49,7 @@ impl Kind {
         Kind::IsolateLeader,
         Kind::Bridge,
         Kind::Lossy,
+        Kind::CrashPoint,
     ];
 
     fn name(self) -> &'static str {
@@ -46,6 +61,7 @@ impl Kind {
             Kind::IsolateLeader => "isolate-leader",
             Kind::Bridge => "bridge",
             Kind::Lossy => "lossy",
+            Kind::CrashPoint => "crash-point",
         }
     }
 }
@@ -86,6 +102,15 @@ pub enum Fault {
         left: Vec<usize>,
         /// The other side.
         right: Vec<usize>,
+    },
+    /// A fail point armed on one host: it crashes there with this chance per pass.
+    CrashPoint {
+        /// The host.
+        host: usize,
+        /// The fail point.
+        point: String,
+        /// The chance per pass, in percent.
+        percent: u32,
     },
     /// Random loss and a slow link on one host's outgoing packets.
     Lossy {
@@ -194,6 +219,15 @@ pub fn schedule(seed: u64, kinds: &[Kind], hosts: usize, count: usize) -> Vec<St
                     };
                     (fault, rng.between(2_000, 8_000))
                 }
+                Kind::CrashPoint => (
+                    Fault::CrashPoint {
+                        host: rng.between(0, hosts as u64) as usize,
+                        point: CRASH_POINTS[rng.between(0, CRASH_POINTS.len() as u64) as usize]
+                            .to_string(),
+                        percent: rng.between(1, 10) as u32,
+                    },
+                    rng.between(2_000, 8_000),
+                ),
                 Kind::Lossy => (
                     Fault::Lossy {
                         host: rng.between(0, hosts as u64) as usize,
@@ -240,7 +274,9 @@ mod tests {
                         assert_eq!(left.len() + right.len(), 4);
                         assert!(left.iter().all(|h| !right.contains(h)));
                     }
-                    Fault::Pause(h) | Fault::Lossy { host: h, .. } => assert!(h < 5),
+                    Fault::Pause(h)
+                    | Fault::Lossy { host: h, .. }
+                    | Fault::CrashPoint { host: h, .. } => assert!(h < 5),
                     Fault::IsolateLeader(_) => {}
                 }
             }

@@ -1,4 +1,5 @@
-//! The fixed-seed selection of fault campaigns that `cargo test` runs: a 3-node cluster on
+//! The fixed-seed selection of fault campaigns that `cargo test` runs (the `concord` binary of
+//! a test build has its fail points, see `concord-node`'s `failpoints` feature): a 3-node cluster on
 //! test hosts in network namespaces (root required, as in CI), each campaign short, each
 //! checked for linearizability per key, which includes that no acknowledged write is lost
 //! (the final reads after healing must see it), for the watch guarantees, for mutual
@@ -125,4 +126,9 @@ fn partitions_keep_every_key_linearizable() {
 #[test]
 fn a_slow_lossy_network_keeps_every_key_linearizable() {
     campaign("lossy", 3, &[Kind::Lossy], Duration::from_secs(15));
+}
+
+#[test]
+fn crashes_at_storage_fail_points_keep_every_key_linearizable() {
+    campaign("crash-points", 4, &[Kind::CrashPoint], Duration::from_secs(20));
 }

@@ -137,6 +137,14 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    // FAILPOINTS configures the fail points of a build with them (the fault tests'); a build
+    // without them refuses it rather than silently injecting nothing.
+    if std::env::var_os("FAILPOINTS").is_some() && !cfg!(feature = "failpoints") {
+        anyhow::bail!(
+            "FAILPOINTS is set but this concord was built without the failpoints feature"
+        );
+    }
+    let _fail_points = fail::FailScenario::setup();
     match Cli::parse().command {
         Command::Dev {
             nodes,

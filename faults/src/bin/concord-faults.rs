@@ -38,7 +38,8 @@ struct RunArgs {
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     duration: Duration,
     /// Kinds of fault, comma-separated, or `all`: kill, kill-all, pause, partition,
-    /// isolate-leader, bridge, lossy.
+    /// isolate-leader, bridge, lossy, crash-point (needs a concord built with the
+    /// failpoints feature).
     #[arg(long, default_value = "all")]
     nemesis: String,
     /// Nodes.

@@ -102,6 +102,24 @@ impl GroupCommit {
     }
 }
 
+/// A failed fsync leaves what is durable unknown (the kernel may have dropped the dirty pages
+/// it could not write), so no write of the batch may be acknowledged and the log may not be
+/// trusted past the last good sync: the process stops at once, as etcd and PostgreSQL do, and
+/// a restart recovers from what is on disk.
+fn fsync_failed(e: impl std::fmt::Display) -> ! {
+    eprintln!("fatal: fsync of the write-ahead log failed ({e}); stopping");
+    std::process::abort()
+}
+
+/// A fail point that, when configured with `return`, crashes the process right there (as
+/// `kill -9` would, but at a chosen instruction). Nothing without the `failpoints` feature.
+pub(crate) fn crash_point(name: &str) {
+    fail::fail_point!(name, |_| {
+        eprintln!("fail point {name}: crashing");
+        std::process::abort()
+    });
+}
+
 fn run(db: Arc<DB>, rx: Receiver<Job>, counters: Arc<Counters>) {
     let mut batch = Vec::with_capacity(BATCH_JOBS_MAX);
     while let Ok(first) = rx.recv() {
@@ -112,7 +130,15 @@ fn run(db: Arc<DB>, rx: Receiver<Job>, counters: Arc<Counters>) {
                 Err(_) => break,
             }
         }
+        crash_point("group-commit-before-sync");
         let result = db.flush_wal(true);
+        fail::fail_point!("group-commit-sync-error", |_| {
+            fsync_failed("injected by the group-commit-sync-error fail point")
+        });
+        if let Err(e) = &result {
+            fsync_failed(e);
+        }
+        crash_point("group-commit-after-sync");
         counters.fsyncs.fetch_add(1, Ordering::Relaxed);
         let mut appends = 0;
         for job in batch.drain(..) {
