@@ -11,7 +11,9 @@
 //! tick carries them, one entry for any number of renewals, each with its age (how long
 //! before the tick the keepalive arrived), so a renewal counts from its keepalive, not from
 //! the tick; the same entry revokes every lease that expired, so there is no fixed revoke
-//! rate.
+//! rate. A keepalive is answered only once the tick carrying it is applied and the lease
+//! still exists after it, so an acknowledged renewal survives a failover and cannot be
+//! overtaken by an expiry already in flight (a keepalive waits about one tick).
 //!
 //! **Revocation across ranges, in two phases.** The owner range revokes a lease (expiry or
 //! explicit); the id stays *pending* while the owner's leader (retrying each tick until done)

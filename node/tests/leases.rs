@@ -234,3 +234,44 @@ async fn keepalive_batches_renew_many_leases_per_owner_range() {
     assert!(live.iter().all(|id| listed.contains(id)));
     cluster.shutdown().await;
 }
+
+/// A renewal acknowledged just before the owner range's leader goes holds a full TTL from
+/// when it was sent. The fault campaign (`concord-faults`, seed 20261123) found leases expiring
+/// early after acknowledged keepalives under pauses and partitions: the renewal lived only in
+/// the old leader's memory until its next tick, and a tick already in flight could expire a
+/// lease just renewed. Keepalives are now acknowledged only once a tick carrying them has been
+/// applied. This test checks that contract across a graceful leader stop; it did not fail
+/// before the fix (the stopping node still ticked), the campaign is what reproduces the bug.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_renewal_acknowledged_before_a_failover_holds_a_full_ttl() {
+    let mut cluster = Cluster::start(3, RANGES).await;
+    let client = cluster.client().await;
+    let owner: RangeId = 1;
+    let id = ids_owned_by(&client, owner, 1)[0];
+    let ttl = Duration::from_secs(4);
+    let lease = client.lease_grant_id(id, ttl).await.expect("grant");
+    let key = key_in(&client, 2, 7);
+    client.put_leased(key.clone(), "v", lease).await.unwrap();
+
+    // Late in the lease's life, a renewal; the owner's leader goes right after its answer.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let renewed = Instant::now();
+    client
+        .lease_keep_alive_once(lease)
+        .await
+        .expect("keepalive");
+    let leader = cluster.leader_of(owner).expect("owner range has a leader");
+    cluster.stop(leader).await;
+
+    // The renewal must hold a full TTL from when it was sent, whoever leads now.
+    let until = renewed + ttl - Duration::from_millis(300);
+    while Instant::now() < until {
+        assert!(
+            present(&client, &key).await,
+            "the renewed lease's key vanished {:?} after an acknowledged keepalive",
+            renewed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cluster.shutdown().await;
+}

@@ -4,7 +4,7 @@
 //! that a fenced txn's token still holds its lock when the lock lives in another range. The replicated
 //! lease state and its rules are in [`crate::leases`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -15,6 +15,7 @@ use concord_transport::api::{
 use concord_transport::lease::lease_anchor;
 use futures::future::join_all;
 use openraft::async_runtime::watch::WatchReceiver;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::{not_leader, Group, NodeInner};
@@ -25,29 +26,90 @@ use crate::network::{CallError, PeerError, PeerReply, PeerRequest};
 /// How long one internal proposal (a tick, a detach at another range) may take.
 const PROPOSE_TIMEOUT_MS: u64 = 3_000;
 
+/// Longest a keepalive waits for the tick that carries it: a tick's proposal bound and two
+/// tick periods.
+const CARRIED_WAIT_MS: u64 = PROPOSE_TIMEOUT_MS + 2 * LEASE_TICK_MS;
+
+/// How many ticks' outcomes are remembered for the keepalives waiting on them.
+const OUTCOMES_KEPT: usize = 64;
+
+/// The outcomes of a range's latest ticks (number, applied), oldest first, and the number of
+/// the latest tick that ended.
+type Outcomes = (VecDeque<(u64, bool)>, u64);
+
 /// Per-range lease bookkeeping of this node, used while it leads the range.
-#[derive(Default)]
+///
+/// A keepalive is acknowledged only once a tick that carries its renewal has been applied
+/// and the lease is still there after it: an acknowledged renewal is then in the replicated
+/// lease clock, so neither a tick already in flight (which may expire the lease) nor a
+/// failover (a new leader knows only what ticks carried) can take it back.
 pub(super) struct LeaseKeeper {
-    /// Leases kept alive since the last tick, with when (the latest keepalive of each).
-    renewals: Mutex<HashMap<LeaseId, Instant>>,
+    /// Leases kept alive since the last tick, with when (the latest keepalive of each), and
+    /// the number of the tick that will carry them.
+    renewals: Mutex<(HashMap<LeaseId, Instant>, u64)>,
+    /// How the latest ticks ended (applied, failed or abandoned).
+    outcomes: watch::Sender<Outcomes>,
     /// When this node last ticked the range, and in which term.
     last_tick: Mutex<Option<(Instant, u64)>>,
     /// A tick of this range is running.
     busy: AtomicBool,
 }
 
+impl Default for LeaseKeeper {
+    fn default() -> Self {
+        Self {
+            renewals: Mutex::new((HashMap::new(), 1)),
+            outcomes: watch::Sender::new((VecDeque::new(), 0)),
+            last_tick: Mutex::default(),
+            busy: AtomicBool::new(false),
+        }
+    }
+}
+
 impl LeaseKeeper {
-    /// Records keepalives of `ids` received `at`.
-    fn renew_all(&self, ids: impl IntoIterator<Item = (LeaseId, Instant)>) {
-        let mut renewals = self.renewals.lock().expect("renewals lock");
+    /// Records keepalives of `ids` received `at`; returns the number of the tick that will
+    /// carry them.
+    fn renew_all(&self, ids: impl IntoIterator<Item = (LeaseId, Instant)>) -> u64 {
+        let mut guard = self.renewals.lock().expect("renewals lock");
+        let (renewals, next_tick) = &mut *guard;
         for (id, at) in ids {
             let latest = renewals.entry(id).or_insert(at);
             *latest = (*latest).max(at);
         }
+        *next_tick
     }
 
-    fn take_renewals(&self) -> HashMap<LeaseId, Instant> {
-        std::mem::take(&mut *self.renewals.lock().expect("renewals lock"))
+    /// Takes the renewals for a tick; returns them and the tick's number.
+    fn take_renewals(&self) -> (HashMap<LeaseId, Instant>, u64) {
+        let mut guard = self.renewals.lock().expect("renewals lock");
+        let (renewals, next_tick) = &mut *guard;
+        let tick = *next_tick;
+        *next_tick += 1;
+        (std::mem::take(renewals), tick)
+    }
+
+    /// Records how tick `tick` ended: `applied`, or not (what it carried is not renewed).
+    fn ended(&self, tick: u64, applied: bool) {
+        self.outcomes.send_modify(|(outcomes, latest)| {
+            outcomes.push_back((tick, applied));
+            while outcomes.len() > OUTCOMES_KEPT {
+                outcomes.pop_front();
+            }
+            *latest = (*latest).max(tick);
+        });
+    }
+
+    /// Waits (at most [`CARRIED_WAIT_MS`]) until tick `tick` has ended; true if it was
+    /// applied.
+    async fn carried(&self, tick: u64) -> bool {
+        let mut outcomes = self.outcomes.subscribe();
+        let wait = outcomes.wait_for(|(_, latest)| *latest >= tick);
+        let applied = match tokio::time::timeout(Duration::from_millis(CARRIED_WAIT_MS), wait).await
+        {
+            Ok(Ok(state)) => state.0.iter().any(|&(t, applied)| t == tick && applied),
+            _ => false,
+        };
+        applied
     }
 
     /// Milliseconds since the previous tick in `term`; 0 on the first tick of a term (time
@@ -70,9 +132,14 @@ impl LeaseKeeper {
             .map_or(0, |(at, _)| at.elapsed().as_millis() as u64)
     }
 
+    /// This node no longer leads the range: the renewals not carried yet never will be, so
+    /// their keepalives are answered as not renewed.
     fn forget(&self) {
         *self.last_tick.lock().expect("last tick lock") = None;
-        self.renewals.lock().expect("renewals lock").clear();
+        let (renewals, tick) = self.take_renewals();
+        if !renewals.is_empty() {
+            self.ended(tick, false);
+        }
     }
 }
 
@@ -116,8 +183,10 @@ impl NodeInner {
             let owns = state.mvcc.leases().owned().next().is_some();
             owns
         };
-        let renewals = group.keeper.take_renewals();
-        if owns_leases || !renewals.is_empty() {
+        let (renewals, tick_number) = group.keeper.take_renewals();
+        let needed = owns_leases || !renewals.is_empty();
+        let mut applied = false;
+        if needed {
             let tick = Command::LeaseTick {
                 advance_ms,
                 renewals: renewals
@@ -127,14 +196,18 @@ impl NodeInner {
             };
             let timeout = Duration::from_millis(PROPOSE_TIMEOUT_MS);
             match tokio::time::timeout(timeout, group.raft.client_write(tick)).await {
-                Ok(Ok(_)) => {}
+                Ok(Ok(_)) => applied = true,
                 failed => {
                     tracing::debug!(range = group.descriptor.id, "lease tick failed: {failed:?}");
-                    // The advance is lost (expiries only get later); the renewals are kept.
+                    // The advance is lost (expiries only get later). The renewals go to the
+                    // next tick, but their keepalives are answered as failed: this entry may
+                    // still commit, and expire what they renewed.
                     group.keeper.renew_all(renewals);
                 }
             }
         }
+        // With nothing to carry, the tick needed no entry: its keepalives (none) are done.
+        group.keeper.ended(tick_number, applied || !needed);
         // Read after the tick: what it expired is fenced and detached at once.
         let pending = {
             let state = group.state.read().expect("range state lock");
@@ -319,15 +392,30 @@ impl NodeInner {
         Some(result.map(KvResponse::Lease))
     }
 
-    /// Renews lease `id` at the next tick. Only a leader sure of its lease (the barrier) may
-    /// promise that; a deposed one would accept keepalives that never reach a tick.
+    /// Renews lease `id`: answered once the next tick has carried the renewal into the
+    /// replicated lease clock and the lease is still there after it (see [`LeaseKeeper`]).
+    /// Only a leader sure of its lease (the barrier) takes the renewal.
     async fn keep_alive(&self, group: &Group, id: LeaseId) -> Result<LeaseResponse, ApiError> {
-        // The renewal counts from the keepalive's arrival (before the barrier: never later
-        // than the client's own idea of it).
+        // The renewal counts from the keepalive's arrival (never later than the client's own
+        // idea of it).
         let received = Instant::now();
+        self.owned_lease_ttl(group, id).await?;
+        let tick = group.keeper.renew_all([(id, received)]);
+        self.wait_carried(group, tick).await?;
         let (ttl_ms, _) = self.owned_lease_ttl(group, id).await?;
-        group.keeper.renew_all([(id, received)]);
         Ok(LeaseResponse::KeptAlive { id, ttl_ms })
+    }
+
+    /// Waits until tick `tick` of `group` has been applied; `Unavailable` if it was not (the
+    /// keepalives it carried are not acknowledged: the client renews again).
+    async fn wait_carried(&self, group: &Group, tick: u64) -> Result<(), ApiError> {
+        if group.keeper.carried(tick).await {
+            return Ok(());
+        }
+        Err(ApiError::Unavailable {
+            range_id: group.descriptor.id,
+            reason: "the lease tick carrying the renewal was not applied".into(),
+        })
     }
 
     /// Renews every lease of `ids` this range owns, with one barrier for all.
@@ -341,19 +429,30 @@ impl NodeInner {
             return Err(not_leader(group.descriptor.id, f.leader_id));
         }
         self.read_barrier(group, Consistency::Linearizable).await?;
+        let known: Vec<LeaseId> = {
+            let state = group.state.read().expect("range state lock");
+            let leases = state.mvcc.leases();
+            ids.iter()
+                .copied()
+                .filter(|id| leases.time_to_live(*id).is_some())
+                .collect()
+        };
+        let tick = group
+            .keeper
+            .renew_all(known.iter().map(|id| (*id, received)));
+        // Answered once the renewals are in the replicated clock (see `keep_alive`).
+        self.wait_carried(group, tick).await?;
+        self.read_barrier(group, Consistency::Linearizable).await?;
         let (mut renewed, mut missing) = (Vec::with_capacity(ids.len()), Vec::new());
         {
             let state = group.state.read().expect("range state lock");
             for id in ids {
                 match state.mvcc.leases().time_to_live(*id) {
-                    Some((ttl_ms, _)) => renewed.push((*id, ttl_ms)),
-                    None => missing.push(*id),
+                    Some((ttl_ms, _)) if known.contains(id) => renewed.push((*id, ttl_ms)),
+                    _ => missing.push(*id),
                 }
             }
         }
-        group
-            .keeper
-            .renew_all(renewed.iter().map(|(id, _)| (*id, received)));
         Ok(LeaseResponse::KeptAliveMany { renewed, missing })
     }
 

@@ -113,6 +113,7 @@ fn fsync_failed(e: impl std::fmt::Display) -> ! {
 
 /// A fail point that, when configured with `return`, crashes the process right there (as
 /// `kill -9` would, but at a chosen instruction). Nothing without the `failpoints` feature.
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
 pub(crate) fn crash_point(name: &str) {
     fail::fail_point!(name, |_| {
         eprintln!("fail point {name}: crashing");
