@@ -183,6 +183,20 @@ async fn watch_everything(
     }))
 }
 
+/// Waits until `done` holds of the watch log, or the watch ended, or `limit` passed.
+async fn watch_log_until(log: &Mutex<WatchLog>, limit: Duration, done: impl Fn(&WatchLog) -> bool) {
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        {
+            let log = log.lock().expect("watch log lock");
+            if log.ended.is_some() || done(&log) {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Runs a campaign.
 pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
     fs::create_dir_all(&config.out)?;
@@ -287,37 +301,21 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
     }
     // The watcher has caught up once its last event of each key is the final read's value
     // (bounded: if it never does, the checker says where it stopped).
-    let caught_up_by = Instant::now() + WATCH_CATCH_UP_MAX;
-    while Instant::now() < caught_up_by {
-        let caught_up = {
-            let log = watch_log.lock().expect("watch log lock");
-            log.ended.is_some()
-                || final_reads
-                    .iter()
-                    .all(|&(k, value)| log.last_value(k).unwrap_or(None) == value)
-        };
-        if caught_up {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    watch_log_until(&watch_log, WATCH_CATCH_UP_MAX, |log| {
+        final_reads
+            .iter()
+            .all(|&(k, value)| log.last_value(k).unwrap_or(None) == value)
+    })
+    .await;
     // Every dead lease's key must go: wait (bounded) until the watch saw them deleted.
     let records = std::mem::take(&mut *lease_records.lock().expect("leases lock"));
-    let expired_by = Instant::now() + leases::LEASE_TTL + LEASE_DRAIN_MAX;
-    while Instant::now() < expired_by {
-        let all_gone = {
-            let log = watch_log.lock().expect("watch log lock");
-            log.ended.is_some()
-                || records
-                    .iter()
-                    .filter(|r| r.attached)
-                    .all(|r| log.lease_deletions.contains_key(&r.key))
-        };
-        if all_gone {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    watch_log_until(&watch_log, leases::LEASE_TTL + LEASE_DRAIN_MAX, |log| {
+        records
+            .iter()
+            .filter(|r| r.attached)
+            .all(|r| log.lease_deletions.contains_key(&r.key))
+    })
+    .await;
     watching.abort();
     drop(watch_client);
     let final_counter = locks::read_counter(&reader)
