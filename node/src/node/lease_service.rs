@@ -178,6 +178,15 @@ impl NodeInner {
         let term = group.raft.metrics().borrow_watched().current_term;
         let now = Instant::now();
         let advance_ms = group.keeper.advance(now, term);
+        if advance_ms > 4 * LEASE_TICK_MS {
+            // The lease clock jumps: every lease loses that much at once (a stalled node).
+            tracing::warn!(
+                range = group.descriptor.id,
+                term,
+                advance_ms,
+                "lease clock jump"
+            );
+        }
         let owns_leases = {
             let state = group.state.read().expect("range state lock");
             let owns = state.mvcc.leases().owned().next().is_some();
