@@ -120,17 +120,28 @@ struct WatchLog {
     ended: Option<String>,
     /// Lease keys → when their deletion was first seen (history clock).
     lease_deletions: HashMap<String, u64>,
+    /// Registers → the revision and value of their latest event so far.
+    latest: HashMap<u64, (u64, Option<u64>)>,
 }
 
 impl WatchLog {
+    /// Records a response (and each register's latest event).
+    fn push(&mut self, seen: Seen) {
+        for e in &seen.events {
+            let latest = self
+                .latest
+                .entry(e.key)
+                .or_insert((e.mod_revision, e.value));
+            if e.mod_revision >= latest.0 {
+                *latest = (e.mod_revision, e.value);
+            }
+        }
+        self.seen.push(seen);
+    }
+
     /// The value of the latest event of register `k`.
     fn last_value(&self, k: u64) -> Option<Option<u64>> {
-        self.seen
-            .iter()
-            .flat_map(|s| &s.events)
-            .filter(|e| e.key == k)
-            .max_by_key(|e| e.mod_revision)
-            .map(|e| e.value)
+        self.latest.get(&k).map(|&(_, value)| value)
     }
 }
 
@@ -166,7 +177,7 @@ async fn watch_everything(
                             })
                         })
                         .collect();
-                    log.seen.push(Seen {
+                    log.push(Seen {
                         range: r.range_id,
                         revision: r.revision,
                         progress: r.progress,
