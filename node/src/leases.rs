@@ -7,6 +7,14 @@
 //! checkpointed by the next tick) nor hands dead ones a fresh TTL: the time lost in a failover
 //! is at most the election plus one tick, and it only ever delays an expiry.
 //!
+//! **A grant's TTL starts at the first tick after it**, not at the clock value it is applied
+//! at: the clock stands still between ticks, and a tick that takes long to commit (a slow
+//! quorum, a busy leader) can advance it by seconds at once, time that passed before the
+//! grant arrived. Every entry after a tick in the log was proposed after that tick measured
+//! its time, so the first tick after a grant measured its time no earlier than the grant
+//! arrived (up to the instant between a tick's measurement and its proposal, which the one
+//! tick of margin a grant gets covers).
+//!
 //! **Keepalives** are not Raft entries: the leader collects renewed ids in memory and the next
 //! tick carries them, one entry for any number of renewals, each with its age (how long
 //! before the tick the keepalive arrived), so a renewal counts from its keepalive, not from
@@ -36,8 +44,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use concord_transport::api::{ApiError, LeaseId, LeaseStatus};
 use serde::{Deserialize, Serialize};
 
-/// The leader ticks the lease clock this often. A grant adds one tick to the TTL: the first
-/// tick after a grant may count time that passed before it.
+/// The leader ticks the lease clock this often. A grant's TTL gets one tick of margin on top,
+/// from the first tick after the grant.
 pub const LEASE_TICK_MS: u64 = 250;
 
 /// A lease owned by this range.
@@ -45,8 +53,9 @@ pub const LEASE_TICK_MS: u64 = 250;
 pub struct OwnedLease {
     /// The TTL it was granted with.
     pub ttl_ms: u64,
-    /// The lease clock value at which it expires.
-    pub expires_at_ms: u64,
+    /// The lease clock value at which it expires; `None` from its grant until the first tick
+    /// after it, which starts the TTL.
+    pub expires_at_ms: Option<u64>,
 }
 
 /// A change to persist, produced next to the key-value mutations.
@@ -112,11 +121,14 @@ impl LeaseTable {
         self.owned.contains_key(&id)
     }
 
-    /// The granted TTL and the time left of an owned lease.
+    /// The granted TTL and the time left of an owned lease (the whole TTL until it starts).
     pub fn time_to_live(&self, id: LeaseId) -> Option<(u64, u64)> {
-        self.owned
-            .get(&id)
-            .map(|l| (l.ttl_ms, l.expires_at_ms.saturating_sub(self.clock_ms)))
+        self.owned.get(&id).map(|l| {
+            let left = l
+                .expires_at_ms
+                .map_or(l.ttl_ms, |at| at.saturating_sub(self.clock_ms));
+            (l.ttl_ms, left)
+        })
     }
 
     /// Revoked ids here (every id, with whether it still awaits other ranges' detach).
@@ -173,7 +185,7 @@ impl LeaseTable {
         }
     }
 
-    /// Creates lease `id`.
+    /// Creates lease `id`; its TTL starts at the next tick.
     pub fn grant(
         &mut self,
         id: LeaseId,
@@ -185,7 +197,7 @@ impl LeaseTable {
         }
         let lease = OwnedLease {
             ttl_ms,
-            expires_at_ms: self.clock_ms + ttl_ms + LEASE_TICK_MS,
+            expires_at_ms: None,
         };
         self.owned.insert(id, lease);
         out.push(LeaseMutation::Owned(id, Some(lease)));
@@ -205,9 +217,10 @@ impl LeaseTable {
         }
     }
 
-    /// Advances the clock by `advance_ms`, renews `renewals` (id, milliseconds since its
-    /// keepalive) for their full TTL from the keepalive, and revokes what expired. A renewal
-    /// never shortens a lease. Returns the expired ids.
+    /// Advances the clock by `advance_ms`, starts the TTL of leases granted since the previous
+    /// tick, renews `renewals` (id, milliseconds since its keepalive) for their full TTL from
+    /// the keepalive, and revokes what expired. A renewal never shortens a lease. Returns the
+    /// expired ids.
     pub fn tick(
         &mut self,
         advance_ms: u64,
@@ -218,21 +231,29 @@ impl LeaseTable {
             self.clock_ms += advance_ms;
             out.push(LeaseMutation::Clock(self.clock_ms));
         }
+        let clock_ms = self.clock_ms;
         for (id, age_ms) in renewals {
             if let Some(lease) = self.owned.get_mut(id) {
-                let expires_at_ms = (self.clock_ms + lease.ttl_ms).saturating_sub(*age_ms);
-                if expires_at_ms > lease.expires_at_ms {
-                    lease.expires_at_ms = expires_at_ms;
+                // An unstarted lease gets more below than a renewal would give it.
+                let Some(at) = lease.expires_at_ms else { continue };
+                let renewed = (clock_ms + lease.ttl_ms).saturating_sub(*age_ms);
+                if renewed > at {
+                    lease.expires_at_ms = Some(renewed);
                     out.push(LeaseMutation::Owned(*id, Some(*lease)));
                 }
             }
         }
-        let expired: Vec<LeaseId> = self
-            .owned
-            .iter()
-            .filter(|(_, l)| l.expires_at_ms <= self.clock_ms)
-            .map(|(id, _)| *id)
-            .collect();
+        let mut expired = Vec::new();
+        for (id, lease) in &mut self.owned {
+            match lease.expires_at_ms {
+                Some(at) if at <= clock_ms => expired.push(*id),
+                Some(_) => {}
+                None => {
+                    lease.expires_at_ms = Some(clock_ms + lease.ttl_ms + LEASE_TICK_MS);
+                    out.push(LeaseMutation::Owned(*id, Some(*lease)));
+                }
+            }
+        }
         self.revoke(&expired, out);
         expired
     }
@@ -301,6 +322,9 @@ mod tests {
         let out = &mut Vec::new();
         t.grant(7, 1_000, out).unwrap();
         t.attach(b"a", 0, 7);
+        // Not started yet: the whole TTL is left, whatever the clock does.
+        assert_eq!(t.time_to_live(7), Some((1_000, 1_000)));
+        assert_eq!(t.tick(0, &[], out), vec![]);
         assert_eq!(t.tick(999 + LEASE_TICK_MS, &[], out), vec![]);
         assert_eq!(t.time_to_live(7), Some((1_000, 1)));
         assert_eq!(t.tick(1, &[], out), vec![7]);
@@ -320,6 +344,7 @@ mod tests {
         let mut t = LeaseTable::default();
         let out = &mut Vec::new();
         t.grant(1, 1_000, out).unwrap();
+        t.tick(0, &[], out);
         t.tick(900, &[(1, 0)], out);
         assert_eq!(t.time_to_live(1), Some((1_000, 1_000)));
         assert_eq!(t.tick(999, &[], out), Vec::<LeaseId>::new());
@@ -332,6 +357,40 @@ mod tests {
         t.tick(0, &[(1, 900)], out);
         assert_eq!(t.time_to_live(1), Some((1_000, 700)));
         assert!(t.owns(1));
+    }
+
+    /// Regression (campaign seed 20261123, "lease expired early"): a grant applied while the
+    /// previous tick was slow to commit took the clock of that tick's start as its own, so the
+    /// next tick, counting the time that passed before the grant arrived, expired it seconds
+    /// early.
+    #[test]
+    fn a_lease_granted_while_a_tick_is_slow_keeps_its_full_ttl() {
+        let mut t = LeaseTable::default();
+        let out = &mut Vec::new();
+        // A tick measured the leader's time, then took 2.9 s to commit; the grant arrived
+        // just after it committed and the next tick counts those 2.9 s and 0.1 s more.
+        t.tick(0, &[], out);
+        t.grant(1, 1_000, out).unwrap();
+        assert_eq!(t.tick(3_000, &[], out), Vec::<LeaseId>::new());
+        assert_eq!(t.time_to_live(1), Some((1_000, 1_000 + LEASE_TICK_MS)));
+        // From its first tick on the lease runs out as any other.
+        assert_eq!(t.tick(1_000 + LEASE_TICK_MS, &[], out), vec![1]);
+    }
+
+    #[test]
+    fn a_lease_granted_before_a_failover_starts_at_the_new_leaders_first_tick() {
+        let mut t = LeaseTable::default();
+        let out = &mut Vec::new();
+        t.tick(500, &[], out);
+        t.grant(2, 1_000, out).unwrap();
+        // The new leader's first tick counts no time (its election is not lease time).
+        t.tick(0, &[], out);
+        assert_eq!(t.time_to_live(2), Some((1_000, 1_000 + LEASE_TICK_MS)));
+        // A renewal in the same tick as the start never shortens it.
+        let mut u = LeaseTable::default();
+        u.grant(2, 1_000, out).unwrap();
+        u.tick(100, &[(2, 0)], out);
+        assert_eq!(u.time_to_live(2), Some((1_000, 1_000 + LEASE_TICK_MS)));
     }
 
     #[test]

@@ -176,6 +176,14 @@ impl NodeInner {
     /// expire (all in one entry), then push pending revocations to the other ranges.
     async fn lease_tick(&self, group: &Group) {
         let term = group.raft.metrics().borrow_watched().current_term;
+        let owns_leases = {
+            let state = group.state.read().expect("range state lock");
+            let owns = state.mvcc.leases().owned().next().is_some();
+            owns
+        };
+        let (renewals, tick_number) = group.keeper.take_renewals();
+        // Measured after the renewals are taken (each arrived before it) and as close to the
+        // proposal as can be: a grant proposed before this tick starts its TTL here.
         let now = Instant::now();
         let advance_ms = group.keeper.advance(now, term);
         if advance_ms > 4 * LEASE_TICK_MS {
@@ -187,12 +195,6 @@ impl NodeInner {
                 "lease clock jump"
             );
         }
-        let owns_leases = {
-            let state = group.state.read().expect("range state lock");
-            let owns = state.mvcc.leases().owned().next().is_some();
-            owns
-        };
-        let (renewals, tick_number) = group.keeper.take_renewals();
         let needed = owns_leases || !renewals.is_empty();
         let mut applied = false;
         if needed {
