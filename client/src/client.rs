@@ -10,7 +10,8 @@ use concord_placement::{RangeDescriptor, RangeTable};
 use concord_transport::api::{
     ApiError, ClientReply, ClientRequest, ClientResponse, CompactResponse, Consistency,
     DeleteRequest, KeySpan, KeyValue, KvRequest, KvResponse, LeaseRequest, NodeId, PutRequest,
-    PutResponse, RangeRequest, ResponseHeader, RouteTable, StatusResponse, TxnRequest, TxnResponse,
+    PutResponse, RangeId, RangeRequest, ResponseHeader, RouteTable, StatusResponse, TxnRequest,
+    TxnResponse,
 };
 use concord_transport::endpoint::{self, ConnectionLimits};
 use concord_transport::{wire, SERVER_NAME};
@@ -70,7 +71,14 @@ struct Inner {
     next_replica: AtomicUsize,
     /// The watch channel of each range (see `watch.rs`).
     watch_channels: crate::watch::Channels,
+    /// Nodes that did not answer lately, and until when they are passed over.
+    suspects: Mutex<HashMap<NodeId, std::time::Instant>>,
 }
+
+/// How long a node that did not answer (unreachable, or silent past the request timeout) is
+/// passed over when picking a replica. A dead node's connection looks open until its idle
+/// timeout: without this, every request routed to it would wait out its own timeout.
+const SUSPECT_FOR: Duration = Duration::from_secs(5);
 
 fn is_write(request: &KvRequest) -> bool {
     !matches!(
@@ -107,6 +115,7 @@ impl Client {
             table: RwLock::new(None),
             next_replica: AtomicUsize::new(0),
             watch_channels: Default::default(),
+            suspects: Mutex::new(HashMap::new()),
         });
         let client = Self { inner };
         client.refresh_routes().await?;
@@ -194,6 +203,10 @@ impl Client {
                 request: request.clone(),
             };
             let outcome = self.inner.send(&addr, &frame).await;
+            match &outcome {
+                Err(_) => self.suspect(target, desc.id),
+                Ok(_) => self.vouch(target),
+            }
             match outcome {
                 Ok(Ok(ClientReply::Kv(resp))) => return Ok(resp),
                 Ok(Ok(other)) => {
@@ -208,6 +221,8 @@ impl Client {
                     // an election is under way, so wait for it instead of bouncing.
                     let usable =
                         leader_hint.filter(|l| Some(*l) != target && Some(*l) != unreachable);
+                    // A node that answers names the leader it hears from: not suspect.
+                    self.vouch(usable);
                     {
                         let mut routes = self.inner.routes.write().expect("routes lock");
                         match usable {
@@ -283,6 +298,32 @@ impl Client {
         })
     }
 
+    /// `node` did not answer a request for `range`: pass it over for a while, and forget it
+    /// as the range's leader.
+    fn suspect(&self, node: Option<NodeId>, range: RangeId) {
+        let Some(node) = node else { return };
+        let until = std::time::Instant::now() + SUSPECT_FOR;
+        self.inner
+            .suspects
+            .lock()
+            .expect("suspects lock")
+            .insert(node, until);
+        let mut routes = self.inner.routes.write().expect("routes lock");
+        if routes.leaders.get(&range) == Some(&node) {
+            routes.leaders.remove(&range);
+        }
+    }
+
+    /// `node` answered: no longer suspect.
+    fn vouch(&self, node: Option<NodeId>) {
+        if let Some(node) = node {
+            let mut suspects = self.inner.suspects.lock().expect("suspects lock");
+            if !suspects.is_empty() {
+                suspects.remove(&node);
+            }
+        }
+    }
+
     fn pick_node(
         &self,
         desc: &RangeDescriptor,
@@ -290,13 +331,29 @@ impl Client {
         attempt: u32,
         avoid: Option<NodeId>,
     ) -> Option<NodeId> {
+        let now = std::time::Instant::now();
+        let suspect = {
+            let mut suspects = self.inner.suspects.lock().expect("suspects lock");
+            suspects.retain(|_, until| *until > now);
+            suspects.clone()
+        };
         let routes = self.inner.routes.read().expect("routes lock");
-        let candidates: Vec<NodeId> = desc
+        let healthy: Vec<NodeId> = desc
             .replicas
             .iter()
             .copied()
-            .filter(|n| Some(*n) != avoid)
+            .filter(|n| Some(*n) != avoid && !suspect.contains_key(n))
             .collect();
+        // Only when every replica is suspect (or avoided) are they tried anyway.
+        let candidates: Vec<NodeId> = if healthy.is_empty() {
+            desc.replicas
+                .iter()
+                .copied()
+                .filter(|n| Some(*n) != avoid)
+                .collect()
+        } else {
+            healthy
+        };
         let candidates = if candidates.is_empty() {
             desc.replicas.clone()
         } else {
@@ -308,7 +365,7 @@ impl Client {
                 spread(self.inner.next_replica.fetch_add(1, Ordering::Relaxed))
             }
             _ => match routes.leaders.get(&desc.id) {
-                Some(l) if Some(*l) != avoid => Some(*l),
+                Some(l) if Some(*l) != avoid && !suspect.contains_key(l) => Some(*l),
                 _ => spread(attempt as usize),
             },
         }

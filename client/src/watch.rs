@@ -14,11 +14,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use concord_placement::RangeDescriptor;
 use concord_transport::api::{ApiError, ClientRequest, RangeId};
-use concord_transport::watch::{Event, GroupId, WatchControl, WatchId, WatchMessage, WatchRequest};
+use concord_transport::watch::{
+    Event, GroupId, WatchControl, WatchId, WatchMessage, WatchRequest, PROGRESS_INTERVAL_MS,
+};
 use concord_transport::wire;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
@@ -32,6 +34,11 @@ const WATCH_CLIENT_BUFFER: usize = 256;
 
 /// How often a channel recreates the watches whose callers fell behind and caught up.
 const CATCH_UP_CHECK: Duration = Duration::from_millis(100);
+
+/// Progress intervals a channel may stay silent, while one of its watches asked for progress
+/// notifications, before its node is taken for dead (the connection's idle timeout would
+/// take 30 s to say so).
+const SILENT_INTERVALS_MAX: u32 = 3;
 
 /// The watch channels of a client, by range (`pub(crate)` for the client's state).
 pub(crate) type Channels = std::sync::Mutex<HashMap<RangeId, mpsc::UnboundedSender<Command>>>;
@@ -384,6 +391,8 @@ impl Channel {
             }
         }
         let mut catch_up = tokio::time::interval(CATCH_UP_CHECK);
+        let silence_max = Duration::from_millis(PROGRESS_INTERVAL_MS) * SILENT_INTERVALS_MAX;
+        let mut heard = Instant::now();
         loop {
             let step = tokio::select! {
                 command = self.commands.recv() => match command {
@@ -391,11 +400,26 @@ impl Channel {
                     Some(command) => self.command(&mut send, command).await,
                 },
                 frame = frames.recv() => match frame {
-                    Some(Ok(message)) => self.message(&mut send, message).await,
+                    Some(Ok(message)) => {
+                        heard = Instant::now();
+                        self.message(&mut send, message).await
+                    }
                     Some(Err(e)) => Err(ChannelEnd::Resume(Error::Protocol(format!("{addr}: {e}")))),
                     None => Err(ChannelEnd::Resume(Error::Protocol("watch channel closed".into()))),
                 },
-                _ = catch_up.tick() => self.catch_up(&mut send).await,
+                _ = catch_up.tick() => {
+                    let wants_progress = self
+                        .watches
+                        .values()
+                        .any(|l| l.request.progress_notify && l.joined.is_some());
+                    if wants_progress && heard.elapsed() > silence_max {
+                        Err(ChannelEnd::Resume(Error::Protocol(format!(
+                            "{addr}: no progress notification for {silence_max:?}"
+                        ))))
+                    } else {
+                        self.catch_up(&mut send).await
+                    }
+                }
             };
             if let Err(end) = step {
                 return end;

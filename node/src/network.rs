@@ -238,11 +238,19 @@ impl Peers {
             .clone()
     }
 
-    /// Adopts a connection `peer` dialled to us, unless we already have a live one.
+    /// Adopts the connection a batch from `peer` came on, in place of the one held. A peer dials only
+    /// when it holds no live connection to us, so the one held here is the past of a peer
+    /// that restarted (dead, though it looks open until its idle timeout) or one this node
+    /// dialled at the same moment (still served, so either serves both directions).
     pub fn adopt(&self, peer: NodeId, conn: &quinn::Connection) {
         let slot = self.slot(peer);
+        // A dial in progress fills the slot itself.
         let adopted = match slot.try_lock() {
-            Ok(mut guard) if guard.as_ref().is_none_or(|c| c.close_reason().is_some()) => {
+            Ok(mut guard)
+                if guard
+                    .as_ref()
+                    .is_none_or(|c| c.stable_id() != conn.stable_id()) =>
+            {
                 *guard = Some(conn.clone());
                 true
             }

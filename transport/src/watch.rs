@@ -17,10 +17,18 @@
 //! revisions up to the one in its `Created`; from there its group's `Events` carry on.
 //! `Progress` bookmarks cover every watch of the channel. A watch over several ranges is one
 //! watch per range, on each range's channel, merged by the client library.
+//!
+//! **Liveness.** While any watch of a channel asked for progress notifications, the node
+//! sends a frame at least every [`PROGRESS_INTERVAL_MS`]; a client that hears nothing for
+//! several intervals takes the node for dead and resumes elsewhere, without waiting for the
+//! connection's idle timeout.
 
 use serde::{Deserialize, Serialize};
 
 use crate::api::{ApiError, KeySpan, KeyValue, ResponseHeader};
+
+/// How often a node sends a `Progress` bookmark on a channel where a watch asked for them.
+pub const PROGRESS_INTERVAL_MS: u64 = 1_000;
 
 /// What to watch, in one range.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -20,7 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use concord_transport::api::{ApiError, KeySpan, RangeId, ResponseHeader};
-use concord_transport::watch::{GroupId, WatchControl, WatchId, WatchMessage, WatchRequest};
+use concord_transport::watch::{
+    GroupId, WatchControl, WatchId, WatchMessage, WatchRequest, PROGRESS_INTERVAL_MS,
+};
 use concord_transport::wire;
 use futures::FutureExt;
 use tokio::sync::broadcast::error::RecvError;
@@ -30,7 +32,7 @@ use super::{span_inside, Group, NodeInner};
 
 /// How often a channel sends a progress bookmark (when a watch asked for them) or else checks
 /// that its client is still there.
-pub const WATCH_PROGRESS_MS: u64 = 1_000;
+pub const WATCH_PROGRESS_MS: u64 = PROGRESS_INTERVAL_MS;
 
 /// Control frames read ahead of the channel task.
 const CONTROL_BUFFER: usize = 1_024;
