@@ -13,6 +13,7 @@ packages=(
   iproute2          # `ss` (scripts/cluster.sh), `ip netns` and `tc` (the fault tests' test hosts)
   iptables          # random packet loss on a test host (the fault tests' lossy nemesis)
   procps            # `kill -STOP/-CONT` (the fault tests' pause nemesis)
+  libfaketime       # skewed wall clocks for one node (the fault tests' clock nemesis)
   protobuf-compiler # protoc for etcd-client's gRPC bindings (concord-loadgen's etcd target)
   libprotobuf-dev   # the well-known .proto files (descriptor.proto) etcd's protos import
   fonts-dejavu-core # the font concord-loadgen draws its --plot charts with

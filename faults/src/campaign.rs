@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 
 use crate::cluster::Cluster;
 use crate::linearizability::{self, Report};
-use crate::nemesis::{schedule, Fault, Kind, Step};
+use crate::nemesis::{schedule, Fault, Kind, Step, DISK_FULL_POINT};
 use crate::watches::{self, Seen, SeenEvent};
 use crate::workload::{self, History, Mix};
 use crate::{leases, locks};
@@ -101,6 +101,8 @@ pub struct Outcome {
     pub leases_granted: usize,
     /// The lease properties broken.
     pub leases: Vec<leases::Violation>,
+    /// How late the let-go leases' keys were seen deleted.
+    pub lease_lateness: leases::Lateness,
 }
 
 impl Outcome {
@@ -343,7 +345,12 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
     write_lines(&config.out.join("locks.jsonl"), &attempts)?;
     let lock_violations = locks::check(&attempts, final_counter);
     write_lines(&config.out.join("leases.jsonl"), &records)?;
-    let lease_violations = leases::check(&records, &log.lease_deletions);
+    let fault_spans: Vec<(u64, u64)> = applied
+        .iter()
+        .map(|a| (a.started_ns, a.healed_ns))
+        .collect();
+    let (lease_violations, lease_lateness) =
+        leases::check(&records, &log.lease_deletions, &fault_spans);
     let outcome = Outcome {
         ops: ops.len(),
         unknown: ops.iter().filter(|o| o.is_unknown()).count(),
@@ -355,6 +362,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
         locks: lock_violations,
         leases_granted: records.len(),
         leases: lease_violations,
+        lease_lateness,
     };
     fs::write(
         config.out.join("verdict.json"),
@@ -373,6 +381,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
             "lock_violations": outcome.locks,
             "leases_granted": outcome.leases_granted,
             "lease_violations": outcome.leases,
+            "lease_lateness": outcome.lease_lateness,
         }))?,
     )?;
     Ok(outcome)
@@ -462,6 +471,19 @@ async fn apply(cluster: &mut Cluster, fault: &Fault) -> anyhow::Result<Vec<usize
             percent,
         } => {
             cluster.arm(*host, &format!("{point}={percent}%return"))?;
+            Ok(vec![*host])
+        }
+        Fault::DiskFull(host) => {
+            cluster.arm(*host, &format!("{DISK_FULL_POINT}=return"))?;
+            Ok(vec![*host])
+        }
+        Fault::Clock {
+            host,
+            offset_s,
+            rate_pct,
+        } => {
+            let rate = f64::from(*rate_pct) / 100.0;
+            cluster.skew_clock(*host, &format!("{offset_s:+} x{rate}"))?;
             Ok(vec![*host])
         }
         Fault::Lossy {

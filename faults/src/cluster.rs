@@ -28,8 +28,34 @@ pub struct Cluster {
     procs: Vec<Option<Child>>,
     /// Per host: stopped with `SIGSTOP`.
     paused: Vec<bool>,
-    /// Per host: running with fail points configured (restarted without them when healed).
-    armed: Vec<bool>,
+    /// Per host: running with fail points or a skewed clock (restarted without when healed).
+    altered: Vec<bool>,
+}
+
+/// Where Debian's `libfaketime` package puts its multi-threaded library.
+const LIBFAKETIME_GLOB: &str = "/usr/lib/*/faketime/libfaketimeMT.so.1";
+
+/// The `libfaketime` library, if installed.
+fn libfaketime() -> anyhow::Result<PathBuf> {
+    let lib = std::fs::read_dir("/usr/lib")?
+        .filter_map(Result::ok)
+        .map(|arch| arch.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|lib| lib.exists());
+    lib.with_context(|| {
+        format!("{LIBFAKETIME_GLOB} missing: run scripts/install-deps.sh (package libfaketime)")
+    })
+}
+
+/// The environment that runs a process with its wall clock skewed as `faketime` says (the
+/// `FAKETIME` syntax of libfaketime) and its monotonic clock untouched.
+pub fn skewed_clock_env(faketime: &str) -> anyhow::Result<Vec<(&'static str, String)>> {
+    Ok(vec![
+        ("LD_PRELOAD", libfaketime()?.display().to_string()),
+        ("FAKETIME", faketime.to_string()),
+        // The variable's name before libfaketime 0.9.9, and since.
+        ("DONT_FAKE_MONOTONIC", "1".to_string()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_string()),
+    ])
 }
 
 /// Sends `signal` (`STOP`, `CONT`) to `pid`.
@@ -63,10 +89,10 @@ impl Cluster {
             ranges,
             procs: (0..nodes).map(|_| None).collect(),
             paused: vec![false; nodes],
-            armed: vec![false; nodes],
+            altered: vec![false; nodes],
         };
         for host in 0..nodes {
-            cluster.spawn(host, None)?;
+            cluster.spawn(host, &[])?;
         }
         Ok(cluster)
     }
@@ -95,8 +121,8 @@ impl Cluster {
         self.dir.join(format!("node-{}.log", Cluster::id(host)))
     }
 
-    /// Starts `host`'s node, with `failpoints` as its `FAILPOINTS` if given.
-    fn spawn(&mut self, host: usize, failpoints: Option<&str>) -> anyhow::Result<()> {
+    /// Starts `host`'s node, with `env` added to its environment (none: a plain node).
+    fn spawn(&mut self, host: usize, env: &[(&str, String)]) -> anyhow::Result<()> {
         let peers: Vec<String> = (0..self.nodes())
             .map(|h| format!("{}={}", Cluster::id(h), self.endpoint(h)))
             .collect();
@@ -105,9 +131,7 @@ impl Cluster {
             .append(true)
             .open(self.log_path(host))?;
         let mut command = self.net.command(host, &self.concord);
-        if let Some(failpoints) = failpoints {
-            command.env("FAILPOINTS", failpoints);
-        }
+        command.envs(env.iter().map(|(k, v)| (k, v)));
         let child = command
             .args(["node", "--id", &Cluster::id(host).to_string()])
             .args([
@@ -127,7 +151,7 @@ impl Cluster {
             .context("spawning concord node")?;
         self.procs[host] = Some(child);
         self.paused[host] = false;
-        self.armed[host] = failpoints.is_some();
+        self.altered[host] = !env.is_empty();
         Ok(())
     }
 
@@ -136,7 +160,16 @@ impl Cluster {
     /// the `failpoints` feature (test builds are); one without refuses to start.
     pub fn arm(&mut self, host: usize, failpoints: &str) -> anyhow::Result<()> {
         self.kill(host)?;
-        self.spawn(host, Some(failpoints))
+        self.spawn(host, &[("FAILPOINTS", failpoints.to_string())])
+    }
+
+    /// Restarts `host`'s node with its wall clock skewed by `libfaketime` (`faketime` in its
+    /// `FAKETIME` syntax, e.g. `-2d x3`: two days behind, running three times as fast). Its
+    /// monotonic clock, the only one concord times anything with, is left alone.
+    pub fn skew_clock(&mut self, host: usize, faketime: &str) -> anyhow::Result<()> {
+        let env = skewed_clock_env(faketime)?;
+        self.kill(host)?;
+        self.spawn(host, &env)
     }
 
     /// Whether `host`'s node process has exited by itself (a fail point crashed it).
@@ -170,14 +203,14 @@ impl Cluster {
         Ok(())
     }
 
-    /// Starts `host`'s node again on its data, without fail points (no-op if it runs
-    /// without them).
+    /// Starts `host`'s node again on its data, without fail points or a skewed clock (no-op
+    /// if it runs plain).
     pub fn restart(&mut self, host: usize) -> anyhow::Result<()> {
-        if self.armed[host] || self.exited(host) {
+        if self.altered[host] || self.exited(host) {
             self.kill(host)?;
         }
         if self.procs[host].is_none() {
-            self.spawn(host, None)?;
+            self.spawn(host, &[])?;
         }
         Ok(())
     }
@@ -271,5 +304,33 @@ impl Drop for Cluster {
             let _ = self.resume(host);
             let _ = self.kill(host);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Seconds since the epoch by the wall clock of a shell run with `env`.
+    fn wall_clock(env: &[(&str, String)]) -> i64 {
+        let out = Command::new("date")
+            .arg("+%s")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .expect("running date");
+        let text = String::from_utf8(out.stdout).expect("utf-8");
+        text.trim().parse().expect("seconds")
+    }
+
+    /// The clock nemesis skews what it says. (That it leaves monotonic time alone the
+    /// campaigns show: a lease clock running at its `x` rate would expire leases early.)
+    #[test]
+    fn a_skewed_clock_env_moves_the_wall_clock() {
+        let env = skewed_clock_env("-7200 x2").expect("libfaketime: run scripts/install-deps.sh");
+        let off = wall_clock(&[]) - wall_clock(&env);
+        assert!(
+            (7_190..=7_210).contains(&off),
+            "wall clock off by {off} s, not 7200"
+        );
     }
 }

@@ -27,7 +27,16 @@ pub enum Kind {
     /// storage (before or after the group-commit fsync, a failing fsync, before apply,
     /// during snapshot install).
     CrashPoint,
+    /// One node's disk full: every write of its store fails with `ENOSPC` (a fail point), so
+    /// it stops, and stops again at every start, until healed.
+    DiskFull,
+    /// One node restarted with its wall clock skewed (hours to days off, running slow or
+    /// fast) by `libfaketime`.
+    Clock,
 }
+
+/// The fail point [`Kind::DiskFull`] arms (see `node/src/storage/mod.rs`).
+pub const DISK_FULL_POINT: &str = "storage-write-error";
 
 /// The fail points of a `concord node` that [`Kind::CrashPoint`] arms (see
 /// `node/src/storage/group_commit.rs` and `state_machine.rs`).
@@ -41,7 +50,7 @@ pub const CRASH_POINTS: [&str; 5] = [
 
 impl Kind {
     /// Every kind, in a fixed order.
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Kill,
         Kind::KillAll,
         Kind::Pause,
@@ -50,6 +59,8 @@ impl Kind {
         Kind::Bridge,
         Kind::Lossy,
         Kind::CrashPoint,
+        Kind::DiskFull,
+        Kind::Clock,
     ];
 
     fn name(self) -> &'static str {
@@ -62,6 +73,8 @@ impl Kind {
             Kind::Bridge => "bridge",
             Kind::Lossy => "lossy",
             Kind::CrashPoint => "crash-point",
+            Kind::DiskFull => "disk-full",
+            Kind::Clock => "clock",
         }
     }
 }
@@ -111,6 +124,17 @@ pub enum Fault {
         point: String,
         /// The chance per pass, in percent.
         percent: u32,
+    },
+    /// One host's disk full.
+    DiskFull(usize),
+    /// One host's wall clock skewed.
+    Clock {
+        /// The host.
+        host: usize,
+        /// How far off its wall clock starts, in seconds (negative: behind).
+        offset_s: i64,
+        /// How fast it runs, in percent of real time.
+        rate_pct: u32,
     },
     /// Random loss and a slow link on one host's outgoing packets.
     Lossy {
@@ -228,6 +252,21 @@ pub fn schedule(seed: u64, kinds: &[Kind], hosts: usize, count: usize) -> Vec<St
                     },
                     rng.between(2_000, 8_000),
                 ),
+                Kind::DiskFull => (
+                    Fault::DiskFull(rng.between(0, hosts as u64) as usize),
+                    rng.between(2_000, 8_000),
+                ),
+                Kind::Clock => {
+                    let host = rng.between(0, hosts as u64) as usize;
+                    let offset_s = rng.between(60, 3 * 86_400) as i64;
+                    let behind = rng.between(0, 2) == 0;
+                    let fault = Fault::Clock {
+                        host,
+                        offset_s: if behind { -offset_s } else { offset_s },
+                        rate_pct: rng.between(25, 400) as u32,
+                    };
+                    (fault, rng.between(3_000, 10_000))
+                }
                 Kind::Lossy => (
                     Fault::Lossy {
                         host: rng.between(0, hosts as u64) as usize,
@@ -275,7 +314,9 @@ mod tests {
                         assert!(left.iter().all(|h| !right.contains(h)));
                     }
                     Fault::Pause(h)
+                    | Fault::DiskFull(h)
                     | Fault::Lossy { host: h, .. }
+                    | Fault::Clock { host: h, .. }
                     | Fault::CrashPoint { host: h, .. } => assert!(h < 5),
                     Fault::IsolateLeader(_) => {}
                 }

@@ -3,9 +3,10 @@
 //! test hosts in network namespaces (root required, as in CI), each campaign short, each
 //! checked for linearizability per key, which includes that no acknowledged write is lost
 //! (the final reads after healing must see it), for the watch guarantees and for mutual
-//! exclusion under fenced writes (lease expiry: not yet, see `lease_clients` below). A failing campaign leaves its history, faults
-//! and node logs under `target/tmp/` and names its seed; `concord-faults run --seed` replays
-//! it. The long randomized campaign is `concord-faults run` (docs/reliability.md).
+//! exclusion under fenced writes and for lease expiry (never early, never late beyond the
+//! bound). A failing campaign leaves its history, faults and node logs under `target/tmp/`
+//! and names its seed; `concord-faults run --seed` replays it. The long randomized campaign is
+//! `concord-faults run` (docs/reliability.md).
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -34,7 +35,8 @@ fn concord_bin() -> PathBuf {
     bin
 }
 
-fn campaign(name: &str, seed: u64, nemeses: &[Kind], duration: Duration) -> Outcome {
+/// Runs a campaign; on success returns its outcome and the node logs.
+fn campaign(name: &str, seed: u64, nemeses: &[Kind], duration: Duration) -> (Outcome, String) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     assert!(
         concord_faults::netns::available(),
@@ -50,10 +52,7 @@ fn campaign(name: &str, seed: u64, nemeses: &[Kind], duration: Duration) -> Outc
         ranges: 4,
         clients: 6,
         lock_clients: 3,
-        // Not yet: the lease checker finds leases expiring early under pauses and partitions
-        // (docs/reliability.md, "open"), about 2 % of the leases of a campaign, so these
-        // short campaigns would fail at random. `concord-faults run` checks leases.
-        lease_clients: 0,
+        lease_clients: 2,
         keys: 12,
         reads: Consistency::Linearizable,
         request_timeout: Duration::from_secs(2),
@@ -75,8 +74,7 @@ fn campaign(name: &str, seed: u64, nemeses: &[Kind], duration: Duration) -> Outc
         });
     assert!(
         outcome.passed(),
-        "seed {seed}: {:?}; history, faults and node logs in {}",
-        outcome.linearizability,
+        "seed {seed}: {outcome:?}; history, faults and node logs in {}",
         out.display()
     );
     // A campaign whose clients or faults did nothing would pass without testing anything.
@@ -98,8 +96,19 @@ fn campaign(name: &str, seed: u64, nemeses: &[Kind], duration: Duration) -> Outc
         outcome.lock_attempts > 0,
         "no lock was acquired: {outcome:?}"
     );
+    assert!(
+        outcome.lease_lateness.count > 0,
+        "no lease expired: {outcome:?}"
+    );
+    let mut logs = String::new();
+    for entry in std::fs::read_dir(out.join("cluster")).expect("cluster dir") {
+        let path = entry.expect("cluster dir entry").path();
+        if path.extension().is_some_and(|e| e == "log") {
+            logs.push_str(&std::fs::read_to_string(&path).expect("node log"));
+        }
+    }
     let _ = std::fs::remove_dir_all(&out);
-    outcome
+    (outcome, logs)
 }
 
 #[test]
@@ -134,5 +143,20 @@ fn crashes_at_storage_fail_points_keep_every_key_linearizable() {
         4,
         &[Kind::CrashPoint],
         Duration::from_secs(20),
+    );
+}
+
+#[test]
+fn a_full_disk_and_skewed_wall_clocks_keep_every_key_linearizable() {
+    let (_, logs) = campaign(
+        "disk-and-clock",
+        5,
+        &[Kind::DiskFull, Kind::Clock],
+        Duration::from_secs(25),
+    );
+    // The full disk was felt: a node stopped on a failed write rather than carrying on.
+    assert!(
+        logs.contains("write of the node's store failed"),
+        "no node saw its disk full"
     );
 }

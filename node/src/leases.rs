@@ -235,7 +235,9 @@ impl LeaseTable {
         for (id, age_ms) in renewals {
             if let Some(lease) = self.owned.get_mut(id) {
                 // An unstarted lease gets more below than a renewal would give it.
-                let Some(at) = lease.expires_at_ms else { continue };
+                let Some(at) = lease.expires_at_ms else {
+                    continue;
+                };
                 let renewed = (clock_ms + lease.ttl_ms).saturating_sub(*age_ms);
                 if renewed > at {
                     lease.expires_at_ms = Some(renewed);

@@ -136,6 +136,8 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours for a terminal only: logs sent to a file stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // FAILPOINTS configures the fail points of a build with them (the fault tests'); a build
     // without them refuses it rather than silently injecting nothing.

@@ -38,8 +38,8 @@ struct RunArgs {
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     duration: Duration,
     /// Kinds of fault, comma-separated, or `all`: kill, kill-all, pause, partition,
-    /// isolate-leader, bridge, lossy, crash-point (needs a concord built with the
-    /// failpoints feature).
+    /// isolate-leader, bridge, lossy, crash-point and disk-full (both need a concord built
+    /// with the failpoints feature), clock (needs libfaketime).
     #[arg(long, default_value = "all")]
     nemesis: String,
     /// Nodes.
@@ -142,13 +142,16 @@ fn main() -> anyhow::Result<()> {
     );
     println!(
         "watch: {} responses, {} violations; locks: {} fenced writes, {} violations; \
-         leases: {} granted, {} violations",
+         leases: {} granted, {} violations; expiry lateness p50 {} ms, p99 {} ms, max {} ms",
         outcome.watch_responses,
         outcome.watch.len(),
         outcome.lock_attempts,
         outcome.locks.len(),
         outcome.leases_granted,
-        outcome.leases.len()
+        outcome.leases.len(),
+        outcome.lease_lateness.p50_ms,
+        outcome.lease_lateness.p99_ms,
+        outcome.lease_lateness.max_ms
     );
     println!("files: {}", config.out.display());
     if !outcome.passed() {

@@ -107,8 +107,7 @@ impl GroupCommit {
 /// trusted past the last good sync: the process stops at once, as etcd and PostgreSQL do, and
 /// a restart recovers from what is on disk.
 fn fsync_failed(e: impl std::fmt::Display) -> ! {
-    eprintln!("fatal: fsync of the write-ahead log failed ({e}); stopping");
-    std::process::abort()
+    super::storage_failed("fsync of the write-ahead log", e)
 }
 
 /// A fail point that, when configured with `return`, crashes the process right there (as

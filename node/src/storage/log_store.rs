@@ -42,21 +42,21 @@ impl LogStore {
         bytes.map(|b| decode(&b)).transpose()
     }
 
-    fn put_meta<T: serde::Serialize>(&self, tag: u8, value: &T) -> io::Result<()> {
-        let db = self.engine.db();
-        db.put_cf(
+    fn put_meta<T: serde::Serialize>(&self, tag: u8, value: &T) {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
             self.engine.cf(CF_META),
             group_key(self.gid, &[tag]),
             encode(value),
-        )
-        .map_err(to_io)
+        );
+        self.engine.write(batch);
     }
 
     /// Deletes log entries with index in `[from, to)`.
-    fn delete_indexes(&self, from: u64, to: u64) -> io::Result<()> {
-        let db = self.engine.db();
-        db.delete_range_cf(self.engine.cf(CF_LOG), self.log_key(from), self.log_key(to))
-            .map_err(to_io)
+    fn delete_indexes(&self, from: u64, to: u64) {
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(self.engine.cf(CF_LOG), self.log_key(from), self.log_key(to));
+        self.engine.write(batch);
     }
 }
 
@@ -145,7 +145,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> io::Result<()> {
-        self.put_meta(TAG_VOTE, vote)?;
+        self.put_meta(TAG_VOTE, vote);
         // openraft requires the vote to be durable before this returns.
         self.engine.commit().sync().await
     }
@@ -162,7 +162,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         // Unsynced: readable as soon as this returns; durable once the group-commit writer
         // has synced the WAL, which then completes the callback.
-        self.engine.db().write(batch).map_err(to_io)?;
+        self.engine.write(batch);
         self.engine.commit().after_sync(callback);
         Ok(())
     }
@@ -170,7 +170,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
         // Not synced: after a crash openraft re-applies up to whatever committed id survived,
         // so that a restarted node does not serve older state than it applied before.
-        self.put_meta(TAG_COMMITTED, &committed)
+        self.put_meta(TAG_COMMITTED, &committed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> io::Result<Option<LogId>> {
@@ -179,7 +180,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> io::Result<()> {
         let from = last_log_id.map_or(0, |id| id.index() + 1);
-        self.delete_indexes(from, u64::MAX)
+        self.delete_indexes(from, u64::MAX);
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
@@ -196,6 +198,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             self.log_key(0),
             self.log_key(log_id.index() + 1),
         );
-        self.engine.db().write(batch).map_err(to_io)
+        self.engine.write(batch);
+        Ok(())
     }
 }

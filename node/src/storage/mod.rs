@@ -12,6 +12,12 @@
 //!
 //! **Invariant:** openraft's IO callback for an append fires only after a WAL sync that began
 //! after the append was written; a vote is synced before `save_vote` returns.
+//!
+//! **A failed write or sync stops the node** ([`Engine::write`], [`group_commit`]): after one,
+//! what reached the disk is unknown (a full disk, a failing device), and a Raft group that
+//! carried on, or stopped alone while its node kept serving the others, could acknowledge
+//! what it has not stored. The process aborts, as etcd does; a restart recovers from what is
+//! on disk, and fails again while the disk is still full.
 
 pub mod group_commit;
 mod log_store;
@@ -21,7 +27,7 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, DB};
+use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, DB};
 
 pub use group_commit::GroupCommit;
 pub use log_store::LogStore;
@@ -70,6 +76,22 @@ impl Engine {
         &self.db
     }
 
+    /// Writes `batch` (unsynced: the group-commit writer makes it durable). A failed write
+    /// stops the process (see the module's doc); the `storage-write-error` fail point makes
+    /// every write fail as a full disk does.
+    pub(crate) fn write(&self, batch: WriteBatch) {
+        fail::fail_point!("storage-write-error", |_| storage_failed(
+            "write",
+            io::Error::new(
+                io::ErrorKind::StorageFull,
+                "no space left on device (the storage-write-error fail point)"
+            )
+        ));
+        if let Err(e) = self.db.write(batch) {
+            storage_failed("write", e);
+        }
+    }
+
     /// The group-commit writer.
     pub fn commit(&self) -> &GroupCommit {
         &self.commit
@@ -80,6 +102,12 @@ impl Engine {
             .cf_handle(name)
             .expect("column families are created at open")
     }
+}
+
+/// Stops the process after a failed storage operation `what` (see the module's doc).
+pub(crate) fn storage_failed(what: &str, e: impl std::fmt::Display) -> ! {
+    eprintln!("fatal: {what} of the node's store failed ({e}); stopping");
+    std::process::abort()
 }
 
 /// `gid | suffix` keys.

@@ -300,7 +300,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         if newer {
             let mut batch = WriteBatch::default();
             self.put_snapshot(&mut batch, &meta, &data);
-            self.engine.db().write(batch).map_err(to_io)?;
+            self.engine.write(batch);
         }
         Ok(Snapshot {
             meta,
@@ -368,7 +368,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             self.write_counters(&mut batch, &state);
         }
-        self.engine.db().write(batch).map_err(to_io)?;
+        self.engine.write(batch);
         for (responder, result) in replies {
             let result = result.unwrap_or_else(|| {
                 Err(concord_transport::api::ApiError::Internal(
@@ -434,7 +434,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         self.write_counters(&mut batch, &new_state);
         self.put_snapshot(&mut batch, meta, &data);
-        self.engine.db().write(batch).map_err(to_io)?;
+        self.engine.write(batch);
         self.engine.commit().sync().await?;
         *self.state.write().expect("range state lock") = new_state;
         Ok(())
