@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use concord_placement::{RangeDescriptor, RangeTable};
 use concord_transport::api::{
@@ -72,7 +72,7 @@ struct Inner {
     /// The watch channel of each range (see `watch.rs`).
     watch_channels: crate::watch::Channels,
     /// Nodes that did not answer lately, and until when they are passed over.
-    suspects: Mutex<HashMap<NodeId, std::time::Instant>>,
+    suspects: Mutex<HashMap<NodeId, Instant>>,
 }
 
 /// How long a node that did not answer (unreachable, or silent past the request timeout) is
@@ -302,7 +302,7 @@ impl Client {
     /// as the range's leader.
     fn suspect(&self, node: Option<NodeId>, range: RangeId) {
         let Some(node) = node else { return };
-        let until = std::time::Instant::now() + SUSPECT_FOR;
+        let until = Instant::now() + SUSPECT_FOR;
         self.inner
             .suspects
             .lock()
@@ -317,10 +317,11 @@ impl Client {
     /// `node` answered: no longer suspect.
     fn vouch(&self, node: Option<NodeId>) {
         if let Some(node) = node {
-            let mut suspects = self.inner.suspects.lock().expect("suspects lock");
-            if !suspects.is_empty() {
-                suspects.remove(&node);
-            }
+            self.inner
+                .suspects
+                .lock()
+                .expect("suspects lock")
+                .remove(&node);
         }
     }
 
@@ -331,41 +332,28 @@ impl Client {
         attempt: u32,
         avoid: Option<NodeId>,
     ) -> Option<NodeId> {
-        let now = std::time::Instant::now();
-        let suspect = {
-            let mut suspects = self.inner.suspects.lock().expect("suspects lock");
-            suspects.retain(|_, until| *until > now);
-            suspects.clone()
-        };
+        let now = Instant::now();
+        let suspects = self.inner.suspects.lock().expect("suspects lock");
+        let suspect = |n: &NodeId| suspects.get(n).is_some_and(|until| *until > now);
         let routes = self.inner.routes.read().expect("routes lock");
-        let healthy: Vec<NodeId> = desc
-            .replicas
-            .iter()
-            .copied()
-            .filter(|n| Some(*n) != avoid && !suspect.contains_key(n))
-            .collect();
-        // Only when every replica is suspect (or avoided) are they tried anyway.
-        let candidates: Vec<NodeId> = if healthy.is_empty() {
-            desc.replicas
-                .iter()
-                .copied()
-                .filter(|n| Some(*n) != avoid)
-                .collect()
-        } else {
-            healthy
+        let replicas = |keep: &dyn Fn(&NodeId) -> bool| -> Vec<NodeId> {
+            desc.replicas.iter().copied().filter(|n| keep(n)).collect()
         };
-        let candidates = if candidates.is_empty() {
-            desc.replicas.clone()
-        } else {
-            candidates
-        };
+        // Suspect and avoided replicas are tried only when there is no other.
+        let mut candidates = replicas(&|n| Some(*n) != avoid && !suspect(n));
+        if candidates.is_empty() {
+            candidates = replicas(&|n| Some(*n) != avoid);
+        }
+        if candidates.is_empty() {
+            candidates = desc.replicas.clone();
+        }
         let spread = |offset: usize| candidates.get(offset % candidates.len().max(1)).copied();
         match request {
             KvRequest::Range(_, Consistency::Follower | Consistency::Serializable) => {
                 spread(self.inner.next_replica.fetch_add(1, Ordering::Relaxed))
             }
             _ => match routes.leaders.get(&desc.id) {
-                Some(l) if Some(*l) != avoid && !suspect.contains_key(l) => Some(*l),
+                Some(l) if Some(*l) != avoid && !suspect(l) => Some(*l),
                 _ => spread(attempt as usize),
             },
         }

@@ -310,6 +310,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
                     "final read of register {k} still failing {FINAL_READ_MAX:?} after healing"
                 );
             }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
     // The watcher has caught up once its last event of each key is the final read's value

@@ -167,10 +167,10 @@ pub fn check(
         let ttl_ns = lease.ttl_ms * 1_000_000;
         // The deletion is known to have happened by then (the watch sees it after it
         // happened, a read that misses the key returns after it).
-        let deleted_by = match (deletions.get(&lease.key), lease.gone_ns) {
-            (Some(&seen), Some(gone)) => Some(seen.min(gone)),
-            (seen, gone) => seen.copied().or(gone),
-        };
+        let deleted_by = [deletions.get(&lease.key).copied(), lease.gone_ns]
+            .into_iter()
+            .flatten()
+            .min();
         let Some(deleted_ns) = deleted_by else {
             if lease.attached {
                 violations.push(Violation::NotExpired {
@@ -281,7 +281,7 @@ pub async fn client_loop(
                 }
             }
         } else if attached {
-            watch_expiry(&client, &key, &mut record, &history).await;
+            read_until_gone(&client, &key, &mut record, &history).await;
         }
         leases.lock().expect("leases lock").push(record);
     }
@@ -289,7 +289,7 @@ pub async fn client_loop(
 
 /// Reads a let-go lease's `key` until it is gone (bounded by [`POLL_MAX`] past the TTL),
 /// recording the last read that saw it and the first that did not.
-async fn watch_expiry(client: &Client, key: &[u8], record: &mut LeaseRecord, history: &History) {
+async fn read_until_gone(client: &Client, key: &[u8], record: &mut LeaseRecord, history: &History) {
     let until = tokio::time::Instant::now() + LEASE_TTL + POLL_MAX;
     while tokio::time::Instant::now() < until {
         let invoked_ns = history.now_ns();

@@ -4,7 +4,7 @@
 //! that a fenced txn's token still holds its lock when the lock lives in another range. The replicated
 //! lease state and its rules are in [`crate::leases`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -104,6 +104,7 @@ impl LeaseKeeper {
     async fn carried(&self, tick: u64) -> bool {
         let mut outcomes = self.outcomes.subscribe();
         let wait = outcomes.wait_for(|(_, latest)| *latest >= tick);
+        // Bound to a local: the result borrows `outcomes`, which must outlive it.
         let applied = match tokio::time::timeout(Duration::from_millis(CARRIED_WAIT_MS), wait).await
         {
             Ok(Ok(state)) => state.0.iter().any(|&(t, applied)| t == tick && applied),
@@ -440,13 +441,10 @@ impl NodeInner {
             return Err(not_leader(group.descriptor.id, f.leader_id));
         }
         self.read_barrier(group, Consistency::Linearizable).await?;
-        let known: Vec<LeaseId> = {
+        let known: HashSet<LeaseId> = {
             let state = group.state.read().expect("range state lock");
             let leases = state.mvcc.leases();
-            ids.iter()
-                .copied()
-                .filter(|id| leases.time_to_live(*id).is_some())
-                .collect()
+            ids.iter().copied().filter(|id| leases.owns(*id)).collect()
         };
         let tick = group
             .keeper

@@ -15,6 +15,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use openraft::storage::IOFlushed;
 use rocksdb::DB;
 
+use super::crash_point;
 use crate::raft_types::TypeConfig;
 
 /// Most jobs completed by one sync (a limit on everything, STYLE.md 7).
@@ -110,16 +111,6 @@ fn fsync_failed(e: impl std::fmt::Display) -> ! {
     super::storage_failed("fsync of the write-ahead log", e)
 }
 
-/// A fail point that, when configured with `return`, crashes the process right there (as
-/// `kill -9` would, but at a chosen instruction). Nothing without the `failpoints` feature.
-#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
-pub(crate) fn crash_point(name: &str) {
-    fail::fail_point!(name, |_| {
-        eprintln!("fail point {name}: crashing");
-        std::process::abort()
-    });
-}
-
 fn run(db: Arc<DB>, rx: Receiver<Job>, counters: Arc<Counters>) {
     let mut batch = Vec::with_capacity(BATCH_JOBS_MAX);
     while let Ok(first) = rx.recv() {
@@ -135,24 +126,21 @@ fn run(db: Arc<DB>, rx: Receiver<Job>, counters: Arc<Counters>) {
         fail::fail_point!("group-commit-sync-error", |_| {
             fsync_failed("injected by the group-commit-sync-error fail point")
         });
-        if let Err(e) = &result {
+        if let Err(e) = result {
             fsync_failed(e);
         }
         crash_point("group-commit-after-sync");
         counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+        // Past here the sync succeeded: a failed one never returns.
         let mut appends = 0;
         for job in batch.drain(..) {
-            let r = result
-                .as_ref()
-                .map(|_| ())
-                .map_err(|e| io::Error::other(e.to_string()));
             match job {
                 Job::Append(cb) => {
                     appends += 1;
-                    cb.io_completed(r);
+                    cb.io_completed(Ok(()));
                 }
                 Job::Wait(tx) => {
-                    let _ = tx.send(r);
+                    let _ = tx.send(Ok(()));
                 }
             }
         }

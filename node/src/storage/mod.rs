@@ -110,6 +110,16 @@ pub(crate) fn storage_failed(what: &str, e: impl std::fmt::Display) -> ! {
     std::process::abort()
 }
 
+/// A fail point that, when configured with `return`, crashes the process right there (as
+/// `kill -9` would, but at a chosen instruction). Nothing without the `failpoints` feature.
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
+pub(crate) fn crash_point(name: &str) {
+    fail::fail_point!(name, |_| {
+        eprintln!("fail point {name}: crashing");
+        std::process::abort()
+    });
+}
+
 /// `gid | suffix` keys.
 pub(crate) fn group_key(gid: u64, suffix: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(8 + suffix.len());

@@ -327,7 +327,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         while let Some(item) = entries.try_next().await? {
             items.push(item);
         }
-        crate::storage::group_commit::crash_point("apply-before");
+        super::crash_point("apply-before");
         let mut batch = WriteBatch::default();
         let mut mutations = Vec::new();
         let mut replies = Vec::new();
@@ -389,7 +389,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta,
         snapshot: SnapshotData,
     ) -> io::Result<()> {
-        crate::storage::group_commit::crash_point("snapshot-install");
+        super::crash_point("snapshot-install");
         let data = snapshot.into_inner();
         let (data, mut mvcc) =
             tokio::task::spawn_blocking(move || decode::<Mvcc>(&data).map(|m| (data, m)))
