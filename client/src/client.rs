@@ -10,10 +10,11 @@ use concord_placement::{RangeDescriptor, RangeTable};
 use concord_transport::api::{
     ApiError, ClientReply, ClientRequest, ClientResponse, CompactResponse, Consistency,
     DeleteRequest, KeySpan, KeyValue, KvRequest, KvResponse, LeaseRequest, NodeId, PutRequest,
-    PutResponse, RangeId, RangeRequest, ResponseHeader, RouteTable, StatusResponse, TxnRequest,
-    TxnResponse,
+    PutResponse, RangeId, RangeRequest, ResponseHeader, RouteTable, SplitResponse, StatusResponse,
+    TxnRequest, TxnResponse,
 };
 use concord_transport::endpoint::{self, ConnectionLimits};
+use concord_transport::lease::lease_anchor;
 use concord_transport::{wire, SERVER_NAME};
 
 use crate::{ClientConfig, Error};
@@ -258,11 +259,16 @@ impl Client {
                     | ApiError::KeyOutsideRange { .. }),
                 )) => {
                     self.refresh_routes().await.ok();
-                    {
-                        let table = self.inner.table.read().expect("table lock");
-                        if let Some(d) = table.as_ref().and_then(|t| t.get(desc.id)) {
-                            desc = d.clone();
-                        }
+                    // The range split (or the routes were behind): the keys may be in another
+                    // range now. A request whose keys now span ranges goes back to its caller
+                    // to be planned again.
+                    match self.reroute(&desc, &request) {
+                        Some(d) => desc = d,
+                        None => return Err(Error::Api(e)),
+                    }
+                    // A node behind the split answers with the old table: give it a moment.
+                    if attempt > 0 {
+                        backoff(attempt).await;
                     }
                     last = Some(Error::Api(e));
                 }
@@ -296,6 +302,35 @@ impl Client {
             attempts: attempts_max,
             last: Box::new(last.expect("at least one attempt")),
         })
+    }
+
+    /// The range of the refreshed table that holds every key of `request`, sent to `desc`
+    /// and refused there as out of date; `None` if its keys now span several ranges.
+    fn reroute(&self, desc: &RangeDescriptor, request: &KvRequest) -> Option<RangeDescriptor> {
+        let table = self.inner.table.read().expect("table lock");
+        let table = table.as_ref()?;
+        let spans: Vec<KeySpan> = match request {
+            KvRequest::Put(p) => vec![KeySpan::key(p.key.clone())],
+            KvRequest::Range(r, _) => vec![r.span.clone()],
+            KvRequest::Delete(d) => vec![d.span.clone()],
+            KvRequest::Txn(t) => t.spans(),
+            KvRequest::Split { at } => vec![KeySpan::key(at.clone())],
+            KvRequest::Lease(l) => match l.owner() {
+                Some(id) => vec![KeySpan::key(lease_anchor(id))],
+                None => return table.get(desc.id).cloned(),
+            },
+            KvRequest::Compact { .. } => return table.get(desc.id).cloned(),
+        };
+        let first = spans.first().map_or(Vec::new(), |s| s.key.clone());
+        let target = table.locate(&first);
+        spans
+            .iter()
+            .all(|s| {
+                let (start, end) = s.bounds();
+                target.contains(&start)
+                    && (target.end.is_empty() || (!end.is_empty() && end <= target.end))
+            })
+            .then(|| target.clone())
     }
 
     /// `node` did not answer a request for `range`: pass it over for a while, and forget it
@@ -399,32 +434,46 @@ impl Client {
         req: RangeRequest,
         consistency: Consistency,
     ) -> Result<RangeResult, Error> {
-        let mut descs = self.overlapping(&req.span);
-        if req.descending {
-            descs.reverse();
-        }
         let mut result = RangeResult::default();
-        for desc in descs {
-            let mut part = req.clone();
-            part.span = clip(&desc, &req.span);
-            if req.limit != 0 {
-                let have = result.kvs.len() as u64;
-                if have >= req.limit && !req.count_only {
-                    // Keep counting in the remaining ranges only if the caller wants the count.
-                    part.count_only = true;
-                } else {
-                    part.limit = req.limit - have;
-                }
+        // The part of the span not read yet: it shrinks range by range, and is planned again
+        // over the refreshed routes when a range has split under the read.
+        let mut rest = req.span.clone();
+        let mut replans = 0;
+        'plan: loop {
+            let mut descs = self.overlapping(&rest);
+            if req.descending {
+                descs.reverse();
             }
-            let KvResponse::Range(r) = self
-                .call_range(&desc, KvRequest::Range(part, consistency))
-                .await?
-            else {
-                return Err(Error::Protocol("expected a range response".into()));
-            };
-            result.count += r.count;
-            result.kvs.extend(r.kvs);
-            result.headers.push(r.header);
+            for desc in descs {
+                let mut part = req.clone();
+                part.span = clip(&desc, &rest);
+                if req.limit != 0 {
+                    let have = result.kvs.len() as u64;
+                    if have >= req.limit && !req.count_only {
+                        // Keep counting in the remaining ranges only if the caller wants the count.
+                        part.count_only = true;
+                    } else {
+                        part.limit = req.limit - have;
+                    }
+                }
+                let r = match self
+                    .call_range(&desc, KvRequest::Range(part, consistency))
+                    .await
+                {
+                    Ok(KvResponse::Range(r)) => r,
+                    Ok(_) => return Err(Error::Protocol("expected a range response".into())),
+                    Err(e) if is_stale(&e) && replans < self.inner.config.attempts_max => {
+                        replans += 1;
+                        continue 'plan;
+                    }
+                    Err(e) => return Err(e),
+                };
+                result.count += r.count;
+                result.kvs.extend(r.kvs);
+                result.headers.push(r.header);
+                rest = after(&rest, &desc, req.descending);
+            }
+            break;
         }
         result.more = req.limit != 0 && result.count > req.limit;
         Ok(result)
@@ -434,29 +483,54 @@ impl Client {
     /// after earlier ranges were deleted, the error is [`Error::PartialDelete`] and says so.
     pub async fn delete(&self, span: KeySpan, prev_kv: bool) -> Result<DeleteResult, Error> {
         let mut result = DeleteResult::default();
-        for desc in self.overlapping(&span) {
-            let req = DeleteRequest {
-                span: clip(&desc, &span),
-                prev_kv,
-            };
-            let r = match self.call_range(&desc, KvRequest::Delete(req)).await {
-                Ok(KvResponse::Delete(r)) => r,
-                Ok(_) => Err(Error::Protocol("expected a delete response".into()))?,
-                Err(e) if result.headers.is_empty() => return Err(e),
-                Err(e) => {
-                    return Err(Error::PartialDelete {
-                        done: result.headers.iter().map(|h| h.range_id).collect(),
-                        deleted: result.deleted,
-                        failed_range: desc.id,
-                        source: Box::new(e),
-                    })
-                }
-            };
-            result.deleted += r.deleted;
-            result.prev_kvs.extend(r.prev_kvs);
-            result.headers.push(r.header);
+        // As in `range`: the part not deleted yet is planned again after a split.
+        let mut rest = span.clone();
+        let mut replans = 0;
+        'plan: loop {
+            for desc in self.overlapping(&rest) {
+                let req = DeleteRequest {
+                    span: clip(&desc, &rest),
+                    prev_kv,
+                };
+                let r = match self.call_range(&desc, KvRequest::Delete(req)).await {
+                    Ok(KvResponse::Delete(r)) => r,
+                    Ok(_) => Err(Error::Protocol("expected a delete response".into()))?,
+                    Err(e) if is_stale(&e) && replans < self.inner.config.attempts_max => {
+                        replans += 1;
+                        continue 'plan;
+                    }
+                    Err(e) if result.headers.is_empty() => return Err(e),
+                    Err(e) => {
+                        return Err(Error::PartialDelete {
+                            done: result.headers.iter().map(|h| h.range_id).collect(),
+                            deleted: result.deleted,
+                            failed_range: desc.id,
+                            source: Box::new(e),
+                        })
+                    }
+                };
+                result.deleted += r.deleted;
+                result.prev_kvs.extend(r.prev_kvs);
+                result.headers.push(r.header);
+                rest = after(&rest, &desc, false);
+            }
+            break;
         }
         Ok(result)
+    }
+
+    /// Splits the range holding `at` so that a new range starts at `at` (an operator's
+    /// command: the range keeps the keys below `at`, the new range, on the same replicas,
+    /// takes the rest). Routes are refreshed afterwards.
+    pub async fn split(&self, at: impl Into<Vec<u8>>) -> Result<SplitResponse, Error> {
+        let at = at.into();
+        let desc = self.locate(&at);
+        let response = self.call_range(&desc, KvRequest::Split { at }).await?;
+        self.refresh_routes().await.ok();
+        match response {
+            KvResponse::Split(r) => Ok(r),
+            other => Err(Error::Protocol(format!("unexpected response {other:?}"))),
+        }
     }
 
     /// Runs a txn. All its keys must lie in one range, else [`ApiError::CrossRange`].
@@ -561,6 +635,45 @@ impl Client {
 }
 
 /// The part of `span` inside `desc`, as a span.
+/// Whether `e` says the client's route for a request was out of date (after the retries of
+/// `call_range`, which reroutes what fits one range): the caller plans the request again.
+pub(crate) fn is_stale(e: &Error) -> bool {
+    match e {
+        Error::Api(
+            ApiError::StaleEpoch { .. }
+            | ApiError::RangeNotFound { .. }
+            | ApiError::KeyOutsideRange { .. },
+        ) => true,
+        Error::Exhausted { last, .. } => is_stale(last),
+        _ => false,
+    }
+}
+
+/// What is left of `span` once range `desc` has been visited, in ascending key order or
+/// descending. A single key is done after its range.
+fn after(span: &KeySpan, desc: &RangeDescriptor, descending: bool) -> KeySpan {
+    match &span.end {
+        None => span.clone(),
+        Some(end) if descending => KeySpan {
+            key: span.key.clone(),
+            end: Some(if end.is_empty() || end > &desc.start {
+                desc.start.clone()
+            } else {
+                end.clone()
+            }),
+        },
+        Some(end) => KeySpan {
+            key: if desc.end.is_empty() {
+                // Nothing is left after the last range.
+                end.clone()
+            } else {
+                desc.end.clone().max(span.key.clone())
+            },
+            end: Some(end.clone()),
+        },
+    }
+}
+
 pub(crate) fn clip(desc: &RangeDescriptor, span: &KeySpan) -> KeySpan {
     match &span.end {
         None => span.clone(),

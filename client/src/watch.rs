@@ -40,6 +40,9 @@ const CATCH_UP_CHECK: Duration = Duration::from_millis(100);
 /// take 30 s to say so).
 const SILENT_INTERVALS_MAX: u32 = 3;
 
+/// Ids of the client's watches (one per range a watch covers).
+static NEXT_WATCH_ID: AtomicU64 = AtomicU64::new(1);
+
 /// The watch channels of a client, by range (`pub(crate)` for the client's state).
 pub(crate) type Channels = std::sync::Mutex<HashMap<RangeId, mpsc::UnboundedSender<Command>>>;
 
@@ -96,7 +99,6 @@ impl Client {
     /// Watches `request.span` (a key, prefix or interval over any number of ranges). Returns
     /// once every range's watch is established: a write acknowledged after that is seen.
     pub async fn watch(&self, request: WatchRequest) -> Result<Watcher, Error> {
-        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let (sink, rx) = mpsc::channel(WATCH_CLIENT_BUFFER);
         let mut watcher = Watcher {
             rx,
@@ -109,7 +111,7 @@ impl Client {
             // again with a fresh one.
             let mut tries = 0;
             loop {
-                let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+                let id = NEXT_WATCH_ID.fetch_add(1, Ordering::Relaxed);
                 let (ready_tx, ready) = oneshot::channel();
                 let channel = self.watch_channel(&desc);
                 let add = Command::Add {
@@ -205,6 +207,9 @@ enum ChannelEnd {
     Idle,
     /// Reopen and recreate every watch.
     Resume(Error),
+    /// The range split (or the route was out of date): plan the watches again over the
+    /// refreshed routes, then reopen.
+    Moved(Error),
     /// The watches cannot go on.
     Fatal(Error),
 }
@@ -243,6 +248,10 @@ impl Channel {
                     self.fail_all(e);
                     continue;
                 }
+                ChannelEnd::Moved(e) => {
+                    self.replan().await;
+                    e
+                }
                 ChannelEnd::Resume(e) => e,
             };
             tracing::debug!(range = self.desc.id, "watch channel resumes: {e}");
@@ -257,6 +266,59 @@ impl Channel {
             }
             backoff(failures).await;
         }
+    }
+
+    /// Plans every watch of the channel again over the refreshed routes: the part of its
+    /// span still in this range stays, each part now in another range (split off this one)
+    /// moves to that range's channel, from the revision the watch owes. A watch's events
+    /// keep their revisions across a split, so the caller sees no gap and no repeat.
+    async fn replan(&mut self) {
+        if self.client.refresh_routes().await.is_err() {
+            return;
+        }
+        if let Some(desc) = self
+            .client
+            .routes()
+            .ranges
+            .iter()
+            .find(|d| d.id == self.desc.id)
+        {
+            self.desc = desc.clone();
+        }
+        for (id, mut local) in std::mem::take(&mut self.watches) {
+            let mut ready = local.ready.take();
+            let mut start = local.request.clone();
+            if local.next != 0 {
+                start.start_revision = local.next;
+            }
+            let mut stays = false;
+            for desc in self.client.overlapping(&local.request.span) {
+                let span = clip(&desc, &local.request.span);
+                if desc.id == self.desc.id {
+                    stays = true;
+                    continue;
+                }
+                let (ready_tx, _) = oneshot::channel();
+                let add = Command::Add {
+                    id: NEXT_WATCH_ID.fetch_add(1, Ordering::Relaxed),
+                    request: WatchRequest {
+                        span,
+                        ..start.clone()
+                    },
+                    sink: local.sink.clone(),
+                    ready: ready.take().unwrap_or(ready_tx),
+                };
+                // A channel that just ended drops it: the caller sees the watch end then.
+                let _ = self.client.watch_channel(&desc).send(add);
+            }
+            if stays {
+                local.request.span = clip(&self.desc, &local.request.span);
+                local.ready = ready;
+                self.watches.insert(id, local);
+            }
+        }
+        self.by_server_id.clear();
+        self.groups.clear();
     }
 
     /// Ends every watch with `e`.
@@ -508,6 +570,12 @@ impl Channel {
                     }
                 }
             }
+            WatchMessage::Refused { error, .. }
+                if matches!(cancelled(error.clone()), ChannelEnd::Moved(_)) =>
+            {
+                // The range split after the channel opened: plan every watch again.
+                return Err(ChannelEnd::Moved(Error::Api(error)));
+            }
             WatchMessage::Refused { id, error } => {
                 if let Some(local_id) = self.by_server_id.remove(&id) {
                     if let Some(local) = self.watches.remove(&local_id) {
@@ -578,6 +646,9 @@ fn cancelled(e: ApiError) -> ChannelEnd {
         ApiError::WatchOverflow { .. }
         | ApiError::Unavailable { .. }
         | ApiError::NotLeader { .. } => ChannelEnd::Resume(Error::Api(e)),
+        ApiError::StaleEpoch { .. }
+        | ApiError::RangeNotFound { .. }
+        | ApiError::KeyOutsideRange { .. } => ChannelEnd::Moved(Error::Api(e)),
         e => ChannelEnd::Fatal(Error::Api(e)),
     }
 }

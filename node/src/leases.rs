@@ -296,6 +296,33 @@ impl LeaseTable {
         keys
     }
 
+    /// A split: hands the owned and pending leases for which `moves` holds (their anchor is
+    /// in the new range) to a new table, which it returns. Both keep the clock and every
+    /// revoked id (a revoked lease stays refused in both halves). The attached-key indexes
+    /// are the caller's to rebuild.
+    pub fn split_off(&mut self, moves: impl Fn(LeaseId) -> bool) -> LeaseTable {
+        let (gone, kept) = std::mem::take(&mut self.owned)
+            .into_iter()
+            .partition(|(id, _)| moves(*id));
+        self.owned = kept;
+        let (pending_gone, pending_kept) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|id| moves(*id));
+        self.pending = pending_kept;
+        LeaseTable {
+            clock_ms: self.clock_ms,
+            owned: gone,
+            revoked: self.revoked.clone(),
+            pending: pending_gone,
+            attached: HashMap::new(),
+        }
+    }
+
+    /// Empties the attached-key index (before rebuilding it).
+    pub fn clear_attached(&mut self) {
+        self.attached.clear();
+    }
+
     /// Crashes on a broken invariant (STYLE.md 6).
     pub fn check_invariants(&self) {
         if cfg!(debug_assertions) {

@@ -16,4 +16,4 @@ pub mod node;
 pub mod raft_types;
 pub mod storage;
 
-pub use node::{BoundNode, Node, NodeConfig, RaftSettings, StartError};
+pub use node::{split_point, BoundNode, Node, NodeConfig, RaftSettings, SplitSettings, StartError};

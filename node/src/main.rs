@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use concord_node::dev::{self, DevOptions};
-use concord_node::{BoundNode, NodeConfig};
+use concord_node::{BoundNode, NodeConfig, SplitSettings};
 use concord_transport::api::RequestLimits;
 
 #[global_allocator]
@@ -98,6 +98,12 @@ enum Command {
         /// many ranges as the others, in milliseconds; 0 turns leader balancing off.
         #[arg(long, default_value_t = 1_000)]
         leader_balance_ms: u64,
+        /// Split a range holding more keys than this (0: never by key count).
+        #[arg(long, default_value_t = SplitSettings::default().keys_max)]
+        split_keys: u64,
+        /// Split a range whose keys and values take more bytes than this (0: never by size).
+        #[arg(long, default_value_t = SplitSettings::default().bytes_max)]
+        split_bytes: u64,
         #[command(flatten)]
         limits: LimitArgs,
     },
@@ -174,6 +180,8 @@ async fn main() -> anyhow::Result<()> {
             ranges,
             client_config,
             leader_balance_ms,
+            split_keys,
+            split_bytes,
             limits,
         } => {
             let members = parse_peers(&peers)?;
@@ -181,6 +189,8 @@ async fn main() -> anyhow::Result<()> {
             config.ranges = ranges;
             config.limits = limits.to_limits();
             config.raft.leader_balance_interval_ms = leader_balance_ms;
+            config.split.keys_max = split_keys;
+            config.split.bytes_max = split_bytes;
             let node = BoundNode::bind(config)?.start(members.clone()).await?;
             if let Some(path) = client_config {
                 dev::write_client_config(

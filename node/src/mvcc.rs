@@ -11,6 +11,14 @@
 //!
 //! A write at revision R may produce several versions (a txn, a multi-key delete); they share
 //! the main revision R and are told apart by a sub-revision, as in etcd.
+//!
+//! **Bounds.** A range holds the keys of `[start, end)` at an *epoch* ([`Bounds`]). A split
+//! ([`Command::Split`]) hands the keys from the split key on, with their whole history and the
+//! leases anchored there, to a new range, and bumps both halves' epoch; both keep the range's
+//! revision, so a key's revisions never go backwards across a split. A command is applied
+//! only if every key it names is inside the bounds *when it applies*: one proposed before a
+//! split and applied after it is refused with `StaleEpoch` (the client retries it at the right
+//! range), never applied to keys the range no longer holds.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -18,8 +26,10 @@ use std::ops::Bound;
 use concord_transport::api::{
     ApiError, CompactResponse, Compare, CompareOp, CompareTarget, DeleteRequest, DeleteResponse,
     Fence, KeySpan, KeyValue, KvResponse, LeaseId, LeaseResponse, PutRequest, PutResponse, RangeId,
-    RangeRequest, RangeResponse, ResponseHeader, TxnOp, TxnOpResponse, TxnRequest, TxnResponse,
+    RangeRequest, RangeResponse, ResponseHeader, SplitResponse, TxnOp, TxnOpResponse, TxnRequest,
+    TxnResponse,
 };
+use concord_transport::lease::lease_anchor;
 use concord_transport::watch::{Event, EventKind};
 use serde::{Deserialize, Serialize};
 
@@ -87,6 +97,14 @@ pub enum Command {
         /// The leases.
         ids: Vec<LeaseId>,
     },
+    /// Split the range at `at` (strictly inside it): the keys from `at` on, and the leases
+    /// anchored there, move to range `new_range` (see the module docs).
+    Split {
+        /// The first key of the new range.
+        at: Vec<u8>,
+        /// The new range's id (allocated by the placement group, never reused).
+        new_range: RangeId,
+    },
 }
 
 impl std::fmt::Display for Command {
@@ -116,6 +134,9 @@ impl std::fmt::Display for Command {
             Self::LeaseFence { ids } => write!(f, "lease fence ({} leases)", ids.len()),
             Self::LeaseDetach { ids } => write!(f, "lease detach ({} leases)", ids.len()),
             Self::LeaseDetached { ids } => write!(f, "lease detached ({} leases)", ids.len()),
+            Self::Split { at, new_range } => {
+                write!(f, "split at {:?} into range {new_range}", text(at))
+            }
         }
     }
 }
@@ -170,12 +191,60 @@ pub enum Mutation {
     },
     /// A change to the lease table.
     Lease(LeaseMutation),
+    /// A split: the new range's whole state (its versions left this range; the shell moves
+    /// them, and rewrites this range's bounds and lease table).
+    Split(Box<Mvcc>),
+}
+
+/// The keys a range holds, `[start, end)` (an empty `end` is unbounded), and the epoch of that
+/// extent: bumped by every split.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bounds {
+    /// First key, inclusive.
+    pub start: Vec<u8>,
+    /// First key after the range, exclusive; empty means unbounded.
+    pub end: Vec<u8>,
+    /// Bumped by every split.
+    pub epoch: u64,
+}
+
+impl Default for Bounds {
+    /// The whole keyspace at epoch 1.
+    fn default() -> Self {
+        Self {
+            start: Vec::new(),
+            end: Vec::new(),
+            epoch: 1,
+        }
+    }
+}
+
+impl Bounds {
+    /// Whether `key` is inside.
+    pub fn contains(&self, key: &[u8]) -> bool {
+        key >= self.start.as_slice() && (self.end.is_empty() || key < self.end.as_slice())
+    }
+
+    /// Whether every key of `span` is inside.
+    pub fn contains_span(&self, span: &KeySpan) -> bool {
+        let (start, end) = span.bounds();
+        self.contains(&start) && (self.end.is_empty() || (!end.is_empty() && end <= self.end))
+    }
+
+    /// Whether `key` may split the range: inside and not its first key.
+    pub fn splits_at(&self, key: &[u8]) -> bool {
+        self.contains(key) && key > self.start.as_slice()
+    }
 }
 
 /// The MVCC state of one range.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mvcc {
     range_id: RangeId,
+    bounds: Bounds,
+    /// The ranges split off this one, oldest first: a replica that catches up by a snapshot
+    /// taken after a split learns from it which ranges it must now also host.
+    split_into: Vec<RangeId>,
     revision: u64,
     compact_revision: u64,
     /// Key → its versions, oldest first. A key whose history is empty is removed.
@@ -274,6 +343,7 @@ impl Mvcc {
     /// its lease table.
     pub fn restore(
         range_id: RangeId,
+        (bounds, split_into): (Bounds, Vec<RangeId>),
         revision: u64,
         compact_revision: u64,
         versions: impl IntoIterator<Item = (Vec<u8>, Version)>,
@@ -288,6 +358,8 @@ impl Mvcc {
         }
         let mut mvcc = Self {
             range_id,
+            bounds,
+            split_into,
             revision,
             compact_revision,
             index,
@@ -332,6 +404,73 @@ impl Mvcc {
         self.range_id
     }
 
+    /// The keys the range holds, and their epoch.
+    pub fn bounds(&self) -> &Bounds {
+        &self.bounds
+    }
+
+    /// The ranges split off this one, oldest first.
+    pub fn split_into(&self) -> &[RangeId] {
+        &self.split_into
+    }
+
+    /// Whether every key `cmd` names lies inside the bounds (see the module docs).
+    fn names_keys_inside(&self, cmd: &Command) -> bool {
+        let b = &self.bounds;
+        match cmd {
+            Command::Put(p) => b.contains(&p.key),
+            Command::Delete(d) => b.contains_span(&d.span),
+            Command::Txn(txn) => txn.spans().iter().all(|s| b.contains_span(s)),
+            // A holder checked here must still be here: its lock's keys may have moved.
+            Command::FencedTxn { txn, holder_here } => {
+                let fence = txn.fence.as_ref().expect("a fenced txn has a fence");
+                txn.spans().iter().all(|s| b.contains_span(s))
+                    && (!holder_here || b.contains_span(&KeySpan::prefix(fence.prefix.clone())))
+            }
+            Command::LeaseGrant { id, .. } | Command::LeaseRevoke { id } => {
+                b.contains(&lease_anchor(*id))
+            }
+            Command::Split { at, .. } => b.contains(at),
+            Command::Compact { .. }
+            | Command::LeaseTick { .. }
+            | Command::LeaseFence { .. }
+            | Command::LeaseDetach { .. }
+            | Command::LeaseDetached { .. } => true,
+        }
+    }
+
+    /// Hands the keys from `at` on (with their history) and the leases anchored there to a
+    /// new range `new_range`, which it returns; both halves get the next epoch.
+    fn split_off(&mut self, at: &[u8], new_range: RangeId) -> Mvcc {
+        let epoch = self.bounds.epoch + 1;
+        let right_bounds = Bounds {
+            start: at.to_vec(),
+            end: std::mem::take(&mut self.bounds.end),
+            epoch,
+        };
+        self.bounds.end = at.to_vec();
+        self.bounds.epoch = epoch;
+        let index = self.index.split_off(at);
+        let leases = self
+            .leases
+            .split_off(|id| right_bounds.contains(&lease_anchor(id)));
+        self.split_into.push(new_range);
+        let mut right = Mvcc {
+            range_id: new_range,
+            bounds: right_bounds,
+            split_into: Vec::new(),
+            revision: self.revision,
+            compact_revision: self.compact_revision,
+            index,
+            leases,
+        };
+        self.leases.clear_attached();
+        self.rebuild_lease_index();
+        right.rebuild_lease_index();
+        right.check_invariants();
+        right
+    }
+
     /// The range's current revision.
     pub fn revision(&self) -> u64 {
         self.revision
@@ -345,6 +484,28 @@ impl Mvcc {
     /// Number of keys with any history (live or tombstoned).
     pub fn key_count(&self) -> usize {
         self.index.len()
+    }
+
+    /// Bytes of every stored key and value (each key counted once per version), the size
+    /// a split threshold is measured against. Walks the whole index.
+    pub fn stored_bytes(&self) -> u64 {
+        self.index
+            .iter()
+            .map(|(k, h)| {
+                h.iter()
+                    .map(|v| (k.len() + v.record.as_ref().map_or(0, |r| r.value.len())) as u64)
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+
+    /// The key that halves the range's key count, if it has at least two keys (so it is never
+    /// the range's first key).
+    pub fn middle_key(&self) -> Option<Vec<u8>> {
+        if self.index.len() < 2 {
+            return None;
+        }
+        self.index.keys().nth(self.index.len() / 2).cloned()
     }
 
     /// Every stored version, for snapshots and tests.
@@ -371,6 +532,7 @@ impl Mvcc {
                     history.last().expect("non-empty").rev.main <= self.revision,
                     "version above revision"
                 );
+                assert!(self.bounds.contains(key), "{key:?} outside the range");
             }
             self.leases.check_invariants();
         }
@@ -573,6 +735,12 @@ impl Mvcc {
         out: &mut Vec<Mutation>,
     ) -> Result<KvResponse, ApiError> {
         let before = self.revision;
+        if !self.names_keys_inside(cmd) {
+            return Err(ApiError::StaleEpoch {
+                range_id: self.range_id,
+                current_epoch: self.bounds.epoch,
+            });
+        }
         let mut cursor = WriteCursor {
             main: self.revision + 1,
             sub: 0,
@@ -654,6 +822,22 @@ impl Mvcc {
                 KvResponse::Lease(LeaseResponse::Maintained {
                     header: self.header(),
                     revoked: 0,
+                })
+            }
+            Command::Split { at, new_range } => {
+                if !self.bounds.splits_at(at) {
+                    return Err(ApiError::InvalidRequest(format!(
+                        "range {} cannot split at its first key",
+                        self.range_id
+                    )));
+                }
+                let right = self.split_off(at, *new_range);
+                out.push(Mutation::Split(Box::new(right)));
+                KvResponse::Split(SplitResponse {
+                    header: self.header(),
+                    new_range_id: *new_range,
+                    at: at.clone(),
+                    epoch: self.bounds.epoch,
                 })
             }
         };
@@ -817,6 +1001,7 @@ fn with_revision(mut response: KvResponse, revision: u64) -> KvResponse {
         KvResponse::Range(r) => r.header.revision = revision,
         KvResponse::Compact(r) => r.header.revision = revision,
         KvResponse::Lease(r) => r.set_revision(revision),
+        KvResponse::Split(r) => r.header.revision = revision,
     }
     response
 }
@@ -853,6 +1038,145 @@ mod tests {
             .iter()
             .map(|kv| String::from_utf8(kv.key.clone()).unwrap())
             .collect()
+    }
+
+    #[test]
+    fn a_split_hands_keys_history_and_leases_over_and_refuses_what_left() {
+        let mut m = Mvcc::new(2);
+        // Leases anchored on each side of "m" (anchors are base-62 digits of the id).
+        let above: Vec<LeaseId> = (1..1_000)
+            .filter(|id| lease_anchor(*id).as_slice() >= &b"m"[..])
+            .take(2)
+            .collect();
+        let low = (1..1_000)
+            .find(|id| lease_anchor(*id).as_slice() < &b"m"[..])
+            .unwrap();
+        let (high, high_ungranted) = (above[0], above[1]);
+        for id in [low, high] {
+            m.apply(&Command::LeaseGrant { id, ttl_ms: 5_000 }, &mut Vec::new())
+                .unwrap();
+        }
+        apply(&mut m, put("a", "1"));
+        apply(&mut m, put("x", "1"));
+        let mut leased = PutRequest {
+            key: b"y".to_vec(),
+            value: b"1".to_vec(),
+            lease: low,
+            prev_kv: false,
+        };
+        m.apply(&Command::Put(leased.clone()), &mut Vec::new())
+            .unwrap();
+        apply(&mut m, put("x", "2"));
+        let revision = m.revision();
+        let mut out = Vec::new();
+        let split = Command::Split {
+            at: b"m".to_vec(),
+            new_range: 70,
+        };
+        let KvResponse::Split(r) = m.apply(&split, &mut out).unwrap() else {
+            panic!("a split answers with a split response")
+        };
+        assert_eq!(
+            (r.new_range_id, r.epoch, r.header.revision),
+            (70, 2, revision)
+        );
+        let [Mutation::Split(right)] = out.as_slice() else {
+            panic!("one split mutation: {out:?}")
+        };
+        let mut right = (**right).clone();
+        // Bounds, epochs, revisions.
+        assert_eq!(
+            (m.bounds().end.as_slice(), m.bounds().epoch),
+            (&b"m"[..], 2)
+        );
+        assert_eq!(
+            (
+                right.bounds().start.as_slice(),
+                right.bounds().end.as_slice()
+            ),
+            (&b"m"[..], &b""[..])
+        );
+        assert_eq!(
+            (right.range_id(), right.revision(), right.bounds().epoch),
+            (70, revision, 2)
+        );
+        assert_eq!(m.split_into(), &[70]);
+        // Keys and their history moved; the left keeps its own.
+        assert_eq!(get(&right, "x", 0).unwrap().value, b"2");
+        assert_eq!(get(&right, "x", revision - 2).unwrap().value, b"1");
+        assert_eq!(get(&m, "x", 0), None);
+        assert_eq!(get(&m, "a", 0).unwrap().value, b"1");
+        // Leases go with their anchors; keys stay attached to their lease in their new range.
+        assert!(m.leases().owns(low) && !m.leases().owns(high));
+        assert!(right.leases().owns(high) && !right.leases().owns(low));
+        assert_eq!(right.leases().attached_keys(low), vec![b"y".to_vec()]);
+        // A command naming keys that left is refused with the new epoch, and changes nothing.
+        let stale = m.apply(&put("z", "1"), &mut Vec::new());
+        assert_eq!(
+            stale,
+            Err(ApiError::StaleEpoch {
+                range_id: 2,
+                current_epoch: 2
+            })
+        );
+        assert_eq!(m.revision(), revision);
+        let stale_grant = Command::LeaseGrant {
+            id: high_ungranted,
+            ttl_ms: 5_000,
+        };
+        assert!(matches!(
+            m.apply(&stale_grant, &mut Vec::new()),
+            Err(ApiError::StaleEpoch { .. })
+        ));
+        // Writes go on in both halves from the split revision.
+        leased.key = b"z".to_vec();
+        let KvResponse::Put(p) = right.apply(&Command::Put(leased), &mut Vec::new()).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(p.header.revision, revision + 1);
+        // A split at the first key, or outside, is refused.
+        let at_start = Command::Split {
+            at: b"m".to_vec(),
+            new_range: 71,
+        };
+        assert!(matches!(
+            right.apply(&at_start, &mut Vec::new()),
+            Err(ApiError::InvalidRequest(_))
+        ));
+        assert!(matches!(
+            m.apply(&at_start, &mut Vec::new()),
+            Err(ApiError::StaleEpoch { .. })
+        ));
+    }
+
+    #[test]
+    fn the_split_point_halves_the_keys_and_needs_two_of_them() {
+        use crate::{split_point, SplitSettings};
+        let mut m = Mvcc::new(1);
+        let by_keys = |keys_max| SplitSettings {
+            keys_max,
+            bytes_max: 0,
+            check_interval_ms: 1,
+        };
+        assert_eq!(m.middle_key(), None);
+        apply(&mut m, put("a", "1"));
+        assert_eq!(split_point(&m, &by_keys(0)), None, "0 is off");
+        assert_eq!(m.middle_key(), None, "one key cannot split");
+        for k in ["b", "c", "d"] {
+            apply(&mut m, put(k, "1"));
+        }
+        apply(&mut m, put("d", "22"));
+        assert_eq!(m.middle_key(), Some(b"c".to_vec()));
+        assert_eq!(m.stored_bytes(), 4 * 2 + 1 + 2);
+        assert_eq!(split_point(&m, &by_keys(3)), Some(b"c".to_vec()));
+        assert_eq!(split_point(&m, &by_keys(4)), None);
+        let by_bytes = SplitSettings {
+            keys_max: 0,
+            bytes_max: 10,
+            check_interval_ms: 1,
+        };
+        assert_eq!(split_point(&m, &by_bytes), Some(b"c".to_vec()));
     }
 
     #[test]
@@ -1162,7 +1486,7 @@ mod tests {
         for mu in out {
             match mu {
                 Mutation::Put { rev, key, record } => versions.push((key, Version { rev, record })),
-                Mutation::Remove { .. } => unreachable!(),
+                Mutation::Remove { .. } | Mutation::Split(_) => unreachable!(),
                 Mutation::Lease(LeaseMutation::Clock(c)) => clock = c,
                 Mutation::Lease(LeaseMutation::Owned(id, Some(l))) => {
                     owned.insert(id, l);
@@ -1177,7 +1501,14 @@ mod tests {
         }
         versions.reverse();
         let leases = LeaseTable::restore(clock, owned, revoked);
-        let restored = Mvcc::restore(3, m.revision(), m.compact_revision(), versions, leases);
+        let restored = Mvcc::restore(
+            3,
+            Default::default(),
+            m.revision(),
+            m.compact_revision(),
+            versions,
+            leases,
+        );
         assert_eq!(restored, m);
         assert_eq!(restored.leases().attached_keys(5), vec![b"c".to_vec()]);
     }

@@ -19,7 +19,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for Builder {
         let dir = TempDir::new().expect("tempdir");
         let engine = Engine::open(&dir.path().join("db")).expect("open engine");
         let log = LogStore::new(engine.clone(), 1);
-        let sm = StateMachine::open(engine, 1).expect("open state machine");
+        let sm = StateMachine::open(engine, 1, Default::default()).expect("open state machine");
         Ok((dir, log, sm))
     }
 }
@@ -80,7 +80,7 @@ async fn state_machine_recovers_after_reopen() {
     let path = dir.path().join("db");
     {
         let engine = Engine::open(&path).unwrap();
-        let mut sm = StateMachine::open(engine.clone(), 3).unwrap();
+        let mut sm = StateMachine::open(engine.clone(), 3, Default::default()).unwrap();
         let entries: Vec<_> = (1..=5u64)
             .map(|i| {
                 let cmd = Command::Put(PutRequest {
@@ -99,7 +99,7 @@ async fn state_machine_recovers_after_reopen() {
         engine.commit().sync().await.unwrap();
     }
     let engine = Engine::open(&path).unwrap();
-    let mut sm = StateMachine::open(engine, 3).unwrap();
+    let mut sm = StateMachine::open(engine, 3, Default::default()).unwrap();
     let (applied, _) = sm.applied_state().await.unwrap();
     assert_eq!(applied.map(|l| l.index()), Some(5));
     let state = sm.state();

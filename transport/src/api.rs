@@ -295,6 +295,13 @@ pub enum KvRequest {
     },
     /// A lease operation.
     Lease(LeaseRequest),
+    /// Split the range at key `at` (an operator's request; see [`SplitResponse`]): keys from
+    /// `at` on move to a new range on the same replicas. `at` must lie strictly inside the
+    /// range (not at its start).
+    Split {
+        /// The first key of the new range.
+        at: Vec<u8>,
+    },
 }
 
 /// Which range a response reflects and at which revision.
@@ -385,6 +392,22 @@ pub enum KvResponse {
     Compact(CompactResponse),
     /// A lease operation's result.
     Lease(LeaseResponse),
+    /// A split's result.
+    Split(SplitResponse),
+}
+
+/// Result of a split: the range keeps `[start, at)`, the new range holds `[at, end)`; both
+/// are at `epoch` (one above the range's epoch before the split) and at the range's revision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitResponse {
+    /// The split range and its revision at the split.
+    pub header: ResponseHeader,
+    /// The id of the new range (and of its Raft group).
+    pub new_range_id: RangeId,
+    /// The split key: the first key of the new range.
+    pub at: Vec<u8>,
+    /// The epoch of both halves.
+    pub epoch: u64,
 }
 
 impl KvResponse {
@@ -397,6 +420,7 @@ impl KvResponse {
             Self::Txn(r) => r.header,
             Self::Compact(r) => r.header,
             Self::Lease(r) => r.header(),
+            Self::Split(r) => r.header,
         }
     }
 }
@@ -468,6 +492,8 @@ pub struct RangeStatus {
     pub term: u64,
     /// The range's revision on this node.
     pub revision: u64,
+    /// Keys with any stored history (live or deleted, until compacted) on this node.
+    pub keys: u64,
     /// The last log index applied on this node.
     pub applied_index: u64,
     /// The last log index covered by this node's newest snapshot (0: none).
@@ -775,6 +801,7 @@ impl RequestLimits {
             KvRequest::Range(r, _) => self.check_span(&r.span),
             KvRequest::Delete(d) => self.check_span(&d.span),
             KvRequest::Compact { .. } => Ok(()),
+            KvRequest::Split { at } => self.check_key(at),
             KvRequest::Lease(l) => check_lease(l),
             KvRequest::Txn(t) => {
                 if t.op_count() > self.txn_ops_max {

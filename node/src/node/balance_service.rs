@@ -21,7 +21,7 @@ use concord_transport::api::{NodeId, RangeId};
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::Instant as _;
 
-use super::NodeInner;
+use super::{NodeInner, PLACEMENT_GROUP};
 
 /// A peer counts as live if it acknowledged one of this node's heartbeats this recently.
 pub const PEER_ACK_FRESH_MS: u64 = 1_000;
@@ -50,7 +50,9 @@ pub(super) async fn leader_balance_loop(inner: Weak<NodeInner>, interval: Durati
         let now = Instant::now();
         moved.retain(|_, at| now.duration_since(*at) < cooldown);
         for (range, to) in inner.leader_moves_from_here(&moved) {
-            let group = &inner.groups[&range];
+            let Ok(group) = inner.group(range) else {
+                continue;
+            };
             tracing::info!(range, to, "leader balance: handing leadership over");
             if let Err(e) = group.raft.trigger().transfer_leader(to).await {
                 tracing::warn!(range, to, "leader transfer: {e}");
@@ -72,8 +74,11 @@ impl NodeInner {
         let mut live = BTreeSet::from([me]);
         // Per led range: how far each replica's log is behind the leader's.
         let mut lag: BTreeMap<RangeId, BTreeMap<NodeId, u64>> = BTreeMap::new();
-        let mut view = Vec::with_capacity(self.groups.len());
-        for (id, group) in &self.groups {
+        let groups = self.groups();
+        let mut view = Vec::with_capacity(groups.len());
+        // The placement group does little work: it is not counted, and not moved.
+        for group in groups.iter().filter(|g| g.id != PLACEMENT_GROUP) {
+            let id = &group.id;
             let watched = group.raft.metrics();
             let metrics = watched.borrow_watched();
             if metrics.current_leader == Some(me) {

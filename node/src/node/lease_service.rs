@@ -154,7 +154,7 @@ pub(super) async fn lease_loop(inner: Weak<NodeInner>) {
         interval.tick().await;
         while ticks.try_join_next().is_some() {}
         let Some(inner) = inner.upgrade() else { return };
-        for (gid, group) in &inner.groups {
+        for group in inner.groups() {
             if !group.raft.is_leader() {
                 group.keeper.forget();
                 continue;
@@ -162,10 +162,9 @@ pub(super) async fn lease_loop(inner: Weak<NodeInner>) {
             if group.keeper.busy.swap(true, Ordering::AcqRel) {
                 continue;
             }
-            let (inner, gid) = (inner.clone(), *gid);
+            let inner = inner.clone();
             ticks.spawn(async move {
-                let group = &inner.groups[&gid];
-                inner.lease_tick(group).await;
+                inner.lease_tick(&group).await;
                 group.keeper.busy.store(false, Ordering::Release);
             });
         }
@@ -189,12 +188,7 @@ impl NodeInner {
         let advance_ms = group.keeper.advance(now, term);
         if advance_ms > 4 * LEASE_TICK_MS {
             // The lease clock jumps: every lease loses that much at once (a stalled node).
-            tracing::warn!(
-                range = group.descriptor.id,
-                term,
-                advance_ms,
-                "lease clock jump"
-            );
+            tracing::warn!(range = group.id, term, advance_ms, "lease clock jump");
         }
         let needed = owns_leases || !renewals.is_empty();
         let mut applied = false;
@@ -210,7 +204,7 @@ impl NodeInner {
             match tokio::time::timeout(timeout, group.raft.client_write(tick)).await {
                 Ok(Ok(_)) => applied = true,
                 failed => {
-                    tracing::debug!(range = group.descriptor.id, "lease tick failed: {failed:?}");
+                    tracing::debug!(range = group.id, "lease tick failed: {failed:?}");
                     // The advance is lost (expiries only get later). The renewals go to the
                     // next tick, but their keepalives are answered as failed: this entry may
                     // still commit, and expire what they renewed.
@@ -235,7 +229,7 @@ impl NodeInner {
     /// other range, then detach them everywhere (deleting their keys). True when done; else
     /// the next tick tries again (every step is idempotent).
     pub(super) async fn finish_revocation(&self, group: &Group, ids: Vec<LeaseId>) -> bool {
-        let owner = group.descriptor.id;
+        let owner = group.id;
         let fence = Command::LeaseFence { ids: ids.clone() };
         let detach = Command::LeaseDetach { ids: ids.clone() };
         if !(self.on_other_ranges(owner, fence).await && self.on_other_ranges(owner, detach).await)
@@ -253,7 +247,8 @@ impl NodeInner {
 
     /// Applies `cmd` at every range but `owner`; true when all succeeded.
     async fn on_other_ranges(&self, owner: RangeId, cmd: Command) -> bool {
-        let others = self.table.ranges().iter().filter(|d| d.id != owner);
+        let table = self.table();
+        let others = table.ranges().iter().filter(|d| d.id != owner);
         let results = join_all(others.map(|d| self.propose_anywhere(d.id, cmd.clone()))).await;
         results.iter().all(Result::is_ok)
     }
@@ -271,7 +266,7 @@ impl NodeInner {
     where
         F: std::future::Future<Output = Result<T, ApiError>>,
     {
-        let range_id = group.descriptor.id;
+        let range_id = group.id;
         let leader = match group.raft.as_leader() {
             Ok(_) => return here().await,
             Err(f) => f.leader_id.ok_or_else(|| not_leader(range_id, None))?,
@@ -288,12 +283,13 @@ impl NodeInner {
     }
 
     /// Proposes an internal command to range `range_id` at its leader, here or on a peer.
-    async fn propose_anywhere(
+    pub(super) async fn propose_anywhere(
         &self,
         range_id: RangeId,
         cmd: Command,
     ) -> Result<KvResponse, ApiError> {
         let group = self.group(range_id)?;
+        let group = &*group;
         let local = cmd.clone();
         self.at_leader(
             group,
@@ -309,7 +305,8 @@ impl NodeInner {
 
     /// Whether lease `id` exists, asked linearizably of its owner range's leader.
     pub(super) async fn check_lease_alive(&self, id: LeaseId) -> Result<(), ApiError> {
-        let group = self.group(self.table.locate(&lease_anchor(id)).id)?;
+        let group = self.group(self.table().locate(&lease_anchor(id)).id)?;
+        let group = &*group;
         let alive = self
             .at_leader(
                 group,
@@ -327,7 +324,8 @@ impl NodeInner {
     /// Whether `fence`'s token holds its lock, asked linearizably of the leader of the range
     /// holding the lock's keys.
     pub(super) async fn check_fence_holder(&self, fence: &Fence) -> Result<(), ApiError> {
-        let group = self.group(self.table.locate(&fence.prefix).id)?;
+        let group = self.group(self.table().locate(&fence.prefix).id)?;
+        let group = &*group;
         let holds = self
             .at_leader(
                 group,
@@ -425,7 +423,7 @@ impl NodeInner {
             return Ok(());
         }
         Err(ApiError::Unavailable {
-            range_id: group.descriptor.id,
+            range_id: group.id,
             reason: "the lease tick carrying the renewal was not applied".into(),
         })
     }
@@ -438,7 +436,7 @@ impl NodeInner {
     ) -> Result<LeaseResponse, ApiError> {
         let received = Instant::now();
         if let Err(f) = group.raft.as_leader() {
-            return Err(not_leader(group.descriptor.id, f.leader_id));
+            return Err(not_leader(group.id, f.leader_id));
         }
         self.read_barrier(group, Consistency::Linearizable).await?;
         let known: HashSet<LeaseId> = {
@@ -478,7 +476,7 @@ impl NodeInner {
     /// The granted and remaining TTL of lease `id`, read linearizably at the owner's leader.
     async fn owned_lease_ttl(&self, group: &Group, id: LeaseId) -> Result<(u64, u64), ApiError> {
         if let Err(f) = group.raft.as_leader() {
-            return Err(not_leader(group.descriptor.id, f.leader_id));
+            return Err(not_leader(group.id, f.leader_id));
         }
         self.read_barrier(group, Consistency::Linearizable).await?;
         let state = group.state.read().expect("range state lock");

@@ -13,6 +13,7 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use concord_placement::{bootstrap_layout, RangeDescriptor, RangeTable};
+use concord_transport::api::PutRequest;
 use concord_transport::api::{
     ApiError, ClientReply, ClientRequest, ClientResponse, Consistency, KeySpan, KvRequest,
     KvResponse, LeaseRequest, NodeAddr, NodeId, ProcessStats, RangeId, RangeStatus, RequestLimits,
@@ -27,9 +28,10 @@ use openraft::async_runtime::watch::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::raft::linearizable_read::{Linearizer, LinearizerOption, ReadLogId};
 use openraft::{BasicNode, Config, SnapshotPolicy};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::mvcc::Command;
+use crate::mvcc::{Bounds, Command};
 use crate::network::{
     read_peer_batch, NetworkFactory, PeerError, PeerFrame, PeerItemReply, PeerReply, PeerRequest,
     Peers,
@@ -41,7 +43,10 @@ use lease_service::{lease_loop, LeaseKeeper};
 
 mod balance_service;
 mod lease_service;
+mod split_service;
 mod watch_service;
+
+pub use split_service::{split_point, SplitSettings};
 
 /// Raft timing and log-retention settings.
 #[derive(Debug, Clone)]
@@ -98,6 +103,8 @@ pub struct NodeConfig {
     pub raft: RaftSettings,
     /// Revisions of events a watcher may fall behind before it is cancelled (resumable).
     pub watch_buffer: usize,
+    /// When a range splits by size.
+    pub split: SplitSettings,
 }
 
 impl NodeConfig {
@@ -114,6 +121,7 @@ impl NodeConfig {
             connection: ConnectionLimits::default(),
             raft: RaftSettings::default(),
             watch_buffer: WATCH_BUFFER_DEFAULT,
+            split: SplitSettings::default(),
         }
     }
 }
@@ -230,55 +238,80 @@ impl BoundNode {
             .iter()
             .map(|(id, addr)| (*id, BasicNode::new(addr.to_string())))
             .collect();
-        let mut groups = BTreeMap::new();
-        for desc in table.ranges() {
-            let log = LogStore::new(engine.clone(), desc.id);
-            let sm = StateMachine::open(engine.clone(), desc.id)?;
-            sm.set_watch_buffer(config.watch_buffer);
-            let state = sm.state();
-            let network = NetworkFactory {
-                peers: peers.clone(),
-                group: desc.id,
+        let (hosts_tx, hosts_rx) = mpsc::unbounded_channel();
+        let opener = GroupOpener {
+            engine: engine.clone(),
+            peers: peers.clone(),
+            raft_config,
+            node_id: config.id,
+            watch_buffer: config.watch_buffer,
+            hosts: hosts_tx.clone(),
+        };
+        // The bootstrap groups (the placement group and the bootstrap ranges) are initialised
+        // on first start; groups made by splits since are found in storage.
+        let mut bootstrap: Vec<(RangeId, Bounds)> = vec![(PLACEMENT_GROUP, Bounds::default())];
+        bootstrap.extend(table.ranges().iter().map(|d| {
+            let bounds = Bounds {
+                start: d.start.clone(),
+                end: d.end.clone(),
+                epoch: d.epoch,
             };
-            let raft = Raft::new(config.id, raft_config.clone(), network, log, sm)
-                .await
-                .map_err(|e| StartError::Raft(e.to_string()))?;
-            if !raft
+            (d.id, bounds)
+        }));
+        let mut groups = BTreeMap::new();
+        for (id, bounds) in bootstrap {
+            let group = opener.open(id, bounds).await?;
+            if !group
+                .raft
                 .is_initialized()
                 .await
                 .map_err(|e| StartError::Raft(e.to_string()))?
             {
                 // Every member initialises with the same membership: safe in openraft, and no
                 // node has to be special at first start.
-                if let Err(e) = raft.initialize(membership.clone()).await {
-                    tracing::debug!(range = desc.id, "initialize: {e}");
+                if let Err(e) = group.raft.initialize(membership.clone()).await {
+                    tracing::debug!(range = id, "initialize: {e}");
                 }
             }
-            groups.insert(
-                desc.id,
-                Group {
-                    descriptor: desc.clone(),
-                    raft,
-                    state,
-                    keeper: LeaseKeeper::default(),
-                },
-            );
+            groups.insert(id, Arc::new(group));
+        }
+        for id in engine.group_ids()? {
+            if let std::collections::btree_map::Entry::Vacant(slot) = groups.entry(id) {
+                slot.insert(Arc::new(opener.open(id, Bounds::default()).await?));
+            }
+        }
+        // Ranges split off while this replica was behind (named by a snapshot it installed).
+        for group in groups.values() {
+            let children = group
+                .state
+                .read()
+                .expect("range state lock")
+                .mvcc
+                .split_into()
+                .to_vec();
+            let _ = hosts_tx.send(children);
         }
         let inner = Arc::new(NodeInner {
             config,
             engine,
             peers,
-            table,
-            groups,
+            table: RwLock::new(table),
+            groups: RwLock::new(groups),
+            opener,
             watch_overflows: AtomicU64::new(0),
             watchers: AtomicU64::new(0),
         });
         ready_tx.send_replace(Some(Arc::downgrade(&inner)));
         let mut tasks = JoinSet::new();
         tasks.spawn(accept_loop(inner.clone(), endpoint.clone()));
+        tasks.spawn(host_loop(Arc::downgrade(&inner), hosts_rx));
         tasks.spawn(lease_loop(Arc::downgrade(&inner)));
         let balance_every = Duration::from_millis(inner.config.raft.leader_balance_interval_ms);
         tasks.spawn(leader_balance_loop(Arc::downgrade(&inner), balance_every));
+        tasks.spawn(split_service::split_loop(
+            Arc::downgrade(&inner),
+            inner.config.split,
+        ));
         Ok(Node {
             inner: Some(inner),
             endpoint,
@@ -308,19 +341,141 @@ fn check_layout(
     }
 }
 
+/// The placement group: replicated on the first nodes, outside the range table. For now it
+/// allocates the ids of ranges made by splits (see [`NodeInner::allocate_range_id`]).
+pub const PLACEMENT_GROUP: RangeId = 0;
+
+/// Ids of ranges made by splits start above every bootstrap range id.
+const SPLIT_RANGE_ID_BASE: RangeId = 64;
+
+/// What opening a group on this node takes.
+struct GroupOpener {
+    engine: Arc<Engine>,
+    peers: Arc<Peers>,
+    raft_config: Arc<Config>,
+    node_id: NodeId,
+    watch_buffer: usize,
+    hosts: mpsc::UnboundedSender<Vec<RangeId>>,
+}
+
+impl GroupOpener {
+    /// Opens group `id` from storage (`bootstrap` is its extent if it never split) and
+    /// starts its openraft instance; it is not initialised here.
+    async fn open(&self, id: RangeId, bootstrap: Bounds) -> Result<Group, StartError> {
+        let log = LogStore::new(self.engine.clone(), id);
+        let mut sm = StateMachine::open(self.engine.clone(), id, bootstrap)?;
+        sm.set_watch_buffer(self.watch_buffer);
+        sm.set_hosts(self.hosts.clone());
+        let state = sm.state();
+        let network = NetworkFactory {
+            peers: self.peers.clone(),
+            group: id,
+        };
+        let raft = Raft::new(self.node_id, self.raft_config.clone(), network, log, sm)
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+        Ok(Group {
+            id,
+            raft,
+            state,
+            keeper: LeaseKeeper::default(),
+        })
+    }
+}
+
+/// Starts the groups this node must host from now on (see `StateMachine::set_hosts`): made by
+/// a split it applied, or skipped by a snapshot it installed (those start empty and are
+/// caught up by a snapshot from their leader).
+async fn host_loop(inner: Weak<NodeInner>, mut hosts: mpsc::UnboundedReceiver<Vec<RangeId>>) {
+    while let Some(ids) = hosts.recv().await {
+        let Some(inner) = inner.upgrade() else { return };
+        for id in ids {
+            if inner.groups.read().expect("groups lock").contains_key(&id) {
+                continue;
+            }
+            match inner.opener.open(id, Bounds::default()).await {
+                Ok(group) => {
+                    let children = group
+                        .state
+                        .read()
+                        .expect("range state lock")
+                        .mvcc
+                        .split_into()
+                        .to_vec();
+                    inner
+                        .groups
+                        .write()
+                        .expect("groups lock")
+                        .insert(id, Arc::new(group));
+                    tracing::info!(range = id, "hosting range made by a split");
+                    let _ = inner.opener.hosts.send(children);
+                }
+                Err(e) => tracing::error!(range = id, "cannot start range made by a split: {e}"),
+            }
+        }
+    }
+}
+
 struct Group {
-    descriptor: RangeDescriptor,
+    id: RangeId,
     raft: Raft,
     state: Arc<RwLock<RangeState>>,
     keeper: LeaseKeeper,
+}
+
+impl Group {
+    /// The range's extent and epoch, as applied here.
+    fn bounds(&self) -> Bounds {
+        self.state
+            .read()
+            .expect("range state lock")
+            .mvcc
+            .bounds()
+            .clone()
+    }
+
+    /// The range's epoch, as applied here.
+    fn epoch(&self) -> u64 {
+        self.state
+            .read()
+            .expect("range state lock")
+            .mvcc
+            .bounds()
+            .epoch
+    }
+
+    /// Whether this replica holds the range's state (a range started empty, to be caught up
+    /// by a snapshot, does not yet).
+    fn has_state(&self) -> bool {
+        self.state
+            .read()
+            .expect("range state lock")
+            .last_applied
+            .is_some()
+    }
+
+    /// The range's descriptor, as applied here.
+    fn descriptor(&self) -> RangeDescriptor {
+        let state = self.state.read().expect("range state lock");
+        let bounds = state.mvcc.bounds();
+        RangeDescriptor {
+            id: self.id,
+            start: bounds.start.clone(),
+            end: bounds.end.clone(),
+            epoch: bounds.epoch,
+            replicas: state.membership.membership().voter_ids().collect(),
+        }
+    }
 }
 
 struct NodeInner {
     config: NodeConfig,
     engine: Arc<Engine>,
     peers: Arc<Peers>,
-    table: RangeTable,
-    groups: BTreeMap<RangeId, Group>,
+    /// The last complete range table built from the groups (see [`NodeInner::table`]).
+    table: RwLock<RangeTable>,
+    groups: RwLock<BTreeMap<RangeId, Arc<Group>>>,
+    opener: GroupOpener,
     /// Watchers cancelled for falling behind, since start.
     watch_overflows: AtomicU64,
     /// Watches being served now.
@@ -373,14 +528,19 @@ impl Node {
         self.inner().watch_overflows.load(Ordering::Relaxed)
     }
 
-    /// The ids of the ranges this node leads now.
+    /// The ids of the ranges this node leads now (the placement group is no range).
     pub fn led_ranges(&self) -> Vec<RangeId> {
         self.inner()
-            .groups
+            .groups()
             .iter()
-            .filter(|(_, g)| g.raft.is_leader())
-            .map(|(id, _)| *id)
+            .filter(|g| g.id != PLACEMENT_GROUP && g.raft.is_leader())
+            .map(|g| g.id)
             .collect()
+    }
+
+    /// The range table as this node knows it.
+    pub fn range_table(&self) -> RangeTable {
+        self.inner().table()
     }
 
     /// Asks this node, if it leads `range`, to hand the leadership to node `to` (openraft's
@@ -388,11 +548,7 @@ impl Node {
     /// Returns at once; watch [`Node::led_ranges`] to see the move happen. A node that does not
     /// lead `range` ignores the request.
     pub async fn transfer_leader(&self, range: RangeId, to: NodeId) -> Result<(), String> {
-        let group = self
-            .inner()
-            .groups
-            .get(&range)
-            .ok_or_else(|| format!("no range {range}"))?;
+        let group = self.inner().group(range).map_err(|e| e.to_string())?;
         group
             .raft
             .trigger()
@@ -401,9 +557,10 @@ impl Node {
             .map_err(|e| e.to_string())
     }
 
-    /// Waits until every range has a leader known to this node, at most `timeout`.
+    /// Waits until every group has a leader known to this node, at most `timeout`.
     pub async fn wait_for_leaders(&self, timeout: Duration) -> Result<(), String> {
-        for (id, g) in &self.inner().groups {
+        for g in self.inner().groups() {
+            let id = g.id;
             g.raft
                 .wait(Some(timeout))
                 .metrics(|m| m.current_leader.is_some(), "leader known")
@@ -423,11 +580,12 @@ impl Node {
         self.endpoint.close(0u32.into(), b"shutdown");
         self.tasks.shutdown().await;
         let inner = self.inner.take().expect("node is running");
-        for g in inner.groups.values() {
+        for g in inner.groups() {
             if let Err(e) = g.raft.shutdown().await {
-                tracing::warn!("shutting down range {}: {e}", g.descriptor.id);
+                tracing::warn!("shutting down range {}: {e}", g.id);
             }
         }
+        inner.groups.write().expect("groups lock").clear();
         let engine = inner.engine.clone();
         let peers = Arc::downgrade(&inner.peers);
         drop(inner);
@@ -557,10 +715,20 @@ async fn handle_client(inner: &NodeInner, request: ClientRequest) -> ClientRespo
     }
 }
 
-/// Whether every key of `span` lies in `desc`.
-fn span_inside(desc: &RangeDescriptor, span: &KeySpan) -> bool {
-    let (start, end) = span.bounds();
-    desc.contains(&start) && (desc.end.is_empty() || (!end.is_empty() && end <= desc.end))
+fn stale_epoch(range_id: RangeId, current_epoch: u64) -> ApiError {
+    ApiError::StaleEpoch {
+        range_id,
+        current_epoch,
+    }
+}
+
+/// `StaleEpoch` unless the client's `epoch` is the group's applied one.
+fn check_epoch(group: &Group, epoch: u64) -> Result<(), ApiError> {
+    let current = group.epoch();
+    if current != epoch {
+        return Err(stale_epoch(group.id, current));
+    }
+    Ok(())
 }
 
 fn not_leader(range_id: RangeId, leader_hint: Option<NodeId>) -> ApiError {
@@ -571,20 +739,52 @@ fn not_leader(range_id: RangeId, leader_hint: Option<NodeId>) -> ApiError {
 }
 
 impl NodeInner {
+    /// Every group this node hosts, the placement group included.
+    fn groups(&self) -> Vec<Arc<Group>> {
+        self.groups
+            .read()
+            .expect("groups lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The range table from the groups' applied bounds. Between a split's apply and the start
+    /// of the range it made (or while a range started empty awaits its snapshot) the groups
+    /// do not cover the keyspace: the last complete table stands in, and requests routed by
+    /// it meet the applied epochs (`StaleEpoch`, retried by the client).
+    fn table(&self) -> RangeTable {
+        let mut ranges: Vec<RangeDescriptor> = self
+            .groups()
+            .iter()
+            .filter(|g| g.id != PLACEMENT_GROUP && g.has_state())
+            .map(|g| g.descriptor())
+            .collect();
+        ranges.sort_by(|a, b| a.start.cmp(&b.start));
+        match RangeTable::new(ranges) {
+            Ok(table) => {
+                *self.table.write().expect("table lock") = table.clone();
+                table
+            }
+            Err(_) => self.table.read().expect("table lock").clone(),
+        }
+    }
+
     fn routes(&self) -> RouteTable {
         let leaders = self
-            .groups
+            .groups()
             .iter()
-            .filter_map(|(id, g)| {
+            .filter(|g| g.id != PLACEMENT_GROUP)
+            .filter_map(|g| {
                 g.raft
                     .metrics()
                     .borrow_watched()
                     .current_leader
-                    .map(|l| (*id, l))
+                    .map(|l| (g.id, l))
             })
             .collect();
         RouteTable {
-            ranges: self.table.ranges().to_vec(),
+            ranges: self.table().ranges().to_vec(),
             leaders,
             nodes: self.node_addrs(),
         }
@@ -603,11 +803,11 @@ impl NodeInner {
 
     fn status(&self) -> StatusResponse {
         let ranges = self
-            .groups
-            .values()
+            .groups()
+            .iter()
             .map(|g| {
                 let m = g.raft.metrics().borrow_watched().clone();
-                let d = &g.descriptor;
+                let d = &g.descriptor();
                 RangeStatus {
                     id: d.id,
                     start: d.start.clone(),
@@ -617,6 +817,7 @@ impl NodeInner {
                     leader: m.current_leader,
                     term: m.current_term,
                     revision: g.state.read().expect("range state lock").mvcc.revision(),
+                    keys: g.state.read().expect("range state lock").mvcc.key_count() as u64,
                     applied_index: m.last_applied.map_or(0, |l| l.index()),
                     snapshot_index: m.snapshot.map_or(0, |l| l.index()),
                     purged_index: m.purged.map_or(0, |l| l.index()),
@@ -637,33 +838,42 @@ impl NodeInner {
     }
 
     /// The group of `range_id`.
-    fn group(&self, range_id: RangeId) -> Result<&Group, ApiError> {
+    fn group(&self, range_id: RangeId) -> Result<Arc<Group>, ApiError> {
         self.groups
+            .read()
+            .expect("groups lock")
             .get(&range_id)
+            .cloned()
             .ok_or(ApiError::RangeNotFound { range_id })
     }
 
     /// The group of `range_id`, if the client's descriptor of it has the current `epoch`.
-    fn group_at(&self, range_id: RangeId, epoch: u64) -> Result<&Group, ApiError> {
-        let group = self.group(range_id)?;
-        if epoch != group.descriptor.epoch {
-            return Err(ApiError::StaleEpoch {
-                range_id,
-                current_epoch: group.descriptor.epoch,
-            });
+    /// The placement group takes no client requests.
+    fn group_at(&self, range_id: RangeId, epoch: u64) -> Result<Arc<Group>, ApiError> {
+        if range_id == PLACEMENT_GROUP {
+            return Err(ApiError::RangeNotFound { range_id });
         }
+        let group = self.group(range_id)?;
+        check_epoch(&group, epoch)?;
         Ok(group)
     }
 
-    /// Checks that every key the request touches lies in `desc`.
-    fn check_keys(&self, desc: &RangeDescriptor, request: &KvRequest) -> Result<(), ApiError> {
-        let inside = |span: &KeySpan| span_inside(desc, span);
-        let outside = || ApiError::KeyOutsideRange { range_id: desc.id };
+    /// Checks that every key the request touches lies in `bounds` (of range `range_id`).
+    fn check_keys(
+        &self,
+        range_id: RangeId,
+        bounds: &Bounds,
+        request: &KvRequest,
+    ) -> Result<(), ApiError> {
+        let inside = |span: &KeySpan| bounds.contains_span(span);
+        let outside = || ApiError::KeyOutsideRange { range_id };
+        let desc = bounds;
         match request {
             KvRequest::Put(p) => desc.contains(&p.key).then_some(()).ok_or_else(outside),
             KvRequest::Range(r, _) => inside(&r.span).then_some(()).ok_or_else(outside),
             KvRequest::Delete(d) => inside(&d.span).then_some(()).ok_or_else(outside),
             KvRequest::Compact { .. } => Ok(()),
+            KvRequest::Split { at } => desc.contains(at).then_some(()).ok_or_else(outside),
             KvRequest::Lease(LeaseRequest::KeepAliveMany { ids }) => ids
                 .iter()
                 .all(|id| desc.contains(&lease_anchor(*id)))
@@ -681,11 +891,12 @@ impl NodeInner {
                 if spans.iter().all(inside) {
                     return Ok(());
                 }
+                let table = self.table();
                 let mut ranges: Vec<RangeId> = spans
                     .iter()
                     .flat_map(|s| {
                         let (start, end) = s.bounds();
-                        self.table
+                        table
                             .overlapping(&start, &end)
                             .map(|r| r.id)
                             .collect::<Vec<_>>()
@@ -705,14 +916,20 @@ impl NodeInner {
         request: KvRequest,
     ) -> Result<KvResponse, ApiError> {
         let group = self.group_at(range_id, epoch)?;
+        let group = &*group;
         self.config.limits.check(&request)?;
-        self.check_keys(&group.descriptor, &request)?;
+        self.check_keys(range_id, &group.bounds(), &request)?;
         let command = match request {
             KvRequest::Range(req, consistency) => {
                 self.read_barrier(group, consistency).await?;
                 let state = group.state.read().expect("range state lock");
+                // A split applied during the barrier: the keys may be elsewhere now.
+                if state.mvcc.bounds().epoch != epoch {
+                    return Err(stale_epoch(group.id, state.mvcc.bounds().epoch));
+                }
                 return state.mvcc.range(&req).map(KvResponse::Range);
             }
+            KvRequest::Split { at } => return self.split_range(group, at).await,
             KvRequest::Put(p) => {
                 if p.lease != 0 {
                     self.check_lease_alive(p.lease).await?;
@@ -731,7 +948,7 @@ impl NodeInner {
                     None => Command::Txn(t),
                     Some(fence) => {
                         let lock = KeySpan::prefix(fence.prefix.clone());
-                        let holder_here = span_inside(&group.descriptor, &lock);
+                        let holder_here = group.bounds().contains_span(&lock);
                         if !holder_here {
                             self.check_fence_holder(fence).await?;
                         }
@@ -745,6 +962,8 @@ impl NodeInner {
             KvRequest::Compact { revision } => Command::Compact { revision },
             KvRequest::Lease(l) => {
                 if let Some(result) = self.serve_lease_read(group, &l).await {
+                    // Answered from a lease table a split may have changed meanwhile.
+                    check_epoch(group, epoch)?;
                     return result;
                 }
                 match l {
@@ -763,9 +982,41 @@ impl NodeInner {
         self.propose(group, command).await
     }
 
+    /// Splits `group` (this node must lead it) at `at`, with a fresh range id.
+    async fn split_range(&self, group: &Group, at: Vec<u8>) -> Result<KvResponse, ApiError> {
+        let range_id = group.id;
+        if let Err(f) = group.raft.as_leader() {
+            return Err(not_leader(range_id, f.leader_id));
+        }
+        if !group.bounds().splits_at(&at) {
+            return Err(ApiError::InvalidRequest(format!(
+                "range {range_id} cannot split at its first key"
+            )));
+        }
+        let new_range = self.allocate_range_id(range_id).await?;
+        self.propose(group, Command::Split { at, new_range }).await
+    }
+
+    /// A fresh range id for a range split off `parent`: the revision of a write to the
+    /// placement group, which never repeats. The write records which range asked.
+    async fn allocate_range_id(&self, parent: RangeId) -> Result<RangeId, ApiError> {
+        let record = Command::Put(PutRequest {
+            key: b"/placement/allocated-range-ids".to_vec(),
+            value: parent.to_string().into_bytes(),
+            lease: 0,
+            prev_kv: false,
+        });
+        match self.propose_anywhere(PLACEMENT_GROUP, record).await? {
+            KvResponse::Put(put) => Ok(SPLIT_RANGE_ID_BASE + put.header.revision),
+            other => Err(ApiError::Internal(format!(
+                "unexpected placement reply {other:?}"
+            ))),
+        }
+    }
+
     /// Proposes `command` to `group` (this node must lead it) and waits for its result.
     async fn propose(&self, group: &Group, command: Command) -> Result<KvResponse, ApiError> {
-        let range_id = group.descriptor.id;
+        let range_id = group.id;
         // Refuse before proposing when not leader: then NotLeader always means "not applied",
         // and the client may retry it elsewhere without risking a second effect.
         if let Err(f) = group.raft.as_leader() {
@@ -789,7 +1040,7 @@ impl NodeInner {
 
     /// Waits until a read at `consistency` may be served from local state.
     async fn read_barrier(&self, group: &Group, consistency: Consistency) -> Result<(), ApiError> {
-        let range_id = group.descriptor.id;
+        let range_id = group.id;
         let lease_or_read_index = LinearizerOption::new(None, true);
         match consistency {
             Consistency::Serializable => Ok(()),
@@ -852,9 +1103,10 @@ impl NodeInner {
     }
 
     async fn handle_peer(&self, frame: PeerFrame) -> PeerReply {
-        let Some(group) = self.groups.get(&frame.group) else {
+        let Ok(group) = self.group(frame.group) else {
             return PeerReply::Error(PeerError::NoSuchGroup(frame.group));
         };
+        let group = &*group;
         let raft_err = |e: &dyn std::fmt::Display| PeerReply::Error(PeerError::Raft(e.to_string()));
         match frame.request {
             PeerRequest::Append(rpc) => group

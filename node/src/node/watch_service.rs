@@ -28,7 +28,7 @@ use futures::FutureExt;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
-use super::{span_inside, Group, NodeInner};
+use super::{check_epoch, Group, NodeInner};
 
 /// How often a channel sends a progress bookmark (when a watch asked for them) or else checks
 /// that its client is still there.
@@ -158,6 +158,7 @@ impl NodeInner {
             Ok(group) => group,
             Err(e) => return End::Cancel(e),
         };
+        let group = &*group;
         let header = |revision| ResponseHeader { range_id, revision };
         let (mut events, now) = {
             let state = group.state.read().expect("range state lock");
@@ -229,6 +230,10 @@ impl NodeInner {
                         });
                     }
                     Err(RecvError::Closed) => {
+                        // A split: the client re-plans its watches over the new ranges.
+                        if let Err(e) = check_epoch(group, epoch) {
+                            return End::Cancel(e);
+                        }
                         return End::Cancel(ApiError::Unavailable {
                             range_id,
                             reason: "the replica's state was replaced (snapshot) or is shutting down".into(),
@@ -258,7 +263,7 @@ impl NodeInner {
         watches: &mut Watches,
         control: WatchControl,
     ) -> Result<(), End> {
-        let range_id = group.descriptor.id;
+        let range_id = group.id;
         let (id, request) = match control {
             WatchControl::Cancel { id } => {
                 watches.remove(id);
@@ -274,7 +279,7 @@ impl NodeInner {
                 .await
                 .map_err(|_| End::Gone);
         }
-        if !span_inside(&group.descriptor, &request.span) {
+        if !group.bounds().contains_span(&request.span) {
             let message = refuse(ApiError::KeyOutsideRange { range_id });
             return wire::write_frame(send, &message)
                 .await

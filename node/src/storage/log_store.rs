@@ -60,6 +60,16 @@ impl LogStore {
     }
 }
 
+/// Seeds the log of group `gid`, made by a split, as purged up to `start` (see
+/// [`super::state_machine::split_start_log_id`]): the log is empty and starts after it.
+pub(crate) fn seed_split_log(batch: &mut WriteBatch, engine: &Engine, gid: u64, start: LogId) {
+    batch.put_cf(
+        engine.cf(CF_META),
+        group_key(gid, &[TAG_LAST_PURGED]),
+        encode(&start),
+    );
+}
+
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,

@@ -6,6 +6,10 @@
 //! - `sm`:   `gid | tag` → last applied log id, membership, MVCC counters, current snapshot.
 //! - `kv`:   `gid | main revision | sub revision` → one MVCC version `(key, record | tombstone)`.
 //!
+//! A split writes the new group's rows (its versions moved from the parent's, its counters,
+//! bounds, leases, applied and purged log id) in the same write as the parent's apply, so a
+//! crash leaves either both halves or the unsplit range.
+//!
 //! All writes share RocksDB's one WAL, so their order survives a crash: a durable write implies
 //! every earlier write is durable too. Writes are issued unsynced and made durable by the
 //! node's single [`group_commit`] writer, which syncs the WAL once for everything pending.
@@ -31,7 +35,9 @@ use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, DB};
 
 pub use group_commit::GroupCommit;
 pub use log_store::LogStore;
-pub use state_machine::{RangeState, RevisionEvents, StateMachine, WATCH_BUFFER_DEFAULT};
+pub use state_machine::{
+    split_start_log_id, RangeState, RevisionEvents, StateMachine, WATCH_BUFFER_DEFAULT,
+};
 
 pub(crate) const CF_LOG: &str = "log";
 pub(crate) const CF_META: &str = "meta";
@@ -90,6 +96,28 @@ impl Engine {
         if let Err(e) = self.db.write(batch) {
             storage_failed("write", e);
         }
+    }
+
+    /// The ids of every group with a vote or a log state in this database: the groups this
+    /// node hosts (a group made by a split has its log's start from the split's write on).
+    pub fn group_ids(&self) -> io::Result<Vec<u64>> {
+        let mut ids = Vec::new();
+        let mut from = Vec::new();
+        loop {
+            let mut rows = self.db.iterator_cf(
+                self.cf(CF_META),
+                rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward),
+            );
+            let Some(row) = rows.next() else { break };
+            let (key, _) = row.map_err(to_io)?;
+            let id = u64::from_be_bytes(key[..8].try_into().expect("8-byte group prefix"));
+            ids.push(id);
+            match id.checked_add(1) {
+                Some(next) => from = next.to_be_bytes().to_vec(),
+                None => break,
+            }
+        }
+        Ok(ids)
     }
 
     /// The group-commit writer.

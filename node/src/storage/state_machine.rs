@@ -19,7 +19,7 @@ use concord_transport::watch::Event;
 use tokio::sync::broadcast;
 
 use crate::leases::{LeaseMutation, LeaseTable, OwnedLease};
-use crate::mvcc::{Mutation, Mvcc, Record, Rev, Version};
+use crate::mvcc::{Bounds, Mutation, Mvcc, Record, Rev, Version};
 use crate::raft_types::{
     CommandResult, LogId, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig,
 };
@@ -34,6 +34,19 @@ const TAG_LEASE_CLOCK: u8 = 6;
 const TAG_OWNED_LEASE: u8 = 7;
 /// `TAG_REVOKED_LEASE ++ id` → whether other ranges still have to detach it.
 const TAG_REVOKED_LEASE: u8 = 8;
+/// The range's bounds and the ranges split off it (absent until the first split: the
+/// bootstrap layout says).
+const TAG_BOUNDS: u8 = 9;
+
+/// The log id a range made by a split starts at on every replica: applied, purged and in its
+/// first snapshot, never a log entry, so a replica that did not apply the split itself can
+/// only catch up by a snapshot. Term 0 at index 5 is no log id a running group ever writes
+/// (`initialize` writes index 0; elections start at term 1).
+pub fn split_start_log_id() -> LogId {
+    use openraft::vote::RaftLeaderIdExt;
+    let term_zero = openraft::alias::LeaderIdOf::<TypeConfig>::new_committed(0, 0);
+    LogId::new(term_zero, 5)
+}
 
 type Snapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotData>;
 
@@ -75,6 +88,9 @@ pub struct StateMachine {
     /// Orders snapshot writes: a build (run concurrently by openraft) must not overwrite a
     /// newer snapshot installed meanwhile.
     snapshot_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Told the ids of ranges this replica must host from now on: split off by an applied
+    /// split, or named by an installed snapshot (a split this replica did not apply).
+    hosts: Option<tokio::sync::mpsc::UnboundedSender<Vec<u64>>>,
 }
 
 fn kv_key(gid: u64, rev: Rev) -> Vec<u8> {
@@ -120,8 +136,9 @@ fn parse_kv_key(key: &[u8]) -> Rev {
 }
 
 impl StateMachine {
-    /// Opens the state machine of group `gid`, rebuilding its state from `engine`.
-    pub fn open(engine: Arc<Engine>, gid: u64) -> io::Result<Self> {
+    /// Opens the state machine of group `gid`, rebuilding its state from `engine`; `bootstrap`
+    /// is its extent until it first splits.
+    pub fn open(engine: Arc<Engine>, gid: u64, bootstrap: Bounds) -> io::Result<Self> {
         let db = engine.db();
         let sm = engine.cf(CF_SM);
         let get = |tag: u8| db.get_cf(sm, group_key(gid, &[tag])).map_err(to_io);
@@ -163,7 +180,11 @@ impl StateMachine {
             scan_lease_rows::<OwnedLease>(&engine, gid, TAG_OWNED_LEASE)?,
             scan_lease_rows::<bool>(&engine, gid, TAG_REVOKED_LEASE)?,
         );
-        let mvcc = Mvcc::restore(gid, revision, compact_revision, versions, leases);
+        let bounds = get(TAG_BOUNDS)?
+            .map(|b| decode(&b))
+            .transpose()?
+            .unwrap_or((bootstrap, Vec::new()));
+        let mvcc = Mvcc::restore(gid, bounds, revision, compact_revision, versions, leases);
         let state = RangeState {
             mvcc,
             last_applied,
@@ -176,7 +197,78 @@ impl StateMachine {
             engine,
             state: Arc::new(RwLock::new(state)),
             snapshot_lock: Default::default(),
+            hosts: None,
         })
+    }
+
+    /// Where to send the ids of ranges this replica must host from now on (see `hosts`).
+    pub fn set_hosts(&mut self, hosts: tokio::sync::mpsc::UnboundedSender<Vec<u64>>) {
+        self.hosts = Some(hosts);
+    }
+
+    fn tell_hosts(&self, ids: Vec<u64>) {
+        if let Some(hosts) = &self.hosts {
+            // The node is going: nothing to host.
+            let _ = hosts.send(ids);
+        }
+    }
+
+    /// Writes a range's bounds row.
+    fn write_bounds(batch: &mut WriteBatch, engine: &Engine, mvcc: &Mvcc) {
+        let row = (mvcc.bounds(), mvcc.split_into());
+        batch.put_cf(
+            engine.cf(CF_SM),
+            group_key(mvcc.range_id(), &[TAG_BOUNDS]),
+            encode(&row),
+        );
+    }
+
+    /// Replaces every lease row of range `gid` by `leases`.
+    fn rewrite_leases(batch: &mut WriteBatch, engine: &Engine, gid: u64, leases: &LeaseTable) {
+        let cf_sm = engine.cf(CF_SM);
+        for tag in [TAG_OWNED_LEASE, TAG_REVOKED_LEASE] {
+            batch.delete_range_cf(cf_sm, group_key(gid, &[tag]), group_key(gid, &[tag + 1]));
+        }
+        let put = |batch: &mut WriteBatch, change: &LeaseMutation| {
+            write_lease_row(batch, engine, gid, change)
+        };
+        put(batch, &LeaseMutation::Clock(leases.clock_ms()));
+        for (id, lease) in leases.owned() {
+            put(batch, &LeaseMutation::Owned(id, Some(*lease)));
+        }
+        for (id, pending) in leases.revoked() {
+            put(batch, &LeaseMutation::Revoked(id, pending));
+        }
+    }
+
+    /// Persists a split: the new range's versions move from this group's rows to its own,
+    /// and the new range gets every row a replica needs to start it (see
+    /// [`split_start_log_id`]); this range's bounds and lease rows are rewritten.
+    fn write_split(&self, batch: &mut WriteBatch, state: &RangeState, right: &Mvcc) {
+        let engine = &self.engine;
+        let (cf_kv, cf_sm) = (engine.cf(CF_KV), engine.cf(CF_SM));
+        let new = right.range_id();
+        for (key, v) in right.versions() {
+            batch.delete_cf(cf_kv, kv_key(self.gid, v.rev));
+            batch.put_cf(cf_kv, kv_key(new, v.rev), encode(&(key, &v.record)));
+        }
+        Self::write_bounds(batch, engine, &state.mvcc);
+        Self::rewrite_leases(batch, engine, self.gid, state.mvcc.leases());
+        Self::write_bounds(batch, engine, right);
+        Self::rewrite_leases(batch, engine, new, right.leases());
+        let start = split_start_log_id();
+        let membership = StoredMembership::new(Some(start), state.membership.membership().clone());
+        let put = |batch: &mut WriteBatch, tag: u8, bytes: Vec<u8>| {
+            batch.put_cf(cf_sm, group_key(new, &[tag]), bytes)
+        };
+        put(batch, TAG_APPLIED, encode(&Some(start)));
+        put(batch, TAG_MEMBERSHIP, encode(&membership));
+        put(
+            batch,
+            TAG_COUNTERS,
+            encode(&(right.revision(), right.compact_revision())),
+        );
+        super::log_store::seed_split_log(batch, engine, new, start);
     }
 
     /// Sets how many revisions of events a watcher may fall behind before it is cancelled.
@@ -208,23 +300,7 @@ impl StateMachine {
     }
 
     fn write_lease(&self, batch: &mut WriteBatch, change: &LeaseMutation) {
-        let sm = self.engine.cf(CF_SM);
-        match change {
-            LeaseMutation::Clock(ms) => {
-                batch.put_cf(sm, group_key(self.gid, &[TAG_LEASE_CLOCK]), encode(ms))
-            }
-            LeaseMutation::Owned(id, Some(lease)) => {
-                batch.put_cf(sm, lease_key(self.gid, TAG_OWNED_LEASE, *id), encode(lease))
-            }
-            LeaseMutation::Owned(id, None) => {
-                batch.delete_cf(sm, lease_key(self.gid, TAG_OWNED_LEASE, *id))
-            }
-            LeaseMutation::Revoked(id, pending) => batch.put_cf(
-                sm,
-                lease_key(self.gid, TAG_REVOKED_LEASE, *id),
-                encode(pending),
-            ),
-        }
+        write_lease_row(batch, &self.engine, self.gid, change)
     }
 
     /// The log id of the stored snapshot, if any.
@@ -250,6 +326,23 @@ impl StateMachine {
             encode(&(meta, data)),
         );
         batch.put_cf(sm, group_key(self.gid, &[TAG_SNAPSHOT_META]), encode(meta));
+    }
+}
+
+/// Persists one lease-table change of range `gid`.
+fn write_lease_row(batch: &mut WriteBatch, engine: &Engine, gid: u64, change: &LeaseMutation) {
+    let sm = engine.cf(CF_SM);
+    match change {
+        LeaseMutation::Clock(ms) => {
+            batch.put_cf(sm, group_key(gid, &[TAG_LEASE_CLOCK]), encode(ms))
+        }
+        LeaseMutation::Owned(id, Some(lease)) => {
+            batch.put_cf(sm, lease_key(gid, TAG_OWNED_LEASE, *id), encode(lease))
+        }
+        LeaseMutation::Owned(id, None) => batch.delete_cf(sm, lease_key(gid, TAG_OWNED_LEASE, *id)),
+        LeaseMutation::Revoked(id, pending) => {
+            batch.put_cf(sm, lease_key(gid, TAG_REVOKED_LEASE, *id), encode(pending))
+        }
     }
 }
 
@@ -331,6 +424,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut batch = WriteBatch::default();
         let mut mutations = Vec::new();
         let mut replies = Vec::new();
+        let mut split_into = Vec::new();
         {
             let cf_kv = self.engine.cf(CF_KV);
             // Held across the batch so readers see whole batches (never a torn txn).
@@ -360,6 +454,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         }
                         Mutation::Remove { rev } => batch.delete_cf(cf_kv, kv_key(self.gid, rev)),
                         Mutation::Lease(change) => self.write_lease(&mut batch, &change),
+                        Mutation::Split(right) => {
+                            self.write_split(&mut batch, &state, &right);
+                            split_into.push(right.range_id());
+                            // Watchers of the range resume from the route table (their
+                            // spans may now reach into the new range).
+                            state.events = broadcast::channel(state.watch_buffer).0;
+                        }
                     }
                 }
                 if let Some(responder) = responder {
@@ -369,6 +470,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.write_counters(&mut batch, &state);
         }
         self.engine.write(batch);
+        if !split_into.is_empty() {
+            self.tell_hosts(split_into);
+        }
         for (responder, result) in replies {
             let result = result.unwrap_or_else(|| {
                 Err(concord_transport::api::ApiError::Internal(
@@ -408,22 +512,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         for (key, v) in mvcc.versions() {
             batch.put_cf(cf_kv, kv_key(self.gid, v.rev), encode(&(key, &v.record)));
         }
-        let cf_sm = self.engine.cf(CF_SM);
-        for tag in [TAG_OWNED_LEASE, TAG_REVOKED_LEASE] {
-            batch.delete_range_cf(
-                cf_sm,
-                group_key(self.gid, &[tag]),
-                group_key(self.gid, &[tag + 1]),
-            );
-        }
-        let leases = mvcc.leases();
-        self.write_lease(&mut batch, &LeaseMutation::Clock(leases.clock_ms()));
-        for (id, lease) in leases.owned() {
-            self.write_lease(&mut batch, &LeaseMutation::Owned(id, Some(*lease)));
-        }
-        for (id, pending) in leases.revoked() {
-            self.write_lease(&mut batch, &LeaseMutation::Revoked(id, pending));
-        }
+        Self::rewrite_leases(&mut batch, &self.engine, self.gid, mvcc.leases());
+        Self::write_bounds(&mut batch, &self.engine, &mvcc);
+        let split_into = mvcc.split_into().to_vec();
         let watch_buffer = self.state.read().expect("range state lock").watch_buffer;
         let new_state = RangeState {
             mvcc,
@@ -437,6 +528,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.engine.write(batch);
         self.engine.commit().sync().await?;
         *self.state.write().expect("range state lock") = new_state;
+        // A split this replica skipped: the node starts the missing ranges empty, and their
+        // leaders send them a snapshot.
+        self.tell_hosts(split_into);
         Ok(())
     }
 

@@ -123,6 +123,13 @@ enum Command {
     },
     /// Nodes, ranges, leaders and revisions.
     Status,
+    /// The range table: id, bounds, epoch, replicas, leader, revision and keys of every
+    /// range; `ranges split KEY` splits a range.
+    Ranges {
+        /// An operator command on ranges (none: list them).
+        #[command(subcommand)]
+        op: Option<RangesCommand>,
+    },
     /// Leases: grant, revoke, keep-alive, ttl, list.
     #[command(subcommand)]
     Lease(LeaseCommand),
@@ -217,6 +224,15 @@ async fn run_watch(
         }
     }
     Ok(())
+}
+
+#[derive(Subcommand)]
+enum RangesCommand {
+    /// Split the range holding KEY so that a new range starts at KEY (on the same replicas).
+    Split {
+        /// The first key of the new range.
+        key: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -575,6 +591,82 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             }
             if json {
                 println!("{}", Value::Array(rows));
+            }
+        }
+        Command::Ranges {
+            op: Some(RangesCommand::Split { key }),
+        } => {
+            let r = client.split(key.into_bytes()).await?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"range_id": r.header.range_id, "new_range_id": r.new_range_id, "at": text(&r.at), "epoch": r.epoch, "revision": r.header.revision})
+                );
+            } else {
+                println!(
+                    "range {} split at {:?}: new range {} (epoch {}, revision {})",
+                    r.header.range_id,
+                    text(&r.at),
+                    r.new_range_id,
+                    r.epoch,
+                    r.header.revision
+                );
+            }
+        }
+        Command::Ranges { op: None } => {
+            let routes = client.routes();
+            // Revision and key count from the node that leads each range, when it answers.
+            let statuses = client.status().await;
+            let led = |id: u64| {
+                statuses
+                    .iter()
+                    .filter_map(|(_, s)| s.as_ref().ok())
+                    .flat_map(|s| {
+                        s.ranges
+                            .iter()
+                            .filter(move |r| r.id == id && r.leader == Some(s.node_id))
+                    })
+                    .next()
+            };
+            let rows: Vec<Value> = routes
+                .ranges
+                .iter()
+                .map(|d| {
+                    let stats = led(d.id);
+                    json!({"id": d.id, "start": text(&d.start), "end": text(&d.end), "epoch": d.epoch, "replicas": d.replicas,
+                        "leader": routes.leaders.get(&d.id), "revision": stats.map(|r| r.revision), "keys": stats.map(|r| r.keys)})
+                })
+                .collect();
+            if json {
+                println!("{}", Value::Array(rows));
+            } else {
+                println!(
+                    "{:>5}  {:<12} {:<12} {:>5}  {:<9} {:>6} {:>9} {:>8}",
+                    "RANGE", "START", "END", "EPOCH", "REPLICAS", "LEADER", "REVISION", "KEYS"
+                );
+                for row in rows {
+                    let field = |name: &str| match &row[name] {
+                        Value::Null => "-".to_string(),
+                        Value::String(s) => format!("{s:?}"),
+                        Value::Array(a) => a
+                            .iter()
+                            .map(|v| v.to_string())
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        v => v.to_string(),
+                    };
+                    println!(
+                        "{:>5}  {:<12} {:<12} {:>5}  {:<9} {:>6} {:>9} {:>8}",
+                        field("id"),
+                        field("start"),
+                        field("end"),
+                        field("epoch"),
+                        field("replicas"),
+                        field("leader"),
+                        field("revision"),
+                        field("keys")
+                    );
+                }
             }
         }
         Command::Status => {
