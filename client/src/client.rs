@@ -133,24 +133,38 @@ impl Client {
         self.inner.routes.read().expect("routes lock").clone()
     }
 
-    /// Fetches the route table again from any reachable node.
+    /// Fetches the route table again. The first table is taken at once; after a split a
+    /// node may still answer with the table from before it, so when the cached table has
+    /// split ranges the client asks every reachable node and keeps the newest table (the
+    /// highest sum of epochs).
     pub async fn refresh_routes(&self) -> Result<(), Error> {
         let mut last = Error::Config("no endpoints".into());
+        let ask_all = self.routes().ranges.iter().any(|r| r.epoch > 1);
+        let mut best: Option<(u64, RangeTable, RouteTable)> = None;
         for addr in self.candidate_addrs() {
             match self.inner.send(&addr, &ClientRequest::Routes).await {
                 Ok(Ok(ClientReply::Routes(routes))) => {
                     let table = RangeTable::new(routes.ranges.clone())
                         .map_err(|e| Error::Protocol(format!("route table from {addr}: {e}")))?;
-                    *self.inner.table.write().expect("table lock") = Some(table);
-                    *self.inner.routes.write().expect("routes lock") = routes;
-                    return Ok(());
+                    let age: u64 = routes.ranges.iter().map(|r| r.epoch).sum();
+                    if best.as_ref().is_none_or(|(a, _, _)| age > *a) {
+                        best = Some((age, table, routes));
+                    }
+                    if !ask_all {
+                        break;
+                    }
                 }
                 Ok(Ok(other)) => last = Error::Protocol(format!("unexpected reply {other:?}")),
                 Ok(Err(e)) => last = Error::Api(e),
                 Err(e) => last = e,
             }
         }
-        Err(last)
+        let Some((_, table, routes)) = best else {
+            return Err(last);
+        };
+        *self.inner.table.write().expect("table lock") = Some(table);
+        *self.inner.routes.write().expect("routes lock") = routes;
+        Ok(())
     }
 
     /// Every address worth trying: the known nodes, then the configured endpoints.

@@ -245,12 +245,17 @@ impl NodeInner {
         }
     }
 
-    /// Applies `cmd` at every range but `owner`; true when all succeeded.
+    /// Applies `cmd` at every range but `owner`; true when all succeeded. Every range means
+    /// the ranges of a complete table that did not change meanwhile: while a split is being
+    /// applied here, or happened during the round, the round does not count (the next tick
+    /// tries again), so a range just split off is not passed over.
     async fn on_other_ranges(&self, owner: RangeId, cmd: Command) -> bool {
-        let table = self.table();
+        let Some(table) = self.complete_table() else {
+            return false;
+        };
         let others = table.ranges().iter().filter(|d| d.id != owner);
         let results = join_all(others.map(|d| self.propose_anywhere(d.id, cmd.clone()))).await;
-        results.iter().all(Result::is_ok)
+        results.iter().all(Result::is_ok) && self.complete_table().as_ref() == Some(&table)
     }
 
     /// Runs `here` if this node leads `group`; otherwise sends `request` to the group's leader

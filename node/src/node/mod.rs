@@ -282,14 +282,7 @@ impl BoundNode {
         }
         // Ranges split off while this replica was behind (named by a snapshot it installed).
         for group in groups.values() {
-            let children = group
-                .state
-                .read()
-                .expect("range state lock")
-                .mvcc
-                .split_into()
-                .to_vec();
-            let _ = hosts_tx.send(children);
+            let _ = hosts_tx.send(group.split_into());
         }
         let inner = Arc::new(NodeInner {
             config,
@@ -395,13 +388,7 @@ async fn host_loop(inner: Weak<NodeInner>, mut hosts: mpsc::UnboundedReceiver<Ve
             }
             match inner.opener.open(id, Bounds::default()).await {
                 Ok(group) => {
-                    let children = group
-                        .state
-                        .read()
-                        .expect("range state lock")
-                        .mvcc
-                        .split_into()
-                        .to_vec();
+                    let children = group.split_into();
                     inner
                         .groups
                         .write()
@@ -452,6 +439,12 @@ impl Group {
             .expect("range state lock")
             .last_applied
             .is_some()
+    }
+
+    /// The ranges split off this one, as applied here.
+    fn split_into(&self) -> Vec<RangeId> {
+        let state = self.state.read().expect("range state lock");
+        state.mvcc.split_into().to_vec()
     }
 
     /// The range's descriptor, as applied here.
@@ -754,6 +747,13 @@ impl NodeInner {
     /// do not cover the keyspace: the last complete table stands in, and requests routed by
     /// it meet the applied epochs (`StaleEpoch`, retried by the client).
     fn table(&self) -> RangeTable {
+        self.complete_table()
+            .unwrap_or_else(|| self.table.read().expect("table lock").clone())
+    }
+
+    /// The range table from the groups' applied bounds, if they cover the keyspace now (see
+    /// [`NodeInner::table`]); remembered as the last complete one.
+    fn complete_table(&self) -> Option<RangeTable> {
         let mut ranges: Vec<RangeDescriptor> = self
             .groups()
             .iter()
@@ -761,13 +761,9 @@ impl NodeInner {
             .map(|g| g.descriptor())
             .collect();
         ranges.sort_by(|a, b| a.start.cmp(&b.start));
-        match RangeTable::new(ranges) {
-            Ok(table) => {
-                *self.table.write().expect("table lock") = table.clone();
-                table
-            }
-            Err(_) => self.table.read().expect("table lock").clone(),
-        }
+        let table = RangeTable::new(ranges).ok()?;
+        *self.table.write().expect("table lock") = table.clone();
+        Some(table)
     }
 
     fn routes(&self) -> RouteTable {

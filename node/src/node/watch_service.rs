@@ -279,19 +279,19 @@ impl NodeInner {
                 .await
                 .map_err(|_| End::Gone);
         }
-        if !group.bounds().contains_span(&request.span) {
-            let message = refuse(ApiError::KeyOutsideRange { range_id });
-            return wire::write_frame(send, &message)
-                .await
-                .map_err(|_| End::Gone);
-        }
         let read = {
             let state = group.state.read().expect("range state lock");
+            // Under the same lock as the history: a split between the two would leave the
+            // moved keys' events out of a history that still looks complete.
             let now = state.mvcc.revision();
             let compacted = state.mvcc.compact_revision();
             let start = request.start_revision;
-            if start != 0 && start <= compacted {
-                Err(compacted)
+            if !state.mvcc.bounds().contains_span(&request.span) {
+                Err(ApiError::KeyOutsideRange { range_id })
+            } else if start != 0 && start <= compacted {
+                Err(ApiError::Compacted {
+                    compact_revision: compacted,
+                })
             } else if start != 0 && start <= now {
                 Ok((now, state.mvcc.history(&request.span, start)))
             } else {
@@ -300,9 +300,8 @@ impl NodeInner {
         };
         let (now, history) = match read {
             Ok(read) => read,
-            Err(compact_revision) => {
-                let message = refuse(ApiError::Compacted { compact_revision });
-                return wire::write_frame(send, &message)
+            Err(error) => {
+                return wire::write_frame(send, &refuse(error))
                     .await
                     .map_err(|_| End::Gone);
             }
