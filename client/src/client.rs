@@ -267,11 +267,7 @@ impl Client {
                         leader_hint,
                     }));
                 }
-                Ok(Err(
-                    e @ (ApiError::StaleEpoch { .. }
-                    | ApiError::RangeNotFound { .. }
-                    | ApiError::KeyOutsideRange { .. }),
-                )) => {
+                Ok(Err(e)) if e.is_stale_route() => {
                     self.refresh_routes().await.ok();
                     // The range split (or the routes were behind): the keys may be in another
                     // range now. A request whose keys now span ranges goes back to its caller
@@ -340,9 +336,8 @@ impl Client {
         spans
             .iter()
             .all(|s| {
-                let (start, end) = s.bounds();
-                target.contains(&start)
-                    && (target.end.is_empty() || (!end.is_empty() && end <= target.end))
+                let (from, to) = s.bounds();
+                target.covers(&from, &to)
             })
             .then(|| target.clone())
     }
@@ -648,16 +643,11 @@ impl Client {
     }
 }
 
-/// The part of `span` inside `desc`, as a span.
 /// Whether `e` says the client's route for a request was out of date (after the retries of
 /// `call_range`, which reroutes what fits one range): the caller plans the request again.
 pub(crate) fn is_stale(e: &Error) -> bool {
     match e {
-        Error::Api(
-            ApiError::StaleEpoch { .. }
-            | ApiError::RangeNotFound { .. }
-            | ApiError::KeyOutsideRange { .. },
-        ) => true,
+        Error::Api(e) => e.is_stale_route(),
         Error::Exhausted { last, .. } => is_stale(last),
         _ => false,
     }
@@ -688,6 +678,7 @@ fn after(span: &KeySpan, desc: &RangeDescriptor, descending: bool) -> KeySpan {
     }
 }
 
+/// The part of `span` inside `desc`, as a span.
 pub(crate) fn clip(desc: &RangeDescriptor, span: &KeySpan) -> KeySpan {
     match &span.end {
         None => span.clone(),

@@ -570,9 +570,7 @@ impl Channel {
                     }
                 }
             }
-            WatchMessage::Refused { error, .. }
-                if matches!(cancelled(error.clone()), ChannelEnd::Moved(_)) =>
-            {
+            WatchMessage::Refused { error, .. } if error.is_stale_route() => {
                 // The range split after the channel opened: plan every watch again.
                 return Err(ChannelEnd::Moved(Error::Api(error)));
             }
@@ -642,13 +640,13 @@ impl Channel {
 
 /// How a `Cancelled` from the node ends the channel.
 fn cancelled(e: ApiError) -> ChannelEnd {
+    if e.is_stale_route() {
+        return ChannelEnd::Moved(Error::Api(e));
+    }
     match e {
         ApiError::WatchOverflow { .. }
         | ApiError::Unavailable { .. }
         | ApiError::NotLeader { .. } => ChannelEnd::Resume(Error::Api(e)),
-        ApiError::StaleEpoch { .. }
-        | ApiError::RangeNotFound { .. }
-        | ApiError::KeyOutsideRange { .. } => ChannelEnd::Moved(Error::Api(e)),
         e => ChannelEnd::Fatal(Error::Api(e)),
     }
 }

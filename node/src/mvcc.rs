@@ -23,6 +23,7 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
+use concord_placement::{interval_within, key_within};
 use concord_transport::api::{
     ApiError, CompactResponse, Compare, CompareOp, CompareTarget, DeleteRequest, DeleteResponse,
     Fence, KeySpan, KeyValue, KvResponse, LeaseId, LeaseResponse, PutRequest, PutResponse, RangeId,
@@ -222,13 +223,29 @@ impl Default for Bounds {
 impl Bounds {
     /// Whether `key` is inside.
     pub fn contains(&self, key: &[u8]) -> bool {
-        key >= self.start.as_slice() && (self.end.is_empty() || key < self.end.as_slice())
+        key_within(key, &self.start, &self.end)
     }
 
     /// Whether every key of `span` is inside.
     pub fn contains_span(&self, span: &KeySpan) -> bool {
-        let (start, end) = span.bounds();
-        self.contains(&start) && (self.end.is_empty() || (!end.is_empty() && end <= self.end))
+        let (from, to) = span.bounds();
+        interval_within(&from, &to, &self.start, &self.end)
+    }
+
+    /// The error for a request to range `range_id` made for another extent.
+    pub fn stale(&self, range_id: RangeId) -> ApiError {
+        ApiError::StaleEpoch {
+            range_id,
+            current_epoch: self.epoch,
+        }
+    }
+
+    /// `StaleEpoch` for range `range_id` unless `epoch` is this extent's.
+    pub fn check_epoch(&self, range_id: RangeId, epoch: u64) -> Result<(), ApiError> {
+        if epoch != self.epoch {
+            return Err(self.stale(range_id));
+        }
+        Ok(())
     }
 
     /// Whether `key` may split the range: inside and not its first key.
@@ -736,10 +753,7 @@ impl Mvcc {
     ) -> Result<KvResponse, ApiError> {
         let before = self.revision;
         if !self.names_keys_inside(cmd) {
-            return Err(ApiError::StaleEpoch {
-                range_id: self.range_id,
-                current_epoch: self.bounds.epoch,
-            });
+            return Err(self.bounds.stale(self.range_id));
         }
         let mut cursor = WriteCursor {
             main: self.revision + 1,

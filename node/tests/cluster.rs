@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use common::{eventually, key_in, Cluster};
+use common::{eventually, key_in, revisions_per_range, Cluster};
 use concord_client::api::{ApiError, Consistency, KeySpan, RangeRequest, TxnOp, TxnRequest};
 use concord_client::{Client, Error};
 
@@ -53,14 +53,7 @@ async fn check_all_readable(client: &Client, acked: &BTreeMap<Vec<u8>, Vec<u8>>)
 /// Every running node has applied as far as the range's leader.
 async fn wait_caught_up(cluster: &Cluster, client: &Client) {
     eventually("replicas caught up", || async {
-        let statuses = client.status().await;
-        let mut revisions: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-        for (addr, s) in statuses {
-            let s = s.map_err(|e| format!("{addr}: {e}"))?;
-            for r in s.ranges {
-                revisions.entry(r.id).or_default().push(r.revision);
-            }
-        }
+        let revisions = revisions_per_range(client).await?;
         let lagging: Vec<_> = revisions
             .iter()
             .filter(|(_, revs)| revs.iter().min() != revs.iter().max())

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{eventually, Cluster, WAIT};
+use common::{eventually, revisions_per_range, Cluster, WAIT};
 use concord_client::api::{ApiError, Consistency, KeySpan, PutRequest, RangeRequest};
 use concord_client::{Client, Error};
 use concord_node::SplitSettings;
@@ -207,14 +207,7 @@ async fn a_split_keeps_keys_revisions_leases_and_watches_and_a_lagging_replica_c
     }
     cluster.restart(3).await;
     eventually("node 3 hosts the new range, caught up", || async {
-        let statuses = client.status().await;
-        let mut revisions: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-        for (addr, s) in statuses {
-            let s = s.map_err(|e| format!("{addr}: {e}"))?;
-            for r in s.ranges {
-                revisions.entry(r.id).or_default().push(r.revision);
-            }
-        }
+        let revisions = revisions_per_range(&client).await?;
         let right = revisions.get(&new).cloned().unwrap_or_default();
         let left = revisions.get(&2).cloned().unwrap_or_default();
         let same = |revs: &Vec<u64>| revs.len() == 3 && revs.iter().all(|r| *r == revs[0]);
@@ -225,8 +218,7 @@ async fn a_split_keeps_keys_revisions_leases_and_watches_and_a_lagging_replica_c
         }
     })
     .await;
-    // Served by node 3 alone: stop the others' leadership by stopping them is not needed —
-    // its serializable reads of the new range come from its own state.
+    // Node 3 routes by the new range too.
     let node3 = cluster.node(3);
     assert!(
         node3.range_table().ranges().iter().any(|r| r.id == new),

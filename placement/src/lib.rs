@@ -37,10 +37,25 @@ pub struct RangeDescriptor {
     pub replicas: Vec<NodeId>,
 }
 
+/// Whether `key` lies in `[start, end)` (`end` empty = unbounded).
+pub fn key_within(key: &[u8], start: &[u8], end: &[u8]) -> bool {
+    key >= start && (end.is_empty() || key < end)
+}
+
+/// Whether the interval `[from, to)` lies in `[start, end)` (either end empty = unbounded).
+pub fn interval_within(from: &[u8], to: &[u8], start: &[u8], end: &[u8]) -> bool {
+    key_within(from, start, end) && (end.is_empty() || (!to.is_empty() && to <= end))
+}
+
 impl RangeDescriptor {
     /// Whether `key` falls inside this range.
     pub fn contains(&self, key: &[u8]) -> bool {
-        key >= self.start.as_slice() && (self.end.is_empty() || key < self.end.as_slice())
+        key_within(key, &self.start, &self.end)
+    }
+
+    /// Whether every key of the interval `[from, to)` (`to` empty = unbounded) is inside.
+    pub fn covers(&self, from: &[u8], to: &[u8]) -> bool {
+        interval_within(from, to, &self.start, &self.end)
     }
 
     /// Whether this range intersects the interval `[start, end)` (`end` empty = unbounded).

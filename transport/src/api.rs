@@ -703,6 +703,16 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// Whether the error says the client's route was out of date (the range split, or the
+    /// request went to a node or range that does not hold the keys): refresh routes and send
+    /// it again where the keys are now. Nothing was applied.
+    pub fn is_stale_route(&self) -> bool {
+        matches!(
+            self,
+            Self::StaleEpoch { .. } | Self::RangeNotFound { .. } | Self::KeyOutsideRange { .. }
+        )
+    }
+
     /// The stable code of this error, for scripts and metrics.
     pub fn code(&self) -> &'static str {
         match self {

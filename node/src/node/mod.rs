@@ -13,11 +13,10 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use concord_placement::{bootstrap_layout, RangeDescriptor, RangeTable};
-use concord_transport::api::PutRequest;
 use concord_transport::api::{
     ApiError, ClientReply, ClientRequest, ClientResponse, Consistency, KeySpan, KvRequest,
-    KvResponse, LeaseRequest, NodeAddr, NodeId, ProcessStats, RangeId, RangeStatus, RequestLimits,
-    RouteTable, StatusResponse, StorageCounters,
+    KvResponse, LeaseRequest, NodeAddr, NodeId, ProcessStats, PutRequest, RangeId, RangeStatus,
+    RequestLimits, RouteTable, StatusResponse, StorageCounters,
 };
 use concord_transport::endpoint::{self, ConnectionLimits};
 use concord_transport::lease::lease_anchor;
@@ -294,6 +293,7 @@ impl BoundNode {
             watch_overflows: AtomicU64::new(0),
             watchers: AtomicU64::new(0),
         });
+        inner.complete_table();
         ready_tx.send_replace(Some(Arc::downgrade(&inner)));
         let mut tasks = JoinSet::new();
         tasks.spawn(accept_loop(inner.clone(), endpoint.clone()));
@@ -400,6 +400,8 @@ async fn host_loop(inner: Weak<NodeInner>, mut hosts: mpsc::UnboundedReceiver<Ve
                 Err(e) => tracing::error!(range = id, "cannot start range made by a split: {e}"),
             }
         }
+        // A split or a snapshot changed some range's bounds.
+        inner.complete_table();
     }
 }
 
@@ -421,14 +423,10 @@ impl Group {
             .clone()
     }
 
-    /// The range's epoch, as applied here.
-    fn epoch(&self) -> u64 {
-        self.state
-            .read()
-            .expect("range state lock")
-            .mvcc
-            .bounds()
-            .epoch
+    /// `StaleEpoch` unless the client's `epoch` is the range's applied one.
+    fn check_epoch(&self, epoch: u64) -> Result<(), ApiError> {
+        let state = self.state.read().expect("range state lock");
+        state.mvcc.bounds().check_epoch(self.id, epoch)
     }
 
     /// Whether this replica holds the range's state (a range started empty, to be caught up
@@ -708,22 +706,6 @@ async fn handle_client(inner: &NodeInner, request: ClientRequest) -> ClientRespo
     }
 }
 
-fn stale_epoch(range_id: RangeId, current_epoch: u64) -> ApiError {
-    ApiError::StaleEpoch {
-        range_id,
-        current_epoch,
-    }
-}
-
-/// `StaleEpoch` unless the client's `epoch` is the group's applied one.
-fn check_epoch(group: &Group, epoch: u64) -> Result<(), ApiError> {
-    let current = group.epoch();
-    if current != epoch {
-        return Err(stale_epoch(group.id, current));
-    }
-    Ok(())
-}
-
 fn not_leader(range_id: RangeId, leader_hint: Option<NodeId>) -> ApiError {
     ApiError::NotLeader {
         range_id,
@@ -742,17 +724,18 @@ impl NodeInner {
             .collect()
     }
 
-    /// The range table from the groups' applied bounds. Between a split's apply and the start
-    /// of the range it made (or while a range started empty awaits its snapshot) the groups
-    /// do not cover the keyspace: the last complete table stands in, and requests routed by
-    /// it meet the applied epochs (`StaleEpoch`, retried by the client).
+    /// The last complete range table built from the groups' applied bounds. It is built
+    /// again only when they change: at start, and by `host_loop` after every split applied
+    /// or snapshot installed here. Between a split's apply and the start of the range it made
+    /// (or while a range started empty awaits its snapshot) the groups do not cover the
+    /// keyspace: the previous table stands in, and requests routed by it meet the applied
+    /// epochs (`StaleEpoch`, retried by the client).
     fn table(&self) -> RangeTable {
-        self.complete_table()
-            .unwrap_or_else(|| self.table.read().expect("table lock").clone())
+        self.table.read().expect("table lock").clone()
     }
 
-    /// The range table from the groups' applied bounds, if they cover the keyspace now (see
-    /// [`NodeInner::table`]); remembered as the last complete one.
+    /// The range table from the groups' applied bounds, if they cover the keyspace now; then
+    /// also remembered as [`NodeInner::table`].
     fn complete_table(&self) -> Option<RangeTable> {
         let mut ranges: Vec<RangeDescriptor> = self
             .groups()
@@ -804,6 +787,10 @@ impl NodeInner {
             .map(|g| {
                 let m = g.raft.metrics().borrow_watched().clone();
                 let d = &g.descriptor();
+                let (revision, keys) = {
+                    let state = g.state.read().expect("range state lock");
+                    (state.mvcc.revision(), state.mvcc.key_count() as u64)
+                };
                 RangeStatus {
                     id: d.id,
                     start: d.start.clone(),
@@ -812,8 +799,8 @@ impl NodeInner {
                     replicas: d.replicas.clone(),
                     leader: m.current_leader,
                     term: m.current_term,
-                    revision: g.state.read().expect("range state lock").mvcc.revision(),
-                    keys: g.state.read().expect("range state lock").mvcc.key_count() as u64,
+                    revision,
+                    keys,
                     applied_index: m.last_applied.map_or(0, |l| l.index()),
                     snapshot_index: m.snapshot.map_or(0, |l| l.index()),
                     purged_index: m.purged.map_or(0, |l| l.index()),
@@ -850,7 +837,7 @@ impl NodeInner {
             return Err(ApiError::RangeNotFound { range_id });
         }
         let group = self.group(range_id)?;
-        check_epoch(&group, epoch)?;
+        group.check_epoch(epoch)?;
         Ok(group)
     }
 
@@ -863,20 +850,19 @@ impl NodeInner {
     ) -> Result<(), ApiError> {
         let inside = |span: &KeySpan| bounds.contains_span(span);
         let outside = || ApiError::KeyOutsideRange { range_id };
-        let desc = bounds;
         match request {
-            KvRequest::Put(p) => desc.contains(&p.key).then_some(()).ok_or_else(outside),
+            KvRequest::Put(p) => bounds.contains(&p.key).then_some(()).ok_or_else(outside),
             KvRequest::Range(r, _) => inside(&r.span).then_some(()).ok_or_else(outside),
             KvRequest::Delete(d) => inside(&d.span).then_some(()).ok_or_else(outside),
             KvRequest::Compact { .. } => Ok(()),
-            KvRequest::Split { at } => desc.contains(at).then_some(()).ok_or_else(outside),
+            KvRequest::Split { at } => bounds.contains(at).then_some(()).ok_or_else(outside),
             KvRequest::Lease(LeaseRequest::KeepAliveMany { ids }) => ids
                 .iter()
-                .all(|id| desc.contains(&lease_anchor(*id)))
+                .all(|id| bounds.contains(&lease_anchor(*id)))
                 .then_some(())
                 .ok_or_else(outside),
             KvRequest::Lease(l) => match l.owner() {
-                Some(id) => desc
+                Some(id) => bounds
                     .contains(&lease_anchor(id))
                     .then_some(())
                     .ok_or_else(outside),
@@ -914,15 +900,16 @@ impl NodeInner {
         let group = self.group_at(range_id, epoch)?;
         let group = &*group;
         self.config.limits.check(&request)?;
-        self.check_keys(range_id, &group.bounds(), &request)?;
+        {
+            let state = group.state.read().expect("range state lock");
+            self.check_keys(range_id, state.mvcc.bounds(), &request)?;
+        }
         let command = match request {
             KvRequest::Range(req, consistency) => {
                 self.read_barrier(group, consistency).await?;
                 let state = group.state.read().expect("range state lock");
                 // A split applied during the barrier: the keys may be elsewhere now.
-                if state.mvcc.bounds().epoch != epoch {
-                    return Err(stale_epoch(group.id, state.mvcc.bounds().epoch));
-                }
+                state.mvcc.bounds().check_epoch(group.id, epoch)?;
                 return state.mvcc.range(&req).map(KvResponse::Range);
             }
             KvRequest::Split { at } => return self.split_range(group, at).await,
@@ -959,7 +946,7 @@ impl NodeInner {
             KvRequest::Lease(l) => {
                 if let Some(result) = self.serve_lease_read(group, &l).await {
                     // Answered from a lease table a split may have changed meanwhile.
-                    check_epoch(group, epoch)?;
+                    group.check_epoch(epoch)?;
                     return result;
                 }
                 match l {

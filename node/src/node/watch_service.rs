@@ -28,7 +28,7 @@ use futures::FutureExt;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
-use super::{check_epoch, Group, NodeInner};
+use super::{Group, NodeInner};
 
 /// How often a channel sends a progress bookmark (when a watch asked for them) or else checks
 /// that its client is still there.
@@ -231,7 +231,7 @@ impl NodeInner {
                     }
                     Err(RecvError::Closed) => {
                         // A split: the client re-plans its watches over the new ranges.
-                        if let Err(e) = check_epoch(group, epoch) {
+                        if let Err(e) = group.check_epoch(epoch) {
                             return End::Cancel(e);
                         }
                         return End::Cancel(ApiError::Unavailable {

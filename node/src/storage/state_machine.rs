@@ -246,7 +246,7 @@ impl StateMachine {
     /// [`split_start_log_id`]); this range's bounds and lease rows are rewritten.
     fn write_split(&self, batch: &mut WriteBatch, state: &RangeState, right: &Mvcc) {
         let engine = &self.engine;
-        let (cf_kv, cf_sm) = (engine.cf(CF_KV), engine.cf(CF_SM));
+        let cf_kv = engine.cf(CF_KV);
         let new = right.range_id();
         for (key, v) in right.versions() {
             batch.delete_cf(cf_kv, kv_key(self.gid, v.rev));
@@ -258,16 +258,7 @@ impl StateMachine {
         Self::rewrite_leases(batch, engine, new, right.leases());
         let start = split_start_log_id();
         let membership = StoredMembership::new(Some(start), state.membership.membership().clone());
-        let put = |batch: &mut WriteBatch, tag: u8, bytes: Vec<u8>| {
-            batch.put_cf(cf_sm, group_key(new, &[tag]), bytes)
-        };
-        put(batch, TAG_APPLIED, encode(&Some(start)));
-        put(batch, TAG_MEMBERSHIP, encode(&membership));
-        put(
-            batch,
-            TAG_COUNTERS,
-            encode(&(right.revision(), right.compact_revision())),
-        );
+        write_counter_rows(batch, engine, right, &Some(start), &membership);
         super::log_store::seed_split_log(batch, engine, new, start);
     }
 
@@ -284,19 +275,13 @@ impl StateMachine {
     }
 
     fn write_counters(&self, batch: &mut WriteBatch, state: &RangeState) {
-        let sm = self.engine.cf(CF_SM);
-        batch.put_cf(
-            sm,
-            group_key(self.gid, &[TAG_APPLIED]),
-            encode(&state.last_applied),
+        write_counter_rows(
+            batch,
+            &self.engine,
+            &state.mvcc,
+            &state.last_applied,
+            &state.membership,
         );
-        batch.put_cf(
-            sm,
-            group_key(self.gid, &[TAG_MEMBERSHIP]),
-            encode(&state.membership),
-        );
-        let counters = (state.mvcc.revision(), state.mvcc.compact_revision());
-        batch.put_cf(sm, group_key(self.gid, &[TAG_COUNTERS]), encode(&counters));
     }
 
     fn write_lease(&self, batch: &mut WriteBatch, change: &LeaseMutation) {
@@ -327,6 +312,23 @@ impl StateMachine {
         );
         batch.put_cf(sm, group_key(self.gid, &[TAG_SNAPSHOT_META]), encode(meta));
     }
+}
+
+/// Persists the applied log id, the membership and the MVCC counters of range
+/// `mvcc.range_id()`.
+fn write_counter_rows(
+    batch: &mut WriteBatch,
+    engine: &Engine,
+    mvcc: &Mvcc,
+    last_applied: &Option<LogId>,
+    membership: &StoredMembership,
+) {
+    let sm = engine.cf(CF_SM);
+    let gid = mvcc.range_id();
+    batch.put_cf(sm, group_key(gid, &[TAG_APPLIED]), encode(last_applied));
+    batch.put_cf(sm, group_key(gid, &[TAG_MEMBERSHIP]), encode(membership));
+    let counters = (mvcc.revision(), mvcc.compact_revision());
+    batch.put_cf(sm, group_key(gid, &[TAG_COUNTERS]), encode(&counters));
 }
 
 /// Persists one lease-table change of range `gid`.

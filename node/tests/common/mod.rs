@@ -203,6 +203,19 @@ where
     }
 }
 
+/// Each range's revision on every node that answers `status` (an unreachable node is an
+/// error, for `eventually` to retry).
+pub async fn revisions_per_range(client: &Client) -> Result<BTreeMap<RangeId, Vec<u64>>, String> {
+    let mut revisions: BTreeMap<RangeId, Vec<u64>> = BTreeMap::new();
+    for (addr, s) in client.status().await {
+        let s = s.map_err(|e| format!("{addr}: {e}"))?;
+        for r in s.ranges {
+            revisions.entry(r.id).or_default().push(r.revision);
+        }
+    }
+    Ok(revisions)
+}
+
 /// A key inside `range` of the bootstrap layout, unique per `i`.
 pub fn key_in(client: &Client, range: RangeId, i: usize) -> Vec<u8> {
     let desc = client
