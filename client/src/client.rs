@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use concord_placement::{RangeDescriptor, RangeTable};
 use concord_transport::api::{
     ApiError, ClientReply, ClientRequest, ClientResponse, CompactResponse, Consistency,
-    DeleteRequest, KeySpan, KeyValue, KvRequest, KvResponse, LeaseRequest, NodeId, PutRequest,
-    PutResponse, RangeId, RangeRequest, ResponseHeader, RouteTable, SplitResponse, StatusResponse,
-    TxnRequest, TxnResponse,
+    DeleteRequest, KeySpan, KeyValue, KvRequest, KvResponse, LeaseRequest, MoveResponse, NodeId,
+    PlacementReport, PutRequest, PutResponse, RangeId, RangeRequest, ResponseHeader, RouteTable,
+    SplitResponse, StatusResponse, TxnRequest, TxnResponse,
 };
 use concord_transport::endpoint::{self, ConnectionLimits};
 use concord_transport::lease::lease_anchor;
@@ -329,7 +329,9 @@ impl Client {
                 Some(id) => vec![KeySpan::key(lease_anchor(id))],
                 None => return table.get(desc.id).cloned(),
             },
-            KvRequest::Compact { .. } => return table.get(desc.id).cloned(),
+            KvRequest::Compact { .. } | KvRequest::MoveReplica { .. } => {
+                return table.get(desc.id).cloned()
+            }
         };
         let first = spans.first().map_or(Vec::new(), |s| s.key.clone());
         let target = table.locate(&first);
@@ -540,6 +542,59 @@ impl Client {
             KvResponse::Split(r) => Ok(r),
             other => Err(Error::Protocol(format!("unexpected response {other:?}"))),
         }
+    }
+
+    /// Moves range `range`'s replica on node `from` to node `to` (an operator's request; the
+    /// placement service makes such moves on its own). Returns when the move is done: `to` has
+    /// caught up and replaced `from` among the voters.
+    pub async fn move_replica(
+        &self,
+        range: RangeId,
+        from: NodeId,
+        to: NodeId,
+    ) -> Result<MoveResponse, Error> {
+        let desc = {
+            let table = self.inner.table.read().expect("table lock");
+            let table = table.as_ref().expect("routes fetched at connect");
+            table.get(range).cloned()
+        }
+        .ok_or(Error::Api(ApiError::RangeNotFound { range_id: range }))?;
+        let response = self
+            .call_range(&desc, KvRequest::MoveReplica { from, to })
+            .await?;
+        self.refresh_routes().await.ok();
+        match response {
+            KvResponse::Moved(r) => Ok(r),
+            other => Err(Error::Protocol(format!("unexpected response {other:?}"))),
+        }
+    }
+
+    /// The placement service's view: nodes with their state, replica and leader counts, and
+    /// ranges with their size and load (any node answers, from the placement leader).
+    pub async fn placement(&self) -> Result<PlacementReport, Error> {
+        self.ask_any(&ClientRequest::Placement).await
+    }
+
+    /// Starts draining node `node`: the placement service moves every replica off it. Watch
+    /// [`Client::placement`] until the node holds none; then it can be stopped.
+    pub async fn decommission(&self, node: NodeId) -> Result<PlacementReport, Error> {
+        self.ask_any(&ClientRequest::Decommission { node }).await
+    }
+
+    /// Sends a placement request to each node in turn until one answers.
+    async fn ask_any(&self, request: &ClientRequest) -> Result<PlacementReport, Error> {
+        let mut last = Error::Config("no endpoints".into());
+        for addr in self.candidate_addrs() {
+            match self.inner.send(&addr, request).await {
+                Ok(Ok(ClientReply::Placement(report))) => return Ok(report),
+                Ok(Ok(other)) => {
+                    return Err(Error::Protocol(format!("unexpected reply {other:?}")))
+                }
+                Ok(Err(e)) => last = Error::Api(e),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 
     /// Runs a txn. All its keys must lie in one range, else [`ApiError::CrossRange`].

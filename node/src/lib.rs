@@ -16,4 +16,7 @@ pub mod node;
 pub mod raft_types;
 pub mod storage;
 
-pub use node::{split_point, BoundNode, Node, NodeConfig, RaftSettings, SplitSettings, StartError};
+pub use node::{
+    split_point, BoundNode, Node, NodeConfig, PlacementSettings, RaftSettings, SplitSettings,
+    StartError,
+};

@@ -79,9 +79,22 @@ enum Command {
         /// Address to listen on (UDP).
         #[arg(long)]
         listen: SocketAddr,
-        /// Every member, this node included: `1=127.0.0.1:7001,2=127.0.0.1:7002,...`.
-        #[arg(long, value_delimiter = ',')]
+        /// Every member of a new cluster, this node included:
+        /// `1=127.0.0.1:7001,2=127.0.0.1:7002,...` (not with --join).
+        #[arg(long, value_delimiter = ',', required_unless_present = "join")]
         peers: Vec<String>,
+        /// Join a running cluster through the node at this address instead of bootstrapping
+        /// one: this node registers with the placement service and receives replicas (its id
+        /// must be new, its --cert-dir the cluster's).
+        #[arg(long, conflicts_with = "peers")]
+        join: Option<SocketAddr>,
+        /// A node silent for this many seconds is down: the placement service re-creates its
+        /// replicas on other nodes.
+        #[arg(long, default_value_t = 30)]
+        down_after: u64,
+        /// This node's zone label: the replicas of a range spread across zones.
+        #[arg(long)]
+        zone: Option<String>,
         /// Data directory.
         #[arg(long)]
         data_dir: PathBuf,
@@ -175,6 +188,9 @@ async fn main() -> anyhow::Result<()> {
             id,
             listen,
             peers,
+            join,
+            down_after,
+            zone,
             data_dir,
             cert_dir,
             ranges,
@@ -184,13 +200,19 @@ async fn main() -> anyhow::Result<()> {
             split_bytes,
             limits,
         } => {
-            let members = parse_peers(&peers)?;
+            let members = match join {
+                Some(_) => BTreeMap::from([(id, listen)]),
+                None => parse_peers(&peers)?,
+            };
             let mut config = NodeConfig::new(id, listen, data_dir, cert_dir.clone());
             config.ranges = ranges;
             config.limits = limits.to_limits();
             config.raft.leader_balance_interval_ms = leader_balance_ms;
             config.split.keys_max = split_keys;
             config.split.bytes_max = split_bytes;
+            config.placement.join = join;
+            config.placement.zone = zone;
+            config.placement.down_after_ms = down_after.saturating_mul(1000);
             let node = BoundNode::bind(config)?.start(members.clone()).await?;
             if let Some(path) = client_config {
                 dev::write_client_config(

@@ -1016,6 +1016,7 @@ fn with_revision(mut response: KvResponse, revision: u64) -> KvResponse {
         KvResponse::Compact(r) => r.header.revision = revision,
         KvResponse::Lease(r) => r.set_revision(revision),
         KvResponse::Split(r) => r.header.revision = revision,
+        KvResponse::Moved(r) => r.header.revision = revision,
     }
     response
 }

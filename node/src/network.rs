@@ -16,7 +16,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use concord_transport::api::{ApiError, Fence, KvResponse, LeaseId, NodeId, RangeId};
+use concord_transport::api::{
+    ApiError, Fence, KvResponse, LeaseId, NodeId, PlacementReport, RangeId,
+};
 use concord_transport::{wire, SERVER_NAME};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{Backoff, RPCOption, RaftNetworkFactory, RaftNetworkV2};
@@ -28,6 +30,7 @@ use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
 
 use crate::mvcc::Command;
+use crate::node::placement_service::{Heartbeat, HeartbeatReply};
 use crate::raft_types::{LogId, SnapshotData, SnapshotMeta, TypeConfig, Vote};
 
 /// Largest peer frame: bounds a snapshot sent in one piece (a limit on everything).
@@ -75,6 +78,28 @@ pub enum PeerRequest {
     /// Is the fence's token its lock's holder? Asked of the leader of the range holding the
     /// lock before a fenced txn is proposed in another range.
     FenceHolds(Fence),
+    /// Move the group's replica on `from` to `to` (asked of the group's leader by the
+    /// placement scheduler).
+    MoveReplica {
+        /// A voter now.
+        from: NodeId,
+        /// The receiver.
+        to: NodeId,
+    },
+    /// Is `node` still a replica of the group? Asked of the group's leader by a replica that
+    /// suspects it was removed (see `replica_service`).
+    IsReplica {
+        /// The asking node.
+        node: NodeId,
+        /// The log id of the newest membership the asker holds that names it, if any: a
+        /// leader whose committed membership is not newer cannot have removed it (a deposed
+        /// leader that does not know it is deposed may be asked).
+        named_at: Option<LogId>,
+    },
+    /// A node's heartbeat, for the placement group's leader.
+    Heartbeat(Heartbeat),
+    /// The placement service's view, from the placement group's leader.
+    PlacementReport,
 }
 
 /// One request frame of the peer protocol.
@@ -139,6 +164,14 @@ pub enum PeerReply {
     LeaseAlive(bool),
     /// To `FenceHolds`.
     FenceHolds(bool),
+    /// To `MoveReplica`: the move's result.
+    Moved(Result<KvResponse, ApiError>),
+    /// To `IsReplica`, from the group's leader.
+    IsReplica(bool),
+    /// To `Heartbeat`.
+    Heartbeat(HeartbeatReply),
+    /// To `PlacementReport`.
+    Placement(PlacementReport),
     /// The request failed on the receiving node.
     Error(PeerError),
 }
@@ -227,6 +260,59 @@ impl Peers {
     /// Every known node address (including this node's).
     pub fn addrs(&self) -> BTreeMap<NodeId, SocketAddr> {
         self.addrs.read().expect("addrs lock").clone()
+    }
+
+    /// The address of `node`, if known.
+    pub fn addr(&self, node: NodeId) -> Option<SocketAddr> {
+        self.addrs.read().expect("addrs lock").get(&node).copied()
+    }
+
+    /// Records where `node` listens (from the placement registry or a group's membership). A
+    /// changed address drops the connection held, so the next call dials the new one.
+    pub fn learn(&self, node: NodeId, addr: SocketAddr) {
+        let old = self.addrs.write().expect("addrs lock").insert(node, addr);
+        if old.is_some_and(|old| old != addr) {
+            self.conns.lock().expect("conns lock").remove(&node);
+        }
+    }
+
+    /// Sends one request for `group` to whatever node listens on `addr` (its id unknown: a
+    /// node joining a cluster knows only an address), on a connection of its own, and waits
+    /// for the reply, at most `timeout`.
+    pub async fn call_addr(
+        &self,
+        addr: SocketAddr,
+        group: RangeId,
+        request: PeerRequest,
+        timeout: Duration,
+    ) -> Result<PeerReply, String> {
+        let frame = wire::encode_frame(&PeerBatch {
+            from: self.me,
+            items: vec![PeerItem {
+                id: 0,
+                group,
+                request,
+            }],
+        });
+        let exchange = async {
+            let conn = self
+                .endpoint
+                .connect(addr, SERVER_NAME)
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            send.write_all(&frame).await.map_err(|e| e.to_string())?;
+            let _ = send.finish();
+            let reply: PeerItemReply = wire::read_frame(&mut recv, PEER_FRAME_BYTES_MAX)
+                .await
+                .map_err(|e| e.to_string())?;
+            conn.close(0u32.into(), b"done");
+            Ok(reply.reply)
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| format!("no answer from {addr} within {timeout:?}"))?
     }
 
     fn slot(&self, peer: NodeId) -> Arc<tokio::sync::Mutex<Option<quinn::Connection>>> {
@@ -560,7 +646,13 @@ pub struct NetworkFactory {
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = GroupNetwork;
 
-    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> GroupNetwork {
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> GroupNetwork {
+        // A replica added by a move is known by the address in the group's membership.
+        if self.peers.addr(target).is_none() {
+            if let Ok(addr) = node.addr.parse() {
+                self.peers.learn(target, addr);
+            }
+        }
         GroupNetwork {
             peers: self.peers.clone(),
             target,

@@ -2,8 +2,10 @@
 //!
 //! A *range* is a half-open key interval `[start, end)`; an empty `end` means "to the end of
 //! the keyspace". Each range is replicated by its own Raft group. This crate holds the table
-//! that maps keys to ranges; the placement *service* that splits, merges and moves ranges is a
-//! later piece of work (see DESIGN.md, "Placement") and will own this table as replicated state.
+//! that maps keys to ranges, and the pure decisions of the placement service (DESIGN.md,
+//! "Placement"): which leaders to move ([`balance`]) and which replicas to move ([`replicas`]).
+//! The service itself (heartbeats, the replicated registry, carrying moves out) runs in the
+//! node.
 //!
 //! **Invariant:** the ranges of a table are sorted, contiguous and non-overlapping, and cover
 //! the whole keyspace: the first starts at `""`, each starts where the previous ends, the last
@@ -14,6 +16,7 @@
 use serde::{Deserialize, Serialize};
 
 pub mod balance;
+pub mod replicas;
 
 /// Identifies a range (and the Raft group that replicates it) within a cluster.
 pub type RangeId = u64;
@@ -194,14 +197,15 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     Vec::new()
 }
 
-/// Cuts the keyspace into `count` ranges, ids `1..=count`, each replicated on every node in
-/// `replicas`.
+/// Cuts the keyspace into `count` ranges, ids `1..=count`, each replicated on
+/// [`replicas::REPLICATION_FACTOR`] of `nodes` (all of them when there are fewer), spread by
+/// [`replicas::bootstrap_voters`].
 ///
 /// The boundaries are single bytes spread evenly over `'0'..='z'`, where the keys of most
 /// coordination workloads (paths, names, ids) begin; range 1 also holds every key below the
 /// first boundary (such as `/...`) and the last range every key above. Until the placement
 /// service splits ranges by size and load, keys sharing a first byte share a range.
-pub fn bootstrap_layout(count: usize, replicas: &[NodeId]) -> RangeTable {
+pub fn bootstrap_layout(count: usize, nodes: &[NodeId]) -> RangeTable {
     assert!(
         (1..=64).contains(&count),
         "between 1 and 64 bootstrap ranges, got {count}"
@@ -219,7 +223,7 @@ pub fn bootstrap_layout(count: usize, replicas: &[NodeId]) -> RangeTable {
                 boundary(i + 1)
             },
             epoch: 1,
-            replicas: replicas.to_vec(),
+            replicas: replicas::bootstrap_voters(i, nodes),
         })
         .collect();
     RangeTable::new(ranges).expect("the bootstrap layout satisfies the table invariant")

@@ -302,6 +302,15 @@ pub enum KvRequest {
         /// The first key of the new range.
         at: Vec<u8>,
     },
+    /// Move the range's replica on node `from` to node `to` (an operator's request, also what
+    /// the placement scheduler asks of a range's leader; see [`MoveResponse`]): `to` is added as
+    /// a learner, caught up, then replaces `from` among the voters in one joint-consensus change.
+    MoveReplica {
+        /// A voter of the range now.
+        from: NodeId,
+        /// A node without a replica of the range.
+        to: NodeId,
+    },
 }
 
 /// Which range a response reflects and at which revision.
@@ -394,6 +403,17 @@ pub enum KvResponse {
     Lease(LeaseResponse),
     /// A split's result.
     Split(SplitResponse),
+    /// A replica move's result.
+    Moved(MoveResponse),
+}
+
+/// Result of a replica move: the range's voters once it is done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveResponse {
+    /// The range and its revision after the move.
+    pub header: ResponseHeader,
+    /// Its voters now.
+    pub voters: Vec<NodeId>,
 }
 
 /// Result of a split: the range keeps `[start, at)`, the new range holds `[at, end)`; both
@@ -421,6 +441,7 @@ impl KvResponse {
             Self::Compact(r) => r.header,
             Self::Lease(r) => r.header(),
             Self::Split(r) => r.header,
+            Self::Moved(r) => r.header,
         }
     }
 }
@@ -451,6 +472,65 @@ pub enum ClientRequest {
     Routes,
     /// Cluster status as this node sees it.
     Status,
+    /// The placement service's view: nodes (state, replica and leader counts) and ranges (size
+    /// and load), from the placement leader.
+    Placement,
+    /// Drain node `node`: the placement service moves every replica off it (it then holds none
+    /// and can be stopped without unavailability).
+    Decommission {
+        /// The node.
+        node: NodeId,
+    },
+}
+
+/// One node in the placement service's registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// The node.
+    pub id: NodeId,
+    /// Its QUIC address.
+    pub addr: String,
+    /// Its zone label, if any.
+    pub zone: Option<String>,
+    /// Up, suspect, down or decommissioning.
+    pub state: concord_placement::replicas::NodeState,
+    /// Milliseconds since its last heartbeat reached the placement leader (`None`: none since
+    /// that leader took over).
+    pub heartbeat_age_ms: Option<u64>,
+    /// Replicas it holds (voters, by the range table).
+    pub replicas: u64,
+    /// Ranges it leads.
+    pub leaders: u64,
+}
+
+/// One range with the size and load its leader last reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeLoad {
+    /// The range's descriptor (bounds, epoch, voters).
+    pub descriptor: concord_placement::RangeDescriptor,
+    /// Its leader, if reported.
+    pub leader: Option<NodeId>,
+    /// Keys with stored history.
+    pub keys: u64,
+    /// Bytes of keys and values stored.
+    pub bytes: u64,
+    /// Reads served per second (over the last heartbeat interval).
+    pub reads_per_sec: u64,
+    /// Writes applied per second (over the last heartbeat interval).
+    pub writes_per_sec: u64,
+}
+
+/// The placement service's view (answer to [`ClientRequest::Placement`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementReport {
+    /// The placement group's leader that answered.
+    pub leader: NodeId,
+    /// The node registry.
+    pub nodes: Vec<NodeInfo>,
+    /// The range table with stats, in key order.
+    pub ranges: Vec<RangeLoad>,
+    /// Replica moves under way.
+    pub moves: Vec<concord_placement::replicas::ReplicaMove>,
 }
 
 /// A node and where to reach it.
@@ -546,6 +626,8 @@ pub enum ClientReply {
     Routes(RouteTable),
     /// To [`ClientRequest::Status`].
     Status(StatusResponse),
+    /// To [`ClientRequest::Placement`] and [`ClientRequest::Decommission`].
+    Placement(PlacementReport),
 }
 
 /// One response frame of the client protocol.
@@ -812,6 +894,7 @@ impl RequestLimits {
             KvRequest::Delete(d) => self.check_span(&d.span),
             KvRequest::Compact { .. } => Ok(()),
             KvRequest::Split { at } => self.check_key(at),
+            KvRequest::MoveReplica { .. } => Ok(()),
             KvRequest::Lease(l) => check_lease(l),
             KvRequest::Txn(t) => {
                 if t.op_count() > self.txn_ops_max {

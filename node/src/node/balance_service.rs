@@ -3,9 +3,9 @@
 //! Every `leader_balance_interval_ms` each node reads its groups' Raft metrics (who leads
 //! each range, which peers answered this node's heartbeats lately), plans with
 //! [`plan_leader_moves`] and carries out the moves that start at itself with openraft's
-//! leader transfer. Every node plans from nearly the same view, so the nodes agree on the
-//! plan without talking about it; the placement service (DESIGN.md, "Placement") will take
-//! this decision over once it exists.
+//! leader transfer. Every node plans from nearly the same view (its own replicas, and the
+//! leaders the placement service reports for the ranges it does not host), so the nodes agree
+//! on the plan without talking about it.
 //!
 //! A transfer is safe for writes in flight: the target is elected only once its log holds
 //! everything the old leader appended, so those entries commit under the new leader and their
@@ -99,6 +99,25 @@ impl NodeInner {
                 voters: metrics.membership_config.membership().voter_ids().collect(),
                 leader: metrics.current_leader,
             });
+        }
+        // Ranges without a replica here, as the placement service last reported them: with
+        // more nodes than replicas per range, no node sees every range by itself. Their
+        // leaders heartbeat to placement, so they count as live.
+        for d in self.table().ranges() {
+            if groups.iter().any(|g| g.id == d.id) {
+                continue;
+            }
+            let leader = self.leader_hint(d.id);
+            live.extend(leader);
+            view.push(RangeLeadership {
+                range: d.id,
+                voters: d.replicas.clone(),
+                leader,
+            });
+        }
+        // A node being drained gives its leaderships up with its replicas; none go to it.
+        if let Some(placement) = self.placement.read().expect("placement lock").as_ref() {
+            live.retain(|n| !placement.draining.contains(n));
         }
         plan_leader_moves(&view, &live, LEADER_MOVES_PER_ROUND_MAX)
             .into_iter()

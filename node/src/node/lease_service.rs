@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use concord_transport::api::{
@@ -258,26 +258,34 @@ impl NodeInner {
         results.iter().all(Result::is_ok) && self.complete_table().as_ref() == Some(&table)
     }
 
-    /// Runs `here` if this node leads `group`; otherwise sends `request` to the group's leader
-    /// and takes the answer out of its reply with `unpack` (which hands back a reply it does
-    /// not expect).
+    /// Runs `here` if this node leads range `range_id`; otherwise sends `request` to the
+    /// range's leader (as this node's replica knows it, or as the placement service last
+    /// reported it for a range this node does not host) and takes the answer out of its reply
+    /// with `unpack` (which hands back a reply it does not expect).
     async fn at_leader<T, F>(
         &self,
-        group: &Group,
-        here: impl FnOnce() -> F,
+        range_id: RangeId,
+        here: impl FnOnce(Arc<Group>) -> F,
         request: PeerRequest,
         unpack: impl FnOnce(PeerReply) -> Result<Result<T, ApiError>, PeerReply>,
     ) -> Result<T, ApiError>
     where
         F: std::future::Future<Output = Result<T, ApiError>>,
     {
-        let range_id = group.id;
-        let leader = match group.raft.as_leader() {
-            Ok(_) => return here().await,
-            Err(f) => f.leader_id.ok_or_else(|| not_leader(range_id, None))?,
-        };
+        let leader = match self.group(range_id) {
+            Ok(group) => match group.raft.as_leader() {
+                Ok(_) => return here(group).await,
+                Err(f) => f.leader_id,
+            },
+            Err(_) => self.leader_hint(range_id),
+        }
+        .ok_or_else(|| not_leader(range_id, None))?;
         let timeout = Duration::from_millis(PROPOSE_TIMEOUT_MS);
         match self.peers.call(leader, range_id, request, timeout).await {
+            Ok(PeerReply::Error(PeerError::NotLeader(hint))) => Err(not_leader(range_id, hint)),
+            Ok(PeerReply::Error(PeerError::NoSuchGroup(_))) => {
+                Err(ApiError::RangeNotFound { range_id })
+            }
             Ok(reply) => unpack(reply).unwrap_or_else(|other| {
                 Err(ApiError::Internal(format!(
                     "unexpected peer reply {other:?}"
@@ -293,12 +301,10 @@ impl NodeInner {
         range_id: RangeId,
         cmd: Command,
     ) -> Result<KvResponse, ApiError> {
-        let group = self.group(range_id)?;
-        let group = &*group;
         let local = cmd.clone();
         self.at_leader(
-            group,
-            move || self.propose(group, local),
+            range_id,
+            move |group| async move { self.propose(&group, local).await },
             PeerRequest::Propose(cmd),
             |reply| match reply {
                 PeerReply::Proposed(result) => Ok(result),
@@ -310,12 +316,11 @@ impl NodeInner {
 
     /// Whether lease `id` exists, asked linearizably of its owner range's leader.
     pub(super) async fn check_lease_alive(&self, id: LeaseId) -> Result<(), ApiError> {
-        let group = self.group(self.table().locate(&lease_anchor(id)).id)?;
-        let group = &*group;
+        let range_id = self.table().locate(&lease_anchor(id)).id;
         let alive = self
             .at_leader(
-                group,
-                || self.lease_alive_here(group, id),
+                range_id,
+                |group| async move { self.lease_alive_here(&group, id).await },
                 PeerRequest::LeaseAlive { id },
                 |reply| match reply {
                     PeerReply::LeaseAlive(alive) => Ok(Ok(alive)),
@@ -329,12 +334,11 @@ impl NodeInner {
     /// Whether `fence`'s token holds its lock, asked linearizably of the leader of the range
     /// holding the lock's keys.
     pub(super) async fn check_fence_holder(&self, fence: &Fence) -> Result<(), ApiError> {
-        let group = self.group(self.table().locate(&fence.prefix).id)?;
-        let group = &*group;
+        let range_id = self.table().locate(&fence.prefix).id;
         let holds = self
             .at_leader(
-                group,
-                || self.fence_holds_here(group, fence),
+                range_id,
+                |group| async move { self.fence_holds_here(&group, fence).await },
                 PeerRequest::FenceHolds(fence.clone()),
                 |reply| match reply {
                     PeerReply::FenceHolds(holds) => Ok(Ok(holds)),

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use concord_placement::{bootstrap_layout, RangeDescriptor, RangeTable};
@@ -42,9 +42,12 @@ use lease_service::{lease_loop, LeaseKeeper};
 
 mod balance_service;
 mod lease_service;
+pub(crate) mod placement_service;
+mod replica_service;
 mod split_service;
 mod watch_service;
 
+pub use placement_service::PlacementSettings;
 pub use split_service::{split_point, SplitSettings};
 
 /// Raft timing and log-retention settings.
@@ -104,6 +107,8 @@ pub struct NodeConfig {
     pub watch_buffer: usize,
     /// When a range splits by size.
     pub split: SplitSettings,
+    /// The placement service: failure detection, zone, joining a cluster.
+    pub placement: PlacementSettings,
 }
 
 impl NodeConfig {
@@ -121,6 +126,7 @@ impl NodeConfig {
             raft: RaftSettings::default(),
             watch_buffer: WATCH_BUFFER_DEFAULT,
             split: SplitSettings::default(),
+            placement: PlacementSettings::default(),
         }
     }
 }
@@ -187,7 +193,10 @@ impl BoundNode {
     }
 
     /// Starts the node as a member of the cluster `members` (node id → address, this node
-    /// included). On a fresh data directory every range group is initialised with all members.
+    /// included). On a fresh data directory each bootstrap range is initialised on the members
+    /// [`bootstrap_layout`] gives it, and the placement group on the first three; a node with
+    /// `placement.join` set bootstraps nothing and receives replicas from the placement
+    /// service.
     pub async fn start(self, members: BTreeMap<NodeId, SocketAddr>) -> Result<Node, StartError> {
         let BoundNode { config, endpoint } = self;
         if !members.contains_key(&config.id) {
@@ -197,7 +206,7 @@ impl BoundNode {
             )));
         }
         std::fs::create_dir_all(&config.data_dir)?;
-        check_layout(&config, &members)?;
+        let fresh = check_layout(&config, &members)?;
         let engine = Engine::open(&config.data_dir.join("db"))?;
         let node_ids: Vec<NodeId> = members.keys().copied().collect();
         let table = bootstrap_layout(config.ranges, &node_ids);
@@ -233,10 +242,12 @@ impl BoundNode {
             .validate()
             .map_err(|e| StartError::Raft(e.to_string()))?,
         );
-        let membership: BTreeMap<NodeId, BasicNode> = members
-            .iter()
-            .map(|(id, addr)| (*id, BasicNode::new(addr.to_string())))
-            .collect();
+        let membership = |voters: &[NodeId]| -> BTreeMap<NodeId, BasicNode> {
+            voters
+                .iter()
+                .map(|id| (*id, BasicNode::new(members[id].to_string())))
+                .collect()
+        };
         let (hosts_tx, hosts_rx) = mpsc::unbounded_channel();
         let opener = GroupOpener {
             engine: engine.clone(),
@@ -246,43 +257,49 @@ impl BoundNode {
             watch_buffer: config.watch_buffer,
             hosts: hosts_tx.clone(),
         };
-        // The bootstrap groups (the placement group and the bootstrap ranges) are initialised
-        // on first start; groups made by splits since are found in storage.
-        let mut bootstrap: Vec<(RangeId, Bounds)> = vec![(PLACEMENT_GROUP, Bounds::default())];
-        bootstrap.extend(table.ranges().iter().map(|d| {
-            let bounds = Bounds {
+        // A bootstrap range's extent is in no log: every replica opened with it has it from
+        // the layout (a range that split, or was moved here by a snapshot, stores its own).
+        let layout_bounds = |id: RangeId| {
+            table.get(id).map_or_else(Bounds::default, |d| Bounds {
                 start: d.start.clone(),
                 end: d.end.clone(),
                 epoch: d.epoch,
-            };
-            (d.id, bounds)
-        }));
+            })
+        };
         let mut groups = BTreeMap::new();
-        for (id, bounds) in bootstrap {
-            let group = opener.open(id, bounds).await?;
-            if !group
-                .raft
-                .is_initialized()
-                .await
-                .map_err(|e| StartError::Raft(e.to_string()))?
-            {
-                // Every member initialises with the same membership: safe in openraft, and no
+        // On a fresh data directory (not when joining) the bootstrap groups this node is a
+        // voter of (the placement group on the first three nodes, each bootstrap range on
+        // the nodes the layout gives it) are created and initialised; later starts find
+        // every group this node hosts in storage (bootstrap groups moved away since are gone).
+        if fresh && config.placement.join.is_none() {
+            let mut bootstrap = vec![(
+                PLACEMENT_GROUP,
+                concord_placement::replicas::bootstrap_voters(0, &node_ids),
+            )];
+            bootstrap.extend(table.ranges().iter().map(|d| (d.id, d.replicas.clone())));
+            for (id, voters) in bootstrap {
+                if !voters.contains(&config.id) {
+                    continue;
+                }
+                let group = opener.open(id, layout_bounds(id)).await?;
+                // Every voter initialises with the same membership: safe in openraft, and no
                 // node has to be special at first start.
-                if let Err(e) = group.raft.initialize(membership.clone()).await {
+                if let Err(e) = group.raft.initialize(membership(&voters)).await {
                     tracing::debug!(range = id, "initialize: {e}");
                 }
+                groups.insert(id, Arc::new(group));
             }
-            groups.insert(id, Arc::new(group));
         }
         for id in engine.group_ids()? {
             if let std::collections::btree_map::Entry::Vacant(slot) = groups.entry(id) {
-                slot.insert(Arc::new(opener.open(id, Bounds::default()).await?));
+                slot.insert(Arc::new(opener.open(id, layout_bounds(id)).await?));
             }
         }
         // Ranges split off while this replica was behind (named by a snapshot it installed).
         for group in groups.values() {
             let _ = hosts_tx.send(group.split_into());
         }
+        let advertised_addr = members[&config.id];
         let inner = Arc::new(NodeInner {
             config,
             engine,
@@ -290,6 +307,10 @@ impl BoundNode {
             table: RwLock::new(table),
             groups: RwLock::new(groups),
             opener,
+            opening: tokio::sync::Mutex::new(()),
+            placement: RwLock::new(None),
+            placement_memory: Mutex::new(Default::default()),
+            advertised_addr,
             watch_overflows: AtomicU64::new(0),
             watchers: AtomicU64::new(0),
         });
@@ -305,6 +326,9 @@ impl BoundNode {
             Arc::downgrade(&inner),
             inner.config.split,
         ));
+        tasks.spawn(placement_service::heartbeat_loop(Arc::downgrade(&inner)));
+        tasks.spawn(placement_service::schedule_loop(Arc::downgrade(&inner)));
+        tasks.spawn(replica_service::replica_gc_loop(Arc::downgrade(&inner)));
         Ok(Node {
             inner: Some(inner),
             endpoint,
@@ -313,23 +337,27 @@ impl BoundNode {
     }
 }
 
-/// The range count and members are fixed at first start; a restart must agree.
+/// The range count and members are fixed at first start; a restart must agree. True on the
+/// first start (the data directory had no layout yet).
 fn check_layout(
     config: &NodeConfig,
     members: &BTreeMap<NodeId, SocketAddr>,
-) -> Result<(), StartError> {
+) -> Result<bool, StartError> {
     let path = config.data_dir.join("layout");
     let ids: Vec<String> = members.keys().map(|id| id.to_string()).collect();
     let layout = format!("ranges={}\nmembers={}\n", config.ranges, ids.join(","));
     match std::fs::read_to_string(&path) {
-        Ok(existing) if existing == layout => Ok(()),
+        Ok(existing) if existing == layout => Ok(false),
         Ok(existing) => Err(StartError::Config(format!(
             "{} was created with {:?}, but this start asks for {:?}",
             path.display(),
             existing.trim(),
             layout.trim()
         ))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(std::fs::write(&path, layout)?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::write(&path, layout)?;
+            Ok(true)
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -372,6 +400,7 @@ impl GroupOpener {
             raft,
             state,
             keeper: LeaseKeeper::default(),
+            counters: RangeCounters::default(),
         })
     }
 }
@@ -383,6 +412,7 @@ async fn host_loop(inner: Weak<NodeInner>, mut hosts: mpsc::UnboundedReceiver<Ve
     while let Some(ids) = hosts.recv().await {
         let Some(inner) = inner.upgrade() else { return };
         for id in ids {
+            let _opening = inner.opening.lock().await;
             if inner.groups.read().expect("groups lock").contains_key(&id) {
                 continue;
             }
@@ -410,6 +440,24 @@ struct Group {
     raft: Raft,
     state: Arc<RwLock<RangeState>>,
     keeper: LeaseKeeper,
+    counters: RangeCounters,
+}
+
+/// Requests a range served here since start (the placement heartbeat turns them into rates).
+#[derive(Default)]
+struct RangeCounters {
+    reads: AtomicU64,
+    writes: AtomicU64,
+}
+
+impl RangeCounters {
+    /// (reads, writes).
+    fn get(&self) -> (u64, u64) {
+        (
+            self.reads.load(Ordering::Relaxed),
+            self.writes.load(Ordering::Relaxed),
+        )
+    }
 }
 
 impl Group {
@@ -467,6 +515,14 @@ struct NodeInner {
     table: RwLock<RangeTable>,
     groups: RwLock<BTreeMap<RangeId, Arc<Group>>>,
     opener: GroupOpener,
+    /// Held while a group is opened or removed, so that no group is opened twice.
+    opening: tokio::sync::Mutex<()>,
+    /// The placement leader's last view (node addresses, the whole range table, leaders).
+    placement: RwLock<Option<placement_service::PlacementView>>,
+    /// What this node remembers as placement leader (heartbeats, reports, moves).
+    placement_memory: Mutex<placement_service::LeaderMemory>,
+    /// The address other nodes reach this one at.
+    advertised_addr: SocketAddr,
     /// Watchers cancelled for falling behind, since start.
     watch_overflows: AtomicU64,
     /// Watches being served now.
@@ -527,6 +583,24 @@ impl Node {
             .filter(|g| g.id != PLACEMENT_GROUP && g.raft.is_leader())
             .map(|g| g.id)
             .collect()
+    }
+
+    /// The ranges this node holds a replica of (with state: a replica awaiting its first
+    /// snapshot is not counted); the placement group is no range.
+    pub fn hosted_ranges(&self) -> Vec<RangeId> {
+        self.inner()
+            .groups()
+            .iter()
+            .filter(|g| g.id != PLACEMENT_GROUP && g.has_state())
+            .map(|g| g.id)
+            .collect()
+    }
+
+    /// The placement service's view (asked of the placement leader).
+    pub async fn placement_report(
+        &self,
+    ) -> Result<concord_transport::api::PlacementReport, ApiError> {
+        self.inner().placement_report().await
     }
 
     /// The range table as this node knows it.
@@ -692,6 +766,11 @@ async fn handle_client(inner: &NodeInner, request: ClientRequest) -> ClientRespo
     match request {
         ClientRequest::Routes => Ok(ClientReply::Routes(inner.routes())),
         ClientRequest::Status => Ok(ClientReply::Status(inner.status())),
+        ClientRequest::Placement => inner.placement_report().await.map(ClientReply::Placement),
+        ClientRequest::Decommission { node } => {
+            inner.decommission(node).await?;
+            inner.placement_report().await.map(ClientReply::Placement)
+        }
         ClientRequest::Kv {
             range_id,
             epoch,
@@ -734,34 +813,67 @@ impl NodeInner {
         self.table.read().expect("table lock").clone()
     }
 
-    /// The range table from the groups' applied bounds, if they cover the keyspace now; then
-    /// also remembered as [`NodeInner::table`].
+    /// The range table from the groups' applied bounds and the placement service's table
+    /// (for the ranges this node does not host), if together they cover the keyspace now;
+    /// then also remembered as [`NodeInner::table`]. Per range the newer epoch wins; at equal
+    /// epochs a range this node leads is described by its own replica, any other by placement
+    /// (a replica that was moved away keeps its old voters until it is removed).
     fn complete_table(&self) -> Option<RangeTable> {
-        let mut ranges: Vec<RangeDescriptor> = self
-            .groups()
-            .iter()
-            .filter(|g| g.id != PLACEMENT_GROUP && g.has_state())
-            .map(|g| g.descriptor())
-            .collect();
+        let mut by_id: BTreeMap<RangeId, (RangeDescriptor, bool)> = BTreeMap::new();
+        if let Some(view) = self.placement.read().expect("placement lock").as_ref() {
+            for d in &view.ranges {
+                by_id.insert(d.id, (d.clone(), false));
+            }
+        }
+        for g in self.groups() {
+            if g.id == PLACEMENT_GROUP || !g.has_state() {
+                continue;
+            }
+            let local = g.descriptor();
+            let leads = g.raft.is_leader();
+            let wins = by_id.get(&g.id).is_none_or(|(placed, _)| {
+                local.epoch > placed.epoch || (local.epoch == placed.epoch && leads)
+            });
+            if wins {
+                by_id.insert(g.id, (local, true));
+            }
+        }
+        let mut ranges: Vec<RangeDescriptor> = by_id.into_values().map(|(d, _)| d).collect();
         ranges.sort_by(|a, b| a.start.cmp(&b.start));
         let table = RangeTable::new(ranges).ok()?;
         *self.table.write().expect("table lock") = table.clone();
         Some(table)
     }
 
+    /// The leader of `range_id` as this node's replica knows it, or else as the placement
+    /// service last reported it.
+    fn leader_hint(&self, range_id: RangeId) -> Option<NodeId> {
+        if let Ok(group) = self.group(range_id) {
+            if let Some(leader) = group.raft.metrics().borrow_watched().current_leader {
+                return Some(leader);
+            }
+        }
+        let placement = self.placement.read().expect("placement lock");
+        placement.as_ref()?.leaders.get(&range_id).copied()
+    }
+
     fn routes(&self) -> RouteTable {
-        let leaders = self
-            .groups()
-            .iter()
-            .filter(|g| g.id != PLACEMENT_GROUP)
-            .filter_map(|g| {
-                g.raft
-                    .metrics()
-                    .borrow_watched()
-                    .current_leader
-                    .map(|l| (g.id, l))
-            })
-            .collect();
+        let mut leaders: BTreeMap<RangeId, NodeId> = self
+            .placement
+            .read()
+            .expect("placement lock")
+            .as_ref()
+            .map(|v| v.leaders.clone())
+            .unwrap_or_default();
+        leaders.remove(&PLACEMENT_GROUP);
+        for g in self.groups() {
+            if g.id == PLACEMENT_GROUP {
+                continue;
+            }
+            if let Some(l) = g.raft.metrics().borrow_watched().current_leader {
+                leaders.insert(g.id, l);
+            }
+        }
         RouteTable {
             ranges: self.table().ranges().to_vec(),
             leaders,
@@ -837,6 +949,10 @@ impl NodeInner {
             return Err(ApiError::RangeNotFound { range_id });
         }
         let group = self.group(range_id)?;
+        // A replica still waiting for its first snapshot knows nothing of the range.
+        if !group.has_state() {
+            return Err(ApiError::RangeNotFound { range_id });
+        }
         group.check_epoch(epoch)?;
         Ok(group)
     }
@@ -856,6 +972,7 @@ impl NodeInner {
             KvRequest::Delete(d) => inside(&d.span).then_some(()).ok_or_else(outside),
             KvRequest::Compact { .. } => Ok(()),
             KvRequest::Split { at } => bounds.contains(at).then_some(()).ok_or_else(outside),
+            KvRequest::MoveReplica { .. } => Ok(()),
             KvRequest::Lease(LeaseRequest::KeepAliveMany { ids }) => ids
                 .iter()
                 .all(|id| bounds.contains(&lease_anchor(*id)))
@@ -906,6 +1023,7 @@ impl NodeInner {
         }
         let command = match request {
             KvRequest::Range(req, consistency) => {
+                group.counters.reads.fetch_add(1, Ordering::Relaxed);
                 self.read_barrier(group, consistency).await?;
                 let state = group.state.read().expect("range state lock");
                 // A split applied during the barrier: the keys may be elsewhere now.
@@ -913,6 +1031,7 @@ impl NodeInner {
                 return state.mvcc.range(&req).map(KvResponse::Range);
             }
             KvRequest::Split { at } => return self.split_range(group, at).await,
+            KvRequest::MoveReplica { from, to } => return self.move_replica(group, from, to).await,
             KvRequest::Put(p) => {
                 if p.lease != 0 {
                     self.check_lease_alive(p.lease).await?;
@@ -962,6 +1081,7 @@ impl NodeInner {
                 }
             }
         };
+        group.counters.writes.fetch_add(1, Ordering::Relaxed);
         self.propose(group, command).await
     }
 
@@ -1086,8 +1206,36 @@ impl NodeInner {
     }
 
     async fn handle_peer(&self, frame: PeerFrame) -> PeerReply {
-        let Ok(group) = self.group(frame.group) else {
-            return PeerReply::Error(PeerError::NoSuchGroup(frame.group));
+        // Not about one range's replica here.
+        match frame.request {
+            PeerRequest::Heartbeat(beat) => {
+                return PeerReply::Heartbeat(self.handle_heartbeat(beat).await)
+            }
+            PeerRequest::PlacementReport => {
+                return match self.placement_report_here() {
+                    Some(report) => PeerReply::Placement(report),
+                    None => {
+                        PeerReply::Error(PeerError::NotLeader(self.leader_hint(PLACEMENT_GROUP)))
+                    }
+                }
+            }
+            _ => {}
+        }
+        let group = match self.group(frame.group) {
+            Ok(group) => group,
+            // A leader replicating to this node: it is being added as a replica.
+            Err(_)
+                if matches!(
+                    frame.request,
+                    PeerRequest::Append(_) | PeerRequest::Snapshot { .. }
+                ) =>
+            {
+                match self.host_replica(frame.group).await {
+                    Ok(group) => group,
+                    Err(e) => return PeerReply::Error(PeerError::Raft(e)),
+                }
+            }
+            Err(_) => return PeerReply::Error(PeerError::NoSuchGroup(frame.group)),
         };
         let group = &*group;
         let raft_err = |e: &dyn std::fmt::Display| PeerReply::Error(PeerError::Raft(e.to_string()));
@@ -1138,6 +1286,15 @@ impl NodeInner {
                     Err(e) => raft_err(&e),
                 },
             },
+            PeerRequest::MoveReplica { from, to } => {
+                PeerReply::Moved(self.move_replica(group, from, to).await)
+            }
+            PeerRequest::IsReplica { node, named_at } => {
+                self.is_replica_here(group, node, named_at)
+            }
+            PeerRequest::Heartbeat(_) | PeerRequest::PlacementReport => {
+                unreachable!("answered above")
+            }
             PeerRequest::ReadIndex => {
                 match group
                     .raft

@@ -120,6 +120,23 @@ impl Engine {
         Ok(ids)
     }
 
+    /// Deletes every row of group `gid` (its log, vote, state and versions), in one write,
+    /// made durable before returning: a replica moved away leaves nothing behind, and a
+    /// restart does not find it in [`Engine::group_ids`]. The group's openraft instance must be
+    /// shut down first.
+    pub async fn destroy_group(&self, gid: u64) -> io::Result<()> {
+        let mut batch = WriteBatch::default();
+        let from = gid.to_be_bytes().to_vec();
+        // Every key of the group starts with its 8-byte id: past them all is that id + 0xff…
+        let mut to = from.clone();
+        to.extend_from_slice(&[0xff; 16]);
+        for name in [CF_LOG, CF_META, CF_SM, CF_KV] {
+            batch.delete_range_cf(self.cf(name), &from, &to);
+        }
+        self.write(batch);
+        self.commit.sync().await
+    }
+
     /// The group-commit writer.
     pub fn commit(&self) -> &GroupCommit {
         &self.commit

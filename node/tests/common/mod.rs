@@ -35,6 +35,8 @@ pub struct Cluster {
     /// Applied to every node's config (also at restart).
     tune: fn(&mut NodeConfig),
     nodes: BTreeMap<NodeId, Option<Node>>,
+    /// Nodes that joined the running cluster (`--join`) rather than bootstrapping it.
+    joined: std::collections::BTreeSet<NodeId>,
 }
 
 impl Cluster {
@@ -87,6 +89,7 @@ impl Cluster {
             ranges,
             tune,
             nodes,
+            joined: Default::default(),
         };
         cluster.wait_ready().await;
         cluster
@@ -122,9 +125,13 @@ impl Cluster {
         eventually("leaders balanced", || async {
             let counts = self.leader_counts();
             let led: usize = counts.values().sum();
+            let ranges = self
+                .running()
+                .next()
+                .map_or(self.ranges, |n| n.range_table().ranges().len());
             let max = counts.values().max().copied().unwrap_or(0);
             let min = counts.values().min().copied().unwrap_or(0);
-            if led == self.ranges && max - min <= 1 {
+            if led == ranges && max - min <= 1 {
                 Ok(())
             } else {
                 Err(format!("ranges led per node: {counts:?}"))
@@ -145,13 +152,52 @@ impl Cluster {
 
     /// `restart node ID` on its old address and data.
     pub async fn restart(&mut self, id: NodeId) {
-        let config = Self::config(&self.dir, id, self.members[&id], self.ranges, self.tune);
+        let mut config = Self::config(&self.dir, id, self.members[&id], self.ranges, self.tune);
+        let members = if self.joined.contains(&id) {
+            config.placement.join = Some(self.members[&1]);
+            BTreeMap::from([(id, self.members[&id])])
+        } else {
+            self.members.clone()
+        };
         let node = BoundNode::bind(config)
             .expect("rebind")
-            .start(self.members.clone())
+            .start(members)
             .await
             .expect("restart");
         self.nodes.insert(id, Some(node));
+    }
+
+    /// `node ID joins the cluster` through node 1 (as `concord node --join`).
+    pub async fn join(&mut self, id: NodeId) {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let mut config = Self::config(&self.dir, id, any, self.ranges, self.tune);
+        config.placement.join = Some(self.members[&1]);
+        let bound = BoundNode::bind(config).expect("bind");
+        let addr = bound.local_addr();
+        let node = bound
+            .start(BTreeMap::from([(id, addr)]))
+            .await
+            .expect("join");
+        self.members.insert(id, addr);
+        self.joined.insert(id);
+        self.nodes.insert(id, Some(node));
+    }
+
+    /// The voters of every range, as node `via` (running) knows the table.
+    pub fn voters(&self, via: NodeId) -> BTreeMap<RangeId, Vec<NodeId>> {
+        self.node(via)
+            .range_table()
+            .ranges()
+            .iter()
+            .map(|d| (d.id, d.replicas.clone()))
+            .collect()
+    }
+
+    /// The ranges each running node holds a replica of.
+    pub fn hosted(&self) -> BTreeMap<NodeId, Vec<RangeId>> {
+        self.running()
+            .map(|n| (n.id(), n.hosted_ranges()))
+            .collect()
     }
 
     /// The node leading `range` now, as the running nodes see it.

@@ -130,6 +130,14 @@ enum Command {
         #[command(subcommand)]
         op: Option<RangesCommand>,
     },
+    /// List the nodes as the placement service sees them (state, replicas, leaders), or
+    /// decommission one.
+    #[command(alias = "node")]
+    Nodes {
+        /// An operator command on nodes (none: list them).
+        #[command(subcommand)]
+        op: Option<NodesCommand>,
+    },
     /// Leases: grant, revoke, keep-alive, ttl, list.
     #[command(subcommand)]
     Lease(LeaseCommand),
@@ -232,6 +240,26 @@ enum RangesCommand {
     Split {
         /// The first key of the new range.
         key: String,
+    },
+    /// Move range ID's replica on node FROM to node TO (add TO as a learner, let it catch up,
+    /// then replace FROM among the voters).
+    Move {
+        /// The range.
+        id: u64,
+        /// The node giving up its replica.
+        from: u64,
+        /// The node receiving it.
+        to: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodesCommand {
+    /// Drain node ID: the placement service moves every replica off it; `concordctl nodes`
+    /// shows it at 0 replicas when it can be stopped.
+    Decommission {
+        /// The node.
+        id: u64,
     },
 }
 
@@ -613,8 +641,72 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                 );
             }
         }
+        Command::Ranges {
+            op: Some(RangesCommand::Move { id, from, to }),
+        } => {
+            let r = client.move_replica(id, from, to).await?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"range_id": r.header.range_id, "voters": r.voters, "revision": r.header.revision})
+                );
+            } else {
+                println!(
+                    "range {} moved from node {from} to node {to}: voters {:?}",
+                    r.header.range_id, r.voters
+                );
+            }
+        }
+        Command::Nodes { op } => {
+            let report = match op {
+                Some(NodesCommand::Decommission { id }) => client.decommission(id).await?,
+                None => client.placement().await?,
+            };
+            let rows: Vec<Value> = report
+                .nodes
+                .iter()
+                .map(|n| {
+                    json!({"id": n.id, "addr": n.addr, "zone": n.zone, "state": n.state.name(),
+                        "heartbeat_age_ms": n.heartbeat_age_ms, "replicas": n.replicas, "leaders": n.leaders})
+                })
+                .collect();
+            if json {
+                println!("{}", Value::Array(rows));
+            } else {
+                println!(
+                    "{:>4}  {:<22} {:<8} {:<16} {:>9} {:>8} {:>8}",
+                    "NODE", "ADDRESS", "ZONE", "STATE", "HEARTBEAT", "REPLICAS", "LEADERS"
+                );
+                for n in &report.nodes {
+                    println!(
+                        "{:>4}  {:<22} {:<8} {:<16} {:>9} {:>8} {:>8}",
+                        n.id,
+                        n.addr,
+                        n.zone.as_deref().unwrap_or("-"),
+                        n.state.name(),
+                        n.heartbeat_age_ms
+                            .map_or("-".to_string(), |ms| format!("{ms}ms")),
+                        n.replicas,
+                        n.leaders
+                    );
+                }
+                for m in &report.moves {
+                    println!(
+                        "moving: range {} from node {} to node {}",
+                        m.range, m.from, m.to
+                    );
+                }
+            }
+        }
         Command::Ranges { op: None } => {
             let routes = client.routes();
+            // Size and load as the ranges' leaders last reported them to placement.
+            let loads = client
+                .placement()
+                .await
+                .map(|r| r.ranges)
+                .unwrap_or_default();
+            let load = |id: u64| loads.iter().find(|l| l.descriptor.id == id);
             // Revision and key count from the node that leads each range, when it answers.
             let statuses = client.status().await;
             let led = |id: u64| {
@@ -633,16 +725,29 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                 .iter()
                 .map(|d| {
                     let stats = led(d.id);
+                    let load = load(d.id);
                     json!({"id": d.id, "start": text(&d.start), "end": text(&d.end), "epoch": d.epoch, "replicas": d.replicas,
-                        "leader": routes.leaders.get(&d.id), "revision": stats.map(|r| r.revision), "keys": stats.map(|r| r.keys)})
+                        "leader": routes.leaders.get(&d.id), "revision": stats.map(|r| r.revision),
+                        "keys": stats.map(|r| r.keys).or(load.map(|l| l.keys)), "bytes": load.map(|l| l.bytes),
+                        "reads_per_sec": load.map(|l| l.reads_per_sec), "writes_per_sec": load.map(|l| l.writes_per_sec)})
                 })
                 .collect();
             if json {
                 println!("{}", Value::Array(rows));
             } else {
                 println!(
-                    "{:>5}  {:<12} {:<12} {:>5}  {:<9} {:>6} {:>9} {:>8}",
-                    "RANGE", "START", "END", "EPOCH", "REPLICAS", "LEADER", "REVISION", "KEYS"
+                    "{:>5}  {:<12} {:<12} {:>5}  {:<9} {:>6} {:>9} {:>8} {:>10} {:>7} {:>7}",
+                    "RANGE",
+                    "START",
+                    "END",
+                    "EPOCH",
+                    "REPLICAS",
+                    "LEADER",
+                    "REVISION",
+                    "KEYS",
+                    "BYTES",
+                    "READ/S",
+                    "WRITE/S"
                 );
                 for row in rows {
                     let field = |name: &str| match &row[name] {
@@ -656,7 +761,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                         v => v.to_string(),
                     };
                     println!(
-                        "{:>5}  {:<12} {:<12} {:>5}  {:<9} {:>6} {:>9} {:>8}",
+                        "{:>5}  {:<12} {:<12} {:>5}  {:<9} {:>6} {:>9} {:>8} {:>10} {:>7} {:>7}",
                         field("id"),
                         field("start"),
                         field("end"),
@@ -664,7 +769,10 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                         field("replicas"),
                         field("leader"),
                         field("revision"),
-                        field("keys")
+                        field("keys"),
+                        field("bytes"),
+                        field("reads_per_sec"),
+                        field("writes_per_sec")
                     );
                 }
             }

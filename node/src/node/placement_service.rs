@@ -1,0 +1,728 @@
+//! The placement service: the node registry and range table, replicated in the placement
+//! group (group 0), heartbeats, and the scheduler that moves replicas.
+//!
+//! - **Heartbeats.** Every node sends one [`Heartbeat`] per [`HEARTBEAT_INTERVAL_MS`] to the
+//!   placement group's leader: its address and zone, and a [`RangeReport`] for every range it
+//!   leads (descriptor, learners, keys, bytes, reads and writes per second). One message per
+//!   node, not per range. The reply is the placement view ([`PlacementView`]): every node's
+//!   address, the range table and the leader of each range, from which the node routes
+//!   requests for ranges it does not host.
+//! - **Replicated state.** The leader writes, as Raft entries of the placement group, a node's
+//!   record when it first heartbeats or changes address, a range's descriptor when a report
+//!   shows a new epoch or new voters, an operator's decommission, and every scheduler decision.
+//!   Liveness (the heartbeats' times) stays in the leader's memory: a new leader waits
+//!   `down_after` before calling any node down.
+//! - **Scheduler.** Every [`SCHEDULE_INTERVAL_MS`] the leader derives each node's state (up,
+//!   suspect, down, decommissioning), plans with [`plan_replica_moves`] (a pure function), records
+//!   each move, and asks the range's leader to carry it out (`replica_service`), at most
+//!   [`MOVES_IN_FLIGHT_MAX`] at a time.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use concord_placement::replicas::{
+    plan_replica_moves, NodeState, NodeView, RangeReplicas, ReplicaMove,
+};
+use concord_placement::RangeDescriptor;
+use concord_transport::api::{
+    ApiError, KeySpan, KvResponse, NodeId, NodeInfo, PlacementReport, PutRequest, RangeId,
+    RangeLoad, RangeRequest,
+};
+use openraft::async_runtime::watch::WatchReceiver;
+use serde::{Deserialize, Serialize};
+
+use super::{NodeInner, PLACEMENT_GROUP};
+use crate::mvcc::Command;
+use crate::network::{PeerReply, PeerRequest};
+use crate::storage::{decode, encode};
+
+/// How often a node heartbeats to the placement leader.
+pub const HEARTBEAT_INTERVAL_MS: u64 = 1_000;
+/// How long a heartbeat may take.
+pub const HEARTBEAT_TIMEOUT_MS: u64 = 2_000;
+/// A node silent this long is suspect: it keeps its replicas but receives none.
+pub const SUSPECT_AFTER_MS: u64 = 3_000;
+/// How often the placement leader plans replica moves.
+pub const SCHEDULE_INTERVAL_MS: u64 = 1_000;
+/// Replica moves under way at once, cluster-wide.
+pub const MOVES_IN_FLIGHT_MAX: usize = 2;
+/// A new placement leader plans nothing until it has been leading this long (every node has
+/// heartbeated to it).
+pub const PLAN_GRACE_MS: u64 = 3 * HEARTBEAT_INTERVAL_MS;
+/// How long one replica move may take (catching a learner up included).
+pub const MOVE_TIMEOUT_MS: u64 = 120_000;
+
+const NODES_PREFIX: &[u8] = b"/placement/nodes/";
+const DECOMMISSION_PREFIX: &[u8] = b"/placement/decommission/";
+const RANGES_PREFIX: &[u8] = b"/placement/ranges/";
+const DECISIONS_KEY: &[u8] = b"/placement/decisions";
+
+/// Settings of the placement service on a node.
+#[derive(Debug, Clone)]
+pub struct PlacementSettings {
+    /// A node silent this long is down: its replicas are re-created elsewhere.
+    pub down_after_ms: u64,
+    /// This node's zone label (replicas of a range spread across zones).
+    pub zone: Option<String>,
+    /// A node of the cluster to join (a node started with `--join` bootstraps nothing).
+    pub join: Option<SocketAddr>,
+    /// Whether the placement leader moves replicas (tests turn it off to move by hand).
+    pub schedule: bool,
+}
+
+impl Default for PlacementSettings {
+    fn default() -> Self {
+        Self {
+            down_after_ms: 30_000,
+            zone: None,
+            join: None,
+            schedule: true,
+        }
+    }
+}
+
+/// A node's entry in the registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// The node.
+    pub id: NodeId,
+    /// Where it listens.
+    pub addr: String,
+    /// Its zone label.
+    pub zone: Option<String>,
+}
+
+/// What the leader of a range reports about it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RangeReport {
+    /// Bounds, epoch and voters, as applied at the leader.
+    pub descriptor: RangeDescriptor,
+    /// Learners (a move under way).
+    pub learners: Vec<NodeId>,
+    /// Keys with stored history.
+    pub keys: u64,
+    /// Bytes of keys and values.
+    pub bytes: u64,
+    /// Reads served per second since the last heartbeat.
+    pub reads_per_sec: u64,
+    /// Writes applied per second since the last heartbeat.
+    pub writes_per_sec: u64,
+}
+
+/// One node's heartbeat.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// The sender.
+    pub node: NodeRecord,
+    /// The ranges it leads.
+    pub ranges: Vec<RangeReport>,
+}
+
+/// What a node learns from the placement leader.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PlacementView {
+    /// The placement group's leader.
+    pub leader: NodeId,
+    /// Every registered node.
+    pub nodes: Vec<NodeRecord>,
+    /// The range table as placement stores it (it may lag a split or move by a heartbeat).
+    pub ranges: Vec<RangeDescriptor>,
+    /// The last reported leader of each range.
+    pub leaders: BTreeMap<RangeId, NodeId>,
+    /// Nodes being drained (down or decommissioning): they receive no leaderships.
+    pub draining: BTreeSet<NodeId>,
+}
+
+/// The answer to a heartbeat.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum HeartbeatReply {
+    /// Taken; here is the view.
+    Accepted(PlacementView),
+    /// This node does not lead the placement group; try the hinted one.
+    NotLeader {
+        /// The leader, if known.
+        leader: Option<NodeRecord>,
+    },
+}
+
+/// The placement leader's memory: heartbeats and reports since it took over.
+#[derive(Default)]
+pub(super) struct LeaderMemory {
+    /// The placement group's term this memory belongs to.
+    term: u64,
+    /// When this node became leader in that term.
+    since: Option<Instant>,
+    heartbeats: BTreeMap<NodeId, Instant>,
+    reports: BTreeMap<RangeId, (NodeId, RangeReport)>,
+    moves: BTreeMap<RangeId, ReplicaMove>,
+}
+
+impl NodeInner {
+    /// The placement group here, if this node leads it; resets the leader memory on a new term.
+    fn placement_leader_group(&self) -> Option<Arc<super::Group>> {
+        let group = self.group(PLACEMENT_GROUP).ok()?;
+        group.raft.as_leader().ok()?;
+        let term = group.raft.metrics().borrow_watched().current_term;
+        let mut memory = self.placement_memory.lock().expect("placement memory lock");
+        if memory.term != term || memory.since.is_none() {
+            *memory = LeaderMemory {
+                term,
+                since: Some(Instant::now()),
+                ..Default::default()
+            };
+        }
+        Some(group)
+    }
+
+    /// Registry, decommissions and stored table, from the placement group's applied state.
+    fn placement_state(
+        &self,
+        group: &super::Group,
+    ) -> (
+        BTreeMap<NodeId, NodeRecord>,
+        BTreeSet<NodeId>,
+        BTreeMap<RangeId, RangeDescriptor>,
+    ) {
+        let state = group.state.read().expect("range state lock");
+        let scan = |prefix: &[u8]| {
+            state
+                .mvcc
+                .range(&RangeRequest::new(KeySpan::prefix(prefix.to_vec())))
+                .map(|r| r.kvs)
+                .unwrap_or_default()
+        };
+        let nodes = scan(NODES_PREFIX)
+            .into_iter()
+            .filter_map(|kv| decode::<NodeRecord>(&kv.value).ok())
+            .map(|r| (r.id, r))
+            .collect();
+        let decommissioned = scan(DECOMMISSION_PREFIX)
+            .into_iter()
+            .filter_map(|kv| {
+                std::str::from_utf8(&kv.key[DECOMMISSION_PREFIX.len()..])
+                    .ok()?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        let ranges = scan(RANGES_PREFIX)
+            .into_iter()
+            .filter_map(|kv| decode::<RangeDescriptor>(&kv.value).ok())
+            .map(|d| (d.id, d))
+            .collect();
+        (nodes, decommissioned, ranges)
+    }
+
+    /// Serves a heartbeat (at the placement leader).
+    pub(super) async fn handle_heartbeat(&self, beat: Heartbeat) -> HeartbeatReply {
+        let Some(group) = self.placement_leader_group() else {
+            return HeartbeatReply::NotLeader {
+                leader: self.placement_leader_record(),
+            };
+        };
+        if let Ok(addr) = beat.node.addr.parse() {
+            self.peers.learn(beat.node.id, addr);
+        }
+        {
+            let mut memory = self.placement_memory.lock().expect("placement memory lock");
+            memory.heartbeats.insert(beat.node.id, Instant::now());
+            for report in &beat.ranges {
+                memory
+                    .reports
+                    .insert(report.descriptor.id, (beat.node.id, report.clone()));
+            }
+        }
+        let (nodes, _, ranges) = self.placement_state(&group);
+        let mut writes = Vec::new();
+        if nodes.get(&beat.node.id) != Some(&beat.node) {
+            writes.push((node_key(beat.node.id), encode(&beat.node)));
+        }
+        for report in &beat.ranges {
+            let d = &report.descriptor;
+            let newer = match ranges.get(&d.id) {
+                None => true,
+                Some(stored) => d.epoch > stored.epoch || (d.epoch == stored.epoch && stored != d),
+            };
+            if newer {
+                writes.push((range_key(d.id), encode(d)));
+            }
+        }
+        for (key, value) in writes {
+            if let Err(e) = self.placement_put(key, value).await {
+                tracing::debug!("placement write: {e}");
+            }
+        }
+        HeartbeatReply::Accepted(self.placement_view(&group))
+    }
+
+    fn placement_view(&self, group: &super::Group) -> PlacementView {
+        let (nodes, decommissioned, ranges) = self.placement_state(group);
+        let draining = self
+            .node_views(&nodes, &decommissioned)
+            .into_iter()
+            .filter(|v| v.state.evacuated())
+            .map(|v| v.id)
+            .collect();
+        let memory = self.placement_memory.lock().expect("placement memory lock");
+        PlacementView {
+            leader: self.config.id,
+            nodes: nodes.into_values().collect(),
+            ranges: ranges.into_values().collect(),
+            leaders: memory
+                .reports
+                .iter()
+                .map(|(range, (leader, _))| (*range, *leader))
+                .collect(),
+            draining,
+        }
+    }
+
+    /// The placement leader as this node knows it, with its address.
+    fn placement_leader_record(&self) -> Option<NodeRecord> {
+        let leader = match self.group(PLACEMENT_GROUP) {
+            Ok(g) => g.raft.metrics().borrow_watched().current_leader,
+            Err(_) => self
+                .placement
+                .read()
+                .expect("placement lock")
+                .as_ref()
+                .map(|v| v.leader),
+        }?;
+        let addr = self.peers.addr(leader)?;
+        Some(NodeRecord {
+            id: leader,
+            addr: addr.to_string(),
+            zone: None,
+        })
+    }
+
+    /// Writes `key = value` in the placement group, at its leader.
+    async fn placement_put(&self, key: Vec<u8>, value: Vec<u8>) -> Result<KvResponse, ApiError> {
+        let cmd = Command::Put(PutRequest {
+            key,
+            value,
+            lease: 0,
+            prev_kv: false,
+        });
+        self.propose_anywhere(PLACEMENT_GROUP, cmd).await
+    }
+
+    /// Marks `node` decommissioning (the scheduler then drains it).
+    pub(super) async fn decommission(&self, node: NodeId) -> Result<(), ApiError> {
+        let mut key = DECOMMISSION_PREFIX.to_vec();
+        key.extend_from_slice(node.to_string().as_bytes());
+        self.placement_put(key, Vec::new()).await.map(|_| ())
+    }
+
+    /// The placement service's view with stats (at the placement leader, asked of it
+    /// otherwise).
+    pub(super) async fn placement_report(&self) -> Result<PlacementReport, ApiError> {
+        if let Some(group) = self.placement_leader_group() {
+            return Ok(self.build_report(&group));
+        }
+        let leader = self
+            .placement_leader_record()
+            .ok_or_else(|| ApiError::Unavailable {
+                range_id: PLACEMENT_GROUP,
+                reason: "no placement leader known".into(),
+            })?;
+        let timeout = Duration::from_millis(HEARTBEAT_TIMEOUT_MS);
+        match self
+            .peers
+            .call(
+                leader.id,
+                PLACEMENT_GROUP,
+                PeerRequest::PlacementReport,
+                timeout,
+            )
+            .await
+        {
+            Ok(PeerReply::Placement(report)) => Ok(report),
+            Ok(other) => Err(ApiError::Unavailable {
+                range_id: PLACEMENT_GROUP,
+                reason: format!("placement leader answered {other:?}"),
+            }),
+            Err(e) => Err(ApiError::Unavailable {
+                range_id: PLACEMENT_GROUP,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// The report, if this node leads the placement group.
+    pub(super) fn placement_report_here(&self) -> Option<PlacementReport> {
+        let group = self.placement_leader_group()?;
+        Some(self.build_report(&group))
+    }
+
+    fn build_report(&self, group: &super::Group) -> PlacementReport {
+        let (nodes, decommissioned, ranges) = self.placement_state(group);
+        let views = self.node_views(&nodes, &decommissioned);
+        let memory = self.placement_memory.lock().expect("placement memory lock");
+        let now = Instant::now();
+        let mut replicas: BTreeMap<NodeId, u64> = BTreeMap::new();
+        for d in ranges.values() {
+            for v in &d.replicas {
+                *replicas.entry(*v).or_default() += 1;
+            }
+        }
+        let mut leaders: BTreeMap<NodeId, u64> = BTreeMap::new();
+        for (leader, _) in memory.reports.values() {
+            *leaders.entry(*leader).or_default() += 1;
+        }
+        let nodes = views
+            .iter()
+            .map(|v| NodeInfo {
+                id: v.id,
+                addr: nodes[&v.id].addr.clone(),
+                zone: v.zone.clone(),
+                state: v.state,
+                heartbeat_age_ms: memory
+                    .heartbeats
+                    .get(&v.id)
+                    .map(|at| now.duration_since(*at).as_millis() as u64),
+                replicas: replicas.get(&v.id).copied().unwrap_or(0),
+                leaders: leaders.get(&v.id).copied().unwrap_or(0),
+            })
+            .collect();
+        let mut ranges: Vec<RangeLoad> = ranges
+            .into_values()
+            .map(|descriptor| {
+                let report = memory.reports.get(&descriptor.id);
+                RangeLoad {
+                    leader: report.map(|(leader, _)| *leader),
+                    keys: report.map_or(0, |(_, r)| r.keys),
+                    bytes: report.map_or(0, |(_, r)| r.bytes),
+                    reads_per_sec: report.map_or(0, |(_, r)| r.reads_per_sec),
+                    writes_per_sec: report.map_or(0, |(_, r)| r.writes_per_sec),
+                    descriptor,
+                }
+            })
+            .collect();
+        ranges.sort_by(|a, b| a.descriptor.start.cmp(&b.descriptor.start));
+        PlacementReport {
+            leader: self.config.id,
+            nodes,
+            ranges,
+            moves: memory.moves.values().copied().collect(),
+        }
+    }
+
+    /// Each registered node's state, from the heartbeats this leader received.
+    fn node_views(
+        &self,
+        nodes: &BTreeMap<NodeId, NodeRecord>,
+        decommissioned: &BTreeSet<NodeId>,
+    ) -> Vec<NodeView> {
+        let memory = self.placement_memory.lock().expect("placement memory lock");
+        let now = Instant::now();
+        let down_after = Duration::from_millis(self.config.placement.down_after_ms);
+        let suspect_after = Duration::from_millis(SUSPECT_AFTER_MS);
+        let leading_for = memory
+            .since
+            .map_or(Duration::ZERO, |s| now.duration_since(s));
+        nodes
+            .values()
+            .map(|record| {
+                let silent_for = memory
+                    .heartbeats
+                    .get(&record.id)
+                    .map_or(leading_for, |at| now.duration_since(*at));
+                let state = if decommissioned.contains(&record.id) {
+                    NodeState::Decommissioning
+                } else if silent_for >= down_after {
+                    NodeState::Down
+                } else if silent_for >= suspect_after {
+                    NodeState::Suspect
+                } else {
+                    NodeState::Up
+                };
+                NodeView {
+                    id: record.id,
+                    zone: record.zone.clone(),
+                    state,
+                }
+            })
+            .collect()
+    }
+
+    /// One scheduling round at the placement leader: the moves to start now.
+    fn plan_moves(&self) -> Vec<ReplicaMove> {
+        let Some(group) = self.placement_leader_group() else {
+            return Vec::new();
+        };
+        let (nodes, decommissioned, ranges) = self.placement_state(&group);
+        let views = self.node_views(&nodes, &decommissioned);
+        let memory = self.placement_memory.lock().expect("placement memory lock");
+        // A new leader first hears every node out.
+        let leading_for = memory.since.map_or(Duration::ZERO, |s| s.elapsed());
+        if leading_for < Duration::from_millis(PLAN_GRACE_MS) {
+            return Vec::new();
+        }
+        // A range without a fresh report (none since a move, or no leader) is not moved: its
+        // stored voters may be stale.
+        let mut busy: BTreeSet<RangeId> = ranges
+            .keys()
+            .filter(|id| !memory.reports.contains_key(id))
+            .copied()
+            .collect();
+        busy.extend(memory.moves.keys().copied());
+        busy.extend(
+            memory
+                .reports
+                .iter()
+                .filter(|(_, (_, r))| !r.learners.is_empty())
+                .map(|(id, _)| *id),
+        );
+        let replicas: Vec<RangeReplicas> = ranges
+            .values()
+            .map(|d| RangeReplicas {
+                range: d.id,
+                voters: d.replicas.clone(),
+            })
+            .collect();
+        let room = MOVES_IN_FLIGHT_MAX.saturating_sub(memory.moves.len());
+        plan_replica_moves(&views, &replicas, &busy, room)
+    }
+
+    /// Records `m` as a decision of the placement group, then has the range's leader carry it
+    /// out.
+    async fn carry_out(self: Arc<Self>, m: ReplicaMove) {
+        let leader = {
+            let memory = self.placement_memory.lock().expect("placement memory lock");
+            memory.reports.get(&m.range).map(|(leader, _)| *leader)
+        };
+        let result = async {
+            self.placement_put(DECISIONS_KEY.to_vec(), encode(&m))
+                .await?;
+            let leader = leader.ok_or_else(|| ApiError::Unavailable {
+                range_id: m.range,
+                reason: "no leader reported".into(),
+            })?;
+            self.move_replica_at(leader, m).await
+        }
+        .await;
+        match result {
+            Ok(_) => tracing::info!(range = m.range, from = m.from, to = m.to, "replica moved"),
+            Err(e) => tracing::warn!(
+                range = m.range,
+                from = m.from,
+                to = m.to,
+                "replica move: {e}"
+            ),
+        }
+        let mut memory = self.placement_memory.lock().expect("placement memory lock");
+        memory.moves.remove(&m.range);
+        // The table changes with the next report of the range; until then it stays busy.
+        memory.reports.remove(&m.range);
+    }
+
+    /// Asks node `leader` (this one or a peer) to carry out `m`.
+    async fn move_replica_at(
+        &self,
+        leader: NodeId,
+        m: ReplicaMove,
+    ) -> Result<KvResponse, ApiError> {
+        if leader == self.config.id {
+            let group = self.group(m.range)?;
+            return self.move_replica(&group, m.from, m.to).await;
+        }
+        let request = PeerRequest::MoveReplica {
+            from: m.from,
+            to: m.to,
+        };
+        let timeout = Duration::from_millis(MOVE_TIMEOUT_MS);
+        match self.peers.call(leader, m.range, request, timeout).await {
+            Ok(PeerReply::Moved(result)) => result,
+            Ok(other) => Err(ApiError::Internal(format!("unexpected reply {other:?}"))),
+            Err(e) => Err(ApiError::Unavailable {
+                range_id: m.range,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// This node's heartbeat: its record and a report per range it leads. `last` holds the
+    /// read and write counters of the previous heartbeat, for the rates.
+    fn heartbeat(&self, last: &mut BTreeMap<RangeId, (u64, u64, Instant)>) -> Heartbeat {
+        let now = Instant::now();
+        let mut ranges = Vec::new();
+        for group in self.groups() {
+            if group.id == PLACEMENT_GROUP || group.raft.as_leader().is_err() || !group.has_state()
+            {
+                continue;
+            }
+            let (reads, writes) = group.counters.get();
+            let (r0, w0, t0) = last
+                .insert(group.id, (reads, writes, now))
+                .unwrap_or((reads, writes, now));
+            let secs = now.duration_since(t0).as_secs_f64().max(1e-3);
+            let (keys, bytes) = {
+                let state = group.state.read().expect("range state lock");
+                (state.mvcc.key_count() as u64, state.mvcc.stored_bytes())
+            };
+            let metrics = group.raft.metrics().borrow_watched().clone();
+            ranges.push(RangeReport {
+                descriptor: group.descriptor(),
+                learners: metrics
+                    .membership_config
+                    .membership()
+                    .learner_ids()
+                    .collect(),
+                keys,
+                bytes,
+                reads_per_sec: (reads.saturating_sub(r0) as f64 / secs) as u64,
+                writes_per_sec: (writes.saturating_sub(w0) as f64 / secs) as u64,
+            });
+        }
+        Heartbeat {
+            node: NodeRecord {
+                id: self.config.id,
+                addr: self.advertised_addr.to_string(),
+                zone: self.config.placement.zone.clone(),
+            },
+            ranges,
+        }
+    }
+
+    /// Sends `beat` to the placement leader (here, a known leader, or any node that may know
+    /// it) and takes the view it answers with.
+    async fn send_heartbeat(&self, beat: Heartbeat) -> Result<(), String> {
+        let timeout = Duration::from_millis(HEARTBEAT_TIMEOUT_MS);
+        let mut target = self.placement_leader_record();
+        for _ in 0..3 {
+            let reply = match &target {
+                Some(leader) if leader.id == self.config.id => {
+                    self.handle_heartbeat(beat.clone()).await
+                }
+                Some(leader) => match self
+                    .peers
+                    .call(
+                        leader.id,
+                        PLACEMENT_GROUP,
+                        PeerRequest::Heartbeat(beat.clone()),
+                        timeout,
+                    )
+                    .await
+                {
+                    Ok(PeerReply::Heartbeat(reply)) => reply,
+                    Ok(other) => return Err(format!("unexpected reply {other:?}")),
+                    Err(e) => return Err(e.to_string()),
+                },
+                None => {
+                    let addr = self
+                        .config
+                        .placement
+                        .join
+                        .or_else(|| {
+                            self.peers
+                                .addrs()
+                                .into_iter()
+                                .find(|(id, _)| *id != self.config.id)
+                                .map(|(_, a)| a)
+                        })
+                        .ok_or("no node to ask for the placement leader")?;
+                    match self
+                        .peers
+                        .call_addr(
+                            addr,
+                            PLACEMENT_GROUP,
+                            PeerRequest::Heartbeat(beat.clone()),
+                            timeout,
+                        )
+                        .await?
+                    {
+                        PeerReply::Heartbeat(reply) => reply,
+                        other => return Err(format!("unexpected reply {other:?}")),
+                    }
+                }
+            };
+            match reply {
+                HeartbeatReply::Accepted(view) => {
+                    self.take_view(view);
+                    return Ok(());
+                }
+                HeartbeatReply::NotLeader { leader } => {
+                    if let Some(l) = &leader {
+                        if let Ok(addr) = l.addr.parse() {
+                            self.peers.learn(l.id, addr);
+                        }
+                    }
+                    if leader.is_none() || leader == target {
+                        return Err("the placement group has no leader now".into());
+                    }
+                    target = leader;
+                }
+            }
+        }
+        Err("placement leader hints went round in circles".into())
+    }
+
+    /// Adopts the placement leader's view: node addresses and the range table.
+    fn take_view(&self, view: PlacementView) {
+        for n in &view.nodes {
+            if let Ok(addr) = n.addr.parse() {
+                self.peers.learn(n.id, addr);
+            }
+        }
+        *self.placement.write().expect("placement lock") = Some(view);
+        self.complete_table();
+    }
+}
+
+fn node_key(id: NodeId) -> Vec<u8> {
+    let mut key = NODES_PREFIX.to_vec();
+    key.extend_from_slice(format!("{id:020}").as_bytes());
+    key
+}
+
+fn range_key(id: RangeId) -> Vec<u8> {
+    let mut key = RANGES_PREFIX.to_vec();
+    key.extend_from_slice(format!("{id:020}").as_bytes());
+    key
+}
+
+/// Heartbeats to the placement leader until the node goes.
+pub(super) async fn heartbeat_loop(inner: Weak<NodeInner>) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(HEARTBEAT_INTERVAL_MS));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = BTreeMap::new();
+    loop {
+        ticker.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let beat = inner.heartbeat(&mut last);
+        if let Err(e) = inner.send_heartbeat(beat).await {
+            tracing::debug!("heartbeat: {e}");
+        }
+    }
+}
+
+/// Plans and starts replica moves while this node leads the placement group.
+pub(super) async fn schedule_loop(inner: Weak<NodeInner>) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(SCHEDULE_INTERVAL_MS));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        if !inner.config.placement.schedule {
+            return;
+        }
+        for m in inner.plan_moves() {
+            tracing::info!(
+                range = m.range,
+                from = m.from,
+                to = m.to,
+                "scheduling a replica move"
+            );
+            inner
+                .placement_memory
+                .lock()
+                .expect("placement memory lock")
+                .moves
+                .insert(m.range, m);
+            tokio::spawn(inner.clone().carry_out(m));
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! Replica moves: adding a range's replica on another node and removing one, with openraft
+//! membership changes.
+//!
+//! - **Move** (at the range's leader, [`NodeInner::move_replica`]): the leader first makes
+//!   sure its log starts after a snapshot (it builds one and purges the log up to it), so
+//!   that the new replica is caught up by a snapshot and never replays the range's history
+//!   from index 0 (the replay would apply commands against bounds the new replica does not
+//!   have). It then adds the receiver as a learner and waits until it has caught up, and
+//!   replaces the leaving voter with it in one joint-consensus change (openraft's
+//!   `change_membership`): both the old and the new voter sets must commit the change, so
+//!   the range never drops below a quorum. A leader that is itself the leaving voter first
+//!   hands its leadership to another voter and answers `NotLeader`.
+//! - **Receiving** ([`NodeInner::host_replica`]): a node that gets a Raft message for a range
+//!   it does not host starts an empty replica of it, which the leader fills with a snapshot.
+//! - **Removal** ([`replica_gc_loop`]): a replica that is not in its own view of the range's
+//!   membership, or hears no leader, asks the range's leader whether it is still a replica;
+//!   the leader says no only when neither its committed nor its latest membership names the
+//!   node. Then the node shuts the replica down and deletes its rows. A removed replica is
+//!   never told by Raft itself (the leader stops talking to it), hence the question.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use concord_transport::api::{ApiError, KvResponse, MoveResponse, NodeId, RangeId};
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::BasicNode;
+
+use super::{not_leader, Group, NodeInner};
+use crate::mvcc::Bounds;
+use crate::network::{PeerError, PeerReply, PeerRequest};
+use crate::raft_types::LogId;
+
+/// How often a node looks for replicas of its that were removed.
+pub const REPLICA_GC_INTERVAL_MS: u64 = 2_000;
+/// How long building a snapshot and purging the log before a move may take.
+pub const SNAPSHOT_PREPARE_TIMEOUT_MS: u64 = 30_000;
+/// How long a new learner may take to catch up.
+pub const LEARNER_CATCH_UP_TIMEOUT_MS: u64 = 60_000;
+/// How long asking a peer whether this node is still a replica may take.
+pub const IS_REPLICA_TIMEOUT_MS: u64 = 2_000;
+
+fn unavailable(range_id: RangeId, reason: impl std::fmt::Display) -> ApiError {
+    ApiError::Unavailable {
+        range_id,
+        reason: reason.to_string(),
+    }
+}
+
+/// Maps a failed membership change.
+fn membership_error(
+    range_id: RangeId,
+    e: RaftError<crate::raft_types::TypeConfig, ClientWriteError<crate::raft_types::TypeConfig>>,
+) -> ApiError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            not_leader(range_id, f.leader_id)
+        }
+        other => unavailable(range_id, other),
+    }
+}
+
+impl NodeInner {
+    /// Moves `group`'s replica on `from` to `to` (this node must lead the group).
+    pub(super) async fn move_replica(
+        &self,
+        group: &Group,
+        from: NodeId,
+        to: NodeId,
+    ) -> Result<KvResponse, ApiError> {
+        let range_id = group.id;
+        if let Err(f) = group.raft.as_leader() {
+            return Err(not_leader(range_id, f.leader_id));
+        }
+        let voters: BTreeSet<NodeId> = {
+            let metrics = group.raft.metrics().borrow_watched().clone();
+            metrics.membership_config.membership().voter_ids().collect()
+        };
+        let done = |voters: BTreeSet<NodeId>| {
+            let header = group.state.read().expect("range state lock").mvcc.header();
+            Ok(KvResponse::Moved(MoveResponse {
+                header,
+                voters: voters.into_iter().collect(),
+            }))
+        };
+        if voters.contains(&to) && !voters.contains(&from) {
+            return done(voters);
+        }
+        if from == to || !voters.contains(&from) || voters.contains(&to) {
+            return Err(ApiError::InvalidRequest(format!(
+                "range {range_id} has voters {voters:?}: cannot move a replica from node {from} to node {to}"
+            )));
+        }
+        if from == self.config.id {
+            // The leader leaves: hand over to another voter first; the client retries there.
+            let heir = voters.iter().copied().find(|v| *v != from).ok_or_else(|| {
+                ApiError::InvalidRequest(format!("range {range_id} has no other voter"))
+            })?;
+            group
+                .raft
+                .trigger()
+                .transfer_leader(heir)
+                .await
+                .map_err(|e| unavailable(range_id, e))?;
+            return Err(not_leader(range_id, Some(heir)));
+        }
+        let addr = self.peers.addr(to).ok_or_else(|| {
+            ApiError::InvalidRequest(format!(
+                "node {to} is unknown (not in the placement registry)"
+            ))
+        })?;
+        self.start_log_after_snapshot(group).await?;
+        let catch_up = Duration::from_millis(LEARNER_CATCH_UP_TIMEOUT_MS);
+        let added = tokio::time::timeout(
+            catch_up,
+            group
+                .raft
+                .add_learner(to, BasicNode::new(addr.to_string()), true),
+        )
+        .await;
+        match added {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(membership_error(range_id, e)),
+            Err(_) => {
+                // Leave no half-added learner behind.
+                let remove = openraft::ChangeMembers::RemoveNodes(BTreeSet::from([to]));
+                if let Err(e) = group.raft.change_membership(remove, false).await {
+                    tracing::warn!(
+                        range = range_id,
+                        to,
+                        "removing a learner that did not catch up: {e}"
+                    );
+                }
+                return Err(unavailable(
+                    range_id,
+                    format!("node {to} did not catch up within {catch_up:?}"),
+                ));
+            }
+        }
+        let mut new_voters = voters;
+        new_voters.remove(&from);
+        new_voters.insert(to);
+        group
+            .raft
+            .change_membership(new_voters.clone(), false)
+            .await
+            .map_err(|e| membership_error(range_id, e))?;
+        tracing::info!(range = range_id, from, to, "replica moved");
+        done(new_voters)
+    }
+
+    /// Builds a snapshot of `group` and purges its log up to it, so that a new replica is
+    /// caught up by that snapshot (see the module documentation).
+    async fn start_log_after_snapshot(&self, group: &Group) -> Result<(), ApiError> {
+        let range_id = group.id;
+        let timeout = Some(Duration::from_millis(SNAPSHOT_PREPARE_TIMEOUT_MS));
+        let applied = {
+            let metrics = group.raft.metrics().borrow_watched().clone();
+            if metrics.purged.is_some() {
+                return Ok(());
+            }
+            metrics.last_applied.map_or(0, |l| l.index)
+        };
+        group
+            .raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| unavailable(range_id, e))?;
+        let metrics = group
+            .raft
+            .wait(timeout)
+            .metrics(
+                |m| m.snapshot.is_some_and(|s| s.index >= applied),
+                "snapshot built",
+            )
+            .await
+            .map_err(|e| unavailable(range_id, format!("no snapshot to send: {e}")))?;
+        let upto = metrics.snapshot.map_or(0, |s| s.index);
+        group
+            .raft
+            .trigger()
+            .purge_log(upto)
+            .await
+            .map_err(|e| unavailable(range_id, e))?;
+        group
+            .raft
+            .wait(timeout)
+            .metrics(|m| m.purged.is_some(), "log purged")
+            .await
+            .map_err(|e| unavailable(range_id, format!("log not purged: {e}")))?;
+        Ok(())
+    }
+
+    /// The group `id`, started empty here if this node does not host it yet (a leader is
+    /// adding this node as a replica; its snapshot fills the replica).
+    pub(super) async fn host_replica(&self, id: RangeId) -> Result<Arc<Group>, String> {
+        let _opening = self.opening.lock().await;
+        if let Ok(group) = self.group(id) {
+            return Ok(group);
+        }
+        let group = Arc::new(
+            self.opener
+                .open(id, Bounds::default())
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+        self.groups
+            .write()
+            .expect("groups lock")
+            .insert(id, group.clone());
+        tracing::info!(range = id, "hosting a new replica");
+        Ok(group)
+    }
+
+    /// Answers `IsReplica` at the group's leader.
+    pub(super) fn is_replica_here(
+        &self,
+        group: &Group,
+        node: NodeId,
+        named_at: Option<LogId>,
+    ) -> PeerReply {
+        if let Err(f) = group.raft.as_leader() {
+            return PeerReply::Error(PeerError::NotLeader(f.leader_id));
+        }
+        let latest = group
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .clone();
+        let committed = group
+            .state
+            .read()
+            .expect("range state lock")
+            .membership
+            .clone();
+        let names =
+            |m: &crate::raft_types::StoredMembership| m.membership().get_node(&node).is_some();
+        let removed_since = named_at.is_none_or(|at| committed.log_id().is_some_and(|c| c > at));
+        PeerReply::IsReplica(names(&latest) || names(&committed) || !removed_since)
+    }
+
+    /// Whether this node's replica of `group` may have been removed: it is not in its own
+    /// latest membership (an empty replica awaiting its snapshot is not either), it knows no
+    /// leader, or the placement service's table does not list it (a voter removed while it
+    /// held only the joint configuration still names itself and keeps its last leader).
+    fn maybe_removed(&self, group: &Group) -> bool {
+        let me = self.config.id;
+        let metrics = group.raft.metrics().borrow_watched().clone();
+        let named = metrics
+            .membership_config
+            .membership()
+            .get_node(&me)
+            .is_some();
+        let placed = self
+            .placement
+            .read()
+            .expect("placement lock")
+            .as_ref()
+            .and_then(|v| v.ranges.iter().find(|d| d.id == group.id))
+            .is_none_or(|d| d.replicas.contains(&me));
+        !named || !placed || metrics.current_leader.is_none()
+    }
+
+    /// Asks the range's leader whether this node is still a replica of `group`: `Some(false)`
+    /// only on the leader's word.
+    async fn still_replica(&self, group: &Group) -> Option<bool> {
+        let me = self.config.id;
+        let mut ask: Vec<NodeId> = Vec::new();
+        if let Some(leader) = group.raft.metrics().borrow_watched().current_leader {
+            ask.push(leader);
+        }
+        if let Some(leader) = self.leader_hint(group.id) {
+            ask.push(leader);
+        }
+        let table = self.table();
+        if let Some(d) = table.get(group.id) {
+            ask.extend(d.replicas.iter().copied());
+        }
+        ask.retain(|n| *n != me);
+        ask.dedup();
+        let named_at = {
+            let metrics = group.raft.metrics().borrow_watched().clone();
+            let latest = &metrics.membership_config;
+            latest
+                .membership()
+                .get_node(&me)
+                .and(latest.log_id().clone())
+        };
+        let timeout = Duration::from_millis(IS_REPLICA_TIMEOUT_MS);
+        for node in ask {
+            let request = PeerRequest::IsReplica { node: me, named_at };
+            if let Ok(PeerReply::IsReplica(answer)) =
+                self.peers.call(node, group.id, request, timeout).await
+            {
+                return Some(answer);
+            }
+        }
+        None
+    }
+
+    /// Shuts this node's replica of `id` down and deletes it.
+    async fn remove_replica(&self, id: RangeId) {
+        let _opening = self.opening.lock().await;
+        let Some(group) = self.groups.write().expect("groups lock").remove(&id) else {
+            return;
+        };
+        if let Err(e) = group.raft.shutdown().await {
+            tracing::warn!(range = id, "shutting a removed replica down: {e}");
+        }
+        drop(group);
+        if let Err(e) = self.engine.destroy_group(id).await {
+            tracing::error!(range = id, "deleting a removed replica: {e}");
+        }
+        tracing::info!(range = id, "removed this node's replica (moved away)");
+        self.complete_table();
+    }
+}
+
+/// Looks for replicas of this node that were removed from their range, and deletes them.
+pub(super) async fn replica_gc_loop(inner: Weak<NodeInner>) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(REPLICA_GC_INTERVAL_MS));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        for group in inner.groups() {
+            if group.raft.is_leader() || !inner.maybe_removed(&group) {
+                continue;
+            }
+            if inner.still_replica(&group).await == Some(false) {
+                inner.remove_replica(group.id).await;
+            }
+        }
+    }
+}

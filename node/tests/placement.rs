@@ -1,0 +1,195 @@
+//! The placement service on in-process clusters: a replica moved by hand (the removed
+//! replica is deleted), nodes joining and receiving replicas and leaders, a dead node's
+//! replicas re-created elsewhere after `down_after`, and a decommissioned node drained; in
+//! every case each acknowledged write is still readable.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{eventually, Cluster};
+use concord_client::api::{Consistency, KeySpan, NodeId, RangeRequest};
+use concord_client::Client;
+use concord_placement::replicas::NodeState;
+
+/// Writes `count` keys spread over the keyspace; returns them with their values.
+async fn write_keys(client: &Client, count: usize) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    let mut acked = BTreeMap::new();
+    for i in 0..count {
+        // First bytes from '0' to 'z' reach every bootstrap range.
+        let key = format!("{}/key-{i:04}", (b'0' + (i % 75) as u8) as char).into_bytes();
+        let value = format!("v{i}").into_bytes();
+        client
+            .put(key.clone(), value.clone())
+            .await
+            .unwrap_or_else(|e| panic!("put {key:?}: {e}"));
+        acked.insert(key, value);
+    }
+    acked
+}
+
+/// Every acknowledged write reads back, linearizably.
+async fn check_keys(client: &Client, acked: &BTreeMap<Vec<u8>, Vec<u8>>) {
+    for (key, value) in acked {
+        let r = client
+            .range(
+                RangeRequest::new(KeySpan::key(key.clone())),
+                Consistency::Linearizable,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("read {key:?}: {e}"));
+        assert_eq!(
+            r.kvs.first().map(|kv| &kv.value),
+            Some(value),
+            "acknowledged write of {key:?} lost"
+        );
+    }
+}
+
+/// Waits until every range has three voters, all among `allowed`, and each node in `allowed`
+/// holds between `min` and `max` of them (as node `via` sees the table, and as the nodes
+/// themselves host them).
+async fn wait_spread(
+    cluster: &Cluster,
+    client: &Client,
+    via: NodeId,
+    allowed: &[NodeId],
+    min: usize,
+    max: usize,
+) {
+    eventually("replicas spread", || async {
+        let placement = match client.placement().await {
+            Ok(r) => format!(
+                "nodes {:?}, moving {:?}",
+                r.nodes
+                    .iter()
+                    .map(|n| (n.id, n.state, n.replicas))
+                    .collect::<Vec<_>>(),
+                r.moves
+            ),
+            Err(e) => e.to_string(),
+        };
+        let voters = cluster.voters(via);
+        let mut counts: BTreeMap<NodeId, usize> = allowed.iter().map(|n| (*n, 0)).collect();
+        for (range, v) in &voters {
+            if v.len() != 3 || v.iter().any(|n| !allowed.contains(n)) {
+                return Err(format!("range {range} has voters {v:?}; {placement}"));
+            }
+            for n in v {
+                *counts.entry(*n).or_default() += 1;
+            }
+        }
+        if counts.values().any(|c| *c < min || *c > max) {
+            return Err(format!("replicas per node {counts:?}"));
+        }
+        let hosted = cluster.hosted();
+        for (range, v) in &voters {
+            for n in v {
+                if !hosted.get(n).is_some_and(|h| h.contains(range)) {
+                    return Err(format!("node {n} does not host range {range} yet"));
+                }
+            }
+        }
+        for (n, ranges) in &hosted {
+            if let Some(extra) = ranges.iter().find(|r| !voters[r].contains(n)) {
+                return Err(format!("node {n} still hosts range {extra}"));
+            }
+        }
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_moved_by_hand_serves_and_the_old_one_is_deleted() {
+    let mut cluster = Cluster::start_tuned(3, 2, |c| c.placement.schedule = false).await;
+    let client = cluster.client().await;
+    let acked = write_keys(&client, 60).await;
+    cluster.join(4).await;
+    // Node 4 is registered (its heartbeat reached the placement leader).
+    eventually("node 4 registered", || async {
+        let report = client.placement().await.map_err(|e| e.to_string())?;
+        match report.nodes.iter().find(|n| n.id == 4) {
+            Some(n) if n.state == NodeState::Up => Ok(()),
+            other => Err(format!("node 4: {other:?}")),
+        }
+    })
+    .await;
+    let moved = client.move_replica(1, 3, 4).await.expect("move range 1");
+    assert_eq!(moved.voters, vec![1, 2, 4]);
+    eventually("old replica deleted", || async {
+        let hosted = cluster.hosted();
+        if hosted[&4].contains(&1) && !hosted[&3].contains(&1) {
+            Ok(())
+        } else {
+            Err(format!("hosted: {hosted:?}"))
+        }
+    })
+    .await;
+    // Writes and reads go on; the moved range is readable from its new replica.
+    let more = write_keys(&client, 80).await;
+    check_keys(&client, &acked).await;
+    check_keys(&client, &more).await;
+    // The leaving voter may be the leader: the move hands leadership over first.
+    let leader = cluster.leader_of(2).expect("range 2 has a leader");
+    let to = if leader == 4 { 3 } else { 4 };
+    let moved = client
+        .move_replica(2, leader, to)
+        .await
+        .expect("move range 2 off its leader");
+    assert!(moved.voters.contains(&to) && !moved.voters.contains(&leader));
+    check_keys(&client, &more).await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn joining_nodes_receive_replicas_and_leaders() {
+    let mut cluster = Cluster::start(3, 8).await;
+    let client = cluster.client().await;
+    let acked = write_keys(&client, 100).await;
+    cluster.join(4).await;
+    cluster.join(5).await;
+    // 8 ranges × 3 replicas over 5 nodes: 4 or 5 each (4.8 on average, at most one apart
+    // plus one for the moves' granularity).
+    wait_spread(&cluster, &client, 1, &[1, 2, 3, 4, 5], 4, 6).await;
+    cluster.wait_balanced().await;
+    check_keys(&client, &acked).await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_node_is_replaced_and_a_decommissioned_node_drained() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CONCORD_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let mut cluster = Cluster::start_tuned(5, 8, |c| c.placement.down_after_ms = 3_000).await;
+    let client = cluster.client().await;
+    let acked = write_keys(&client, 100).await;
+    // Node 5 dies for good: after down_after its replicas live on 1..4.
+    cluster.stop(5).await;
+    wait_spread(&cluster, &client, 1, &[1, 2, 3, 4], 5, 7).await;
+    check_keys(&client, &acked).await;
+    // Node 4 is drained: every range ends on 1..3, and node 4 holds nothing.
+    let report = client.decommission(4).await.expect("decommission");
+    assert!(report.nodes.iter().any(|n| n.id == 4));
+    wait_spread(&cluster, &client, 1, &[1, 2, 3], 8, 8).await;
+    eventually("node 4 shown drained", || async {
+        let report = client.placement().await.map_err(|e| e.to_string())?;
+        let n4 = report.nodes.iter().find(|n| n.id == 4).cloned();
+        match n4 {
+            Some(n) if n.state == NodeState::Decommissioning && n.replicas == 0 => Ok(()),
+            other => Err(format!("node 4: {other:?}")),
+        }
+    })
+    .await;
+    // Stopping it costs nothing.
+    cluster.stop(4).await;
+    let more = write_keys(&client, 40).await;
+    check_keys(&client, &acked).await;
+    check_keys(&client, &more).await;
+    cluster.shutdown().await;
+}
