@@ -138,7 +138,8 @@ impl<'a> Layout<'a> {
             .iter()
             .filter(|v| **v != from && self.state(**v).live())
             .count();
-        live_staying >= voters.len() / 2 + 1
+        // A majority of the current voters.
+        live_staying > voters.len() / 2
     }
 
     /// The best receiver of `range`'s replica on `leaving`, or `None` if no up node lacks
@@ -339,7 +340,7 @@ mod tests {
         }
     }
 
-    fn settle(nodes: &[NodeView], ranges: &mut Vec<RangeReplicas>) -> usize {
+    fn settle(nodes: &[NodeView], ranges: &mut [RangeReplicas]) -> usize {
         for round in 0..1000 {
             let plan = plan_replica_moves(nodes, ranges, &BTreeSet::new(), 4);
             if plan.is_empty() {

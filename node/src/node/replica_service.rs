@@ -284,10 +284,7 @@ impl NodeInner {
         let named_at = {
             let metrics = group.raft.metrics().borrow_watched().clone();
             let latest = &metrics.membership_config;
-            latest
-                .membership()
-                .get_node(&me)
-                .and(latest.log_id().clone())
+            latest.membership().get_node(&me).and(*latest.log_id())
         };
         let timeout = Duration::from_millis(IS_REPLICA_TIMEOUT_MS);
         for node in ask {
