@@ -105,7 +105,7 @@ impl NodeInner {
                 .map_err(|e| unavailable(range_id, e))?;
             return Err(not_leader(range_id, Some(heir)));
         }
-        let addr = self.peers.addr(to).ok_or_else(|| {
+        let addr = self.node_addr(to).await.ok_or_else(|| {
             ApiError::InvalidRequest(format!(
                 "node {to} is unknown (not in the placement registry)"
             ))
@@ -148,6 +148,19 @@ impl NodeInner {
             .map_err(|e| membership_error(range_id, e))?;
         tracing::info!(range = range_id, from, to, "replica moved");
         done(new_voters)
+    }
+
+    /// Where node `node` listens: known here, or asked of the placement leader (a node that
+    /// joined a moment ago is registered there before its address reaches every node).
+    async fn node_addr(&self, node: NodeId) -> Option<std::net::SocketAddr> {
+        if let Some(addr) = self.peers.addr(node) {
+            return Some(addr);
+        }
+        let report = self.placement_report().await.ok()?;
+        let record = report.nodes.iter().find(|n| n.id == node)?;
+        let addr = record.addr.parse().ok()?;
+        self.peers.learn(node, addr);
+        Some(addr)
     }
 
     /// Builds a snapshot of `group` and purges its log up to it, so that a new replica is
