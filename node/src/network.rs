@@ -33,6 +33,10 @@ use crate::mvcc::Command;
 use crate::node::placement_service::{Heartbeat, HeartbeatReply};
 use crate::raft_types::{LogId, SnapshotData, SnapshotMeta, TypeConfig, Vote};
 
+/// The `from` of a batch sent by [`Peers::call_addr`]: no node id is 0, and the receiver does
+/// not adopt the one-off connection it came on.
+pub const ANONYMOUS_PEER: NodeId = 0;
+
 /// Largest peer frame: bounds a snapshot sent in one piece (a limit on everything).
 pub const PEER_FRAME_BYTES_MAX: usize = 512 << 20;
 /// How long dialling a peer may take.
@@ -287,7 +291,7 @@ impl Peers {
         timeout: Duration,
     ) -> Result<PeerReply, String> {
         let frame = wire::encode_frame(&PeerBatch {
-            from: self.me,
+            from: ANONYMOUS_PEER,
             items: vec![PeerItem {
                 id: 0,
                 group,

@@ -33,7 +33,7 @@ use tokio::task::JoinSet;
 use crate::mvcc::{Bounds, Command};
 use crate::network::{
     read_peer_batch, NetworkFactory, PeerError, PeerFrame, PeerItemReply, PeerReply, PeerRequest,
-    Peers,
+    Peers, ANONYMOUS_PEER,
 };
 use crate::raft_types::Raft;
 use crate::storage::{Engine, LogStore, RangeState, StateMachine, WATCH_BUFFER_DEFAULT};
@@ -1333,7 +1333,11 @@ async fn serve_peer_stream(
         }
     };
     let from = batch.from;
-    inner.peers.adopt(from, &conn);
+    // A node that does not know our id yet sends anonymously on a connection of its own
+    // (`Peers::call_addr`), closed after the answer: not one to adopt.
+    if from != ANONYMOUS_PEER {
+        inner.peers.adopt(from, &conn);
+    }
     // Items run concurrently; each reply goes out as soon as it is ready.
     let mut replies: FuturesUnordered<_> = batch
         .items

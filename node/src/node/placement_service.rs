@@ -611,33 +611,7 @@ impl NodeInner {
                     Ok(other) => return Err(format!("unexpected reply {other:?}")),
                     Err(e) => return Err(e.to_string()),
                 },
-                None => {
-                    let addr = self
-                        .config
-                        .placement
-                        .join
-                        .or_else(|| {
-                            self.peers
-                                .addrs()
-                                .into_iter()
-                                .find(|(id, _)| *id != self.config.id)
-                                .map(|(_, a)| a)
-                        })
-                        .ok_or("no node to ask for the placement leader")?;
-                    match self
-                        .peers
-                        .call_addr(
-                            addr,
-                            PLACEMENT_GROUP,
-                            PeerRequest::Heartbeat(beat.clone()),
-                            timeout,
-                        )
-                        .await?
-                    {
-                        PeerReply::Heartbeat(reply) => reply,
-                        other => return Err(format!("unexpected reply {other:?}")),
-                    }
-                }
+                None => self.heartbeat_anyone(&beat).await?,
             };
             match reply {
                 HeartbeatReply::Accepted(view) => {
@@ -658,6 +632,42 @@ impl NodeInner {
             }
         }
         Err("placement leader hints went round in circles".into())
+    }
+
+    /// Sends `beat` to some node that may know the placement leader: a known peer (over the
+    /// pooled connection), else the node given by `--join` (on a one-off connection).
+    async fn heartbeat_anyone(&self, beat: &Heartbeat) -> Result<HeartbeatReply, String> {
+        let timeout = Duration::from_millis(HEARTBEAT_TIMEOUT_MS);
+        let request = || PeerRequest::Heartbeat(beat.clone());
+        let unpack = |reply: PeerReply| match reply {
+            PeerReply::Heartbeat(reply) => Ok(reply),
+            other => Err(format!("unexpected reply {other:?}")),
+        };
+        let peers: Vec<NodeId> = self
+            .peers
+            .addrs()
+            .into_keys()
+            .filter(|id| *id != self.config.id)
+            .collect();
+        for peer in &peers {
+            if let Ok(reply) = self
+                .peers
+                .call(*peer, PLACEMENT_GROUP, request(), timeout)
+                .await
+            {
+                return unpack(reply);
+            }
+        }
+        let addr = self
+            .config
+            .placement
+            .join
+            .ok_or("no node to ask for the placement leader")?;
+        unpack(
+            self.peers
+                .call_addr(addr, PLACEMENT_GROUP, request(), timeout)
+                .await?,
+        )
     }
 
     /// Adopts the placement leader's view: node addresses and the range table.
