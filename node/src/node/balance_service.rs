@@ -40,8 +40,7 @@ pub(super) async fn leader_balance_loop(inner: Weak<NodeInner>, interval: Durati
     if interval.is_zero() {
         return;
     }
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticker = super::ticker(interval);
     let mut moved: BTreeMap<RangeId, Instant> = BTreeMap::new();
     let cooldown = interval * MOVED_COOLDOWN_ROUNDS;
     loop {

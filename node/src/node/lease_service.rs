@@ -146,8 +146,7 @@ impl LeaseKeeper {
 
 /// Ticks every range this node leads, every [`LEASE_TICK_MS`], until the node goes.
 pub(super) async fn lease_loop(inner: Weak<NodeInner>) {
-    let mut interval = tokio::time::interval(Duration::from_millis(LEASE_TICK_MS));
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut interval = super::ticker(Duration::from_millis(LEASE_TICK_MS));
     // Dropped (aborting its ticks) when the loop is aborted at shutdown.
     let mut ticks = JoinSet::new();
     loop {

@@ -362,8 +362,17 @@ fn check_layout(
     }
 }
 
-/// The placement group: replicated on the first nodes, outside the range table. For now it
-/// allocates the ids of ranges made by splits (see [`NodeInner::allocate_range_id`]).
+/// A ticker for a node's periodic loops: every `period`, a late tick delays the next ones
+/// (never a burst of catch-up ticks).
+fn ticker(period: Duration) -> tokio::time::Interval {
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker
+}
+
+/// The placement group: replicated on the first three nodes, outside the range table. It holds
+/// the placement service's registry, stored range table and decisions (`placement_service`)
+/// and allocates the ids of ranges made by splits (see [`NodeInner::allocate_range_id`]).
 pub const PLACEMENT_GROUP: RangeId = 0;
 
 /// Ids of ranges made by splits start above every bootstrap range id.
@@ -412,20 +421,13 @@ async fn host_loop(inner: Weak<NodeInner>, mut hosts: mpsc::UnboundedReceiver<Ve
     while let Some(ids) = hosts.recv().await {
         let Some(inner) = inner.upgrade() else { return };
         for id in ids {
-            let _opening = inner.opening.lock().await;
-            if inner.groups.read().expect("groups lock").contains_key(&id) {
+            if inner.group(id).is_ok() {
                 continue;
             }
-            match inner.opener.open(id, Bounds::default()).await {
+            match inner.host_replica(id).await {
+                // Its own splits that this replica skipped, if it came from a snapshot.
                 Ok(group) => {
-                    let children = group.split_into();
-                    inner
-                        .groups
-                        .write()
-                        .expect("groups lock")
-                        .insert(id, Arc::new(group));
-                    tracing::info!(range = id, "hosting range made by a split");
-                    let _ = inner.opener.hosts.send(children);
+                    let _ = inner.opener.hosts.send(group.split_into());
                 }
                 Err(e) => tracing::error!(range = id, "cannot start range made by a split: {e}"),
             }

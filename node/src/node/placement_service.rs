@@ -4,9 +4,10 @@
 //! - **Heartbeats.** Every node sends one [`Heartbeat`] per [`HEARTBEAT_INTERVAL_MS`] to the
 //!   placement group's leader: its address and zone, and a [`RangeReport`] for every range it
 //!   leads (descriptor, learners, keys, bytes, reads and writes per second). One message per
-//!   node, not per range. The reply is the placement view ([`PlacementView`]): every node's
-//!   address, the range table and the leader of each range, from which the node routes
-//!   requests for ranges it does not host.
+//!   node, not per range. The reply is the leader's [`PlacementReport`] (what `concordctl
+//!   nodes` shows): every node's address and state, the range table and the leader of each
+//!   range; the node keeps what it routes by as its [`PlacementView`] (for the ranges it does
+//!   not host).
 //! - **Replicated state.** The leader writes, as Raft entries of the placement group, a node's
 //!   record when it first heartbeats or changes address, a range's descriptor when a report
 //!   shows a new epoch or new voters, an operator's decommission, and every scheduler decision.
@@ -120,13 +121,12 @@ pub struct Heartbeat {
     pub ranges: Vec<RangeReport>,
 }
 
-/// What a node learns from the placement leader.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// What a node keeps of the placement leader's last [`PlacementReport`], for routing the
+/// ranges it does not host (node addresses go to the peer pool).
+#[derive(Debug, Clone, Default)]
 pub struct PlacementView {
     /// The placement group's leader.
     pub leader: NodeId,
-    /// Every registered node.
-    pub nodes: Vec<NodeRecord>,
     /// The range table as placement stores it (it may lag a split or move by a heartbeat).
     pub ranges: Vec<RangeDescriptor>,
     /// The last reported leader of each range.
@@ -135,11 +135,31 @@ pub struct PlacementView {
     pub draining: BTreeSet<NodeId>,
 }
 
+impl From<&PlacementReport> for PlacementView {
+    fn from(report: &PlacementReport) -> Self {
+        Self {
+            leader: report.leader,
+            ranges: report.ranges.iter().map(|r| r.descriptor.clone()).collect(),
+            leaders: report
+                .ranges
+                .iter()
+                .filter_map(|r| Some((r.descriptor.id, r.leader?)))
+                .collect(),
+            draining: report
+                .nodes
+                .iter()
+                .filter(|n| n.state.evacuated())
+                .map(|n| n.id)
+                .collect(),
+        }
+    }
+}
+
 /// The answer to a heartbeat.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum HeartbeatReply {
-    /// Taken; here is the view.
-    Accepted(PlacementView),
+    /// Taken; here is the placement service's view (the same as `concordctl nodes` shows).
+    Accepted(PlacementReport),
     /// This node does not lead the placement group; try the hinted one.
     NotLeader {
         /// The leader, if known.
@@ -254,29 +274,7 @@ impl NodeInner {
                 tracing::debug!("placement write: {e}");
             }
         }
-        HeartbeatReply::Accepted(self.placement_view(&group))
-    }
-
-    fn placement_view(&self, group: &super::Group) -> PlacementView {
-        let (nodes, decommissioned, ranges) = self.placement_state(group);
-        let draining = self
-            .node_views(&nodes, &decommissioned)
-            .into_iter()
-            .filter(|v| v.state.evacuated())
-            .map(|v| v.id)
-            .collect();
-        let memory = self.placement_memory.lock().expect("placement memory lock");
-        PlacementView {
-            leader: self.config.id,
-            nodes: nodes.into_values().collect(),
-            ranges: ranges.into_values().collect(),
-            leaders: memory
-                .reports
-                .iter()
-                .map(|(range, (leader, _))| (*range, *leader))
-                .collect(),
-            draining,
-        }
+        HeartbeatReply::Accepted(self.build_report(&group))
     }
 
     /// The placement leader as this node knows it, with its address.
@@ -614,8 +612,8 @@ impl NodeInner {
                 None => self.heartbeat_anyone(&beat).await?,
             };
             match reply {
-                HeartbeatReply::Accepted(view) => {
-                    self.take_view(view);
+                HeartbeatReply::Accepted(report) => {
+                    self.take_view(report);
                     return Ok(());
                 }
                 HeartbeatReply::NotLeader { leader } => {
@@ -670,14 +668,14 @@ impl NodeInner {
         )
     }
 
-    /// Adopts the placement leader's view: node addresses and the range table.
-    fn take_view(&self, view: PlacementView) {
-        for n in &view.nodes {
+    /// Adopts the placement leader's report: node addresses, the range table and leaders.
+    fn take_view(&self, report: PlacementReport) {
+        for n in &report.nodes {
             if let Ok(addr) = n.addr.parse() {
                 self.peers.learn(n.id, addr);
             }
         }
-        *self.placement.write().expect("placement lock") = Some(view);
+        *self.placement.write().expect("placement lock") = Some(PlacementView::from(&report));
         self.complete_table();
     }
 }
@@ -696,8 +694,7 @@ fn range_key(id: RangeId) -> Vec<u8> {
 
 /// Heartbeats to the placement leader until the node goes.
 pub(super) async fn heartbeat_loop(inner: Weak<NodeInner>) {
-    let mut ticker = tokio::time::interval(Duration::from_millis(HEARTBEAT_INTERVAL_MS));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticker = super::ticker(Duration::from_millis(HEARTBEAT_INTERVAL_MS));
     let mut last = BTreeMap::new();
     loop {
         ticker.tick().await;
@@ -711,8 +708,7 @@ pub(super) async fn heartbeat_loop(inner: Weak<NodeInner>) {
 
 /// Plans and starts replica moves while this node leads the placement group.
 pub(super) async fn schedule_loop(inner: Weak<NodeInner>) {
-    let mut ticker = tokio::time::interval(Duration::from_millis(SCHEDULE_INTERVAL_MS));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticker = super::ticker(Duration::from_millis(SCHEDULE_INTERVAL_MS));
     loop {
         ticker.tick().await;
         let Some(inner) = inner.upgrade() else { return };

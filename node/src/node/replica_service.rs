@@ -206,8 +206,9 @@ impl NodeInner {
         Ok(())
     }
 
-    /// The group `id`, started empty here if this node does not host it yet (a leader is
-    /// adding this node as a replica; its snapshot fills the replica).
+    /// The group `id`, started here from storage if this node does not host it yet: a range
+    /// a split made (its rows written by the split), or one a leader is adding this node to
+    /// (started empty; the leader's snapshot fills it).
     pub(super) async fn host_replica(&self, id: RangeId) -> Result<Arc<Group>, String> {
         let _opening = self.opening.lock().await;
         if let Ok(group) = self.group(id) {
@@ -331,8 +332,7 @@ impl NodeInner {
 
 /// Looks for replicas of this node that were removed from their range, and deletes them.
 pub(super) async fn replica_gc_loop(inner: Weak<NodeInner>) {
-    let mut ticker = tokio::time::interval(Duration::from_millis(REPLICA_GC_INTERVAL_MS));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticker = super::ticker(Duration::from_millis(REPLICA_GC_INTERVAL_MS));
     loop {
         ticker.tick().await;
         let Some(inner) = inner.upgrade() else { return };

@@ -53,8 +53,7 @@ pub(super) async fn split_loop(inner: Weak<NodeInner>, settings: SplitSettings) 
     if settings.check_interval_ms == 0 {
         return;
     }
-    let mut ticker = tokio::time::interval(Duration::from_millis(settings.check_interval_ms));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticker = super::ticker(Duration::from_millis(settings.check_interval_ms));
     loop {
         ticker.tick().await;
         let Some(inner) = inner.upgrade() else { return };
