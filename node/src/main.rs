@@ -117,6 +117,9 @@ enum Command {
         /// Split a range whose keys and values take more bytes than this (0: never by size).
         #[arg(long, default_value_t = SplitSettings::default().bytes_max)]
         split_bytes: u64,
+        /// Split a range taking more writes per second than this, sustained (0: never by load).
+        #[arg(long, default_value_t = SplitSettings::default().writes_per_sec_max)]
+        split_writes: u64,
         #[command(flatten)]
         limits: LimitArgs,
     },
@@ -198,6 +201,7 @@ async fn main() -> anyhow::Result<()> {
             leader_balance_ms,
             split_keys,
             split_bytes,
+            split_writes,
             limits,
         } => {
             let members = match join {
@@ -210,6 +214,7 @@ async fn main() -> anyhow::Result<()> {
             config.raft.leader_balance_interval_ms = leader_balance_ms;
             config.split.keys_max = split_keys;
             config.split.bytes_max = split_bytes;
+            config.split.writes_per_sec_max = split_writes;
             config.placement.join = join;
             config.placement.zone = zone;
             config.placement.down_after_ms = down_after.saturating_mul(1000);

@@ -108,6 +108,31 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The first key a client write names (the key a load split weighs it by); `None` for
+    /// the node's own commands.
+    pub fn first_key(&self) -> Option<&[u8]> {
+        match self {
+            Self::Put(p) => Some(&p.key),
+            Self::Delete(d) => Some(&d.span.key),
+            Self::Txn(t) | Self::FencedTxn { txn: t, .. } => txn_first_key(t),
+            _ => None,
+        }
+    }
+}
+
+/// The first key a txn names: its first compare's, or else its first operation's.
+fn txn_first_key(t: &TxnRequest) -> Option<&[u8]> {
+    if let Some(c) = t.compares.first() {
+        return Some(&c.key);
+    }
+    t.success.iter().chain(&t.failure).next().map(|op| match op {
+        TxnOp::Put(p) => p.key.as_slice(),
+        TxnOp::Range(r) => r.span.key.as_slice(),
+        TxnOp::Delete(d) => d.span.key.as_slice(),
+    })
+}
+
 impl std::fmt::Display for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
@@ -1173,6 +1198,7 @@ mod tests {
             keys_max,
             bytes_max: 0,
             check_interval_ms: 1,
+            ..SplitSettings::default()
         };
         assert_eq!(m.middle_key(), None);
         apply(&mut m, put("a", "1"));
@@ -1190,6 +1216,7 @@ mod tests {
             keys_max: 0,
             bytes_max: 10,
             check_interval_ms: 1,
+            ..SplitSettings::default()
         };
         assert_eq!(split_point(&m, &by_bytes), Some(b"c".to_vec()));
     }

@@ -2,7 +2,8 @@
 //! history, revisions go on from where they were, leases and watches follow their keys into
 //! the new range, writes in flight are retried at the right range, and a replica that was
 //! down during the split (and can only catch up by snapshots) ends up hosting the new range;
-//! ranges past the key threshold split by themselves.
+//! ranges past the key threshold, or past the write-rate threshold for long enough, split by
+//! themselves.
 
 mod common;
 
@@ -249,7 +250,9 @@ async fn ranges_past_the_key_threshold_split_by_themselves_while_writes_go_on() 
         c.split = SplitSettings {
             keys_max: 40,
             bytes_max: 0,
+            writes_per_sec_max: 0,
             check_interval_ms: 200,
+            ..SplitSettings::default()
         };
     })
     .await;
@@ -289,6 +292,79 @@ async fn ranges_past_the_key_threshold_split_by_themselves_while_writes_go_on() 
     for (k, (value, rev)) in &acked {
         let got = read(&client, k, Consistency::Linearizable).await;
         assert_eq!(got, Some((value.clone(), *rev)), "{k:?} after the splits");
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_range_under_sustained_write_load_splits_where_the_writes_halve() {
+    // A threshold this in-process cluster passes with four writers; sizes never split.
+    let cluster = Cluster::start_tuned(3, 1, |c| {
+        c.split = SplitSettings {
+            keys_max: 0,
+            bytes_max: 0,
+            writes_per_sec_max: 20,
+            hot_checks: 2,
+            check_interval_ms: 300,
+        };
+    })
+    .await;
+    let client = cluster.client().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4usize {
+        let (client, stop) = (client.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut acked = BTreeMap::new();
+            // Bounded: stops when told, or after 5,000 writes.
+            for i in 0..5_000usize {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let k = format!("load/{:03}", (i * 7 + w * 13) % 100).into_bytes();
+                let v = format!("w{w}-{i}").into_bytes();
+                let r = client
+                    .put(k.clone(), v.clone())
+                    .await
+                    .unwrap_or_else(|e| panic!("put {k:?} while the range splits: {e}"));
+                acked.insert(k, (v, r.header.revision));
+            }
+            acked
+        }));
+    }
+    eventually("the loaded range split", || async {
+        client.refresh_routes().await.map_err(|e| e.to_string())?;
+        let ranges = client.routes().ranges;
+        if ranges.len() >= 2 {
+            Ok(())
+        } else {
+            Err(format!("{} range(s)", ranges.len()))
+        }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    // The split point lies among the written keys, each side with a share of them.
+    let ranges = client.routes().ranges;
+    let cut = &ranges[1].start;
+    assert!(
+        cut.as_slice() > b"load/000".as_slice() && cut.as_slice() <= b"load/099".as_slice(),
+        "split at {:?}, outside the written keys",
+        String::from_utf8_lossy(cut)
+    );
+    // Every acknowledged write is readable with its revision (the last writer of a key wins:
+    // writers share keys, so take the highest revision per key).
+    let mut latest: BTreeMap<Vec<u8>, (Vec<u8>, u64)> = BTreeMap::new();
+    for w in writers {
+        for (k, (v, rev)) in w.await.expect("writer") {
+            let e = latest.entry(k).or_insert((v.clone(), rev));
+            if rev > e.1 {
+                *e = (v, rev);
+            }
+        }
+    }
+    for (k, (value, rev)) in &latest {
+        let got = read(&client, k, Consistency::Linearizable).await;
+        assert_eq!(got, Some((value.clone(), *rev)), "{k:?} after the load split");
     }
     cluster.shutdown().await;
 }

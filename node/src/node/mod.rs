@@ -445,11 +445,13 @@ struct Group {
     counters: RangeCounters,
 }
 
-/// Requests a range served here since start (the placement heartbeat turns them into rates).
+/// Requests a range served here since start (the placement heartbeat and the split loop turn
+/// them into rates), and a sample of the keys written.
 #[derive(Default)]
 struct RangeCounters {
     reads: AtomicU64,
     writes: AtomicU64,
+    sample: split_service::WriteSample,
 }
 
 impl RangeCounters {
@@ -1084,6 +1086,9 @@ impl NodeInner {
             }
         };
         group.counters.writes.fetch_add(1, Ordering::Relaxed);
+        if let Some(key) = command.first_key() {
+            group.counters.sample.record(key);
+        }
         self.propose(group, command).await
     }
 

@@ -1,43 +1,61 @@
-//! Automatic splits by size: every [`SplitSettings::check_interval_ms`] each node looks at
-//! the ranges it leads and splits one that holds more keys, or more bytes, than its threshold,
-//! at the key that halves its key count.
+//! Automatic splits by size and by load: every [`SplitSettings::check_interval_ms`] each node
+//! looks at the ranges it leads and splits one that holds more keys, or more bytes, than its
+//! threshold, at the key that halves its key count; or one that has taken more writes per
+//! second than its threshold for [`SplitSettings::hot_checks`] checks in a row, at the key
+//! that halves its sampled writes.
 //!
-//! The decision ([`split_point`]) is a pure function of the range's state and the thresholds;
-//! the loop only carries it out, one split per range per round, through the same path as an
-//! operator's `concordctl range split`. A split point is always strictly inside the range (the
-//! middle of at least two keys), so a split never makes an empty half that would split again.
-//! Load-based splits and merges back are the placement service's, which does not exist yet.
+//! The decisions ([`split_point`], [`load_split_point`]) are pure functions of the range's
+//! state, its write sample and the thresholds; the loop only carries them out, one split per
+//! range per round, through the same path as an operator's `concordctl range split`. A split
+//! point is always strictly inside the range, so a split never makes an empty half that would
+//! split again; a load split needs a quarter of the sampled writes on each side, so one hot
+//! key (which no split can spread) never splits a range over and over. Merges back are the
+//! placement service's (`placement_service`), with thresholds a quarter of these so that a
+//! merged range is far from splitting again.
 
-use std::sync::Weak;
-use std::time::Duration;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use concord_transport::api::RangeId;
 
 use super::{NodeInner, PLACEMENT_GROUP};
-use crate::mvcc::Mvcc;
+use crate::mvcc::{Bounds, Mvcc};
 
-/// When a range splits by size.
+/// When a range splits by size or load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SplitSettings {
     /// Split a range holding more keys than this (live or with history); 0 = never.
     pub keys_max: u64,
     /// Split a range whose keys and stored values take more bytes than this; 0 = never.
     pub bytes_max: u64,
+    /// Split a range whose leader took more writes per second than this, over each of
+    /// `hot_checks` checks in a row; 0 = never.
+    pub writes_per_sec_max: u64,
+    /// How many checks in a row a range must be past `writes_per_sec_max` (sustained load,
+    /// not a burst).
+    pub hot_checks: u32,
     /// How often a node looks at the ranges it leads, in milliseconds; 0 turns it off.
     pub check_interval_ms: u64,
 }
 
 impl Default for SplitSettings {
-    /// 200,000 keys or 64 MiB, looked at every 5 s (sizes for a coordination store, where a
-    /// range's whole state is in memory and travels as one snapshot).
+    /// 200,000 keys, 64 MiB, or 2,000 writes/s sustained over three checks (15 s), looked at
+    /// every 5 s: sizes for a coordination store, where a range's whole state is in memory
+    /// and travels as one snapshot, and one Raft group's log takes a few thousand writes/s.
     fn default() -> Self {
         Self {
             keys_max: 200_000,
             bytes_max: 64 << 20,
+            writes_per_sec_max: 2_000,
+            hot_checks: 3,
             check_interval_ms: 5_000,
         }
     }
 }
 
-/// The key to split `mvcc` at, if it is past a threshold of `settings`: its middle key.
+/// The key to split `mvcc` at, if it is past a size threshold of `settings`: its middle key.
 pub fn split_point(mvcc: &Mvcc, settings: &SplitSettings) -> Option<Vec<u8>> {
     let keys = mvcc.key_count() as u64;
     let too_many = settings.keys_max != 0 && keys > settings.keys_max;
@@ -48,29 +66,214 @@ pub fn split_point(mvcc: &Mvcc, settings: &SplitSettings) -> Option<Vec<u8>> {
     mvcc.middle_key()
 }
 
-/// Splits the ranges this node leads that `split_point` picks, until the node goes.
+/// Fewest sampled writes a load split is decided on.
+pub const LOAD_SAMPLES_MIN: usize = 16;
+
+/// The key that splits the writes `sample` (keys written, one per sampled write) most evenly
+/// in `bounds`: the sampled key `k` (strictly after the range's first key) with the fewest
+/// samples' difference between `< k` and `>= k`. `None` when the sample is too small, or
+/// when no key leaves a quarter of the writes on each side (one hot key).
+pub fn load_split_point(sample: &[Vec<u8>], bounds: &Bounds) -> Option<Vec<u8>> {
+    let mut keys: Vec<&[u8]> = sample
+        .iter()
+        .map(Vec::as_slice)
+        .filter(|k| bounds.contains(k))
+        .collect();
+    if keys.len() < LOAD_SAMPLES_MIN {
+        return None;
+    }
+    keys.sort_unstable();
+    let n = keys.len();
+    // Candidates: each distinct key, with the number of samples before it.
+    let mut best: Option<(usize, &[u8])> = None;
+    for (below, key) in keys.iter().enumerate() {
+        if below > 0 && keys[below - 1] == *key {
+            continue;
+        }
+        if !bounds.splits_at(key) {
+            continue;
+        }
+        let imbalance = below.abs_diff(n - below);
+        if best.is_none_or(|(b, _)| imbalance < b) {
+            best = Some((imbalance, key));
+        }
+    }
+    let (imbalance, key) = best?;
+    // `imbalance = |below - above|`; each side holds at least a quarter of `n` when it is at
+    // most half of `n`.
+    (imbalance * 2 <= n).then(|| key.to_vec())
+}
+
+/// Sampled keys a range keeps of its recent writes.
+const WRITE_SAMPLE_KEYS: usize = 256;
+
+/// One write in this many is sampled.
+const WRITE_SAMPLE_EVERY: u64 = 4;
+
+/// Keys of a range's recent writes, sampled on its leader for load splits.
+#[derive(Default)]
+pub(super) struct WriteSample {
+    seen: AtomicU64,
+    keys: Mutex<VecDeque<Vec<u8>>>,
+}
+
+impl WriteSample {
+    /// Counts a write of `key`, keeping one in [`WRITE_SAMPLE_EVERY`] (the latest
+    /// [`WRITE_SAMPLE_KEYS`] of those).
+    pub(super) fn record(&self, key: &[u8]) {
+        if self.seen.fetch_add(1, Ordering::Relaxed) % WRITE_SAMPLE_EVERY != 0 {
+            return;
+        }
+        let mut keys = self.keys.lock().expect("write sample lock");
+        if keys.len() == WRITE_SAMPLE_KEYS {
+            keys.pop_front();
+        }
+        keys.push_back(key.to_vec());
+    }
+
+    /// The sampled keys, emptying the sample.
+    fn take(&self) -> Vec<Vec<u8>> {
+        let mut keys = self.keys.lock().expect("write sample lock");
+        std::mem::take(&mut *keys).into()
+    }
+}
+
+/// What the split loop remembers of a range between two checks.
+struct LoadTrack {
+    writes: u64,
+    at: Instant,
+    /// Checks in a row past the write threshold.
+    hot: u32,
+}
+
+/// Splits the ranges this node leads that `split_point` or `load_split_point` picks, until the
+/// node goes.
 pub(super) async fn split_loop(inner: Weak<NodeInner>, settings: SplitSettings) {
     if settings.check_interval_ms == 0 {
         return;
     }
     let mut ticker = super::ticker(Duration::from_millis(settings.check_interval_ms));
+    let mut tracks: BTreeMap<RangeId, LoadTrack> = BTreeMap::new();
     loop {
         ticker.tick().await;
         let Some(inner) = inner.upgrade() else { return };
+        let now = Instant::now();
+        let mut led = Vec::new();
         for group in inner.groups() {
-            if group.id == PLACEMENT_GROUP || !group.raft.is_leader() {
+            if group.id == PLACEMENT_GROUP || !group.raft.is_leader() || !group.has_state() {
                 continue;
             }
-            let at = {
+            led.push(group.id);
+            let (_, writes) = group.counters.get();
+            let track = tracks.entry(group.id).or_insert(LoadTrack {
+                writes,
+                at: now,
+                hot: 0,
+            });
+            let secs = now.duration_since(track.at).as_secs_f64();
+            let rate = writes.saturating_sub(track.writes) as f64 / secs.max(1e-3);
+            let measured = secs > 0.0;
+            (track.writes, track.at) = (writes, now);
+            let hot = settings.writes_per_sec_max != 0
+                && measured
+                && rate > settings.writes_per_sec_max as f64;
+            track.hot = if hot { track.hot + 1 } else { 0 };
+            let (by_size, bounds) = {
                 let state = group.state.read().expect("range state lock");
-                split_point(&state.mvcc, &settings)
+                (
+                    split_point(&state.mvcc, &settings),
+                    state.mvcc.bounds().clone(),
+                )
             };
-            let Some(at) = at else { continue };
+            let sample = group.counters.sample.take();
+            let (at, why) = match by_size {
+                Some(at) => (at, "size"),
+                None if track.hot >= settings.hot_checks.max(1) => {
+                    match load_split_point(&sample, &bounds) {
+                        Some(at) => (at, "load"),
+                        None => {
+                            tracing::debug!(range = group.id, rate, "hot, but no key halves its writes");
+                            continue;
+                        }
+                    }
+                }
+                None => continue,
+            };
             match inner.split_range(&group, at.clone()).await {
                 Ok(_) => {
-                    tracing::info!(range = group.id, at = ?String::from_utf8_lossy(&at), "split by size")
+                    track.hot = 0;
+                    tracing::info!(range = group.id, at = ?String::from_utf8_lossy(&at), rate, "split by {why}")
                 }
-                Err(e) => tracing::warn!(range = group.id, "split by size: {e}"),
+                Err(e) => tracing::warn!(range = group.id, "split by {why}: {e}"),
+            }
+        }
+        tracks.retain(|id, _| led.contains(id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn bounds(start: &str, end: &str) -> Bounds {
+        Bounds {
+            start: start.as_bytes().to_vec(),
+            end: end.as_bytes().to_vec(),
+            epoch: 1,
+        }
+    }
+
+    fn keys(spec: &[(&str, usize)]) -> Vec<Vec<u8>> {
+        spec.iter()
+            .flat_map(|(k, n)| std::iter::repeat_n(k.as_bytes().to_vec(), *n))
+            .collect()
+    }
+
+    #[test]
+    fn load_split_halves_the_sampled_writes() {
+        let sample = keys(&[("a", 10), ("b", 10), ("c", 10), ("d", 10)]);
+        assert_eq!(load_split_point(&sample, &bounds("", "")), Some(b"c".to_vec()));
+        // Samples outside the range (written before an earlier split) do not count.
+        let mut sample = keys(&[("m", 8), ("n", 8), ("o", 8), ("p", 8)]);
+        sample.extend(keys(&[("z", 100)]));
+        assert_eq!(load_split_point(&sample, &bounds("m", "q")), Some(b"o".to_vec()));
+    }
+
+    #[test]
+    fn one_hot_key_or_too_few_samples_do_not_split() {
+        assert_eq!(load_split_point(&keys(&[("k", 100)]), &bounds("", "")), None);
+        // Nine tenths on one key: no split leaves a quarter on each side.
+        let sample = keys(&[("a", 5), ("k", 90), ("z", 5)]);
+        assert_eq!(load_split_point(&sample, &bounds("", "")), None);
+        let few = keys(&[("a", 5), ("b", 5)]);
+        assert_eq!(load_split_point(&few, &bounds("", "")), None);
+        // The range's first key is never a split point.
+        let at_start = keys(&[("m", 20), ("n", 20)]);
+        assert_eq!(load_split_point(&at_start, &bounds("m", "")), Some(b"n".to_vec()));
+        assert_eq!(load_split_point(&keys(&[("m", 40)]), &bounds("m", "")), None);
+    }
+
+    proptest! {
+        /// The naive reference: a load split point leaves at least a quarter of the in-range
+        /// samples on each side, is strictly inside the range, and none exists exactly when no
+        /// sampled key does that.
+        #[test]
+        fn load_split_point_agrees_with_naive(
+            picks in proptest::collection::vec(0u8..12, 0..80),
+        ) {
+            let sample: Vec<Vec<u8>> = picks.iter().map(|p| vec![b'a' + p]).collect();
+            let b = bounds("c", "k");
+            let inside: Vec<&Vec<u8>> = sample.iter().filter(|k| b.contains(k)).collect();
+            let n = inside.len();
+            let fair = |k: &[u8]| {
+                let below = inside.iter().filter(|s| s.as_slice() < k).count();
+                b.splits_at(k) && below * 4 >= n && (n - below) * 4 >= n
+            };
+            let exists = n >= LOAD_SAMPLES_MIN && inside.iter().any(|k| fair(k));
+            match load_split_point(&sample, &b) {
+                Some(at) => prop_assert!(exists && fair(&at), "{at:?} is not a fair split"),
+                None => prop_assert!(!exists, "a fair split exists"),
             }
         }
     }
