@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use concord_placement::{RangeDescriptor, RangeTable};
 use concord_transport::api::{
     ApiError, ClientReply, ClientRequest, ClientResponse, CompactResponse, Consistency,
-    DeleteRequest, KeySpan, KeyValue, KvRequest, KvResponse, LeaseRequest, MoveResponse, NodeId,
-    PlacementReport, PutRequest, PutResponse, RangeId, RangeRequest, ResponseHeader, RouteTable,
-    SplitResponse, StatusResponse, TxnRequest, TxnResponse,
+    DeleteRequest, KeySpan, KeyValue, KvRequest, KvResponse, LeaseRequest, MergeResponse,
+    MoveResponse, NodeId, PlacementReport, PutRequest, PutResponse, RangeId, RangeRequest,
+    ResponseHeader, RouteTable, SplitResponse, StatusResponse, TxnRequest, TxnResponse,
 };
 use concord_transport::endpoint::{self, ConnectionLimits};
 use concord_transport::lease::lease_anchor;
@@ -329,9 +329,10 @@ impl Client {
                 Some(id) => vec![KeySpan::key(lease_anchor(id))],
                 None => return table.get(desc.id).cloned(),
             },
-            KvRequest::Compact { .. } | KvRequest::MoveReplica { .. } => {
-                return table.get(desc.id).cloned()
-            }
+            KvRequest::Compact { .. }
+            | KvRequest::MoveReplica { .. }
+            | KvRequest::Merge
+            | KvRequest::Freeze { .. } => return table.get(desc.id).cloned(),
         };
         let first = spans.first().map_or(Vec::new(), |s| s.key.clone());
         let target = table.locate(&first);
@@ -565,6 +566,24 @@ impl Client {
         self.refresh_routes().await.ok();
         match response {
             KvResponse::Moved(r) => Ok(r),
+            other => Err(Error::Protocol(format!("unexpected response {other:?}"))),
+        }
+    }
+
+    /// Merges the right neighbour of range `range` into it (an operator's request; the
+    /// placement service merges small cold ranges made by splits on its own). Returns once
+    /// `range` holds the neighbour's keys.
+    pub async fn merge(&self, range: RangeId) -> Result<MergeResponse, Error> {
+        let desc = {
+            let table = self.inner.table.read().expect("table lock");
+            let table = table.as_ref().expect("routes fetched at connect");
+            table.get(range).cloned()
+        }
+        .ok_or(Error::Api(ApiError::RangeNotFound { range_id: range }))?;
+        let response = self.call_range(&desc, KvRequest::Merge).await?;
+        self.refresh_routes().await.ok();
+        match response {
+            KvResponse::Merge(r) => Ok(r),
             other => Err(Error::Protocol(format!("unexpected response {other:?}"))),
         }
     }

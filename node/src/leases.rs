@@ -318,6 +318,25 @@ impl LeaseTable {
         }
     }
 
+    /// A merge: takes in the table of the right neighbour `right` (whose leases are anchored
+    /// in its keys, disjoint from this table's). Its owned leases keep their remaining time:
+    /// their deadlines move from its clock to this one. Revoked and pending ids are the
+    /// union, so a lease refused in either half stays refused. The attached-key index is the
+    /// caller's to rebuild.
+    pub fn absorb(&mut self, right: LeaseTable) {
+        for (id, mut lease) in right.owned {
+            lease.expires_at_ms = lease
+                .expires_at_ms
+                .map(|at| self.clock_ms + at.saturating_sub(right.clock_ms));
+            self.owned.insert(id, lease);
+        }
+        self.revoked.extend(right.revoked);
+        self.pending.extend(right.pending);
+        // Owned and revoked stay disjoint: a range fences a lease only after its owner has
+        // revoked it.
+        self.check_invariants();
+    }
+
     /// Empties the attached-key index (before rebuilding it).
     pub fn clear_attached(&mut self) {
         self.attached.clear();

@@ -19,6 +19,17 @@
 //! only if every key it names is inside the bounds *when it applies*: one proposed before a
 //! split and applied after it is refused with `StaleEpoch` (the client retries it at the right
 //! range), never applied to keys the range no longer holds.
+//!
+//! **Merges**, in two steps on two logs. The right range is *frozen* ([`Command::Freeze`]):
+//! from that entry on it refuses every command (reads too, on the node) with `StaleEpoch`, so
+//! its state is final. Its left neighbour then applies [`Command::Merge`], which carries that
+//! whole final state: the left range takes the keys with their histories, the leases (their
+//! deadlines moved to its own lease clock) and the bounds, at an epoch above both, and its
+//! revision becomes the higher of the two, so every later write is above every version of
+//! either side and a key's revisions never go backwards across a merge either. The merge is
+//! refused unless the right range's state says it was frozen into this range and this range
+//! still ends where it starts; a frozen range whose merge never came can be frozen into the
+//! range that ends there now (the only one that can merge it).
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -26,9 +37,9 @@ use std::ops::Bound;
 use concord_placement::{interval_within, key_within};
 use concord_transport::api::{
     ApiError, CompactResponse, Compare, CompareOp, CompareTarget, DeleteRequest, DeleteResponse,
-    Fence, KeySpan, KeyValue, KvResponse, LeaseId, LeaseResponse, PutRequest, PutResponse, RangeId,
-    RangeRequest, RangeResponse, ResponseHeader, SplitResponse, TxnOp, TxnOpResponse, TxnRequest,
-    TxnResponse,
+    Fence, KeySpan, KeyValue, KvResponse, LeaseId, LeaseResponse, MergeResponse, PutRequest,
+    PutResponse, RangeId, RangeRequest, RangeResponse, ResponseHeader, SplitResponse, TxnOp,
+    TxnOpResponse, TxnRequest, TxnResponse,
 };
 use concord_transport::lease::lease_anchor;
 use concord_transport::watch::{Event, EventKind};
@@ -106,6 +117,16 @@ pub enum Command {
         /// The new range's id (allocated by the placement group, never reused).
         new_range: RangeId,
     },
+    /// Freeze the range for a merge into its left neighbour `into` (see the module docs).
+    Freeze {
+        /// The range that will merge this one.
+        into: RangeId,
+    },
+    /// Merge the frozen right neighbour, whose final state this is (see the module docs).
+    Merge {
+        /// The right neighbour's state as of its freeze.
+        right: Box<Mvcc>,
+    },
 }
 
 impl Command {
@@ -126,11 +147,15 @@ fn txn_first_key(t: &TxnRequest) -> Option<&[u8]> {
     if let Some(c) = t.compares.first() {
         return Some(&c.key);
     }
-    t.success.iter().chain(&t.failure).next().map(|op| match op {
-        TxnOp::Put(p) => p.key.as_slice(),
-        TxnOp::Range(r) => r.span.key.as_slice(),
-        TxnOp::Delete(d) => d.span.key.as_slice(),
-    })
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .next()
+        .map(|op| match op {
+            TxnOp::Put(p) => p.key.as_slice(),
+            TxnOp::Range(r) => r.span.key.as_slice(),
+            TxnOp::Delete(d) => d.span.key.as_slice(),
+        })
 }
 
 impl std::fmt::Display for Command {
@@ -163,6 +188,8 @@ impl std::fmt::Display for Command {
             Self::Split { at, new_range } => {
                 write!(f, "split at {:?} into range {new_range}", text(at))
             }
+            Self::Freeze { into } => write!(f, "freeze for a merge into range {into}"),
+            Self::Merge { right } => write!(f, "merge range {}", right.range_id),
         }
     }
 }
@@ -210,16 +237,36 @@ pub enum Mutation {
         /// The value, or `None` for a tombstone.
         record: Option<Record>,
     },
-    /// Forget version `rev` (compaction).
+    /// Forget version `rev` of `key` (compaction).
     Remove {
         /// Version position.
         rev: Rev,
+        /// The key.
+        key: Vec<u8>,
     },
     /// A change to the lease table.
     Lease(LeaseMutation),
     /// A split: the new range's whole state (its versions left this range; the shell moves
     /// them, and rewrites this range's bounds and lease table).
     Split(Box<Mvcc>),
+    /// The range froze for a merge: its bounds row changed and its watchers must move on.
+    Frozen,
+    /// A merge: the right neighbour's whole state, now part of this range (the shell stores
+    /// its versions as this range's, and rewrites this range's bounds and lease table).
+    Merge(Box<Mvcc>),
+}
+
+/// Where a range's keys went and came from: the ranges split off it, the range it is frozen
+/// into for a merge, and the ranges merged into it. Persisted with the bounds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lineage {
+    /// The ranges split off this one, oldest first: a replica that catches up by a snapshot
+    /// taken after a split learns from it which ranges it must now also host.
+    pub split_into: Vec<RangeId>,
+    /// Set by a freeze: the range that will merge this one. A frozen range serves nothing.
+    pub frozen_into: Option<RangeId>,
+    /// The ranges merged into this one, oldest first (never hosted again).
+    pub merged_from: Vec<RangeId>,
 }
 
 /// The keys a range holds, `[start, end)` (an empty `end` is unbounded), and the epoch of that
@@ -284,9 +331,7 @@ impl Bounds {
 pub struct Mvcc {
     range_id: RangeId,
     bounds: Bounds,
-    /// The ranges split off this one, oldest first: a replica that catches up by a snapshot
-    /// taken after a split learns from it which ranges it must now also host.
-    split_into: Vec<RangeId>,
+    lineage: Lineage,
     revision: u64,
     compact_revision: u64,
     /// Key → its versions, oldest first. A key whose history is empty is removed.
@@ -385,7 +430,7 @@ impl Mvcc {
     /// its lease table.
     pub fn restore(
         range_id: RangeId,
-        (bounds, split_into): (Bounds, Vec<RangeId>),
+        (bounds, lineage): (Bounds, Lineage),
         revision: u64,
         compact_revision: u64,
         versions: impl IntoIterator<Item = (Vec<u8>, Version)>,
@@ -401,7 +446,7 @@ impl Mvcc {
         let mut mvcc = Self {
             range_id,
             bounds,
-            split_into,
+            lineage,
             revision,
             compact_revision,
             index,
@@ -451,9 +496,31 @@ impl Mvcc {
         &self.bounds
     }
 
-    /// The ranges split off this one, oldest first.
-    pub fn split_into(&self) -> &[RangeId] {
-        &self.split_into
+    /// Where the range's keys went and came from.
+    pub fn lineage(&self) -> &Lineage {
+        &self.lineage
+    }
+
+    /// The ranges split off this one (oldest first) that a replica of it must host: not
+    /// those merged back since.
+    pub fn split_into(&self) -> Vec<RangeId> {
+        let merged = &self.lineage.merged_from;
+        let live = self.lineage.split_into.iter();
+        live.filter(|id| !merged.contains(id)).copied().collect()
+    }
+
+    /// Whether the range froze for a merge (it serves nothing from then on).
+    pub fn frozen(&self) -> bool {
+        self.lineage.frozen_into.is_some()
+    }
+
+    /// `StaleEpoch` unless this range serves requests made for its extent at `epoch`: the
+    /// epoch is current and the range is not frozen.
+    pub fn check_epoch(&self, epoch: u64) -> Result<(), ApiError> {
+        if self.frozen() {
+            return Err(self.bounds.stale(self.range_id));
+        }
+        self.bounds.check_epoch(self.range_id, epoch)
     }
 
     /// Whether every key `cmd` names lies inside the bounds (see the module docs).
@@ -473,6 +540,7 @@ impl Mvcc {
                 b.contains(&lease_anchor(*id))
             }
             Command::Split { at, .. } => b.contains(at),
+            Command::Freeze { .. } | Command::Merge { .. } => true,
             Command::Compact { .. }
             | Command::LeaseTick { .. }
             | Command::LeaseFence { .. }
@@ -496,11 +564,11 @@ impl Mvcc {
         let leases = self
             .leases
             .split_off(|id| right_bounds.contains(&lease_anchor(id)));
-        self.split_into.push(new_range);
+        self.lineage.split_into.push(new_range);
         let mut right = Mvcc {
             range_id: new_range,
             bounds: right_bounds,
-            split_into: Vec::new(),
+            lineage: Lineage::default(),
             revision: self.revision,
             compact_revision: self.compact_revision,
             index,
@@ -511,6 +579,19 @@ impl Mvcc {
         right.rebuild_lease_index();
         right.check_invariants();
         right
+    }
+
+    /// Takes in the frozen right neighbour `right` (see the module docs).
+    fn absorb(&mut self, right: Mvcc) {
+        self.bounds.end = right.bounds.end;
+        self.bounds.epoch = self.bounds.epoch.max(right.bounds.epoch) + 1;
+        self.revision = self.revision.max(right.revision);
+        self.compact_revision = self.compact_revision.max(right.compact_revision);
+        self.index.extend(right.index);
+        self.leases.absorb(right.leases);
+        self.lineage.merged_from.push(right.range_id);
+        self.leases.clear_attached();
+        self.rebuild_lease_index();
     }
 
     /// The range's current revision.
@@ -777,7 +858,8 @@ impl Mvcc {
         out: &mut Vec<Mutation>,
     ) -> Result<KvResponse, ApiError> {
         let before = self.revision;
-        if !self.names_keys_inside(cmd) {
+        let refreeze = matches!(cmd, Command::Freeze { .. });
+        if !self.names_keys_inside(cmd) || (self.frozen() && !refreeze) {
             return Err(self.bounds.stale(self.range_id));
         }
         let mut cursor = WriteCursor {
@@ -876,6 +958,44 @@ impl Mvcc {
                     header: self.header(),
                     new_range_id: *new_range,
                     at: at.clone(),
+                    epoch: self.bounds.epoch,
+                })
+            }
+            Command::Freeze { into } => {
+                if self.bounds.start.is_empty() {
+                    return Err(ApiError::InvalidRequest(format!(
+                        "range {} is the first range: nothing to merge it into",
+                        self.range_id
+                    )));
+                }
+                if self.lineage.frozen_into != Some(*into) {
+                    self.lineage.frozen_into = Some(*into);
+                    self.bounds.epoch += 1;
+                    out.push(Mutation::Frozen);
+                }
+                KvResponse::Merge(MergeResponse {
+                    header: self.header(),
+                    merged_range_id: self.range_id,
+                    epoch: self.bounds.epoch,
+                })
+            }
+            Command::Merge { right } => {
+                let right_id = right.range_id;
+                if !self.lineage.merged_from.contains(&right_id) {
+                    let adjacent =
+                        !self.bounds.end.is_empty() && self.bounds.end == right.bounds.start;
+                    if !adjacent || right.lineage.frozen_into != Some(self.range_id) {
+                        return Err(ApiError::InvalidRequest(format!(
+                            "range {right_id} is not the frozen right neighbour of range {}",
+                            self.range_id
+                        )));
+                    }
+                    out.push(Mutation::Merge(right.clone()));
+                    self.absorb((**right).clone());
+                }
+                KvResponse::Merge(MergeResponse {
+                    header: self.header(),
+                    merged_range_id: right_id,
                     epoch: self.bounds.epoch,
                 })
             }
@@ -997,7 +1117,7 @@ impl Mvcc {
                 compact_revision: self.compact_revision,
             });
         }
-        self.index.retain(|_, history| {
+        self.index.retain(|key, history| {
             // Keep the newest version at or below the compaction point (unless it is a
             // tombstone) and everything after it.
             if let Some(keep_from) = history.iter().rposition(|v| v.rev.main <= revision) {
@@ -1007,7 +1127,10 @@ impl Mvcc {
                     keep_from
                 };
                 for v in history.drain(..drop_to) {
-                    out.push(Mutation::Remove { rev: v.rev });
+                    out.push(Mutation::Remove {
+                        rev: v.rev,
+                        key: key.clone(),
+                    });
                 }
             }
             !history.is_empty()
@@ -1042,6 +1165,8 @@ fn with_revision(mut response: KvResponse, revision: u64) -> KvResponse {
         KvResponse::Lease(r) => r.set_revision(revision),
         KvResponse::Split(r) => r.header.revision = revision,
         KvResponse::Moved(r) => r.header.revision = revision,
+        KvResponse::Merge(r) => r.header.revision = revision,
+        KvResponse::Frozen(r) => r.header.revision = revision,
     }
     response
 }
@@ -1188,6 +1313,117 @@ mod tests {
             m.apply(&at_start, &mut Vec::new()),
             Err(ApiError::StaleEpoch { .. })
         ));
+    }
+
+    #[test]
+    fn a_merge_takes_the_frozen_neighbour_in_and_revisions_never_go_back() {
+        let mut left = Mvcc::new(2);
+        apply(&mut left, put("a", "1"));
+        apply(&mut left, put("x", "1"));
+        let mut out = Vec::new();
+        let split = Command::Split {
+            at: b"m".to_vec(),
+            new_range: 70,
+        };
+        left.apply(&split, &mut out).unwrap();
+        let Some(Mutation::Split(right)) = out.pop() else {
+            panic!("a split mutation")
+        };
+        let mut right = *right;
+        // A lease owned by the right half, granted and ticked there (its clock runs ahead).
+        let high = (1..1_000)
+            .find(|id| lease_anchor(*id).as_slice() >= &b"m"[..])
+            .unwrap();
+        right
+            .apply(
+                &Command::LeaseGrant {
+                    id: high,
+                    ttl_ms: 5_000,
+                },
+                &mut Vec::new(),
+            )
+            .unwrap();
+        let tick = |advance_ms| Command::LeaseTick {
+            advance_ms,
+            renewals: Vec::new(),
+        };
+        right.apply(&tick(1_000), &mut Vec::new()).unwrap();
+        right.apply(&tick(2_000), &mut Vec::new()).unwrap();
+        let remaining = right.leases().time_to_live(high).unwrap();
+        // The right half runs ahead in revisions; the left one writes a little.
+        for i in 0..5 {
+            apply(&mut right, put("x", &i.to_string()));
+        }
+        apply(&mut left, put("b", "1"));
+        let (left_rev, right_rev) = (left.revision(), right.revision());
+        assert!(right_rev > left_rev);
+
+        // Not frozen yet: the merge is refused.
+        let merge = |r: &Mvcc| Command::Merge {
+            right: Box::new(r.clone()),
+        };
+        assert!(matches!(
+            left.apply(&merge(&right), &mut Vec::new()),
+            Err(ApiError::InvalidRequest(_))
+        ));
+        // Frozen: every command but a freeze is refused; the same freeze again changes nothing.
+        let mut out = Vec::new();
+        let KvResponse::Merge(f) = right.apply(&Command::Freeze { into: 2 }, &mut out).unwrap()
+        else {
+            panic!("a freeze answers with a merge response")
+        };
+        assert_eq!((f.merged_range_id, f.epoch), (70, 3));
+        assert_eq!(out, vec![Mutation::Frozen]);
+        assert!(matches!(
+            right.apply(&put("y", "1"), &mut Vec::new()),
+            Err(ApiError::StaleEpoch { .. })
+        ));
+        assert!(matches!(
+            right.check_epoch(3),
+            Err(ApiError::StaleEpoch { .. })
+        ));
+        let mut again = Vec::new();
+        right
+            .apply(&Command::Freeze { into: 2 }, &mut again)
+            .unwrap();
+        assert!(again.is_empty());
+        // Frozen into another range: this one refuses it.
+        let mut elsewhere = right.clone();
+        elsewhere
+            .apply(&Command::Freeze { into: 9 }, &mut Vec::new())
+            .unwrap();
+        assert!(left.apply(&merge(&elsewhere), &mut Vec::new()).is_err());
+
+        let mut out = Vec::new();
+        let KvResponse::Merge(m) = left.apply(&merge(&right), &mut out).unwrap() else {
+            panic!("a merge answers with a merge response")
+        };
+        assert!(matches!(out.as_slice(), [Mutation::Merge(_)]));
+        assert_eq!(m.merged_range_id, 70);
+        assert_eq!(left.bounds().end, b"");
+        assert!(left.bounds().epoch > 3, "above both parts' epochs");
+        assert_eq!(left.revision(), right_rev);
+        assert_eq!(get(&left, "x", 0).unwrap().value, b"4");
+        assert_eq!(get(&left, "a", 0).unwrap().value, b"1");
+        assert!(left.leases().owns(high));
+        assert_eq!(left.leases().time_to_live(high), Some(remaining));
+        assert!(
+            left.split_into().is_empty(),
+            "a range merged back is not hosted again"
+        );
+        // Applied twice (a retried proposal): nothing changes.
+        let mut twice = Vec::new();
+        left.apply(&merge(&right), &mut twice).unwrap();
+        assert!(twice.is_empty());
+        // The next write is above every version of either side.
+        let KvResponse::Put(p) = apply(&mut left, put("a", "2")) else {
+            panic!()
+        };
+        assert_eq!(p.header.revision, right_rev + 1);
+        // The first range cannot be frozen (nothing on its left).
+        assert!(left
+            .apply(&Command::Freeze { into: 1 }, &mut Vec::new())
+            .is_err());
     }
 
     #[test]
@@ -1464,7 +1700,7 @@ mod tests {
         let removed: Vec<_> = out
             .iter()
             .map(|m| match m {
-                Mutation::Remove { rev } => rev.main,
+                Mutation::Remove { rev, .. } => rev.main,
                 _ => 0,
             })
             .collect();
@@ -1528,7 +1764,10 @@ mod tests {
         for mu in out {
             match mu {
                 Mutation::Put { rev, key, record } => versions.push((key, Version { rev, record })),
-                Mutation::Remove { .. } | Mutation::Split(_) => unreachable!(),
+                Mutation::Remove { .. }
+                | Mutation::Split(_)
+                | Mutation::Frozen
+                | Mutation::Merge(_) => unreachable!(),
                 Mutation::Lease(LeaseMutation::Clock(c)) => clock = c,
                 Mutation::Lease(LeaseMutation::Owned(id, Some(l))) => {
                     owned.insert(id, l);

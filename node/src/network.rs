@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use concord_transport::api::{
-    ApiError, Fence, KvResponse, LeaseId, NodeId, PlacementReport, RangeId,
+    ApiError, Fence, KvRequest, KvResponse, LeaseId, NodeId, PlacementReport, RangeId,
 };
 use concord_transport::{wire, SERVER_NAME};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
@@ -82,14 +82,10 @@ pub enum PeerRequest {
     /// Is the fence's token its lock's holder? Asked of the leader of the range holding the
     /// lock before a fenced txn is proposed in another range.
     FenceHolds(Fence),
-    /// Move the group's replica on `from` to `to` (asked of the group's leader by the
-    /// placement scheduler).
-    MoveReplica {
-        /// A voter now.
-        from: NodeId,
-        /// The receiver.
-        to: NodeId,
-    },
+    /// A range operation asked of the group's leader by another node: a replica move or a
+    /// merge (by the placement scheduler), a freeze (by the leader of the range merging this
+    /// one). Only `KvRequest::MoveReplica`, `Merge` and `Freeze` are served this way.
+    Operate(KvRequest),
     /// Is `node` still a replica of the group? Asked of the group's leader by a replica that
     /// suspects it was removed (see `replica_service`).
     IsReplica {
@@ -168,8 +164,8 @@ pub enum PeerReply {
     LeaseAlive(bool),
     /// To `FenceHolds`.
     FenceHolds(bool),
-    /// To `MoveReplica`: the move's result.
-    Moved(Result<KvResponse, ApiError>),
+    /// To `Operate`: the operation's result.
+    Operated(Result<KvResponse, ApiError>),
     /// To `IsReplica`, from the group's leader.
     IsReplica(bool),
     /// To `Heartbeat`.

@@ -364,7 +364,11 @@ async fn a_range_under_sustained_write_load_splits_where_the_writes_halve() {
     }
     for (k, (value, rev)) in &latest {
         let got = read(&client, k, Consistency::Linearizable).await;
-        assert_eq!(got, Some((value.clone(), *rev)), "{k:?} after the load split");
+        assert_eq!(
+            got,
+            Some((value.clone(), *rev)),
+            "{k:?} after the load split"
+        );
     }
     cluster.shutdown().await;
 }

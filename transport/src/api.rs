@@ -311,6 +311,16 @@ pub enum KvRequest {
         /// A node without a replica of the range.
         to: NodeId,
     },
+    /// Merge the range's right neighbour into it (an operator's request, also what the
+    /// placement scheduler asks of a range's leader; see [`MergeResponse`]): the neighbour is
+    /// frozen, then its whole state joins this range, which takes over its keys.
+    Merge,
+    /// Freeze the range for a merge into its left neighbour `into` and hand over its final
+    /// state (asked by that neighbour's leader, node to node; see [`FrozenResponse`]).
+    Freeze {
+        /// The left neighbour.
+        into: RangeId,
+    },
 }
 
 /// Which range a response reflects and at which revision.
@@ -405,6 +415,32 @@ pub enum KvResponse {
     Split(SplitResponse),
     /// A replica move's result.
     Moved(MoveResponse),
+    /// A merge's (or a freeze's) result.
+    Merge(MergeResponse),
+    /// A frozen range's final state, for the range merging it.
+    Frozen(FrozenResponse),
+}
+
+/// Result of a merge: the range now also holds the keys of `merged_range_id` (its former right
+/// neighbour, gone), at `epoch` (above both ranges' epochs before) and at a revision at least
+/// both ranges' revisions before.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeResponse {
+    /// The merging range and its revision after the merge.
+    pub header: ResponseHeader,
+    /// The range merged into it.
+    pub merged_range_id: RangeId,
+    /// The merged range's epoch.
+    pub epoch: u64,
+}
+
+/// A frozen range's final state, encoded by the node (opaque to clients).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrozenResponse {
+    /// The frozen range and its final revision.
+    pub header: ResponseHeader,
+    /// Its state as of the freeze.
+    pub state: Vec<u8>,
 }
 
 /// Result of a replica move: the range's voters once it is done.
@@ -442,6 +478,8 @@ impl KvResponse {
             Self::Lease(r) => r.header(),
             Self::Split(r) => r.header,
             Self::Moved(r) => r.header,
+            Self::Merge(r) => r.header,
+            Self::Frozen(r) => r.header,
         }
     }
 }
@@ -894,7 +932,7 @@ impl RequestLimits {
             KvRequest::Delete(d) => self.check_span(&d.span),
             KvRequest::Compact { .. } => Ok(()),
             KvRequest::Split { at } => self.check_key(at),
-            KvRequest::MoveReplica { .. } => Ok(()),
+            KvRequest::MoveReplica { .. } | KvRequest::Merge | KvRequest::Freeze { .. } => Ok(()),
             KvRequest::Lease(l) => check_lease(l),
             KvRequest::Txn(t) => {
                 if t.op_count() > self.txn_ops_max {

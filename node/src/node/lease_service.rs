@@ -261,7 +261,7 @@ impl NodeInner {
     /// range's leader (as this node's replica knows it, or as the placement service last
     /// reported it for a range this node does not host) and takes the answer out of its reply
     /// with `unpack` (which hands back a reply it does not expect).
-    async fn at_leader<T, F>(
+    pub(super) async fn at_leader<T, F>(
         &self,
         range_id: RangeId,
         here: impl FnOnce(Arc<Group>) -> F,

@@ -42,6 +42,7 @@ use lease_service::{lease_loop, LeaseKeeper};
 
 mod balance_service;
 mod lease_service;
+mod merge_service;
 pub(crate) mod placement_service;
 mod replica_service;
 mod split_service;
@@ -478,7 +479,7 @@ impl Group {
     /// `StaleEpoch` unless the client's `epoch` is the range's applied one.
     fn check_epoch(&self, epoch: u64) -> Result<(), ApiError> {
         let state = self.state.read().expect("range state lock");
-        state.mvcc.bounds().check_epoch(self.id, epoch)
+        state.mvcc.check_epoch(epoch)
     }
 
     /// Whether this replica holds the range's state (a range started empty, to be caught up
@@ -491,10 +492,15 @@ impl Group {
             .is_some()
     }
 
+    /// Whether the range froze for a merge, as applied here.
+    fn frozen(&self) -> bool {
+        self.state.read().expect("range state lock").mvcc.frozen()
+    }
+
     /// The ranges split off this one, as applied here.
     fn split_into(&self) -> Vec<RangeId> {
         let state = self.state.read().expect("range state lock");
-        state.mvcc.split_into().to_vec()
+        state.mvcc.split_into()
     }
 
     /// The range's descriptor, as applied here.
@@ -830,7 +836,7 @@ impl NodeInner {
             }
         }
         for g in self.groups() {
-            if g.id == PLACEMENT_GROUP || !g.has_state() {
+            if g.id == PLACEMENT_GROUP || !g.has_state() || g.frozen() {
                 continue;
             }
             let local = g.descriptor();
@@ -842,7 +848,17 @@ impl NodeInner {
                 by_id.insert(g.id, (local, true));
             }
         }
-        let mut ranges: Vec<RangeDescriptor> = by_id.into_values().map(|(d, _)| d).collect();
+        // Where two descriptors overlap (one side has seen a split or merge the other has
+        // not), the newer extent wins: epochs grow with every split and merge, and a merged
+        // range's epoch is above both its parts'.
+        let mut newest_first: Vec<RangeDescriptor> = by_id.into_values().map(|(d, _)| d).collect();
+        newest_first.sort_by(|a, b| b.epoch.cmp(&a.epoch).then(a.id.cmp(&b.id)));
+        let mut ranges: Vec<RangeDescriptor> = Vec::new();
+        for d in newest_first {
+            if !ranges.iter().any(|kept| kept.overlaps(&d.start, &d.end)) {
+                ranges.push(d);
+            }
+        }
         ranges.sort_by(|a, b| a.start.cmp(&b.start));
         let table = RangeTable::new(ranges).ok()?;
         *self.table.write().expect("table lock") = table.clone();
@@ -976,7 +992,7 @@ impl NodeInner {
             KvRequest::Delete(d) => inside(&d.span).then_some(()).ok_or_else(outside),
             KvRequest::Compact { .. } => Ok(()),
             KvRequest::Split { at } => bounds.contains(at).then_some(()).ok_or_else(outside),
-            KvRequest::MoveReplica { .. } => Ok(()),
+            KvRequest::MoveReplica { .. } | KvRequest::Merge | KvRequest::Freeze { .. } => Ok(()),
             KvRequest::Lease(LeaseRequest::KeepAliveMany { ids }) => ids
                 .iter()
                 .all(|id| bounds.contains(&lease_anchor(*id)))
@@ -1031,11 +1047,13 @@ impl NodeInner {
                 self.read_barrier(group, consistency).await?;
                 let state = group.state.read().expect("range state lock");
                 // A split applied during the barrier: the keys may be elsewhere now.
-                state.mvcc.bounds().check_epoch(group.id, epoch)?;
+                state.mvcc.check_epoch(epoch)?;
                 return state.mvcc.range(&req).map(KvResponse::Range);
             }
             KvRequest::Split { at } => return self.split_range(group, at).await,
-            KvRequest::MoveReplica { from, to } => return self.move_replica(group, from, to).await,
+            KvRequest::MoveReplica { .. } | KvRequest::Merge | KvRequest::Freeze { .. } => {
+                return self.operate(group, request).await
+            }
             KvRequest::Put(p) => {
                 if p.lease != 0 {
                     self.check_lease_alive(p.lease).await?;
@@ -1293,8 +1311,8 @@ impl NodeInner {
                     Err(e) => raft_err(&e),
                 },
             },
-            PeerRequest::MoveReplica { from, to } => {
-                PeerReply::Moved(self.move_replica(group, from, to).await)
+            PeerRequest::Operate(request) => {
+                PeerReply::Operated(self.operate(group, request).await)
             }
             PeerRequest::IsReplica { node, named_at } => {
                 self.is_replica_here(group, node, named_at)

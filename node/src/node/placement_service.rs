@@ -28,8 +28,8 @@ use concord_placement::replicas::{
 };
 use concord_placement::RangeDescriptor;
 use concord_transport::api::{
-    ApiError, KeySpan, KvResponse, NodeId, NodeInfo, PlacementReport, PutRequest, RangeId,
-    RangeLoad, RangeRequest,
+    ApiError, KeySpan, KvRequest, KvResponse, NodeId, NodeInfo, PlacementReport, PutRequest,
+    RangeId, RangeLoad, RangeRequest,
 };
 use openraft::async_runtime::watch::WatchReceiver;
 use serde::{Deserialize, Serialize};
@@ -527,13 +527,13 @@ impl NodeInner {
             let group = self.group(m.range)?;
             return self.move_replica(&group, m.from, m.to).await;
         }
-        let request = PeerRequest::MoveReplica {
+        let request = PeerRequest::Operate(KvRequest::MoveReplica {
             from: m.from,
             to: m.to,
-        };
+        });
         let timeout = Duration::from_millis(MOVE_TIMEOUT_MS);
         match self.peers.call(leader, m.range, request, timeout).await {
-            Ok(PeerReply::Moved(result)) => result,
+            Ok(PeerReply::Operated(result)) => result,
             Ok(other) => Err(ApiError::Internal(format!("unexpected reply {other:?}"))),
             Err(e) => Err(ApiError::Unavailable {
                 range_id: m.range,

@@ -192,7 +192,11 @@ pub(super) async fn split_loop(inner: Weak<NodeInner>, settings: SplitSettings) 
                     match load_split_point(&sample, &bounds) {
                         Some(at) => (at, "load"),
                         None => {
-                            tracing::debug!(range = group.id, rate, "hot, but no key halves its writes");
+                            tracing::debug!(
+                                range = group.id,
+                                rate,
+                                "hot, but no key halves its writes"
+                            );
                             continue;
                         }
                     }
@@ -233,16 +237,25 @@ mod tests {
     #[test]
     fn load_split_halves_the_sampled_writes() {
         let sample = keys(&[("a", 10), ("b", 10), ("c", 10), ("d", 10)]);
-        assert_eq!(load_split_point(&sample, &bounds("", "")), Some(b"c".to_vec()));
+        assert_eq!(
+            load_split_point(&sample, &bounds("", "")),
+            Some(b"c".to_vec())
+        );
         // Samples outside the range (written before an earlier split) do not count.
         let mut sample = keys(&[("m", 8), ("n", 8), ("o", 8), ("p", 8)]);
         sample.extend(keys(&[("z", 100)]));
-        assert_eq!(load_split_point(&sample, &bounds("m", "q")), Some(b"o".to_vec()));
+        assert_eq!(
+            load_split_point(&sample, &bounds("m", "q")),
+            Some(b"o".to_vec())
+        );
     }
 
     #[test]
     fn one_hot_key_or_too_few_samples_do_not_split() {
-        assert_eq!(load_split_point(&keys(&[("k", 100)]), &bounds("", "")), None);
+        assert_eq!(
+            load_split_point(&keys(&[("k", 100)]), &bounds("", "")),
+            None
+        );
         // Nine tenths on one key: no split leaves a quarter on each side.
         let sample = keys(&[("a", 5), ("k", 90), ("z", 5)]);
         assert_eq!(load_split_point(&sample, &bounds("", "")), None);
@@ -250,8 +263,14 @@ mod tests {
         assert_eq!(load_split_point(&few, &bounds("", "")), None);
         // The range's first key is never a split point.
         let at_start = keys(&[("m", 20), ("n", 20)]);
-        assert_eq!(load_split_point(&at_start, &bounds("m", "")), Some(b"n".to_vec()));
-        assert_eq!(load_split_point(&keys(&[("m", 40)]), &bounds("m", "")), None);
+        assert_eq!(
+            load_split_point(&at_start, &bounds("m", "")),
+            Some(b"n".to_vec())
+        );
+        assert_eq!(
+            load_split_point(&keys(&[("m", 40)]), &bounds("m", "")),
+            None
+        );
     }
 
     proptest! {

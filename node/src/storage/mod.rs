@@ -126,10 +126,8 @@ impl Engine {
     /// shut down first.
     pub async fn destroy_group(&self, gid: u64) -> io::Result<()> {
         let mut batch = WriteBatch::default();
-        let from = gid.to_be_bytes().to_vec();
-        // Every key of the group starts with its 8-byte id: past them all is that id + 0xff…
-        let mut to = from.clone();
-        to.extend_from_slice(&[0xff; 16]);
+        // Every key of the group starts with its 8-byte id: past them all is the next id.
+        let (from, to) = (group_key(gid, &[]), group_key(gid + 1, &[]));
         for name in [CF_LOG, CF_META, CF_SM, CF_KV] {
             batch.delete_range_cf(self.cf(name), &from, &to);
         }

@@ -19,7 +19,7 @@ use concord_transport::watch::Event;
 use tokio::sync::broadcast;
 
 use crate::leases::{LeaseMutation, LeaseTable, OwnedLease};
-use crate::mvcc::{Bounds, Mutation, Mvcc, Record, Rev, Version};
+use crate::mvcc::{Bounds, Lineage, Mutation, Mvcc, Record, Rev, Version};
 use crate::raft_types::{
     CommandResult, LogId, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig,
 };
@@ -34,8 +34,8 @@ const TAG_LEASE_CLOCK: u8 = 6;
 const TAG_OWNED_LEASE: u8 = 7;
 /// `TAG_REVOKED_LEASE ++ id` → whether other ranges still have to detach it.
 const TAG_REVOKED_LEASE: u8 = 8;
-/// The range's bounds and the ranges split off it (absent until the first split: the
-/// bootstrap layout says).
+/// The range's bounds and lineage (absent until the first split or merge: the bootstrap
+/// layout says).
 const TAG_BOUNDS: u8 = 9;
 
 /// The log id a range made by a split starts at on every replica: applied, purged and in its
@@ -93,10 +93,14 @@ pub struct StateMachine {
     hosts: Option<tokio::sync::mpsc::UnboundedSender<Vec<u64>>>,
 }
 
-fn kv_key(gid: u64, rev: Rev) -> Vec<u8> {
-    let mut suffix = [0u8; 12];
-    suffix[..8].copy_from_slice(&rev.main.to_be_bytes());
-    suffix[8..].copy_from_slice(&rev.sub.to_be_bytes());
+/// The row of version `rev` of `key` in range `gid`: `gid ++ rev ++ key`. The key is part of
+/// the row's name because a merged range holds versions of two revision sequences, which may
+/// share revisions (on different keys).
+fn kv_key(gid: u64, rev: Rev, key: &[u8]) -> Vec<u8> {
+    let mut suffix = Vec::with_capacity(12 + key.len());
+    suffix.extend_from_slice(&rev.main.to_be_bytes());
+    suffix.extend_from_slice(&rev.sub.to_be_bytes());
+    suffix.extend_from_slice(key);
     group_key(gid, &suffix)
 }
 
@@ -183,7 +187,7 @@ impl StateMachine {
         let bounds = get(TAG_BOUNDS)?
             .map(|b| decode(&b))
             .transpose()?
-            .unwrap_or((bootstrap, Vec::new()));
+            .unwrap_or((bootstrap, Lineage::default()));
         let mvcc = Mvcc::restore(gid, bounds, revision, compact_revision, versions, leases);
         let state = RangeState {
             mvcc,
@@ -215,7 +219,7 @@ impl StateMachine {
 
     /// Writes a range's bounds row.
     fn write_bounds(batch: &mut WriteBatch, engine: &Engine, mvcc: &Mvcc) {
-        let row = (mvcc.bounds(), mvcc.split_into());
+        let row = (mvcc.bounds(), mvcc.lineage());
         batch.put_cf(
             engine.cf(CF_SM),
             group_key(mvcc.range_id(), &[TAG_BOUNDS]),
@@ -249,8 +253,8 @@ impl StateMachine {
         let cf_kv = engine.cf(CF_KV);
         let new = right.range_id();
         for (key, v) in right.versions() {
-            batch.delete_cf(cf_kv, kv_key(self.gid, v.rev));
-            batch.put_cf(cf_kv, kv_key(new, v.rev), encode(&(key, &v.record)));
+            batch.delete_cf(cf_kv, kv_key(self.gid, v.rev, key));
+            batch.put_cf(cf_kv, kv_key(new, v.rev, key), encode(&(key, &v.record)));
         }
         Self::write_bounds(batch, engine, &state.mvcc);
         Self::rewrite_leases(batch, engine, self.gid, state.mvcc.leases());
@@ -260,6 +264,23 @@ impl StateMachine {
         let membership = StoredMembership::new(Some(start), state.membership.membership().clone());
         write_counter_rows(batch, engine, right, &Some(start), &membership);
         super::log_store::seed_split_log(batch, engine, new, start);
+    }
+
+    /// Persists a merge: the right range's versions become this group's rows, this range's
+    /// bounds and lease rows are rewritten. The right range's own rows are dropped with its
+    /// group, when its replica here is destroyed.
+    fn write_merge(&self, batch: &mut WriteBatch, state: &RangeState, right: &Mvcc) {
+        let engine = &self.engine;
+        let cf_kv = engine.cf(CF_KV);
+        for (key, v) in right.versions() {
+            batch.put_cf(
+                cf_kv,
+                kv_key(self.gid, v.rev, key),
+                encode(&(key, &v.record)),
+            );
+        }
+        Self::write_bounds(batch, engine, &state.mvcc);
+        Self::rewrite_leases(batch, engine, self.gid, state.mvcc.leases());
     }
 
     /// Sets how many revisions of events a watcher may fall behind before it is cancelled.
@@ -452,9 +473,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 for m in mutations.drain(..) {
                     match m {
                         Mutation::Put { rev, key, record } => {
-                            batch.put_cf(cf_kv, kv_key(self.gid, rev), encode(&(key, record)))
+                            batch.put_cf(cf_kv, kv_key(self.gid, rev, &key), encode(&(key, record)))
                         }
-                        Mutation::Remove { rev } => batch.delete_cf(cf_kv, kv_key(self.gid, rev)),
+                        Mutation::Remove { rev, key } => {
+                            batch.delete_cf(cf_kv, kv_key(self.gid, rev, &key))
+                        }
                         Mutation::Lease(change) => self.write_lease(&mut batch, &change),
                         Mutation::Split(right) => {
                             self.write_split(&mut batch, &state, &right);
@@ -463,6 +486,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             // spans may now reach into the new range).
                             state.events = broadcast::channel(state.watch_buffer).0;
                         }
+                        Mutation::Frozen => {
+                            Self::write_bounds(&mut batch, &self.engine, &state.mvcc);
+                            // Watchers move on to the merging range (by `StaleEpoch`).
+                            state.events = broadcast::channel(state.watch_buffer).0;
+                        }
+                        Mutation::Merge(right) => self.write_merge(&mut batch, &state, &right),
                     }
                 }
                 if let Some(responder) = responder {
@@ -509,14 +538,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         batch.delete_range_cf(
             cf_kv,
             group_key(self.gid, &[]),
-            group_key(self.gid, &[0xff; 12]),
+            group_key(self.gid + 1, &[]),
         );
         for (key, v) in mvcc.versions() {
-            batch.put_cf(cf_kv, kv_key(self.gid, v.rev), encode(&(key, &v.record)));
+            batch.put_cf(
+                cf_kv,
+                kv_key(self.gid, v.rev, key),
+                encode(&(key, &v.record)),
+            );
         }
         Self::rewrite_leases(&mut batch, &self.engine, self.gid, mvcc.leases());
         Self::write_bounds(&mut batch, &self.engine, &mvcc);
-        let split_into = mvcc.split_into().to_vec();
+        let split_into = mvcc.split_into();
         let watch_buffer = self.state.read().expect("range state lock").watch_buffer;
         let new_state = RangeState {
             mvcc,
