@@ -92,6 +92,10 @@ enum Command {
         /// replicas on other nodes.
         #[arg(long, default_value_t = 30)]
         down_after: u64,
+        /// Neighbouring ranges made by splits merge once both have been small and cold (under
+        /// a quarter of every split threshold together) for this many seconds; 0: never.
+        #[arg(long, default_value_t = 300)]
+        merge_after: u64,
         /// This node's zone label: the replicas of a range spread across zones.
         #[arg(long)]
         zone: Option<String>,
@@ -193,6 +197,7 @@ async fn main() -> anyhow::Result<()> {
             peers,
             join,
             down_after,
+            merge_after,
             zone,
             data_dir,
             cert_dir,
@@ -218,6 +223,7 @@ async fn main() -> anyhow::Result<()> {
             config.placement.join = join;
             config.placement.zone = zone;
             config.placement.down_after_ms = down_after.saturating_mul(1000);
+            config.placement.merge_after_ms = merge_after.saturating_mul(1000);
             let node = BoundNode::bind(config)?.start(members.clone()).await?;
             if let Some(path) = client_config {
                 dev::write_client_config(

@@ -3,7 +3,8 @@
 //! A *range* is a half-open key interval `[start, end)`; an empty `end` means "to the end of
 //! the keyspace". Each range is replicated by its own Raft group. This crate holds the table
 //! that maps keys to ranges, and the pure decisions of the placement service (DESIGN.md,
-//! "Placement"): which leaders to move ([`balance`]) and which replicas to move ([`replicas`]).
+//! "Placement"): which leaders to move ([`balance`]), which replicas to move ([`replicas`]) and
+//! which ranges to merge ([`merges`]).
 //! The service itself (heartbeats, the replicated registry, carrying moves out) runs in the
 //! node.
 //!
@@ -16,6 +17,7 @@
 use serde::{Deserialize, Serialize};
 
 pub mod balance;
+pub mod merges;
 pub mod replicas;
 
 /// Identifies a range (and the Raft group that replicates it) within a cluster.

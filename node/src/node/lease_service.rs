@@ -154,7 +154,8 @@ pub(super) async fn lease_loop(inner: Weak<NodeInner>) {
         while ticks.try_join_next().is_some() {}
         let Some(inner) = inner.upgrade() else { return };
         for group in inner.groups() {
-            if !group.raft.is_leader() {
+            // A frozen range keeps its lease clock still until the merge moves its leases.
+            if !group.raft.is_leader() || group.frozen() {
                 group.keeper.forget();
                 continue;
             }

@@ -311,6 +311,7 @@ impl BoundNode {
             opening: tokio::sync::Mutex::new(()),
             placement: RwLock::new(None),
             placement_memory: Mutex::new(Default::default()),
+            retired: Mutex::new(Default::default()),
             advertised_addr,
             watch_overflows: AtomicU64::new(0),
             watchers: AtomicU64::new(0),
@@ -377,7 +378,7 @@ fn ticker(period: Duration) -> tokio::time::Interval {
 pub const PLACEMENT_GROUP: RangeId = 0;
 
 /// Ids of ranges made by splits start above every bootstrap range id.
-const SPLIT_RANGE_ID_BASE: RangeId = 64;
+pub(super) const SPLIT_RANGE_ID_BASE: RangeId = 64;
 
 /// What opening a group on this node takes.
 struct GroupOpener {
@@ -531,6 +532,10 @@ struct NodeInner {
     placement: RwLock<Option<placement_service::PlacementView>>,
     /// What this node remembers as placement leader (heartbeats, reports, moves).
     placement_memory: Mutex<placement_service::LeaderMemory>,
+    /// Ranges merged away whose replica here was removed: never hosted again (a leader of one
+    /// that has not seen the merge yet may still replicate to this node). Kept in memory: a
+    /// leader that has not seen a merge within a restart's time is gone as well.
+    retired: Mutex<std::collections::BTreeSet<RangeId>>,
     /// The address other nodes reach this one at.
     advertised_addr: SocketAddr,
     /// Watchers cancelled for falling behind, since start.
@@ -1248,12 +1253,17 @@ impl NodeInner {
         }
         let group = match self.group(frame.group) {
             Ok(group) => group,
-            // A leader replicating to this node: it is being added as a replica.
+            // A leader replicating to this node: it is being added as a replica (unless the
+            // range was merged away: its leader here may not have seen that yet).
             Err(_)
                 if matches!(
                     frame.request,
                     PeerRequest::Append(_) | PeerRequest::Snapshot { .. }
-                ) =>
+                ) && !self
+                    .retired
+                    .lock()
+                    .expect("retired lock")
+                    .contains(&frame.group) =>
             {
                 match self.host_replica(frame.group).await {
                     Ok(group) => group,

@@ -16,20 +16,27 @@
 //! - **Scheduler.** Every [`SCHEDULE_INTERVAL_MS`] the leader derives each node's state (up,
 //!   suspect, down, decommissioning), plans with [`plan_replica_moves`] (a pure function), records
 //!   each move, and asks the range's leader to carry it out (`replica_service`), at most
-//!   [`MOVES_IN_FLIGHT_MAX`] at a time.
+//!   [`MOVES_IN_FLIGHT_MAX`] at a time. It also plans one merge at a time with [`plan_merge`]
+//!   (small cold neighbours made by splits, or a frozen range left by an interrupted merge)
+//!   and asks the left range's leader to carry it out (`merge_service`).
+//! - **Registry after splits and merges.** A report's descriptor is stored when it is newer
+//!   than the stored one and no stored range overlapping it has a higher epoch (a lagging
+//!   leader's report of an extent since merged away is ignored); the stored ranges it covers
+//!   whole at a lower epoch (merged into it) are deleted. A frozen range is not stored.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use concord_placement::merges::{is_small, plan_merge, MergeLimits, RangeSize};
 use concord_placement::replicas::{
     plan_replica_moves, NodeState, NodeView, RangeReplicas, ReplicaMove,
 };
 use concord_placement::RangeDescriptor;
 use concord_transport::api::{
-    ApiError, KeySpan, KvRequest, KvResponse, NodeId, NodeInfo, PlacementReport, PutRequest,
-    RangeId, RangeLoad, RangeRequest,
+    ApiError, DeleteRequest, KeySpan, KvRequest, KvResponse, NodeId, NodeInfo, PlacementReport,
+    PutRequest, RangeId, RangeLoad, RangeRequest,
 };
 use openraft::async_runtime::watch::WatchReceiver;
 use serde::{Deserialize, Serialize};
@@ -71,6 +78,9 @@ pub struct PlacementSettings {
     pub join: Option<SocketAddr>,
     /// Whether the placement leader moves replicas (tests turn it off to move by hand).
     pub schedule: bool,
+    /// How long two neighbouring ranges must stay small and cold before they merge, in
+    /// milliseconds; 0 turns automatic merges off (see `concord_placement::merges`).
+    pub merge_after_ms: u64,
 }
 
 impl Default for PlacementSettings {
@@ -80,6 +90,7 @@ impl Default for PlacementSettings {
             zone: None,
             join: None,
             schedule: true,
+            merge_after_ms: 300_000,
         }
     }
 }
@@ -110,6 +121,20 @@ pub struct RangeReport {
     pub reads_per_sec: u64,
     /// Writes applied per second since the last heartbeat.
     pub writes_per_sec: u64,
+    /// Whether the range is frozen for a merge.
+    pub frozen: bool,
+}
+
+/// A scheduler decision, as recorded in the placement group.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Decision {
+    /// Move a replica.
+    Move(ReplicaMove),
+    /// Merge range `left`'s right neighbour into it.
+    Merge {
+        /// The merging range.
+        left: RangeId,
+    },
 }
 
 /// One node's heartbeat.
@@ -177,6 +202,10 @@ pub(super) struct LeaderMemory {
     heartbeats: BTreeMap<NodeId, Instant>,
     reports: BTreeMap<RangeId, (NodeId, RangeReport)>,
     moves: BTreeMap<RangeId, ReplicaMove>,
+    /// Since when each range has been small and cold (merge candidates).
+    small_since: BTreeMap<RangeId, Instant>,
+    /// The range carrying out a merge of its right neighbour, if any.
+    merging: Option<RangeId>,
 }
 
 impl NodeInner {
@@ -246,32 +275,58 @@ impl NodeInner {
             self.peers.learn(beat.node.id, addr);
         }
         {
+            let limits = self.merge_limits();
+            let now = Instant::now();
             let mut memory = self.placement_memory.lock().expect("placement memory lock");
-            memory.heartbeats.insert(beat.node.id, Instant::now());
+            memory.heartbeats.insert(beat.node.id, now);
             for report in &beat.ranges {
-                memory
-                    .reports
-                    .insert(report.descriptor.id, (beat.node.id, report.clone()));
+                let id = report.descriptor.id;
+                memory.reports.insert(id, (beat.node.id, report.clone()));
+                if is_small(report.keys, report.bytes, report.writes_per_sec, &limits) {
+                    memory.small_since.entry(id).or_insert(now);
+                } else {
+                    memory.small_since.remove(&id);
+                }
             }
         }
         let (nodes, _, ranges) = self.placement_state(&group);
         let mut writes = Vec::new();
+        let mut deletes = BTreeSet::new();
         if nodes.get(&beat.node.id) != Some(&beat.node) {
             writes.push((node_key(beat.node.id), encode(&beat.node)));
         }
-        for report in &beat.ranges {
+        for report in beat.ranges.iter().filter(|r| !r.frozen) {
             let d = &report.descriptor;
             let newer = match ranges.get(&d.id) {
                 None => true,
                 Some(stored) => d.epoch > stored.epoch || (d.epoch == stored.epoch && stored != d),
             };
-            if newer {
+            let others = ranges.values().filter(|s| s.id != d.id);
+            let superseded = others
+                .clone()
+                .any(|s| s.epoch > d.epoch && s.overlaps(&d.start, &d.end));
+            if newer && !superseded {
                 writes.push((range_key(d.id), encode(d)));
+                // Ranges merged into it.
+                deletes.extend(
+                    others
+                        .filter(|s| s.epoch < d.epoch && d.covers(&s.start, &s.end))
+                        .map(|s| s.id),
+                );
             }
         }
         for (key, value) in writes {
             if let Err(e) = self.placement_put(key, value).await {
                 tracing::debug!("placement write: {e}");
+            }
+        }
+        for id in deletes {
+            let cmd = Command::Delete(DeleteRequest {
+                span: KeySpan::key(range_key(id)),
+                prev_kv: false,
+            });
+            if let Err(e) = self.propose_anywhere(PLACEMENT_GROUP, cmd).await {
+                tracing::debug!("placement delete: {e}");
             }
         }
         HeartbeatReply::Accepted(self.build_report(&group))
@@ -485,6 +540,89 @@ impl NodeInner {
         plan_replica_moves(&views, &replicas, &busy, room)
     }
 
+    /// The merge limits of this node's split settings and merge delay.
+    fn merge_limits(&self) -> MergeLimits {
+        let split = &self.config.split;
+        MergeLimits::from_split(
+            split.keys_max,
+            split.bytes_max,
+            split.writes_per_sec_max,
+            self.config.placement.merge_after_ms,
+        )
+    }
+
+    /// One merge planning round at the placement leader: the range to merge its right
+    /// neighbour into it now, if any.
+    fn plan_merge_now(&self) -> Option<RangeId> {
+        let group = self.placement_leader_group()?;
+        let (_, _, ranges) = self.placement_state(&group);
+        let limits = self.merge_limits();
+        let memory = self.placement_memory.lock().expect("placement memory lock");
+        let leading_for = memory.since.map_or(Duration::ZERO, |s| s.elapsed());
+        if memory.merging.is_some() || leading_for < Duration::from_millis(PLAN_GRACE_MS) {
+            return None;
+        }
+        let now = Instant::now();
+        let mut table: Vec<&RangeDescriptor> = ranges.values().collect();
+        table.sort_by(|a, b| a.start.cmp(&b.start));
+        let sizes: Vec<RangeSize> = table
+            .iter()
+            .map(|d| {
+                let report = memory.reports.get(&d.id).map(|(_, r)| r);
+                RangeSize {
+                    id: d.id,
+                    start: d.start.clone(),
+                    keys: report.map_or(0, |r| r.keys),
+                    bytes: report.map_or(0, |r| r.bytes),
+                    writes_per_sec: report.map_or(0, |r| r.writes_per_sec),
+                    small_for_ms: memory
+                        .small_since
+                        .get(&d.id)
+                        .map_or(0, |at| now.duration_since(*at).as_millis() as u64),
+                    frozen: report.is_some_and(|r| r.frozen),
+                    made_by_split: d.id > super::SPLIT_RANGE_ID_BASE,
+                }
+            })
+            .collect();
+        // Unreported ranges (no leader, or a move just changed them) and moving ones wait.
+        let mut busy: BTreeSet<RangeId> = ranges
+            .keys()
+            .filter(|id| !memory.reports.contains_key(id))
+            .copied()
+            .collect();
+        busy.extend(memory.moves.keys().copied());
+        plan_merge(&sizes, &busy, &limits)
+    }
+
+    /// Records the merge of `left`'s right neighbour as a decision, then has `left`'s leader
+    /// carry it out.
+    async fn carry_out_merge(self: Arc<Self>, left: RangeId) {
+        let leader = {
+            let memory = self.placement_memory.lock().expect("placement memory lock");
+            memory.reports.get(&left).map(|(leader, _)| *leader)
+        };
+        let result = async {
+            let decision = Decision::Merge { left };
+            self.placement_put(DECISIONS_KEY.to_vec(), encode(&decision))
+                .await?;
+            let leader = leader.ok_or_else(|| ApiError::Unavailable {
+                range_id: left,
+                reason: "no leader reported".into(),
+            })?;
+            self.operate_at(leader, left, KvRequest::Merge).await
+        }
+        .await;
+        match result {
+            Ok(_) => tracing::info!(range = left, "merged its right neighbour"),
+            Err(e) => tracing::warn!(range = left, "merge: {e}"),
+        }
+        let mut memory = self.placement_memory.lock().expect("placement memory lock");
+        memory.merging = None;
+        // Its next report shows the merged extent; until then it is not planned for again.
+        memory.reports.remove(&left);
+        memory.small_since.remove(&left);
+    }
+
     /// Records `m` as a decision of the placement group, then has the range's leader carry it
     /// out.
     async fn carry_out(self: Arc<Self>, m: ReplicaMove) {
@@ -493,13 +631,17 @@ impl NodeInner {
             memory.reports.get(&m.range).map(|(leader, _)| *leader)
         };
         let result = async {
-            self.placement_put(DECISIONS_KEY.to_vec(), encode(&m))
+            self.placement_put(DECISIONS_KEY.to_vec(), encode(&Decision::Move(m)))
                 .await?;
             let leader = leader.ok_or_else(|| ApiError::Unavailable {
                 range_id: m.range,
                 reason: "no leader reported".into(),
             })?;
-            self.move_replica_at(leader, m).await
+            let request = KvRequest::MoveReplica {
+                from: m.from,
+                to: m.to,
+            };
+            self.operate_at(leader, m.range, request).await
         }
         .await;
         match result {
@@ -517,26 +659,25 @@ impl NodeInner {
         memory.reports.remove(&m.range);
     }
 
-    /// Asks node `leader` (this one or a peer) to carry out `m`.
-    async fn move_replica_at(
+    /// Asks node `leader` (this one or a peer), the leader of range `range`, to carry out the
+    /// range operation `request` (a replica move or a merge).
+    async fn operate_at(
         &self,
         leader: NodeId,
-        m: ReplicaMove,
+        range: RangeId,
+        request: KvRequest,
     ) -> Result<KvResponse, ApiError> {
         if leader == self.config.id {
-            let group = self.group(m.range)?;
-            return self.move_replica(&group, m.from, m.to).await;
+            let group = self.group(range)?;
+            return self.operate(&group, request).await;
         }
-        let request = PeerRequest::Operate(KvRequest::MoveReplica {
-            from: m.from,
-            to: m.to,
-        });
         let timeout = Duration::from_millis(MOVE_TIMEOUT_MS);
-        match self.peers.call(leader, m.range, request, timeout).await {
+        let request = PeerRequest::Operate(request);
+        match self.peers.call(leader, range, request, timeout).await {
             Ok(PeerReply::Operated(result)) => result,
             Ok(other) => Err(ApiError::Internal(format!("unexpected reply {other:?}"))),
             Err(e) => Err(ApiError::Unavailable {
-                range_id: m.range,
+                range_id: range,
                 reason: e.to_string(),
             }),
         }
@@ -573,6 +714,7 @@ impl NodeInner {
                 bytes,
                 reads_per_sec: (reads.saturating_sub(r0) as f64 / secs) as u64,
                 writes_per_sec: (writes.saturating_sub(w0) as f64 / secs) as u64,
+                frozen: group.frozen(),
             });
         }
         Heartbeat {
@@ -729,6 +871,15 @@ pub(super) async fn schedule_loop(inner: Weak<NodeInner>) {
                 .moves
                 .insert(m.range, m);
             tokio::spawn(inner.clone().carry_out(m));
+        }
+        if let Some(left) = inner.plan_merge_now() {
+            tracing::info!(range = left, "scheduling a merge of its right neighbour");
+            inner
+                .placement_memory
+                .lock()
+                .expect("placement memory lock")
+                .merging = Some(left);
+            tokio::spawn(inner.clone().carry_out_merge(left));
         }
     }
 }

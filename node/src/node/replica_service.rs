@@ -312,8 +312,29 @@ impl NodeInner {
         None
     }
 
-    /// Shuts this node's replica of `id` down and deletes it.
-    async fn remove_replica(&self, id: RangeId) {
+    /// Whether `group` froze for a merge that has happened: the placement view no longer
+    /// lists it, and lists another range holding its first key at a higher epoch (the
+    /// registry drops a merged range once the merging range reports its new extent, which it
+    /// does only after applying the merge).
+    fn merged_away(&self, group: &Group) -> bool {
+        if !group.frozen() {
+            return false;
+        }
+        let bounds = group.bounds();
+        let placement = self.placement.read().expect("placement lock");
+        let Some(view) = placement.as_ref() else {
+            return false;
+        };
+        let listed = view.ranges.iter().any(|d| d.id == group.id);
+        let covered = view
+            .ranges
+            .iter()
+            .any(|d| d.id != group.id && d.contains(&bounds.start) && d.epoch > bounds.epoch);
+        !listed && covered
+    }
+
+    /// Shuts this node's replica of `id` down and deletes it (`why` is for the log).
+    async fn remove_replica(&self, id: RangeId, why: &str) {
         let _opening = self.opening.lock().await;
         let Some(group) = self.groups.write().expect("groups lock").remove(&id) else {
             return;
@@ -325,7 +346,7 @@ impl NodeInner {
         if let Err(e) = self.engine.destroy_group(id).await {
             tracing::error!(range = id, "deleting a removed replica: {e}");
         }
-        tracing::info!(range = id, "removed this node's replica (moved away)");
+        tracing::info!(range = id, "removed this node's replica ({why})");
         self.complete_table();
     }
 }
@@ -337,11 +358,16 @@ pub(super) async fn replica_gc_loop(inner: Weak<NodeInner>) {
         ticker.tick().await;
         let Some(inner) = inner.upgrade() else { return };
         for group in inner.groups() {
+            if inner.merged_away(&group) {
+                inner.retired.lock().expect("retired lock").insert(group.id);
+                inner.remove_replica(group.id, "merged away").await;
+                continue;
+            }
             if group.raft.is_leader() || !inner.maybe_removed(&group) {
                 continue;
             }
             if inner.still_replica(&group).await == Some(false) {
-                inner.remove_replica(group.id).await;
+                inner.remove_replica(group.id, "moved away").await;
             }
         }
     }

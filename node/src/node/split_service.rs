@@ -160,7 +160,11 @@ pub(super) async fn split_loop(inner: Weak<NodeInner>, settings: SplitSettings) 
         let now = Instant::now();
         let mut led = Vec::new();
         for group in inner.groups() {
-            if group.id == PLACEMENT_GROUP || !group.raft.is_leader() || !group.has_state() {
+            if group.id == PLACEMENT_GROUP
+                || !group.raft.is_leader()
+                || !group.has_state()
+                || group.frozen()
+            {
                 continue;
             }
             led.push(group.id);

@@ -251,6 +251,12 @@ enum RangesCommand {
         /// The node receiving it.
         to: u64,
     },
+    /// Merge the right neighbour of range ID into it (the neighbour is frozen, its keys,
+    /// histories and leases join range ID, and it is removed).
+    Merge {
+        /// The range that takes its right neighbour in.
+        id: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -654,6 +660,22 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                 println!(
                     "range {} moved from node {from} to node {to}: voters {:?}",
                     r.header.range_id, r.voters
+                );
+            }
+        }
+        Command::Ranges {
+            op: Some(RangesCommand::Merge { id }),
+        } => {
+            let r = client.merge(id).await?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"range_id": r.header.range_id, "merged_range_id": r.merged_range_id, "epoch": r.epoch, "revision": r.header.revision})
+                );
+            } else {
+                println!(
+                    "range {} merged range {} (epoch {}, revision {})",
+                    r.header.range_id, r.merged_range_id, r.epoch, r.header.revision
                 );
             }
         }

@@ -1,0 +1,255 @@
+//! Range merges on an in-process 3-node cluster: a merged range keeps every key with its
+//! history and revision, the next write is above every revision of both parts, leases owned
+//! by the range merged away live on (and their keys still go with them), a watch goes on
+//! across the merge, writes in flight are retried, the merged-away range's replicas are
+//! removed, and a restart keeps the merge; ranges that split under load and were emptied
+//! merge back by themselves.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{eventually, Cluster, WAIT};
+use concord_client::api::{Consistency, KeySpan, PutRequest, RangeRequest};
+use concord_client::Client;
+use concord_node::SplitSettings;
+use concord_transport::lease::lease_anchor;
+use concord_transport::watch::WatchRequest;
+
+/// Keys `k/000..k/059`, all in bootstrap range 2 of a 2-range layout (which starts at `U`).
+fn key(i: usize) -> Vec<u8> {
+    format!("k/{i:03}").into_bytes()
+}
+
+const KEYS: usize = 60;
+
+async fn read(client: &Client, key: &[u8]) -> Option<(Vec<u8>, u64)> {
+    let r = client
+        .range(
+            RangeRequest::new(KeySpan::key(key.to_vec())),
+            Consistency::Linearizable,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("read of {key:?}: {e}"));
+    r.kvs.first().map(|kv| (kv.value.clone(), kv.mod_revision))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_merge_keeps_keys_revisions_leases_and_watches() {
+    let mut cluster = Cluster::start(3, 2).await;
+    let client = cluster.client().await;
+    let split = client.split(key(30)).await.expect("split");
+    let right = split.new_range_id;
+    // A lease owned by the right half (its anchor sorts above the split key).
+    let lease_id = (1..1_000_000)
+        .find(|id| lease_anchor(*id).as_slice() > key(30).as_slice())
+        .expect("an id anchored in the right half");
+    let lease = client
+        .lease_grant_id(lease_id, Duration::from_secs(60))
+        .await
+        .expect("lease");
+    let mut acked: BTreeMap<Vec<u8>, (Vec<u8>, u64)> = BTreeMap::new();
+    for i in 0..KEYS {
+        let value = format!("v{i}").into_bytes();
+        let put = PutRequest {
+            key: key(i),
+            value: value.clone(),
+            lease: if i % 3 == 0 { lease } else { 0 },
+            prev_kv: false,
+        };
+        let r = client.put_with(put).await.expect("put");
+        acked.insert(key(i), (value, r.header.revision));
+    }
+    // The right half runs ahead in revisions (on keys of its own).
+    let mut highest = acked.values().map(|(_, rev)| *rev).max().unwrap();
+    for i in 0..40 {
+        let k = format!("k/r{:02}", i % 10).into_bytes();
+        let r = client.put(k, b"ahead".to_vec()).await.expect("put right");
+        highest = highest.max(r.header.revision);
+    }
+    let mut watcher = client
+        .watch(WatchRequest::new(KeySpan::prefix(b"k/".to_vec())))
+        .await
+        .expect("watch");
+
+    // A writer keeps writing on both sides while the ranges merge.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut acked = BTreeMap::new();
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) && n < 2_000 {
+                let k = format!("k/w{:02}", n % 40).into_bytes();
+                let v = format!("w{n}").into_bytes();
+                let r = client
+                    .put(k.clone(), v.clone())
+                    .await
+                    .unwrap_or_else(|e| panic!("put {k:?} during the merge: {e}"));
+                acked.insert(k, (v, r.header.revision));
+                n += 1;
+            }
+            acked
+        })
+    };
+    let merged = client.merge(2).await.expect("merge");
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await.expect("writer");
+    assert_eq!(merged.header.range_id, 2);
+    assert_eq!(merged.merged_range_id, right);
+    assert!(
+        merged.epoch > split.epoch,
+        "a merged range's epoch is above both parts'"
+    );
+    assert!(merged.header.revision >= highest);
+
+    // Routes: range 2 holds everything again.
+    client.refresh_routes().await.expect("routes");
+    let routes = client.routes();
+    assert_eq!(routes.ranges.len(), 2, "routes after the merge: {routes:?}");
+    assert!(routes.ranges.iter().all(|d| d.id != right));
+
+    // Every acknowledged write is there, at its revision.
+    for (k, (value, rev)) in acked.iter().filter(|(k, _)| !written.contains_key(*k)) {
+        assert_eq!(read(&client, k).await, Some((value.clone(), *rev)), "{k:?}");
+    }
+    for (k, (value, rev)) in &written {
+        assert_eq!(read(&client, k).await, Some((value.clone(), *rev)), "{k:?}");
+    }
+    // The next write is above every revision either part had.
+    let after = client.put(key(46), b"after".to_vec()).await.expect("put");
+    assert_eq!(after.header.range_id, 2);
+    let before_merge = written
+        .values()
+        .map(|(_, r)| *r)
+        .max()
+        .unwrap_or(0)
+        .max(highest);
+    assert!(after.header.revision > before_merge);
+
+    // The watch goes on: the post-merge write arrives, after everything before it.
+    let arrived = tokio::time::timeout(WAIT, async {
+        let mut last_seen = BTreeMap::new();
+        loop {
+            let r = watcher.next().await.expect("watch open").expect("watch");
+            for e in &r.events {
+                let previous = last_seen.insert(e.kv.key.clone(), e.kv.mod_revision);
+                assert!(
+                    previous.is_none_or(|p| p < e.kv.mod_revision),
+                    "{:?} went back from {previous:?} to {}",
+                    e.kv.key,
+                    e.kv.mod_revision
+                );
+                if e.kv.value == b"after" {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(arrived.is_ok(), "the post-merge write reached the watch");
+
+    // The lease the merged-away range owned lives on, with its keys, in range 2.
+    let ttl = client
+        .lease_time_to_live(lease, true)
+        .await
+        .expect("lease after the merge");
+    assert!(
+        ttl.remaining_ms > 30_000,
+        "the lease kept its time: {ttl:?}"
+    );
+    assert_eq!(ttl.keys.len(), KEYS / 3, "{ttl:?}");
+    client.lease_revoke(lease).await.expect("revoke");
+    eventually("the lease's keys are gone", || async {
+        for i in (0..KEYS).step_by(3) {
+            if read(&client, &key(i)).await.is_some() {
+                return Err(format!("{:?} is still there", key(i)));
+            }
+        }
+        Ok(())
+    })
+    .await;
+
+    // Every replica of the merged-away range is removed.
+    eventually("the merged-away range's replicas are removed", || async {
+        let hosted = cluster.hosted();
+        match hosted.iter().find(|(_, ranges)| ranges.contains(&right)) {
+            Some((node, _)) => Err(format!("node {node} still hosts range {right}")),
+            None => Ok(()),
+        }
+    })
+    .await;
+
+    // A restart keeps the merge.
+    cluster.stop(1).await;
+    cluster.restart(1).await;
+    let table = cluster.node(1).range_table();
+    assert!(table.ranges().iter().all(|d| d.id != right));
+    assert_eq!(
+        read(&client, &key(46)).await.map(|(v, _)| v),
+        Some(b"after".to_vec())
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ranges_that_split_merge_back_once_small_and_cold() {
+    let cluster = Cluster::start_tuned(3, 1, |c| {
+        c.split = SplitSettings {
+            keys_max: 40,
+            bytes_max: 0,
+            writes_per_sec_max: 0,
+            check_interval_ms: 200,
+            ..SplitSettings::default()
+        };
+        c.placement.merge_after_ms = 1_000;
+    })
+    .await;
+    let client = cluster.client().await;
+    for i in 0..150 {
+        client
+            .put(format!("auto/{i:03}").into_bytes(), b"v".to_vec())
+            .await
+            .expect("put");
+    }
+    eventually("the range split", || async {
+        client.refresh_routes().await.map_err(|e| e.to_string())?;
+        let n = client.routes().ranges.len();
+        (n >= 4).then_some(()).ok_or(format!("{n} ranges"))
+    })
+    .await;
+    // Emptied and compacted (a key's history counts until compacted away): small again.
+    let deleted = client
+        .delete(KeySpan::prefix(b"auto/".to_vec()), false)
+        .await
+        .expect("delete");
+    assert_eq!(deleted.deleted, 150);
+    let revisions: Vec<u64> = deleted.headers.iter().map(|h| h.revision).collect();
+    for r in client
+        .compact(*revisions.iter().max().expect("a header"))
+        .await
+        .expect("compact")
+    {
+        // A range whose revision is below the point compacts at its own revision.
+        r.expect("compact a range");
+    }
+    // A key kept outside the prefix: still there after the merges.
+    let kept = client
+        .put(b"zz".to_vec(), b"kept".to_vec())
+        .await
+        .expect("put");
+    eventually("the ranges merged back into one", || async {
+        client.refresh_routes().await.map_err(|e| e.to_string())?;
+        let n = client.routes().ranges.len();
+        (n == 1).then_some(()).ok_or(format!("{n} ranges"))
+    })
+    .await;
+    assert_eq!(
+        read(&client, b"zz").await,
+        Some((b"kept".to_vec(), kept.header.revision))
+    );
+    cluster.shutdown().await;
+}
