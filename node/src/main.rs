@@ -55,6 +55,8 @@ impl LimitArgs {
     }
 }
 
+// Parsed once at start: the size of the larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run a local cluster in this process (all nodes on 127.0.0.1) until Ctrl-C.

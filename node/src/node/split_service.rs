@@ -121,7 +121,11 @@ impl WriteSample {
     /// Counts a write of `key`, keeping one in [`WRITE_SAMPLE_EVERY`] (the latest
     /// [`WRITE_SAMPLE_KEYS`] of those).
     pub(super) fn record(&self, key: &[u8]) {
-        if self.seen.fetch_add(1, Ordering::Relaxed) % WRITE_SAMPLE_EVERY != 0 {
+        if !self
+            .seen
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(WRITE_SAMPLE_EVERY)
+        {
             return;
         }
         let mut keys = self.keys.lock().expect("write sample lock");
