@@ -17,6 +17,7 @@ packages=(
   protobuf-compiler # protoc for etcd-client's gRPC bindings (concord-loadgen's etcd target)
   libprotobuf-dev   # the well-known .proto files (descriptor.proto) etcd's protos import
   fonts-dejavu-core # the font concord-loadgen draws its --plot charts with
+  jq                # reading `concordctl -o json` in scripts/bench-placement.sh
 )
 # `install-deps.sh bench`: also the systems concord is compared with.
 if [[ ${1:-} == bench ]]; then

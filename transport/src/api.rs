@@ -539,6 +539,21 @@ pub struct NodeInfo {
     pub replicas: u64,
     /// Ranges it leads.
     pub leaders: u64,
+    /// Its capacity, as its last heartbeat reported it (`None`: no heartbeat since the
+    /// placement leader took over).
+    pub capacity: Option<NodeCapacity>,
+}
+
+/// What a node has room for. A range's whole state is held in memory (and in RocksDB), so a
+/// node's capacity is its memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCapacity {
+    /// The machine's memory (`MemTotal`).
+    pub memory_total_bytes: u64,
+    /// Memory the machine can still give (`MemAvailable`).
+    pub memory_available_bytes: u64,
+    /// The node process's resident memory (`concord dev`: all its nodes together).
+    pub resident_bytes: u64,
 }
 
 /// One range with the size and load its leader last reported.
@@ -569,6 +584,8 @@ pub struct PlacementReport {
     pub ranges: Vec<RangeLoad>,
     /// Replica moves under way.
     pub moves: Vec<concord_placement::replicas::ReplicaMove>,
+    /// Ranges merged away: never hosted again.
+    pub merged: Vec<RangeId>,
 }
 
 /// A node and where to reach it.

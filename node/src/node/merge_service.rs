@@ -17,6 +17,11 @@
 use concord_transport::api::{ApiError, FrozenResponse, KvRequest, KvResponse, RangeId};
 
 use super::{not_leader, Group, NodeInner};
+
+/// The largest range a freeze accepts, in bytes of keys and values: its whole state travels in
+/// one peer message and one Raft entry of the merging range (well under the peer frame limit,
+/// so a freeze never leaves a range frozen that no merge can take in).
+pub const MERGE_BYTES_MAX: u64 = 256 << 20;
 use crate::mvcc::{Command, Mvcc};
 use crate::network::{PeerReply, PeerRequest};
 use crate::storage::{decode, encode};
@@ -40,6 +45,20 @@ impl NodeInner {
 
     /// Freezes `group` for a merge into `into` and answers with its final state.
     async fn freeze(&self, group: &Group, into: RangeId) -> Result<KvResponse, ApiError> {
+        let (frozen_here, bytes) = {
+            let state = group.state.read().expect("range state lock");
+            let mvcc = &state.mvcc;
+            (
+                mvcc.lineage().frozen_into == Some(into),
+                mvcc.stored_bytes(),
+            )
+        };
+        if !frozen_here && bytes > MERGE_BYTES_MAX {
+            return Err(ApiError::InvalidRequest(format!(
+                "range {} holds {bytes} bytes: a merge takes in at most {MERGE_BYTES_MAX}",
+                group.id
+            )));
+        }
         let header = self
             .propose(group, Command::Freeze { into })
             .await?

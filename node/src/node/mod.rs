@@ -15,8 +15,8 @@ use std::time::Duration;
 use concord_placement::{bootstrap_layout, RangeDescriptor, RangeTable};
 use concord_transport::api::{
     ApiError, ClientReply, ClientRequest, ClientResponse, Consistency, KeySpan, KvRequest,
-    KvResponse, LeaseRequest, NodeAddr, NodeId, ProcessStats, PutRequest, RangeId, RangeStatus,
-    RequestLimits, RouteTable, StatusResponse, StorageCounters,
+    KvResponse, LeaseRequest, NodeAddr, NodeCapacity, NodeId, ProcessStats, PutRequest, RangeId,
+    RangeStatus, RequestLimits, RouteTable, StatusResponse, StorageCounters,
 };
 use concord_transport::endpoint::{self, ConnectionLimits};
 use concord_transport::lease::lease_anchor;
@@ -423,7 +423,7 @@ async fn host_loop(inner: Weak<NodeInner>, mut hosts: mpsc::UnboundedReceiver<Ve
     while let Some(ids) = hosts.recv().await {
         let Some(inner) = inner.upgrade() else { return };
         for id in ids {
-            if inner.group(id).is_ok() {
+            if inner.group(id).is_ok() || inner.retired(id) {
                 continue;
             }
             match inner.host_replica(id).await {
@@ -533,8 +533,8 @@ struct NodeInner {
     /// What this node remembers as placement leader (heartbeats, reports, moves).
     placement_memory: Mutex<placement_service::LeaderMemory>,
     /// Ranges merged away whose replica here was removed: never hosted again (a leader of one
-    /// that has not seen the merge yet may still replicate to this node). Kept in memory: a
-    /// leader that has not seen a merge within a restart's time is gone as well.
+    /// that has not seen the merge yet may still replicate to this node). The placement view's
+    /// `merged` is the durable record (see [`NodeInner::retired`]).
     retired: Mutex<std::collections::BTreeSet<RangeId>>,
     /// The address other nodes reach this one at.
     advertised_addr: SocketAddr,
@@ -544,16 +544,31 @@ struct NodeInner {
     watchers: AtomicU64,
 }
 
-/// The process's resident memory, from `/proc/self/status` (0 where there is none).
-fn resident_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+/// The value of field `name` (in kiB) of a `/proc` file such as `/proc/self/status`, in
+/// bytes (0 where there is none).
+fn proc_kib_field(path: &str, name: &str) -> u64 {
+    std::fs::read_to_string(path)
         .ok()
-        .and_then(|status| {
-            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with(name))?;
             let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
             Some(kib * 1024)
         })
         .unwrap_or(0)
+}
+
+/// The process's resident memory, from `/proc/self/status` (0 where there is none).
+fn resident_bytes() -> u64 {
+    proc_kib_field("/proc/self/status", "VmRSS:")
+}
+
+/// This node's capacity (see [`NodeCapacity`]), from `/proc`.
+fn node_capacity() -> NodeCapacity {
+    NodeCapacity {
+        memory_total_bytes: proc_kib_field("/proc/meminfo", "MemTotal:"),
+        memory_available_bytes: proc_kib_field("/proc/meminfo", "MemAvailable:"),
+        resident_bytes: resident_bytes(),
+    }
 }
 
 /// A running node.
@@ -1259,11 +1274,7 @@ impl NodeInner {
                 if matches!(
                     frame.request,
                     PeerRequest::Append(_) | PeerRequest::Snapshot { .. }
-                ) && !self
-                    .retired
-                    .lock()
-                    .expect("retired lock")
-                    .contains(&frame.group) =>
+                ) && !self.retired(frame.group) =>
             {
                 match self.host_replica(frame.group).await {
                     Ok(group) => group,

@@ -35,8 +35,8 @@ use concord_placement::replicas::{
 };
 use concord_placement::RangeDescriptor;
 use concord_transport::api::{
-    ApiError, DeleteRequest, KeySpan, KvRequest, KvResponse, NodeId, NodeInfo, PlacementReport,
-    PutRequest, RangeId, RangeLoad, RangeRequest,
+    ApiError, DeleteRequest, KeySpan, KvRequest, KvResponse, NodeCapacity, NodeId, NodeInfo,
+    PlacementReport, PutRequest, RangeId, RangeLoad, RangeRequest,
 };
 use openraft::async_runtime::watch::WatchReceiver;
 use serde::{Deserialize, Serialize};
@@ -65,6 +65,7 @@ pub const MOVE_TIMEOUT_MS: u64 = 120_000;
 const NODES_PREFIX: &[u8] = b"/placement/nodes/";
 const DECOMMISSION_PREFIX: &[u8] = b"/placement/decommission/";
 const RANGES_PREFIX: &[u8] = b"/placement/ranges/";
+const MERGED_PREFIX: &[u8] = b"/placement/merged/";
 const DECISIONS_KEY: &[u8] = b"/placement/decisions";
 
 /// Settings of the placement service on a node.
@@ -142,6 +143,8 @@ pub enum Decision {
 pub struct Heartbeat {
     /// The sender.
     pub node: NodeRecord,
+    /// Its capacity now (kept by the leader in memory, like the heartbeat's time).
+    pub capacity: NodeCapacity,
     /// The ranges it leads.
     pub ranges: Vec<RangeReport>,
 }
@@ -158,6 +161,8 @@ pub struct PlacementView {
     pub leaders: BTreeMap<RangeId, NodeId>,
     /// Nodes being drained (down or decommissioning): they receive no leaderships.
     pub draining: BTreeSet<NodeId>,
+    /// Ranges merged away: never hosted again.
+    pub merged: BTreeSet<RangeId>,
 }
 
 impl From<&PlacementReport> for PlacementView {
@@ -176,6 +181,7 @@ impl From<&PlacementReport> for PlacementView {
                 .filter(|n| n.state.evacuated())
                 .map(|n| n.id)
                 .collect(),
+            merged: report.merged.iter().copied().collect(),
         }
     }
 }
@@ -199,7 +205,7 @@ pub(super) struct LeaderMemory {
     term: u64,
     /// When this node became leader in that term.
     since: Option<Instant>,
-    heartbeats: BTreeMap<NodeId, Instant>,
+    heartbeats: BTreeMap<NodeId, (Instant, NodeCapacity)>,
     reports: BTreeMap<RangeId, (NodeId, RangeReport)>,
     moves: BTreeMap<RangeId, ReplicaMove>,
     /// Since when each range has been small and cold (merge candidates).
@@ -264,6 +270,31 @@ impl NodeInner {
         (nodes, decommissioned, ranges)
     }
 
+    /// The ranges merged away, from the placement group's applied state.
+    fn merged_ranges(&self, group: &super::Group) -> Vec<RangeId> {
+        let state = group.state.read().expect("range state lock");
+        let scan = RangeRequest::new(KeySpan::prefix(MERGED_PREFIX.to_vec()));
+        let kvs = state.mvcc.range(&scan).map(|r| r.kvs).unwrap_or_default();
+        kvs.iter()
+            .filter_map(|kv| {
+                std::str::from_utf8(&kv.key[MERGED_PREFIX.len()..])
+                    .ok()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    }
+
+    /// Whether range `id` was merged away (the placement view says, or this node removed its
+    /// replica for it): it is never hosted here again.
+    pub(super) fn retired(&self, id: RangeId) -> bool {
+        if self.retired.lock().expect("retired lock").contains(&id) {
+            return true;
+        }
+        let placement = self.placement.read().expect("placement lock");
+        placement.as_ref().is_some_and(|v| v.merged.contains(&id))
+    }
+
     /// Serves a heartbeat (at the placement leader).
     pub(super) async fn handle_heartbeat(&self, beat: Heartbeat) -> HeartbeatReply {
         let Some(group) = self.placement_leader_group() else {
@@ -278,7 +309,7 @@ impl NodeInner {
             let limits = self.merge_limits();
             let now = Instant::now();
             let mut memory = self.placement_memory.lock().expect("placement memory lock");
-            memory.heartbeats.insert(beat.node.id, now);
+            memory.heartbeats.insert(beat.node.id, (now, beat.capacity));
             for report in &beat.ranges {
                 let id = report.descriptor.id;
                 memory.reports.insert(id, (beat.node.id, report.clone()));
@@ -321,11 +352,18 @@ impl NodeInner {
             }
         }
         for id in deletes {
+            // Recorded as merged first: no node hosts it again, even from an old lineage.
+            let mut merged = MERGED_PREFIX.to_vec();
+            merged.extend_from_slice(format!("{id:020}").as_bytes());
             let cmd = Command::Delete(DeleteRequest {
                 span: KeySpan::key(range_key(id)),
                 prev_kv: false,
             });
-            if let Err(e) = self.propose_anywhere(PLACEMENT_GROUP, cmd).await {
+            let result = match self.placement_put(merged, Vec::new()).await {
+                Ok(_) => self.propose_anywhere(PLACEMENT_GROUP, cmd).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
                 tracing::debug!("placement delete: {e}");
             }
         }
@@ -435,9 +473,10 @@ impl NodeInner {
                 heartbeat_age_ms: memory
                     .heartbeats
                     .get(&v.id)
-                    .map(|at| now.duration_since(*at).as_millis() as u64),
+                    .map(|(at, _)| now.duration_since(*at).as_millis() as u64),
                 replicas: replicas.get(&v.id).copied().unwrap_or(0),
                 leaders: leaders.get(&v.id).copied().unwrap_or(0),
+                capacity: memory.heartbeats.get(&v.id).map(|(_, c)| *c),
             })
             .collect();
         let mut ranges: Vec<RangeLoad> = ranges
@@ -460,6 +499,7 @@ impl NodeInner {
             nodes,
             ranges,
             moves: memory.moves.values().copied().collect(),
+            merged: self.merged_ranges(group),
         }
     }
 
@@ -482,7 +522,7 @@ impl NodeInner {
                 let silent_for = memory
                     .heartbeats
                     .get(&record.id)
-                    .map_or(leading_for, |at| now.duration_since(*at));
+                    .map_or(leading_for, |(at, _)| now.duration_since(*at));
                 let state = if decommissioned.contains(&record.id) {
                     NodeState::Decommissioning
                 } else if silent_for >= down_after {
@@ -718,6 +758,7 @@ impl NodeInner {
             });
         }
         Heartbeat {
+            capacity: super::node_capacity(),
             node: NodeRecord {
                 id: self.config.id,
                 addr: self.advertised_addr.to_string(),

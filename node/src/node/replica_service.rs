@@ -27,7 +27,7 @@ use openraft::async_runtime::watch::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::BasicNode;
 
-use super::{not_leader, Group, NodeInner};
+use super::{not_leader, Group, NodeInner, PLACEMENT_GROUP};
 use crate::mvcc::Bounds;
 use crate::network::{PeerError, PeerReply, PeerRequest};
 use crate::raft_types::LogId;
@@ -312,12 +312,14 @@ impl NodeInner {
         None
     }
 
-    /// Whether `group` froze for a merge that has happened: the placement view no longer
-    /// lists it, and lists another range holding its first key at a higher epoch (the
-    /// registry drops a merged range once the merging range reports its new extent, which it
-    /// does only after applying the merge).
+    /// Whether `group` was merged away: the placement view no longer lists it, and lists
+    /// another range holding its first key at a higher epoch (the registry drops a merged
+    /// range once the merging range reports its new extent, which it does only after applying
+    /// the merge; a range split off one not yet in the view has a higher epoch than what the
+    /// view shows for its keys). Also true of a replica that lagged and never applied the
+    /// freeze. A replica still waiting for its first snapshot has no extent to go by.
     fn merged_away(&self, group: &Group) -> bool {
-        if !group.frozen() {
+        if group.id == PLACEMENT_GROUP || !group.has_state() {
             return false;
         }
         let bounds = group.bounds();
@@ -358,7 +360,7 @@ pub(super) async fn replica_gc_loop(inner: Weak<NodeInner>) {
         ticker.tick().await;
         let Some(inner) = inner.upgrade() else { return };
         for group in inner.groups() {
-            if inner.merged_away(&group) {
+            if inner.retired(group.id) || inner.merged_away(&group) {
                 inner.retired.lock().expect("retired lock").insert(group.id);
                 inner.remove_replica(group.id, "merged away").await;
                 continue;

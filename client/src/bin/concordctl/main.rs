@@ -688,20 +688,35 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                 .nodes
                 .iter()
                 .map(|n| {
+                    let capacity = n.capacity.map(|c| {
+                        json!({"memory_total_bytes": c.memory_total_bytes,
+                            "memory_available_bytes": c.memory_available_bytes,
+                            "resident_bytes": c.resident_bytes})
+                    });
                     json!({"id": n.id, "addr": n.addr, "zone": n.zone, "state": n.state.name(),
-                        "heartbeat_age_ms": n.heartbeat_age_ms, "replicas": n.replicas, "leaders": n.leaders})
+                        "heartbeat_age_ms": n.heartbeat_age_ms, "replicas": n.replicas, "leaders": n.leaders,
+                        "capacity": capacity})
                 })
                 .collect();
             if json {
                 println!("{}", Value::Array(rows));
             } else {
                 println!(
-                    "{:>4}  {:<22} {:<8} {:<16} {:>9} {:>8} {:>8}",
-                    "NODE", "ADDRESS", "ZONE", "STATE", "HEARTBEAT", "REPLICAS", "LEADERS"
+                    "{:>4}  {:<22} {:<8} {:<16} {:>9} {:>8} {:>8} {:>10} {:>10}",
+                    "NODE",
+                    "ADDRESS",
+                    "ZONE",
+                    "STATE",
+                    "HEARTBEAT",
+                    "REPLICAS",
+                    "LEADERS",
+                    "RSS",
+                    "MEM FREE"
                 );
+                let mib = |b: u64| format!("{}MiB", b >> 20);
                 for n in &report.nodes {
                     println!(
-                        "{:>4}  {:<22} {:<8} {:<16} {:>9} {:>8} {:>8}",
+                        "{:>4}  {:<22} {:<8} {:<16} {:>9} {:>8} {:>8} {:>10} {:>10}",
                         n.id,
                         n.addr,
                         n.zone.as_deref().unwrap_or("-"),
@@ -709,7 +724,11 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                         n.heartbeat_age_ms
                             .map_or("-".to_string(), |ms| format!("{ms}ms")),
                         n.replicas,
-                        n.leaders
+                        n.leaders,
+                        n.capacity
+                            .map_or("-".to_string(), |c| mib(c.resident_bytes)),
+                        n.capacity
+                            .map_or("-".to_string(), |c| mib(c.memory_available_bytes)),
                     );
                 }
                 for m in &report.moves {
