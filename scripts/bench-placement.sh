@@ -31,7 +31,7 @@ stop_all() {
   joined=()
   cluster_stop
 }
-trap 'stop_all; rm -rf "$work"' EXIT
+trap 'stop_all; [ -n "${KEEP_WORK:-}" ] || rm -rf "$work"' EXIT
 
 if [ "$mode" = quick ]; then
   run_for=3s warm_for=20s fill_ops=4096 rounds=1

@@ -567,6 +567,19 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        // A merge entry carries a whole range's state: it gets a snapshot's time, not a
+        // heartbeat's (it would otherwise time out, and be sent again, forever).
+        let merges = rpc.entries.iter().any(|e| {
+            matches!(
+                &e.payload,
+                openraft::EntryPayload::Normal(crate::mvcc::Command::Merge { .. })
+            )
+        });
+        let option = if merges {
+            RPCOption::new(option.hard_ttl().max(Duration::from_secs(30)))
+        } else {
+            option
+        };
         match self.rpc(PeerRequest::Append(rpc), &option).await? {
             PeerReply::Append(r) => Ok(r),
             other => Err(unexpected(other)),

@@ -15,7 +15,6 @@ use std::time::Duration;
 use common::{eventually, Cluster, WAIT};
 use concord_client::api::{Consistency, KeySpan, PutRequest, RangeRequest};
 use concord_client::Client;
-use concord_node::SplitSettings;
 use concord_transport::lease::lease_anchor;
 use concord_transport::watch::WatchRequest;
 
@@ -198,13 +197,7 @@ async fn a_merge_keeps_keys_revisions_leases_and_watches() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ranges_that_split_merge_back_once_small_and_cold() {
     let cluster = Cluster::start_tuned(3, 1, |c| {
-        c.split = SplitSettings {
-            keys_max: 40,
-            bytes_max: 0,
-            writes_per_sec_max: 0,
-            check_interval_ms: 200,
-            ..SplitSettings::default()
-        };
+        common::split_past_40_keys(c);
         c.placement.merge_after_ms = 1_000;
     })
     .await;

@@ -246,16 +246,7 @@ async fn a_split_keeps_keys_revisions_leases_and_watches_and_a_lagging_replica_c
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ranges_past_the_key_threshold_split_by_themselves_while_writes_go_on() {
-    let cluster = Cluster::start_tuned(3, 1, |c| {
-        c.split = SplitSettings {
-            keys_max: 40,
-            bytes_max: 0,
-            writes_per_sec_max: 0,
-            check_interval_ms: 200,
-            ..SplitSettings::default()
-        };
-    })
-    .await;
+    let cluster = Cluster::start_tuned(3, 1, common::split_past_40_keys).await;
     let client = cluster.client().await;
     let mut acked: BTreeMap<Vec<u8>, (Vec<u8>, u64)> = BTreeMap::new();
     for i in 0..150 {

@@ -3,7 +3,8 @@
 //!
 //! **Rules.**
 //! 1. A *frozen* range (a merge interrupted between its two steps) is finished first: its left
-//!    neighbour is asked to merge it, whatever the sizes.
+//!    neighbour is asked to merge it, whatever the sizes. (The placement service counts a range
+//!    as frozen once it has been reported frozen for 10 s, so a merge under way is not raced.)
 //! 2. Otherwise two neighbours merge when the right one was made by a split (the bootstrap
 //!    layout an operator chose is never merged away), neither is busy (a replica move under
 //!    way), both have been *small* (at or below every limit) for [`MergeLimits::after_ms`],

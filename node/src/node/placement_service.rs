@@ -59,6 +59,9 @@ pub const MOVES_IN_FLIGHT_MAX: usize = 2;
 /// A new placement leader plans nothing until it has been leading this long (every node has
 /// heartbeated to it).
 pub const PLAN_GRACE_MS: u64 = 3 * HEARTBEAT_INTERVAL_MS;
+/// A frozen range is taken for an interrupted merge, to finish, after this long (a merge
+/// under way, an operator's included, normally finishes well within it).
+pub const FROZEN_GRACE_MS: u64 = 10_000;
 /// How long one replica move may take (catching a learner up included).
 pub const MOVE_TIMEOUT_MS: u64 = 120_000;
 
@@ -210,8 +213,24 @@ pub(super) struct LeaderMemory {
     moves: BTreeMap<RangeId, ReplicaMove>,
     /// Since when each range has been small and cold (merge candidates).
     small_since: BTreeMap<RangeId, Instant>,
+    /// Since when each range has been reported frozen.
+    frozen_since: BTreeMap<RangeId, Instant>,
     /// The range carrying out a merge of its right neighbour, if any.
     merging: Option<RangeId>,
+}
+
+impl LeaderMemory {
+    /// The stored ranges without a report since this leader took over or since their last
+    /// move or merge (no leader, or a stale descriptor), and those with a move under way.
+    fn unreported_or_moving(
+        &self,
+        ranges: &BTreeMap<RangeId, RangeDescriptor>,
+    ) -> BTreeSet<RangeId> {
+        let unreported = ranges.keys().filter(|id| !self.reports.contains_key(id));
+        let mut busy: BTreeSet<RangeId> = unreported.copied().collect();
+        busy.extend(self.moves.keys().copied());
+        busy
+    }
 }
 
 impl NodeInner {
@@ -317,6 +336,11 @@ impl NodeInner {
                     memory.small_since.entry(id).or_insert(now);
                 } else {
                     memory.small_since.remove(&id);
+                }
+                if report.frozen {
+                    memory.frozen_since.entry(id).or_insert(now);
+                } else {
+                    memory.frozen_since.remove(&id);
                 }
             }
         }
@@ -556,12 +580,7 @@ impl NodeInner {
         }
         // A range without a fresh report (none since a move, or no leader) is not moved: its
         // stored voters may be stale.
-        let mut busy: BTreeSet<RangeId> = ranges
-            .keys()
-            .filter(|id| !memory.reports.contains_key(id))
-            .copied()
-            .collect();
-        busy.extend(memory.moves.keys().copied());
+        let mut busy = memory.unreported_or_moving(&ranges);
         busy.extend(
             memory
                 .reports
@@ -619,18 +638,15 @@ impl NodeInner {
                         .small_since
                         .get(&d.id)
                         .map_or(0, |at| now.duration_since(*at).as_millis() as u64),
-                    frozen: report.is_some_and(|r| r.frozen),
+                    frozen: memory.frozen_since.get(&d.id).is_some_and(|at| {
+                        now.duration_since(*at) >= Duration::from_millis(FROZEN_GRACE_MS)
+                    }),
                     made_by_split: d.id > super::SPLIT_RANGE_ID_BASE,
                 }
             })
             .collect();
         // Unreported ranges (no leader, or a move just changed them) and moving ones wait.
-        let mut busy: BTreeSet<RangeId> = ranges
-            .keys()
-            .filter(|id| !memory.reports.contains_key(id))
-            .copied()
-            .collect();
-        busy.extend(memory.moves.keys().copied());
+        let busy = memory.unreported_or_moving(&ranges);
         plan_merge(&sizes, &busy, &limits)
     }
 

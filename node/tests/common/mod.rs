@@ -8,13 +8,24 @@ use std::time::{Duration, Instant};
 
 use concord_client::api::{NodeId, RangeId};
 use concord_client::{Client, ClientConfig};
-use concord_node::{BoundNode, Node, NodeConfig, RaftSettings};
+use concord_node::{BoundNode, Node, NodeConfig, RaftSettings, SplitSettings};
 use tempfile::TempDir;
 
 /// Upper bound of every wait in these tests.
 pub const WAIT: Duration = Duration::from_secs(30);
 
 /// Raft settings for tests: quicker elections, frequent snapshots.
+/// Splits past 40 keys, looked at every 200 ms; never by bytes or load.
+pub fn split_past_40_keys(config: &mut NodeConfig) {
+    config.split = SplitSettings {
+        keys_max: 40,
+        bytes_max: 0,
+        writes_per_sec_max: 0,
+        check_interval_ms: 200,
+        ..SplitSettings::default()
+    };
+}
+
 pub fn test_raft() -> RaftSettings {
     RaftSettings {
         heartbeat_interval_ms: 100,
