@@ -89,7 +89,8 @@ pub struct StateMachine {
     /// newer snapshot installed meanwhile.
     snapshot_lock: Arc<tokio::sync::Mutex<()>>,
     /// Told the ids of ranges this replica must host from now on: split off by an applied
-    /// split, or named by an installed snapshot (a split this replica did not apply).
+    /// split, or named by an installed snapshot (a split this replica did not apply); told
+    /// none after a merge (the node's table changed).
     hosts: Option<tokio::sync::mpsc::UnboundedSender<Vec<u64>>>,
 }
 
@@ -448,6 +449,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut mutations = Vec::new();
         let mut replies = Vec::new();
         let mut split_into = Vec::new();
+        let mut merged = false;
         {
             let cf_kv = self.engine.cf(CF_KV);
             // Held across the batch so readers see whole batches (never a torn txn).
@@ -491,7 +493,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             // Watchers move on to the merging range (by `StaleEpoch`).
                             state.events = broadcast::channel(state.watch_buffer).0;
                         }
-                        Mutation::Merge(right) => self.write_merge(&mut batch, &state, &right),
+                        Mutation::Merge(right) => {
+                            self.write_merge(&mut batch, &state, &right);
+                            merged = true;
+                        }
                     }
                 }
                 if let Some(responder) = responder {
@@ -501,7 +506,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.write_counters(&mut batch, &state);
         }
         self.engine.write(batch);
-        if !split_into.is_empty() {
+        if !split_into.is_empty() || merged {
+            // Ranges to start, or none: the node's table changed either way.
             self.tell_hosts(split_into);
         }
         for (responder, result) in replies {
