@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{eventually, revisions_per_range, Cluster, WAIT};
-use concord_client::api::{ApiError, Consistency, KeySpan, PutRequest, RangeRequest};
+use concord_client::api::{ApiError, Consistency, KeySpan, RangeRequest};
 use concord_client::{Client, Error};
 use concord_node::SplitSettings;
 use concord_transport::watch::WatchRequest;
@@ -44,18 +44,7 @@ async fn a_split_keeps_keys_revisions_leases_and_watches_and_a_lagging_replica_c
         .lease_grant(Duration::from_secs(60))
         .await
         .expect("lease");
-    let mut acked: BTreeMap<Vec<u8>, (Vec<u8>, u64)> = BTreeMap::new();
-    for i in 0..KEYS {
-        let value = format!("v{i}").into_bytes();
-        let put = PutRequest {
-            key: key(i),
-            value: value.clone(),
-            lease: if i % 3 == 0 { lease } else { 0 },
-            prev_kv: false,
-        };
-        let r = client.put_with(put).await.expect("put");
-        acked.insert(key(i), (value, r.header.revision));
-    }
+    let acked = common::put_keys(&client, (0..KEYS).map(key), lease).await;
     let before_split = acked.values().map(|(_, rev)| *rev).max().unwrap();
     let mut watcher = client
         .watch(WatchRequest::new(KeySpan::prefix(b"k/".to_vec())))

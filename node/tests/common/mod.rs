@@ -15,6 +15,28 @@ use tempfile::TempDir;
 pub const WAIT: Duration = Duration::from_secs(30);
 
 /// Raft settings for tests: quicker elections, frequent snapshots.
+/// Puts `keys` in order, the i-th with value `v{i}` and every third (from the first) under
+/// `lease`; returns each key's value and revision as acknowledged.
+pub async fn put_keys(
+    client: &Client,
+    keys: impl Iterator<Item = Vec<u8>>,
+    lease: i64,
+) -> BTreeMap<Vec<u8>, (Vec<u8>, u64)> {
+    let mut acked = BTreeMap::new();
+    for (i, key) in keys.enumerate() {
+        let value = format!("v{i}").into_bytes();
+        let put = concord_client::api::PutRequest {
+            key: key.clone(),
+            value: value.clone(),
+            lease: if i % 3 == 0 { lease } else { 0 },
+            prev_kv: false,
+        };
+        let r = client.put_with(put).await.expect("put");
+        acked.insert(key, (value, r.header.revision));
+    }
+    acked
+}
+
 /// Splits past 40 keys, looked at every 200 ms; never by bytes or load.
 pub fn split_past_40_keys(config: &mut NodeConfig) {
     config.split = SplitSettings {
