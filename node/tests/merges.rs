@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{eventually, Cluster, WAIT};
-use concord_client::api::{Consistency, KeySpan, RangeRequest};
+use concord_client::api::{Consistency, KeySpan};
 use concord_client::Client;
 use concord_transport::lease::lease_anchor;
 use concord_transport::watch::WatchRequest;
@@ -26,14 +26,7 @@ fn key(i: usize) -> Vec<u8> {
 const KEYS: usize = 60;
 
 async fn read(client: &Client, key: &[u8]) -> Option<(Vec<u8>, u64)> {
-    let r = client
-        .range(
-            RangeRequest::new(KeySpan::key(key.to_vec())),
-            Consistency::Linearizable,
-        )
-        .await
-        .unwrap_or_else(|e| panic!("read of {key:?}: {e}"));
-    r.kvs.first().map(|kv| (kv.value.clone(), kv.mod_revision))
+    common::read_at(client, key, Consistency::Linearizable).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::{eventually, revisions_per_range, Cluster, WAIT};
 use concord_client::api::{ApiError, Consistency, KeySpan, RangeRequest};
-use concord_client::{Client, Error};
+use concord_client::Error;
 use concord_node::SplitSettings;
 use concord_transport::watch::WatchRequest;
 
@@ -25,13 +25,7 @@ fn key(i: usize) -> Vec<u8> {
 
 const KEYS: usize = 60;
 
-async fn read(client: &Client, key: &[u8], consistency: Consistency) -> Option<(Vec<u8>, u64)> {
-    let r = client
-        .range(RangeRequest::new(KeySpan::key(key.to_vec())), consistency)
-        .await
-        .unwrap_or_else(|e| panic!("{consistency:?} read of {key:?}: {e}"));
-    r.kvs.first().map(|kv| (kv.value.clone(), kv.mod_revision))
-}
+use common::read_at as read;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_split_keeps_keys_revisions_leases_and_watches_and_a_lagging_replica_catches_up() {

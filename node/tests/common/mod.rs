@@ -15,6 +15,20 @@ use tempfile::TempDir;
 pub const WAIT: Duration = Duration::from_secs(30);
 
 /// Raft settings for tests: quicker elections, frequent snapshots.
+/// The value and mod revision of `key`, read at `consistency` (panics on an error).
+pub async fn read_at(
+    client: &Client,
+    key: &[u8],
+    consistency: concord_client::api::Consistency,
+) -> Option<(Vec<u8>, u64)> {
+    let span = concord_client::api::KeySpan::key(key.to_vec());
+    let r = client
+        .range(concord_client::api::RangeRequest::new(span), consistency)
+        .await
+        .unwrap_or_else(|e| panic!("{consistency:?} read of {key:?}: {e}"));
+    r.kvs.first().map(|kv| (kv.value.clone(), kv.mod_revision))
+}
+
 /// Puts `keys` in order, the i-th with value `v{i}` and every third (from the first) under
 /// `lease`; returns each key's value and revision as acknowledged.
 pub async fn put_keys(
