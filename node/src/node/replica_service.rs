@@ -335,6 +335,31 @@ impl NodeInner {
         !listed && covered
     }
 
+    /// Finishes a membership change a previous leader left half done: openraft leaves a
+    /// range in the joint configuration when its leader changes between the joint and the
+    /// uniform entry of a move, and nothing else takes it out. The range moves on to the newer
+    /// of the two voter sets (the move's target).
+    async fn leave_joint(&self, group: &Group) {
+        let target = {
+            let metrics = group.raft.metrics().borrow_watched().clone();
+            let joint = metrics
+                .membership_config
+                .membership()
+                .get_joint_config()
+                .clone();
+            match joint.as_slice() {
+                [_, .., newest] => newest.clone(),
+                _ => return,
+            }
+        };
+        match group.raft.change_membership(target.clone(), false).await {
+            Ok(_) => {
+                tracing::info!(range = group.id, voters = ?target, "left a joint configuration")
+            }
+            Err(e) => tracing::debug!(range = group.id, "leaving a joint configuration: {e}"),
+        }
+    }
+
     /// Shuts this node's replica of `id` down and deletes it (`why` is for the log).
     async fn remove_replica(&self, id: RangeId, why: &str) {
         let _opening = self.opening.lock().await;
@@ -365,7 +390,11 @@ pub(super) async fn replica_gc_loop(inner: Weak<NodeInner>) {
                 inner.remove_replica(group.id, "merged away").await;
                 continue;
             }
-            if group.raft.is_leader() || !inner.maybe_removed(&group) {
+            if group.raft.is_leader() {
+                inner.leave_joint(&group).await;
+                continue;
+            }
+            if !inner.maybe_removed(&group) {
                 continue;
             }
             if inner.still_replica(&group).await == Some(false) {
