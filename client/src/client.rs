@@ -554,17 +554,10 @@ impl Client {
         from: NodeId,
         to: NodeId,
     ) -> Result<MoveResponse, Error> {
-        let desc = {
-            let table = self.inner.table.read().expect("table lock");
-            let table = table.as_ref().expect("routes fetched at connect");
-            table.get(range).cloned()
-        }
-        .ok_or(Error::Api(ApiError::RangeNotFound { range_id: range }))?;
-        let response = self
-            .call_range(&desc, KvRequest::MoveReplica { from, to })
-            .await?;
-        self.refresh_routes().await.ok();
-        match response {
+        match self
+            .operate(range, KvRequest::MoveReplica { from, to })
+            .await?
+        {
             KvResponse::Moved(r) => Ok(r),
             other => Err(Error::Protocol(format!("unexpected response {other:?}"))),
         }
@@ -574,18 +567,24 @@ impl Client {
     /// placement service merges small cold ranges made by splits on its own). Returns once
     /// `range` holds the neighbour's keys.
     pub async fn merge(&self, range: RangeId) -> Result<MergeResponse, Error> {
+        match self.operate(range, KvRequest::Merge).await? {
+            KvResponse::Merge(r) => Ok(r),
+            other => Err(Error::Protocol(format!("unexpected response {other:?}"))),
+        }
+    }
+
+    /// Sends the range operation `request` to range `range` (by id) and refreshes the routes
+    /// after it, which changed the range's replicas or extent.
+    async fn operate(&self, range: RangeId, request: KvRequest) -> Result<KvResponse, Error> {
         let desc = {
             let table = self.inner.table.read().expect("table lock");
             let table = table.as_ref().expect("routes fetched at connect");
             table.get(range).cloned()
         }
         .ok_or(Error::Api(ApiError::RangeNotFound { range_id: range }))?;
-        let response = self.call_range(&desc, KvRequest::Merge).await?;
+        let response = self.call_range(&desc, request).await?;
         self.refresh_routes().await.ok();
-        match response {
-            KvResponse::Merge(r) => Ok(r),
-            other => Err(Error::Protocol(format!("unexpected response {other:?}"))),
-        }
+        Ok(response)
     }
 
     /// The placement service's view: nodes with their state, replica and leader counts, and

@@ -251,9 +251,10 @@ pub enum Mutation {
     Split(Box<Mvcc>),
     /// The range froze for a merge: its bounds row changed and its watchers must move on.
     Frozen,
-    /// A merge: the right neighbour's whole state, now part of this range (the shell stores
-    /// its versions as this range's, and rewrites this range's bounds and lease table).
-    Merge(Box<Mvcc>),
+    /// A merge took in the right neighbour with these bounds: the versions of its keys are now
+    /// this range's (the shell stores them as this range's rows, and rewrites this range's
+    /// bounds and lease table).
+    Merge(Bounds),
 }
 
 /// Where a range's keys went and came from: the ranges split off it, the range it is frozen
@@ -633,8 +634,18 @@ impl Mvcc {
 
     /// Every stored version, for snapshots and tests.
     pub fn versions(&self) -> impl Iterator<Item = (&[u8], &Version)> {
+        self.versions_within(&Bounds::default())
+    }
+
+    /// The stored versions of the keys within `bounds`' extent.
+    pub fn versions_within(&self, bounds: &Bounds) -> impl Iterator<Item = (&[u8], &Version)> {
+        let end = if bounds.end.is_empty() {
+            Bound::Unbounded
+        } else {
+            Bound::Excluded(bounds.end.clone())
+        };
         self.index
-            .iter()
+            .range((Bound::Included(bounds.start.clone()), end))
             .flat_map(|(k, h)| h.iter().map(move |v| (k.as_slice(), v)))
     }
 
@@ -990,7 +1001,7 @@ impl Mvcc {
                             self.range_id
                         )));
                     }
-                    out.push(Mutation::Merge(right.clone()));
+                    out.push(Mutation::Merge(right.bounds.clone()));
                     self.absorb((**right).clone());
                 }
                 KvResponse::Merge(MergeResponse {

@@ -58,24 +58,7 @@ async fn a_merge_keeps_keys_revisions_leases_and_watches() {
 
     // A writer keeps writing on both sides while the ranges merge.
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (client, stop) = (client.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut acked = BTreeMap::new();
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) && n < 2_000 {
-                let k = format!("k/w{:02}", n % 40).into_bytes();
-                let v = format!("w{n}").into_bytes();
-                let r = client
-                    .put(k.clone(), v.clone())
-                    .await
-                    .unwrap_or_else(|e| panic!("put {k:?} during the merge: {e}"));
-                acked.insert(k, (v, r.header.revision));
-                n += 1;
-            }
-            acked
-        })
-    };
+    let writer = common::spawn_writer(client.clone(), stop.clone(), "the merge");
     let merged = client.merge(2).await.expect("merge");
     stop.store(true, Ordering::Relaxed);
     let written = writer.await.expect("writer");

@@ -50,24 +50,7 @@ async fn a_split_keeps_keys_revisions_leases_and_watches_and_a_lagging_replica_c
 
     // A writer keeps writing across the split point while the range splits.
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (client, stop) = (client.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut acked = BTreeMap::new();
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) && n < 2_000 {
-                let k = format!("k/w{:02}", n % 40).into_bytes();
-                let v = format!("w{n}").into_bytes();
-                client
-                    .put(k.clone(), v.clone())
-                    .await
-                    .unwrap_or_else(|e| panic!("put {k:?} during the split: {e}"));
-                acked.insert(k, v);
-                n += 1;
-            }
-            acked
-        })
-    };
+    let writer = common::spawn_writer(client.clone(), stop.clone(), "the split");
     let split = client.split(key(30)).await.expect("split");
     stop.store(true, Ordering::Relaxed);
     let written = writer.await.expect("writer");
@@ -105,7 +88,7 @@ async fn a_split_keeps_keys_revisions_leases_and_watches_and_a_lagging_replica_c
             }
         }
     }
-    for (k, v) in &written {
+    for (k, (v, _)) in &written {
         let (got, _) = read(&client, k, Consistency::Linearizable)
             .await
             .unwrap_or_else(|| panic!("acknowledged write of {k:?} lost in the split"));

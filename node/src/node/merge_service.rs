@@ -87,16 +87,14 @@ impl NodeInner {
         if let Err(f) = group.raft.as_leader() {
             return Err(not_leader(range_id, f.leader_id));
         }
-        let (end, frozen) = {
+        let end = {
             let state = group.state.read().expect("range state lock");
-            (state.mvcc.bounds().end.clone(), state.mvcc.frozen())
+            // A range frozen into its own left neighbour merges nothing.
+            if state.mvcc.frozen() {
+                return Err(state.mvcc.bounds().stale(range_id));
+            }
+            state.mvcc.bounds().end.clone()
         };
-        if frozen {
-            return Err(ApiError::StaleEpoch {
-                range_id,
-                current_epoch: group.bounds().epoch,
-            });
-        }
         if end.is_empty() {
             return Err(ApiError::InvalidRequest(format!(
                 "range {range_id} is the last range: it has no right neighbour"

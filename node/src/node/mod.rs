@@ -423,7 +423,7 @@ async fn host_loop(inner: Weak<NodeInner>, mut hosts: mpsc::UnboundedReceiver<Ve
     while let Some(ids) = hosts.recv().await {
         let Some(inner) = inner.upgrade() else { return };
         for id in ids {
-            if inner.group(id).is_ok() || inner.retired(id) {
+            if inner.group(id).is_ok() {
                 continue;
             }
             match inner.host_replica(id).await {
@@ -431,7 +431,7 @@ async fn host_loop(inner: Weak<NodeInner>, mut hosts: mpsc::UnboundedReceiver<Ve
                 Ok(group) => {
                     let _ = inner.opener.hosts.send(group.split_into());
                 }
-                Err(e) => tracing::error!(range = id, "cannot start range made by a split: {e}"),
+                Err(e) => tracing::warn!(range = id, "not starting a range a split named: {e}"),
             }
         }
         // A split or a snapshot changed some range's bounds.
@@ -454,6 +454,38 @@ struct RangeCounters {
     reads: AtomicU64,
     writes: AtomicU64,
     sample: split_service::WriteSample,
+}
+
+/// Turns ranges' request counters into rates between two looks at them (the heartbeat's and
+/// the split loop's, each its own meter).
+#[derive(Default)]
+struct RateMeter {
+    last: BTreeMap<RangeId, ((u64, u64), std::time::Instant)>,
+}
+
+impl RateMeter {
+    /// Reads and writes per second `group` served since the previous look at it (0 at the
+    /// first).
+    fn rates(&mut self, group: &Group, now: std::time::Instant) -> (f64, f64) {
+        let counts = group.counters.get();
+        let ((r0, w0), t0) = self
+            .last
+            .insert(group.id, (counts, now))
+            .unwrap_or((counts, now));
+        let secs = now.duration_since(t0).as_secs_f64().max(1e-3);
+        let per_sec = |now: u64, then: u64| now.saturating_sub(then) as f64 / secs;
+        (per_sec(counts.0, r0), per_sec(counts.1, w0))
+    }
+
+    /// Forgets the ranges not looked at since `now`.
+    fn forget_older_than(&mut self, now: std::time::Instant) {
+        self.last.retain(|_, (_, at)| *at >= now);
+    }
+
+    /// Whether range `id` was looked at (and not forgotten since).
+    fn knows(&self, id: RangeId) -> bool {
+        self.last.contains_key(&id)
+    }
 }
 
 impl RangeCounters {
@@ -873,14 +905,20 @@ impl NodeInner {
         // range's epoch is above both its parts'.
         let mut newest_first: Vec<RangeDescriptor> = by_id.into_values().map(|(d, _)| d).collect();
         newest_first.sort_by(|a, b| b.epoch.cmp(&a.epoch).then(a.id.cmp(&b.id)));
-        let mut ranges: Vec<RangeDescriptor> = Vec::new();
+        // Kept by start; kept ranges are disjoint, so only the last one starting before a
+        // candidate's end can overlap it.
+        let mut kept: BTreeMap<Vec<u8>, RangeDescriptor> = BTreeMap::new();
         for d in newest_first {
-            if !ranges.iter().any(|kept| kept.overlaps(&d.start, &d.end)) {
-                ranges.push(d);
+            let before_end = if d.end.is_empty() {
+                kept.last_key_value()
+            } else {
+                kept.range::<Vec<u8>, _>(..d.end.clone()).next_back()
+            };
+            if !before_end.is_some_and(|(_, k)| k.overlaps(&d.start, &d.end)) {
+                kept.insert(d.start.clone(), d);
             }
         }
-        ranges.sort_by(|a, b| a.start.cmp(&b.start));
-        let table = RangeTable::new(ranges).ok()?;
+        let table = RangeTable::new(kept.into_values().collect()).ok()?;
         *self.table.write().expect("table lock") = table.clone();
         Some(table)
     }
@@ -1268,13 +1306,12 @@ impl NodeInner {
         }
         let group = match self.group(frame.group) {
             Ok(group) => group,
-            // A leader replicating to this node: it is being added as a replica (unless the
-            // range was merged away: its leader here may not have seen that yet).
+            // A leader replicating to this node: it is being added as a replica.
             Err(_)
                 if matches!(
                     frame.request,
                     PeerRequest::Append(_) | PeerRequest::Snapshot { .. }
-                ) && !self.retired(frame.group) =>
+                ) =>
             {
                 match self.host_replica(frame.group).await {
                     Ok(group) => group,

@@ -36,7 +36,7 @@ use concord_placement::replicas::{
 use concord_placement::RangeDescriptor;
 use concord_transport::api::{
     ApiError, DeleteRequest, KeySpan, KvRequest, KvResponse, NodeCapacity, NodeId, NodeInfo,
-    PlacementReport, PutRequest, RangeId, RangeLoad, RangeRequest,
+    PlacementReport, PutRequest, RangeId, RangeLoad, RangeRequest, TxnOp, TxnRequest,
 };
 use openraft::async_runtime::watch::WatchReceiver;
 use serde::{Deserialize, Serialize};
@@ -141,6 +141,27 @@ pub enum Decision {
     },
 }
 
+impl Decision {
+    /// The range whose leader carries the decision out.
+    fn range(&self) -> RangeId {
+        match self {
+            Self::Move(m) => m.range,
+            Self::Merge { left } => *left,
+        }
+    }
+
+    /// What that leader is asked.
+    fn request(&self) -> KvRequest {
+        match self {
+            Self::Move(m) => KvRequest::MoveReplica {
+                from: m.from,
+                to: m.to,
+            },
+            Self::Merge { .. } => KvRequest::Merge,
+        }
+    }
+}
+
 /// One node's heartbeat.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Heartbeat {
@@ -219,6 +240,15 @@ pub(super) struct LeaderMemory {
     merging: Option<RangeId>,
 }
 
+/// What the placement group holds: the registry, decommissions, the stored range table and
+/// the ranges merged away.
+struct PlacementState {
+    nodes: BTreeMap<NodeId, NodeRecord>,
+    decommissioned: BTreeSet<NodeId>,
+    ranges: BTreeMap<RangeId, RangeDescriptor>,
+    merged: BTreeSet<RangeId>,
+}
+
 impl LeaderMemory {
     /// The stored ranges without a report since this leader took over or since their last
     /// move or merge (no leader, or a stale descriptor), and those with a move under way.
@@ -250,15 +280,8 @@ impl NodeInner {
         Some(group)
     }
 
-    /// Registry, decommissions and stored table, from the placement group's applied state.
-    fn placement_state(
-        &self,
-        group: &super::Group,
-    ) -> (
-        BTreeMap<NodeId, NodeRecord>,
-        BTreeSet<NodeId>,
-        BTreeMap<RangeId, RangeDescriptor>,
-    ) {
+    /// What the placement group holds, as applied here.
+    fn placement_state(&self, group: &super::Group) -> PlacementState {
         let state = group.state.read().expect("range state lock");
         let scan = |prefix: &[u8]| {
             state
@@ -267,41 +290,32 @@ impl NodeInner {
                 .map(|r| r.kvs)
                 .unwrap_or_default()
         };
-        let nodes = scan(NODES_PREFIX)
-            .into_iter()
-            .filter_map(|kv| decode::<NodeRecord>(&kv.value).ok())
-            .map(|r| (r.id, r))
-            .collect();
-        let decommissioned = scan(DECOMMISSION_PREFIX)
-            .into_iter()
-            .filter_map(|kv| {
-                std::str::from_utf8(&kv.key[DECOMMISSION_PREFIX.len()..])
-                    .ok()?
-                    .parse()
-                    .ok()
-            })
-            .collect();
-        let ranges = scan(RANGES_PREFIX)
-            .into_iter()
-            .filter_map(|kv| decode::<RangeDescriptor>(&kv.value).ok())
-            .map(|d| (d.id, d))
-            .collect();
-        (nodes, decommissioned, ranges)
-    }
-
-    /// The ranges merged away, from the placement group's applied state.
-    fn merged_ranges(&self, group: &super::Group) -> Vec<RangeId> {
-        let state = group.state.read().expect("range state lock");
-        let scan = RangeRequest::new(KeySpan::prefix(MERGED_PREFIX.to_vec()));
-        let kvs = state.mvcc.range(&scan).map(|r| r.kvs).unwrap_or_default();
-        kvs.iter()
-            .filter_map(|kv| {
-                std::str::from_utf8(&kv.key[MERGED_PREFIX.len()..])
-                    .ok()?
-                    .parse()
-                    .ok()
-            })
-            .collect()
+        // The ids named by the keys under `prefix`.
+        let ids = |prefix: &[u8]| -> BTreeSet<u64> {
+            scan(prefix)
+                .iter()
+                .filter_map(|kv| {
+                    std::str::from_utf8(&kv.key[prefix.len()..])
+                        .ok()?
+                        .parse()
+                        .ok()
+                })
+                .collect()
+        };
+        PlacementState {
+            nodes: scan(NODES_PREFIX)
+                .into_iter()
+                .filter_map(|kv| decode::<NodeRecord>(&kv.value).ok())
+                .map(|r| (r.id, r))
+                .collect(),
+            decommissioned: ids(DECOMMISSION_PREFIX),
+            ranges: scan(RANGES_PREFIX)
+                .into_iter()
+                .filter_map(|kv| decode::<RangeDescriptor>(&kv.value).ok())
+                .map(|d| (d.id, d))
+                .collect(),
+            merged: ids(MERGED_PREFIX),
+        }
     }
 
     /// Whether range `id` was merged away (the placement view says, or this node removed its
@@ -344,7 +358,7 @@ impl NodeInner {
                 }
             }
         }
-        let (nodes, _, ranges) = self.placement_state(&group);
+        let PlacementState { nodes, ranges, .. } = self.placement_state(&group);
         let mut writes = Vec::new();
         let mut deletes = BTreeSet::new();
         if nodes.get(&beat.node.id) != Some(&beat.node) {
@@ -370,25 +384,34 @@ impl NodeInner {
                 );
             }
         }
-        for (key, value) in writes {
-            if let Err(e) = self.placement_put(key, value).await {
-                tracing::debug!("placement write: {e}");
-            }
-        }
+        // One entry for the whole heartbeat. A range merged away is recorded as merged in the
+        // same entry that drops it: no node hosts it again, even from an old lineage.
+        let mut ops: Vec<TxnOp> = writes
+            .into_iter()
+            .map(|(key, value)| TxnOp::Put(put_request(key, value)))
+            .collect();
         for id in deletes {
-            // Recorded as merged first: no node hosts it again, even from an old lineage.
-            let mut merged = MERGED_PREFIX.to_vec();
-            merged.extend_from_slice(format!("{id:020}").as_bytes());
-            let cmd = Command::Delete(DeleteRequest {
+            ops.push(TxnOp::Put(put_request(
+                registry_key(MERGED_PREFIX, id),
+                Vec::new(),
+            )));
+            ops.push(TxnOp::Delete(DeleteRequest {
                 span: KeySpan::key(range_key(id)),
                 prev_kv: false,
-            });
-            let result = match self.placement_put(merged, Vec::new()).await {
-                Ok(_) => self.propose_anywhere(PLACEMENT_GROUP, cmd).await,
-                Err(e) => Err(e),
+            }));
+        }
+        if !ops.is_empty() {
+            let txn = TxnRequest {
+                compares: Vec::new(),
+                success: ops,
+                failure: Vec::new(),
+                fence: None,
             };
-            if let Err(e) = result {
-                tracing::debug!("placement delete: {e}");
+            if let Err(e) = self
+                .propose_anywhere(PLACEMENT_GROUP, Command::Txn(txn))
+                .await
+            {
+                tracing::debug!("placement write: {e}");
             }
         }
         HeartbeatReply::Accepted(self.build_report(&group))
@@ -415,19 +438,13 @@ impl NodeInner {
 
     /// Writes `key = value` in the placement group, at its leader.
     async fn placement_put(&self, key: Vec<u8>, value: Vec<u8>) -> Result<KvResponse, ApiError> {
-        let cmd = Command::Put(PutRequest {
-            key,
-            value,
-            lease: 0,
-            prev_kv: false,
-        });
+        let cmd = Command::Put(put_request(key, value));
         self.propose_anywhere(PLACEMENT_GROUP, cmd).await
     }
 
     /// Marks `node` decommissioning (the scheduler then drains it).
     pub(super) async fn decommission(&self, node: NodeId) -> Result<(), ApiError> {
-        let mut key = DECOMMISSION_PREFIX.to_vec();
-        key.extend_from_slice(node.to_string().as_bytes());
+        let key = registry_key(DECOMMISSION_PREFIX, node);
         self.placement_put(key, Vec::new()).await.map(|_| ())
     }
 
@@ -473,7 +490,12 @@ impl NodeInner {
     }
 
     fn build_report(&self, group: &super::Group) -> PlacementReport {
-        let (nodes, decommissioned, ranges) = self.placement_state(group);
+        let PlacementState {
+            nodes,
+            decommissioned,
+            ranges,
+            merged,
+        } = self.placement_state(group);
         let views = self.node_views(&nodes, &decommissioned);
         let memory = self.placement_memory.lock().expect("placement memory lock");
         let now = Instant::now();
@@ -523,7 +545,7 @@ impl NodeInner {
             nodes,
             ranges,
             moves: memory.moves.values().copied().collect(),
-            merged: self.merged_ranges(group),
+            merged: merged.into_iter().collect(),
         }
     }
 
@@ -570,7 +592,12 @@ impl NodeInner {
         let Some(group) = self.placement_leader_group() else {
             return Vec::new();
         };
-        let (nodes, decommissioned, ranges) = self.placement_state(&group);
+        let PlacementState {
+            nodes,
+            decommissioned,
+            ranges,
+            ..
+        } = self.placement_state(&group);
         let views = self.node_views(&nodes, &decommissioned);
         let memory = self.placement_memory.lock().expect("placement memory lock");
         // A new leader first hears every node out.
@@ -614,7 +641,7 @@ impl NodeInner {
     /// neighbour into it now, if any.
     fn plan_merge_now(&self) -> Option<RangeId> {
         let group = self.placement_leader_group()?;
-        let (_, _, ranges) = self.placement_state(&group);
+        let ranges = self.placement_state(&group).ranges;
         let limits = self.merge_limits();
         let memory = self.placement_memory.lock().expect("placement memory lock");
         let leading_for = memory.since.map_or(Duration::ZERO, |s| s.elapsed());
@@ -650,69 +677,39 @@ impl NodeInner {
         plan_merge(&sizes, &busy, &limits)
     }
 
-    /// Records the merge of `left`'s right neighbour as a decision, then has `left`'s leader
-    /// carry it out.
-    async fn carry_out_merge(self: Arc<Self>, left: RangeId) {
+    /// Records `decision` in the placement group, then has its range's leader carry it out;
+    /// afterwards the range waits for its next report (its descriptor changed).
+    async fn carry_out(self: Arc<Self>, decision: Decision) {
+        let range = decision.range();
         let leader = {
             let memory = self.placement_memory.lock().expect("placement memory lock");
-            memory.reports.get(&left).map(|(leader, _)| *leader)
+            memory.reports.get(&range).map(|(leader, _)| *leader)
         };
         let result = async {
-            let decision = Decision::Merge { left };
             self.placement_put(DECISIONS_KEY.to_vec(), encode(&decision))
                 .await?;
             let leader = leader.ok_or_else(|| ApiError::Unavailable {
-                range_id: left,
+                range_id: range,
                 reason: "no leader reported".into(),
             })?;
-            self.operate_at(leader, left, KvRequest::Merge).await
+            self.operate_at(leader, range, decision.request()).await
         }
         .await;
         match result {
-            Ok(_) => tracing::info!(range = left, "merged its right neighbour"),
-            Err(e) => tracing::warn!(range = left, "merge: {e}"),
+            Ok(_) => tracing::info!(range, ?decision, "carried out"),
+            Err(e) => tracing::warn!(range, ?decision, "not carried out: {e}"),
         }
         let mut memory = self.placement_memory.lock().expect("placement memory lock");
-        memory.merging = None;
-        // Its next report shows the merged extent; until then it is not planned for again.
-        memory.reports.remove(&left);
-        memory.small_since.remove(&left);
-    }
-
-    /// Records `m` as a decision of the placement group, then has the range's leader carry it
-    /// out.
-    async fn carry_out(self: Arc<Self>, m: ReplicaMove) {
-        let leader = {
-            let memory = self.placement_memory.lock().expect("placement memory lock");
-            memory.reports.get(&m.range).map(|(leader, _)| *leader)
-        };
-        let result = async {
-            self.placement_put(DECISIONS_KEY.to_vec(), encode(&Decision::Move(m)))
-                .await?;
-            let leader = leader.ok_or_else(|| ApiError::Unavailable {
-                range_id: m.range,
-                reason: "no leader reported".into(),
-            })?;
-            let request = KvRequest::MoveReplica {
-                from: m.from,
-                to: m.to,
-            };
-            self.operate_at(leader, m.range, request).await
+        match decision {
+            Decision::Move(_) => {
+                memory.moves.remove(&range);
+            }
+            Decision::Merge { .. } => {
+                memory.merging = None;
+                memory.small_since.remove(&range);
+            }
         }
-        .await;
-        match result {
-            Ok(_) => tracing::info!(range = m.range, from = m.from, to = m.to, "replica moved"),
-            Err(e) => tracing::warn!(
-                range = m.range,
-                from = m.from,
-                to = m.to,
-                "replica move: {e}"
-            ),
-        }
-        let mut memory = self.placement_memory.lock().expect("placement memory lock");
-        memory.moves.remove(&m.range);
-        // The table changes with the next report of the range; until then it stays busy.
-        memory.reports.remove(&m.range);
+        memory.reports.remove(&range);
     }
 
     /// Asks node `leader` (this one or a peer), the leader of range `range`, to carry out the
@@ -741,7 +738,7 @@ impl NodeInner {
 
     /// This node's heartbeat: its record and a report per range it leads. `last` holds the
     /// read and write counters of the previous heartbeat, for the rates.
-    fn heartbeat(&self, last: &mut BTreeMap<RangeId, (u64, u64, Instant)>) -> Heartbeat {
+    fn heartbeat(&self, meter: &mut super::RateMeter) -> Heartbeat {
         let now = Instant::now();
         let mut ranges = Vec::new();
         for group in self.groups() {
@@ -749,11 +746,7 @@ impl NodeInner {
             {
                 continue;
             }
-            let (reads, writes) = group.counters.get();
-            let (r0, w0, t0) = last
-                .insert(group.id, (reads, writes, now))
-                .unwrap_or((reads, writes, now));
-            let secs = now.duration_since(t0).as_secs_f64().max(1e-3);
+            let (reads_per_sec, writes_per_sec) = meter.rates(&group, now);
             let (keys, bytes) = {
                 let state = group.state.read().expect("range state lock");
                 (state.mvcc.key_count() as u64, state.mvcc.stored_bytes())
@@ -768,11 +761,12 @@ impl NodeInner {
                     .collect(),
                 keys,
                 bytes,
-                reads_per_sec: (reads.saturating_sub(r0) as f64 / secs) as u64,
-                writes_per_sec: (writes.saturating_sub(w0) as f64 / secs) as u64,
+                reads_per_sec: reads_per_sec as u64,
+                writes_per_sec: writes_per_sec as u64,
                 frozen: group.frozen(),
             });
         }
+        meter.forget_older_than(now);
         Heartbeat {
             capacity: super::node_capacity(),
             node: NodeRecord {
@@ -879,26 +873,39 @@ impl NodeInner {
     }
 }
 
-fn node_key(id: NodeId) -> Vec<u8> {
-    let mut key = NODES_PREFIX.to_vec();
+/// A put of `key = value` without a lease.
+fn put_request(key: Vec<u8>, value: Vec<u8>) -> PutRequest {
+    PutRequest {
+        key,
+        value,
+        lease: 0,
+        prev_kv: false,
+    }
+}
+
+/// The registry key of `id` under `prefix` (zero-padded: keys sort by id).
+fn registry_key(prefix: &[u8], id: u64) -> Vec<u8> {
+    let mut key = prefix.to_vec();
     key.extend_from_slice(format!("{id:020}").as_bytes());
     key
 }
 
+fn node_key(id: NodeId) -> Vec<u8> {
+    registry_key(NODES_PREFIX, id)
+}
+
 fn range_key(id: RangeId) -> Vec<u8> {
-    let mut key = RANGES_PREFIX.to_vec();
-    key.extend_from_slice(format!("{id:020}").as_bytes());
-    key
+    registry_key(RANGES_PREFIX, id)
 }
 
 /// Heartbeats to the placement leader until the node goes.
 pub(super) async fn heartbeat_loop(inner: Weak<NodeInner>) {
     let mut ticker = super::ticker(Duration::from_millis(HEARTBEAT_INTERVAL_MS));
-    let mut last = BTreeMap::new();
+    let mut meter = super::RateMeter::default();
     loop {
         ticker.tick().await;
         let Some(inner) = inner.upgrade() else { return };
-        let beat = inner.heartbeat(&mut last);
+        let beat = inner.heartbeat(&mut meter);
         if let Err(e) = inner.send_heartbeat(beat).await {
             tracing::debug!("heartbeat: {e}");
         }
@@ -927,7 +934,7 @@ pub(super) async fn schedule_loop(inner: Weak<NodeInner>) {
                 .expect("placement memory lock")
                 .moves
                 .insert(m.range, m);
-            tokio::spawn(inner.clone().carry_out(m));
+            tokio::spawn(inner.clone().carry_out(Decision::Move(m)));
         }
         if let Some(left) = inner.plan_merge_now() {
             tracing::info!(range = left, "scheduling a merge of its right neighbour");
@@ -936,7 +943,7 @@ pub(super) async fn schedule_loop(inner: Weak<NodeInner>) {
                 .lock()
                 .expect("placement memory lock")
                 .merging = Some(left);
-            tokio::spawn(inner.clone().carry_out_merge(left));
+            tokio::spawn(inner.clone().carry_out(Decision::Merge { left }));
         }
     }
 }

@@ -214,6 +214,10 @@ impl NodeInner {
         if let Ok(group) = self.group(id) {
             return Ok(group);
         }
+        // A leader that has not seen the merge yet, or an old lineage, may still name it.
+        if self.retired(id) {
+            return Err(format!("range {id} was merged away"));
+        }
         let group = Arc::new(
             self.opener
                 .open(id, Bounds::default())

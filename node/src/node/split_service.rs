@@ -142,14 +142,6 @@ impl WriteSample {
     }
 }
 
-/// What the split loop remembers of a range between two checks.
-struct LoadTrack {
-    writes: u64,
-    at: Instant,
-    /// Checks in a row past the write threshold.
-    hot: u32,
-}
-
 /// Splits the ranges this node leads that `split_point` or `load_split_point` picks, until the
 /// node goes.
 pub(super) async fn split_loop(inner: Weak<NodeInner>, settings: SplitSettings) {
@@ -157,12 +149,13 @@ pub(super) async fn split_loop(inner: Weak<NodeInner>, settings: SplitSettings) 
         return;
     }
     let mut ticker = super::ticker(Duration::from_millis(settings.check_interval_ms));
-    let mut tracks: BTreeMap<RangeId, LoadTrack> = BTreeMap::new();
+    let mut meter = super::RateMeter::default();
+    // Checks in a row each range has been past the write threshold.
+    let mut hot: BTreeMap<RangeId, u32> = BTreeMap::new();
     loop {
         ticker.tick().await;
         let Some(inner) = inner.upgrade() else { return };
         let now = Instant::now();
-        let mut led = Vec::new();
         for group in inner.groups() {
             if group.id == PLACEMENT_GROUP
                 || !group.raft.is_leader()
@@ -171,21 +164,11 @@ pub(super) async fn split_loop(inner: Weak<NodeInner>, settings: SplitSettings) 
             {
                 continue;
             }
-            led.push(group.id);
-            let (_, writes) = group.counters.get();
-            let track = tracks.entry(group.id).or_insert(LoadTrack {
-                writes,
-                at: now,
-                hot: 0,
-            });
-            let secs = now.duration_since(track.at).as_secs_f64();
-            let rate = writes.saturating_sub(track.writes) as f64 / secs.max(1e-3);
-            let measured = secs > 0.0;
-            (track.writes, track.at) = (writes, now);
-            let hot = settings.writes_per_sec_max != 0
-                && measured
-                && rate > settings.writes_per_sec_max as f64;
-            track.hot = if hot { track.hot + 1 } else { 0 };
+            let (_, rate) = meter.rates(&group, now);
+            let streak = hot.entry(group.id).or_default();
+            let over =
+                settings.writes_per_sec_max != 0 && rate > settings.writes_per_sec_max as f64;
+            *streak = if over { *streak + 1 } else { 0 };
             let (by_size, bounds) = {
                 let state = group.state.read().expect("range state lock");
                 (
@@ -196,7 +179,7 @@ pub(super) async fn split_loop(inner: Weak<NodeInner>, settings: SplitSettings) 
             let sample = group.counters.sample.take();
             let (at, why) = match by_size {
                 Some(at) => (at, "size"),
-                None if track.hot >= settings.hot_checks.max(1) => {
+                None if *streak >= settings.hot_checks.max(1) => {
                     match load_split_point(&sample, &bounds) {
                         Some(at) => (at, "load"),
                         None => {
@@ -213,13 +196,14 @@ pub(super) async fn split_loop(inner: Weak<NodeInner>, settings: SplitSettings) 
             };
             match inner.split_range(&group, at.clone()).await {
                 Ok(_) => {
-                    track.hot = 0;
+                    *streak = 0;
                     tracing::info!(range = group.id, at = ?String::from_utf8_lossy(&at), rate, "split by {why}")
                 }
                 Err(e) => tracing::warn!(range = group.id, "split by {why}: {e}"),
             }
         }
-        tracks.retain(|id, _| led.contains(id));
+        meter.forget_older_than(now);
+        hot.retain(|id, _| meter.knows(*id));
     }
 }
 

@@ -267,21 +267,30 @@ impl StateMachine {
         super::log_store::seed_split_log(batch, engine, new, start);
     }
 
-    /// Persists a merge: the right range's versions become this group's rows, this range's
-    /// bounds and lease rows are rewritten. The right range's own rows are dropped with its
-    /// group, when its replica here is destroyed.
-    fn write_merge(&self, batch: &mut WriteBatch, state: &RangeState, right: &Mvcc) {
-        let engine = &self.engine;
-        let cf_kv = engine.cf(CF_KV);
-        for (key, v) in right.versions() {
+    /// Stores `versions` as rows of this group.
+    fn put_versions<'a>(
+        &self,
+        batch: &mut WriteBatch,
+        versions: impl Iterator<Item = (&'a [u8], &'a Version)>,
+    ) {
+        let cf_kv = self.engine.cf(CF_KV);
+        for (key, v) in versions {
             batch.put_cf(
                 cf_kv,
                 kv_key(self.gid, v.rev, key),
                 encode(&(key, &v.record)),
             );
         }
-        Self::write_bounds(batch, engine, &state.mvcc);
-        Self::rewrite_leases(batch, engine, self.gid, state.mvcc.leases());
+    }
+
+    /// Persists a merge: the versions of the keys taken in (the right range's `right`
+    /// extent) become this group's rows, this range's bounds and lease rows are rewritten.
+    /// The right range's own rows are dropped with its group, when its replica here is
+    /// destroyed.
+    fn write_merge(&self, batch: &mut WriteBatch, state: &RangeState, right: &Bounds) {
+        self.put_versions(batch, state.mvcc.versions_within(right));
+        Self::write_bounds(batch, &self.engine, &state.mvcc);
+        Self::rewrite_leases(batch, &self.engine, self.gid, state.mvcc.leases());
     }
 
     /// Sets how many revisions of events a watcher may fall behind before it is cancelled.
@@ -540,19 +549,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         assert_eq!(mvcc.range_id(), self.gid, "snapshot of another range");
         let _order = self.snapshot_lock.lock().await;
         let mut batch = WriteBatch::default();
-        let cf_kv = self.engine.cf(CF_KV);
         batch.delete_range_cf(
-            cf_kv,
+            self.engine.cf(CF_KV),
             group_key(self.gid, &[]),
             group_key(self.gid + 1, &[]),
         );
-        for (key, v) in mvcc.versions() {
-            batch.put_cf(
-                cf_kv,
-                kv_key(self.gid, v.rev, key),
-                encode(&(key, &v.record)),
-            );
-        }
+        self.put_versions(&mut batch, mvcc.versions());
         Self::rewrite_leases(&mut batch, &self.engine, self.gid, mvcc.leases());
         Self::write_bounds(&mut batch, &self.engine, &mvcc);
         let split_into = mvcc.split_into();

@@ -29,13 +29,37 @@ pub async fn read_at(
     r.kvs.first().map(|kv| (kv.value.clone(), kv.mod_revision))
 }
 
+/// Each written key's last acknowledged value and revision.
+pub type Acked = BTreeMap<Vec<u8>, (Vec<u8>, u64)>;
+
+/// A writer putting `k/w00`..`k/w39` in turn (at most 2,000 puts) until `stop` is set;
+/// panics on a failed put (`during` names what is under way). Returns each key's last
+/// acknowledged value and revision.
+pub fn spawn_writer(
+    client: Client,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    during: &'static str,
+) -> tokio::task::JoinHandle<Acked> {
+    tokio::spawn(async move {
+        let mut acked = BTreeMap::new();
+        let mut n = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 2_000 {
+            let k = format!("k/w{:02}", n % 40).into_bytes();
+            let v = format!("w{n}").into_bytes();
+            let r = client
+                .put(k.clone(), v.clone())
+                .await
+                .unwrap_or_else(|e| panic!("put {k:?} during {during}: {e}"));
+            acked.insert(k, (v, r.header.revision));
+            n += 1;
+        }
+        acked
+    })
+}
+
 /// Puts `keys` in order, the i-th with value `v{i}` and every third (from the first) under
 /// `lease`; returns each key's value and revision as acknowledged.
-pub async fn put_keys(
-    client: &Client,
-    keys: impl Iterator<Item = Vec<u8>>,
-    lease: i64,
-) -> BTreeMap<Vec<u8>, (Vec<u8>, u64)> {
+pub async fn put_keys(client: &Client, keys: impl Iterator<Item = Vec<u8>>, lease: i64) -> Acked {
     let mut acked = BTreeMap::new();
     for (i, key) in keys.enumerate() {
         let value = format!("v{i}").into_bytes();
