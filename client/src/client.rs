@@ -676,6 +676,26 @@ impl Client {
         out
     }
 
+    /// Configures fail point `name` of the node at `addr` with `actions` (the `fail` crate's
+    /// syntax: `return`, `5%return`, `off`, ...). For fault campaigns: a node built without
+    /// the `failpoints` feature refuses.
+    pub async fn configure_fail_point(
+        &self,
+        addr: &str,
+        name: &str,
+        actions: &str,
+    ) -> Result<(), Error> {
+        let request = ClientRequest::FailPoint {
+            name: name.to_string(),
+            actions: actions.to_string(),
+        };
+        match self.inner.send(addr, &request).await? {
+            Ok(ClientReply::FailPointSet) => Ok(()),
+            Ok(other) => Err(Error::Protocol(format!("unexpected reply {other:?}"))),
+            Err(e) => Err(Error::Api(e)),
+        }
+    }
+
     /// Opens a bi-stream to `addr`, sends `request` as its first frame and keeps both
     /// halves open (for a watch channel).
     pub(crate) async fn open_channel(

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use concord_placement::RangeDescriptor;
-use concord_transport::api::{ApiError, ClientRequest, RangeId};
+use concord_transport::api::{ApiError, ClientRequest, KeySpan, RangeId};
 use concord_transport::watch::{
     Event, GroupId, WatchControl, WatchId, WatchMessage, WatchRequest, PROGRESS_INTERVAL_MS,
 };
@@ -87,6 +87,8 @@ pub(crate) enum Command {
     Add {
         id: u64,
         request: WatchRequest,
+        /// The span of the caller's whole watch (`request` has its part in this range).
+        whole: KeySpan,
         sink: Sink,
         ready: oneshot::Sender<Result<(), Error>>,
     },
@@ -117,6 +119,7 @@ impl Client {
                 let add = Command::Add {
                     id,
                     request: part.clone(),
+                    whole: request.span.clone(),
                     sink: sink.clone(),
                     ready: ready_tx,
                 };
@@ -162,6 +165,8 @@ impl Client {
 /// One watch of a channel, as the client keeps it.
 struct Local {
     request: WatchRequest,
+    /// The span of the caller's whole watch, of which `request` is the part in this range.
+    whole: KeySpan,
     sink: Sink,
     /// First revision still owed to the caller (its start revision at first); 0 for a watch
     /// "from now" until it is first established.
@@ -172,6 +177,12 @@ struct Local {
     joined: Option<(GroupId, u64)>,
     /// The caller's buffer was full: the watch is dropped on the node until it catches up.
     behind: bool,
+    /// Waiting for the other pieces of its caller's watch in this range (after a merge):
+    /// not created on the node until they are here and it is one watch with them.
+    pending: bool,
+    /// Pieces of the span owed revisions from a later one than `next` (pieces put together
+    /// after a merge): their events below it were delivered under their former range.
+    floors: Vec<(KeySpan, u64)>,
     ready: Option<oneshot::Sender<Result<(), Error>>>,
 }
 
@@ -185,6 +196,14 @@ impl Local {
             revision >= self.next
         };
         owed && !self.behind
+    }
+
+    /// The first revision owed for `key`.
+    fn floor(&self, key: &[u8]) -> u64 {
+        self.floors
+            .iter()
+            .find(|(span, _)| span.contains(key))
+            .map_or(self.next, |(_, floor)| (*floor).max(self.next))
     }
 
     /// Ends the watch with `e`: its creation fails, or its caller gets the error.
@@ -305,6 +324,7 @@ impl Channel {
                         span,
                         ..start.clone()
                     },
+                    whole: local.whole.clone(),
                     sink: local.sink.clone(),
                     ready: ready.take().unwrap_or(ready_tx),
                 };
@@ -319,6 +339,70 @@ impl Channel {
         }
         self.by_server_id.clear();
         self.groups.clear();
+        self.coalesce();
+    }
+
+    /// Makes one watch of the pieces of each caller's watch in this range, once they cover
+    /// all it selects here; until then they wait (`pending`). Called with no channel open.
+    ///
+    /// After a merge the range holds pieces that were watched in two ranges, each up to its
+    /// own revision. One watch from the lower of the two, with each piece's events owed only
+    /// from its own revision on (`floors`), keeps every guarantee: no event twice, none lost,
+    /// the revisions of the range in order, one response per revision, and no bookmark
+    /// before every piece is in.
+    fn coalesce(&mut self) {
+        let mut callers: Vec<Vec<u64>> = Vec::new();
+        for (id, local) in &self.watches {
+            match callers
+                .iter_mut()
+                .find(|ids| self.watches[&ids[0]].sink.same_channel(&local.sink))
+            {
+                Some(ids) => ids.push(*id),
+                None => callers.push(vec![*id]),
+            }
+        }
+        for ids in callers {
+            let share = clip(&self.desc, &self.watches[&ids[0]].whole);
+            let complete = covers(&share, ids.iter().map(|id| &self.watches[id].request.span));
+            for id in &ids {
+                self.watches.get_mut(id).expect("watch exists").pending = !complete;
+            }
+            if !complete || ids.len() == 1 {
+                continue;
+            }
+            let pieces: Vec<Local> = ids
+                .iter()
+                .map(|id| self.watches.remove(id).expect("watch exists"))
+                .collect();
+            let owed = |l: &Local| if l.next == 0 { u64::MAX } else { l.next };
+            let next = pieces.iter().map(owed).min().unwrap_or(u64::MAX);
+            let mut floors = Vec::new();
+            let mut ready = None;
+            for piece in &pieces {
+                floors.extend(piece.floors.iter().cloned());
+                if owed(piece) > next {
+                    floors.push((piece.request.span.clone(), piece.next));
+                }
+            }
+            let mut pieces = pieces.into_iter();
+            let mut whole = pieces.next().expect("two pieces or more");
+            for piece in pieces {
+                match (&ready, piece.ready) {
+                    (None, Some(r)) => ready = Some(r),
+                    // Two callers waiting on one creation: the first is told now.
+                    (Some(_), Some(r)) => {
+                        let _ = r.send(Ok(()));
+                    }
+                    _ => {}
+                }
+            }
+            whole.request.span = share;
+            whole.next = if next == u64::MAX { 0 } else { next };
+            whole.floors = floors;
+            whole.pending = false;
+            whole.ready = whole.ready.take().or(ready);
+            self.watches.insert(ids[0], whole);
+        }
     }
 
     /// Ends every watch with `e`.
@@ -336,6 +420,7 @@ impl Channel {
             Command::Add {
                 id,
                 request,
+                whole,
                 sink,
                 ready,
             } => {
@@ -344,11 +429,14 @@ impl Channel {
                     id,
                     Local {
                         request,
+                        whole,
                         sink,
                         next,
                         server_id: 0,
                         joined: None,
                         behind: false,
+                        pending: false,
+                        floors: Vec::new(),
                         ready: Some(ready),
                     },
                 );
@@ -444,7 +532,7 @@ impl Channel {
         let ids: Vec<u64> = self
             .watches
             .iter()
-            .filter(|(_, l)| !l.behind)
+            .filter(|(_, l)| !l.behind && !l.pending)
             .map(|(id, _)| *id)
             .collect();
         for id in ids {
@@ -501,6 +589,21 @@ impl Channel {
         match command {
             Command::Add { id, .. } => {
                 self.command_offline(command);
+                let local = &self.watches[&id];
+                let alone = self
+                    .watches
+                    .iter()
+                    .all(|(other, l)| *other == id || !l.sink.same_channel(&local.sink));
+                let share = clip(&self.desc, &local.whole);
+                if !alone || !covers(&share, std::iter::once(&local.request.span)) {
+                    // A piece of a watch whose range took in its neighbour's keys (or that
+                    // this channel's descriptor is too old for): plan the channel again over
+                    // fresh routes, which makes one watch of the pieces.
+                    return Err(ChannelEnd::Moved(Error::Protocol(format!(
+                        "range {} holds more of a watch than this channel planned for",
+                        self.desc.id
+                    ))));
+                }
                 self.create(send, id).await.map_err(ChannelEnd::Resume)
             }
             Command::Remove { id } => {
@@ -561,11 +664,25 @@ impl Channel {
                 }
             }
             WatchMessage::Progress { header } => {
+                // One bookmark per caller, and only once its watches established here cover
+                // all it selects in the range: a part moving in from a range merged into this
+                // one may still bring events at or below the bookmark's revision.
+                let mut bookmarked: Vec<&Sink> = Vec::new();
                 for (local_id, local) in &self.watches {
-                    if local.request.progress_notify
+                    let wants = local.request.progress_notify
                         && local.joined.is_some()
-                        && local.owes(header.revision, true)
-                    {
+                        && local.owes(header.revision, true);
+                    if !wants || bookmarked.iter().any(|s| s.same_channel(&local.sink)) {
+                        continue;
+                    }
+                    let established = self
+                        .watches
+                        .values()
+                        .filter(|l| l.sink.same_channel(&local.sink))
+                        .filter(|l| l.joined.is_some() && !l.behind)
+                        .map(|l| &l.request.span);
+                    if covers(&clip(&self.desc, &local.whole), established) {
+                        bookmarked.push(&local.sink);
                         deliveries.push((*local_id, response(header.revision, Vec::new(), true)));
                     }
                 }
@@ -606,9 +723,23 @@ impl Channel {
             return Ok(());
         }
         let revision = response.revision;
+        let mut response = response;
+        if !local.floors.is_empty() && !response.progress {
+            response
+                .events
+                .retain(|e| local.floor(&e.kv.key) <= revision);
+            if response.events.is_empty() {
+                local.next = local.next.max(revision + 1);
+                let next = local.next;
+                local.floors.retain(|(_, floor)| *floor > next);
+                return Ok(());
+            }
+        }
         match local.sink.try_send(Ok(response)) {
             Ok(()) => {
                 local.next = local.next.max(revision + 1);
+                let next = local.next;
+                local.floors.retain(|(_, floor)| *floor > next);
                 Ok(())
             }
             Err(TrySendError::Full(_)) => {
@@ -638,6 +769,33 @@ impl Channel {
     }
 }
 
+/// Whether `parts` (disjoint pieces of one watch) cover all of `span`.
+fn covers<'a>(span: &KeySpan, parts: impl Iterator<Item = &'a KeySpan>) -> bool {
+    let Some(end) = &span.end else {
+        // A single key: a part is the key itself.
+        return parts.into_iter().any(|p| p == span);
+    };
+    let mut parts: Vec<&KeySpan> = parts.filter(|p| p.end.is_some()).collect();
+    parts.sort_by(|a, b| a.key.cmp(&b.key));
+    // Everything below `reached` is covered; `None`: everything is.
+    let mut reached: Option<&[u8]> = Some(&span.key);
+    for p in parts {
+        let Some(at) = reached else { break };
+        if p.key.as_slice() > at {
+            break;
+        }
+        reached = match p.end.as_deref() {
+            Some([]) => None,
+            Some(e) if e > at => Some(e),
+            _ => Some(at),
+        };
+    }
+    match reached {
+        None => true,
+        Some(at) => !end.is_empty() && at >= end.as_slice(),
+    }
+}
+
 /// How a `Cancelled` from the node ends the channel.
 fn cancelled(e: ApiError) -> ChannelEnd {
     if e.is_stale_route() {
@@ -648,5 +806,45 @@ fn cancelled(e: ApiError) -> ChannelEnd {
         | ApiError::Unavailable { .. }
         | ApiError::NotLeader { .. } => ChannelEnd::Resume(Error::Api(e)),
         e => ChannelEnd::Fatal(Error::Api(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn interval(from: &str, to: &str) -> KeySpan {
+        KeySpan {
+            key: from.as_bytes().to_vec(),
+            end: Some(to.as_bytes().to_vec()),
+        }
+    }
+
+    #[test]
+    fn a_bookmark_waits_for_parts_covering_the_whole_range() {
+        let whole = interval("b", "m");
+        assert!(covers(&whole, [&interval("b", "m")].into_iter()));
+        assert!(covers(
+            &whole,
+            [&interval("f", "m"), &interval("b", "f")].into_iter()
+        ));
+        // A part merged in from the right neighbour has not joined yet.
+        assert!(!covers(&whole, [&interval("b", "f")].into_iter()));
+        assert!(!covers(
+            &whole,
+            [&interval("b", "d"), &interval("e", "m")].into_iter()
+        ));
+        assert!(!covers(&whole, std::iter::empty()));
+        // Unbounded on the right.
+        let tail = interval("b", "");
+        assert!(covers(
+            &tail,
+            [&interval("b", "x"), &interval("x", "")].into_iter()
+        ));
+        assert!(!covers(&tail, [&interval("b", "x")].into_iter()));
+        // A single key.
+        let key = KeySpan::key(b"k".to_vec());
+        assert!(covers(&key, [&key].into_iter()));
+        assert!(!covers(&key, std::iter::empty()));
     }
 }

@@ -23,7 +23,7 @@ use crate::linearizability::{self, Report};
 use crate::nemesis::{schedule, Fault, Kind, Step, DISK_FULL_POINT};
 use crate::watches::{self, Seen, SeenEvent};
 use crate::workload::{self, History, Mix};
-use crate::{leases, locks};
+use crate::{leases, locks, reshape};
 
 /// Longest a cluster may take to be ready (at start and after the faults are healed).
 const READY_MAX: Duration = Duration::from_secs(60);
@@ -281,7 +281,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
         ));
     }
 
-    let applied = inject(&mut cluster, &steps, config.duration, &history).await;
+    let applied = inject(&mut cluster, &steps, config.duration, config.keys, &history).await;
     let healed = async {
         cluster.heal_all()?;
         cluster.wait_ready(READY_MAX).await
@@ -392,8 +392,12 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
 #[derive(Debug, Clone, serde::Serialize)]
 struct Applied {
     step: Step,
-    /// The hosts it was applied to, once resolved (the leader for `IsolateLeader`).
+    /// The hosts it was applied to, once resolved (the leader for `IsolateLeader`, the node
+    /// armed to crash for a split, merge or move).
     hosts: Vec<usize>,
+    /// For a split, merge or move: what the cluster answered.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    outcome: String,
     started_ns: u64,
     healed_ns: u64,
 }
@@ -404,6 +408,7 @@ async fn inject(
     cluster: &mut Cluster,
     steps: &[Step],
     duration: Duration,
+    registers: u64,
     history: &History,
 ) -> anyhow::Result<Vec<Applied>> {
     let until = Instant::now() + duration;
@@ -415,14 +420,16 @@ async fn inject(
         }
         tokio::time::sleep(gap).await;
         let started_ns = history.now_ns();
-        let hosts = apply(cluster, &step.fault).await?;
+        let (hosts, outcome) = apply(cluster, &step.fault, registers).await?;
         let hold = Duration::from_millis(step.hold_ms)
             .min(until.saturating_duration_since(Instant::now()));
         tokio::time::sleep(hold).await;
+        cluster.disarm_live().await;
         cluster.heal_all()?;
         applied.push(Applied {
             step: step.clone(),
             hosts,
+            outcome,
             started_ns,
             healed_ns: history.now_ns(),
         });
@@ -430,41 +437,43 @@ async fn inject(
     Ok(applied)
 }
 
-/// Applies one fault; returns the hosts it hit.
-async fn apply(cluster: &mut Cluster, fault: &Fault) -> anyhow::Result<Vec<usize>> {
-    match fault {
+/// Applies one fault over `registers` registers; returns the hosts it hit and, for a split,
+/// merge or move, what the cluster answered.
+async fn apply(
+    cluster: &mut Cluster,
+    fault: &Fault,
+    registers: u64,
+) -> anyhow::Result<(Vec<usize>, String)> {
+    let hosts = match fault {
         Fault::Kill(hosts) => {
             for &h in hosts {
                 cluster.kill(h)?;
             }
-            Ok(hosts.clone())
+            hosts.clone()
         }
         Fault::Pause(h) => {
             cluster.pause(*h)?;
-            Ok(vec![*h])
+            vec![*h]
         }
         Fault::Partition(side) => {
             cluster.net().partition(side)?;
-            Ok(side.clone())
+            side.clone()
         }
-        Fault::IsolateLeader(n) => {
-            let leader = cluster.leader_of_nth_range(*n).await;
-            match leader {
-                Some(h) => {
-                    cluster.net().partition(&[h])?;
-                    Ok(vec![h])
-                }
-                // No leader known right now: nothing to isolate this time.
-                None => Ok(Vec::new()),
+        Fault::IsolateLeader(n) => match cluster.leader_of_nth_range(*n).await {
+            Some(h) => {
+                cluster.net().partition(&[h])?;
+                vec![h]
             }
-        }
+            // No leader known right now: nothing to isolate this time.
+            None => Vec::new(),
+        },
         Fault::Bridge { left, right } => {
             for &a in left {
                 for &b in right {
                     cluster.net().cut(a, b)?;
                 }
             }
-            Ok(left.iter().chain(right).copied().collect())
+            left.iter().chain(right).copied().collect()
         }
         Fault::CrashPoint {
             host,
@@ -472,11 +481,11 @@ async fn apply(cluster: &mut Cluster, fault: &Fault) -> anyhow::Result<Vec<usize
             percent,
         } => {
             cluster.arm(*host, &format!("{point}={percent}%return"))?;
-            Ok(vec![*host])
+            vec![*host]
         }
         Fault::DiskFull(host) => {
             cluster.arm(*host, &format!("{DISK_FULL_POINT}=return"))?;
-            Ok(vec![*host])
+            vec![*host]
         }
         Fault::Clock {
             host,
@@ -485,7 +494,7 @@ async fn apply(cluster: &mut Cluster, fault: &Fault) -> anyhow::Result<Vec<usize
         } => {
             let rate = f64::from(*rate_pct) / 100.0;
             cluster.skew_clock(*host, &format!("{offset_s:+} x{rate}"))?;
-            Ok(vec![*host])
+            vec![*host]
         }
         Fault::Lossy {
             host,
@@ -493,9 +502,13 @@ async fn apply(cluster: &mut Cluster, fault: &Fault) -> anyhow::Result<Vec<usize
             rate_kbit,
         } => {
             cluster.net().lossy(*host, *loss_pct, *rate_kbit)?;
-            Ok(vec![*host])
+            vec![*host]
         }
-    }
+        Fault::Split { .. } | Fault::Merge { .. } | Fault::Move { .. } => {
+            return reshape::apply(cluster, fault, registers).await;
+        }
+    };
+    Ok((hosts, String::new()))
 }
 
 fn write_lines<T: serde::Serialize>(path: &std::path::Path, items: &[T]) -> anyhow::Result<()> {

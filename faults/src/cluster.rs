@@ -30,6 +30,8 @@ pub struct Cluster {
     paused: Vec<bool>,
     /// Per host: running with fail points or a skewed clock (restarted without when healed).
     altered: Vec<bool>,
+    /// Fail points armed on running nodes (by request, no restart), to disarm when healed.
+    armed_live: Vec<(usize, String)>,
 }
 
 /// Where Debian's `libfaketime` package puts its multi-threaded library.
@@ -90,6 +92,7 @@ impl Cluster {
             procs: (0..nodes).map(|_| None).collect(),
             paused: vec![false; nodes],
             altered: vec![false; nodes],
+            armed_live: Vec::new(),
         };
         for host in 0..nodes {
             cluster.spawn(host, &[])?;
@@ -161,6 +164,46 @@ impl Cluster {
     pub fn arm(&mut self, host: usize, failpoints: &str) -> anyhow::Result<()> {
         self.kill(host)?;
         self.spawn(host, &[("FAILPOINTS", failpoints.to_string())])
+    }
+
+    /// Arms fail point `point` (`return`: crash there) on `host`'s running node, by request,
+    /// without a restart; [`Cluster::disarm_live`] takes it back.
+    pub async fn arm_live(&mut self, host: usize, point: &str) -> anyhow::Result<()> {
+        let client = Client::connect(self.client_config(Duration::from_secs(2))).await?;
+        client
+            .configure_fail_point(&self.endpoint(host), point, "return")
+            .await
+            .with_context(|| format!("arming {point} on host {host}"))?;
+        self.armed_live.push((host, point.to_string()));
+        Ok(())
+    }
+
+    /// Disarms the fail points [`Cluster::arm_live`] armed on nodes still running; a node that
+    /// does not answer is marked for a restart by [`Cluster::heal_all`] (which starts every
+    /// node without fail points).
+    pub async fn disarm_live(&mut self) {
+        let armed = std::mem::take(&mut self.armed_live);
+        if armed.is_empty() {
+            return;
+        }
+        let client = Client::connect(self.client_config(Duration::from_secs(2)))
+            .await
+            .ok();
+        for (host, point) in armed {
+            if !self.running(host) || self.exited(host) {
+                continue;
+            }
+            let off = match &client {
+                Some(c) => c
+                    .configure_fail_point(&self.endpoint(host), &point, "off")
+                    .await
+                    .is_ok(),
+                None => false,
+            };
+            if !off {
+                self.altered[host] = true;
+            }
+        }
     }
 
     /// Restarts `host`'s node with its wall clock skewed by `libfaketime` (`faketime` in its

@@ -33,7 +33,39 @@ pub enum Kind {
     /// One node restarted with its wall clock skewed (hours to days off, running slow or
     /// fast) by `libfaketime`.
     Clock,
+    /// A range split at a register's key under traffic; half the time one of its replicas
+    /// crashes as it applies the split (before or after writing it).
+    Split,
+    /// A range merged with its right neighbour under traffic; half the time a replica crashes
+    /// as it applies the freeze or the merge.
+    Merge,
+    /// A replica of a range moved to a node without one under traffic; half the time the
+    /// leader crashes between adding the learner and promoting it, or the new replica as it
+    /// installs its snapshot. (A no-op on a cluster of 3: every node holds every range.)
+    Move,
 }
+
+/// Where a structural fault ([`Kind::Split`], [`Kind::Merge`], [`Kind::Move`]) crashes a node:
+/// a fail point armed on a running node just before the operation (no restart), disarmed
+/// when healed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Crash {
+    /// The fail point.
+    pub point: String,
+    /// Which of the voters it is armed on (modulo their number) for a split or merge point;
+    /// a move's points name their node (the leader, the new replica).
+    pub voter: usize,
+}
+
+/// The fail points of a split (`node/src/storage/state_machine.rs`).
+pub const SPLIT_POINTS: [&str; 2] = ["split-apply", "split-or-merge-applied"];
+
+/// The fail points of a merge: the right range's freeze, then the left range's merge.
+pub const MERGE_POINTS: [&str; 3] = ["freeze-apply", "merge-apply", "split-or-merge-applied"];
+
+/// The fail points of a replica move: on the leader between learner and voter
+/// (`node/src/node/replica_service.rs`), on the new replica as it installs its snapshot.
+pub const MOVE_POINTS: [&str; 2] = ["move-learner-added", "snapshot-install"];
 
 /// The fail point [`Kind::DiskFull`] arms (see `node/src/storage/mod.rs`).
 pub const DISK_FULL_POINT: &str = "storage-write-error";
@@ -50,7 +82,7 @@ pub const CRASH_POINTS: [&str; 5] = [
 
 impl Kind {
     /// Every kind, in a fixed order.
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 13] = [
         Kind::Kill,
         Kind::KillAll,
         Kind::Pause,
@@ -61,6 +93,9 @@ impl Kind {
         Kind::CrashPoint,
         Kind::DiskFull,
         Kind::Clock,
+        Kind::Split,
+        Kind::Merge,
+        Kind::Move,
     ];
 
     fn name(self) -> &'static str {
@@ -75,6 +110,9 @@ impl Kind {
             Kind::CrashPoint => "crash-point",
             Kind::DiskFull => "disk-full",
             Kind::Clock => "clock",
+            Kind::Split => "split",
+            Kind::Merge => "merge",
+            Kind::Move => "move",
         }
     }
 }
@@ -145,6 +183,31 @@ pub enum Fault {
         /// Most bits per second it sends, in kbit/s.
         rate_kbit: u32,
     },
+    /// Split the range holding register `register`'s key (modulo the registers) at that key.
+    Split {
+        /// The register.
+        register: u64,
+        /// A replica's crash, if any.
+        crash: Option<Crash>,
+    },
+    /// Merge the `range`-th range (in key order, modulo their number) with its right
+    /// neighbour.
+    Merge {
+        /// Which range.
+        range: usize,
+        /// A replica's crash, if any.
+        crash: Option<Crash>,
+    },
+    /// Move a replica of the `range`-th range (in key order, modulo their number): the
+    /// `pick`-th of its voters other than the leader to the `pick`-th node without a replica.
+    Move {
+        /// Which range.
+        range: usize,
+        /// Which voter leaves and which node receives (modulo their numbers).
+        pick: usize,
+        /// A crash, if any.
+        crash: Option<Crash>,
+    },
 }
 
 /// One step of a schedule: a healthy gap, then the fault held for a while, then healed.
@@ -178,6 +241,16 @@ impl Rng {
     /// A number in `[low, high)`.
     pub fn between(&mut self, low: u64, high: u64) -> u64 {
         low + self.next_u64() % (high - low).max(1)
+    }
+
+    /// Half the time, a crash at one of `points` on a voter.
+    fn crash(&mut self, points: &[&str]) -> Option<Crash> {
+        let point = points[self.between(0, points.len() as u64) as usize];
+        let voter = self.between(0, 64) as usize;
+        (self.between(0, 2) == 0).then(|| Crash {
+            point: point.to_string(),
+            voter,
+        })
     }
 
     /// `count` distinct hosts out of `hosts`.
@@ -275,6 +348,23 @@ pub fn schedule(seed: u64, kinds: &[Kind], hosts: usize, count: usize) -> Vec<St
                     },
                     rng.between(2_000, 8_000),
                 ),
+                Kind::Split => {
+                    let register = rng.between(0, 1_000);
+                    let crash = rng.crash(&SPLIT_POINTS);
+                    (Fault::Split { register, crash }, rng.between(1_000, 6_000))
+                }
+                Kind::Merge => {
+                    let range = rng.between(0, 64) as usize;
+                    let crash = rng.crash(&MERGE_POINTS);
+                    (Fault::Merge { range, crash }, rng.between(1_000, 6_000))
+                }
+                Kind::Move => {
+                    let range = rng.between(0, 64) as usize;
+                    let pick = rng.between(0, 64) as usize;
+                    let crash = rng.crash(&MOVE_POINTS);
+                    let fault = Fault::Move { range, pick, crash };
+                    (fault, rng.between(1_000, 6_000))
+                }
             };
             Step {
                 gap_ms: rng.between(500, 3_000),
@@ -318,7 +408,10 @@ mod tests {
                     | Fault::Lossy { host: h, .. }
                     | Fault::Clock { host: h, .. }
                     | Fault::CrashPoint { host: h, .. } => assert!(h < 5),
-                    Fault::IsolateLeader(_) => {}
+                    Fault::IsolateLeader(_)
+                    | Fault::Split { .. }
+                    | Fault::Merge { .. }
+                    | Fault::Move { .. } => {}
                 }
             }
         }

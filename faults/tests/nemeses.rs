@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use concord_client::api::Consistency;
-use concord_faults::campaign::{self, Config, Outcome};
+use concord_faults::campaign::{self, Config};
 use concord_faults::nemesis::Kind;
 
 /// One campaign at a time: each is a cluster of processes on a 2-core machine.
@@ -35,8 +35,27 @@ fn concord_bin() -> PathBuf {
     bin
 }
 
-/// Runs a campaign; on success returns its outcome and the node logs.
-fn campaign(name: &str, seed: u64, nemeses: &[Kind], duration: Duration) -> (Outcome, String) {
+/// What a campaign that passed leaves to look at.
+struct Passed {
+    /// The node logs, concatenated.
+    logs: String,
+    /// The faults as applied (`faults.jsonl`).
+    faults: String,
+}
+
+/// Runs a campaign on 3 nodes; on success returns what it left.
+fn campaign(name: &str, seed: u64, nemeses: &[Kind], duration: Duration) -> Passed {
+    campaign_on(3, name, seed, nemeses, duration)
+}
+
+/// Runs a campaign on `nodes` nodes.
+fn campaign_on(
+    nodes: usize,
+    name: &str,
+    seed: u64,
+    nemeses: &[Kind],
+    duration: Duration,
+) -> Passed {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     assert!(
         concord_faults::netns::available(),
@@ -48,7 +67,7 @@ fn campaign(name: &str, seed: u64, nemeses: &[Kind], duration: Duration) -> (Out
         seed,
         duration,
         nemeses: nemeses.to_vec(),
-        nodes: 3,
+        nodes,
         ranges: 4,
         clients: 6,
         lock_clients: 3,
@@ -107,8 +126,9 @@ fn campaign(name: &str, seed: u64, nemeses: &[Kind], duration: Duration) -> (Out
             logs.push_str(&std::fs::read_to_string(&path).expect("node log"));
         }
     }
+    let faults = std::fs::read_to_string(out.join("faults.jsonl")).expect("faults.jsonl");
     let _ = std::fs::remove_dir_all(&out);
-    (outcome, logs)
+    Passed { logs, faults }
 }
 
 #[test]
@@ -148,7 +168,7 @@ fn crashes_at_storage_fail_points_keep_every_key_linearizable() {
 
 #[test]
 fn a_full_disk_and_skewed_wall_clocks_keep_every_key_linearizable() {
-    let (_, logs) = campaign(
+    let Passed { logs, .. } = campaign(
         "disk-and-clock",
         5,
         &[Kind::DiskFull, Kind::Clock],
@@ -158,5 +178,27 @@ fn a_full_disk_and_skewed_wall_clocks_keep_every_key_linearizable() {
     assert!(
         logs.contains("write of the node's store failed"),
         "no node saw its disk full"
+    );
+}
+
+#[test]
+fn splits_merges_and_moves_with_crashes_keep_every_key_linearizable() {
+    // Four nodes, so that a range (three replicas) has somewhere to move.
+    let Passed { faults, logs, .. } = campaign_on(
+        4,
+        "reshape",
+        86,
+        &[Kind::Split, Kind::Merge, Kind::Move, Kind::Kill],
+        Duration::from_secs(45),
+    );
+    for operation in ["split range", "merge range", "move range"] {
+        let done = faults
+            .lines()
+            .any(|f| f.contains(operation) && f.contains(": done"));
+        assert!(done, "no {operation} went through:\n{faults}");
+    }
+    assert!(
+        logs.contains("fail point") && logs.contains("crashing"),
+        "no node crashed at a split, merge or move fail point:\n{faults}"
     );
 }

@@ -212,3 +212,77 @@ async fn ranges_that_split_merge_back_once_small_and_cold() {
     );
     cluster.shutdown().await;
 }
+
+/// Regression (campaign seeds 6 and 86 of `split,merge,move,kill`): after a merge, the piece
+/// of a watch that came from the range merged away joined the merging range's channel late,
+/// as a second watch: the range's responses went back in revision, one txn's revision came
+/// in two responses, and a bookmark of the range came before events at or below it. The
+/// pieces are now one watch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_across_a_merge_keeps_each_range_in_order_atomic_and_bookmarked() {
+    use concord_client::api::{PutRequest, TxnOp, TxnRequest};
+
+    let cluster = Cluster::start(3, 2).await;
+    let client = cluster.client().await;
+    client.split(key(30)).await.expect("split");
+    let mut request = WatchRequest::new(KeySpan::prefix(b"k/".to_vec()));
+    request.progress_notify = true;
+    let mut watcher = client.watch(request).await.expect("watch");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = common::spawn_writer(client.clone(), stop.clone(), "the merge");
+    client.merge(2).await.expect("merge");
+    // Then txns that write a key of each former half at once.
+    let put = |k: Vec<u8>| {
+        TxnOp::Put(PutRequest {
+            key: k,
+            value: b"txn".to_vec(),
+            lease: 0,
+            prev_kv: false,
+        })
+    };
+    let mut last = 0;
+    for i in 0..20 {
+        let txn = TxnRequest {
+            fence: None,
+            compares: vec![],
+            success: vec![put(key(i)), put(key(30 + i))],
+            failure: vec![],
+        };
+        last = client.txn(txn).await.expect("txn").header.revision;
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.await.expect("writer");
+
+    let checked = tokio::time::timeout(WAIT, async {
+        let (mut latest, mut bookmarks) = (BTreeMap::new(), BTreeMap::new());
+        loop {
+            let r = watcher.next().await.expect("watch open").expect("watch");
+            if r.progress {
+                let b = bookmarks.entry(r.range_id).or_insert(0);
+                *b = r.revision.max(*b);
+                continue;
+            }
+            let bookmark = bookmarks.get(&r.range_id).copied().unwrap_or(0);
+            assert!(
+                r.revision > bookmark,
+                "range {} revision {} after a bookmark at {bookmark}",
+                r.range_id,
+                r.revision
+            );
+            let previous = latest.insert(r.range_id, r.revision).unwrap_or(0);
+            assert!(
+                r.revision > previous,
+                "range {} went from revision {previous} to {} (or repeated it)",
+                r.range_id,
+                r.revision
+            );
+            if r.revision == last {
+                assert_eq!(r.events.len(), 2, "the last txn in one response: {r:?}");
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(checked.is_ok(), "the last txn reached the watch");
+    cluster.shutdown().await;
+}

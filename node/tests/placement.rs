@@ -7,10 +7,11 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{eventually, Cluster};
+use common::{eventually, Cluster, WAIT};
 use concord_client::api::{Consistency, KeySpan, NodeId, RangeRequest};
 use concord_client::Client;
 use concord_placement::replicas::NodeState;
+use concord_transport::watch::WatchRequest;
 
 /// Writes `count` keys spread over the keyspace; returns them with their values.
 async fn write_keys(client: &Client, count: usize) -> BTreeMap<Vec<u8>, Vec<u8>> {
@@ -139,6 +140,60 @@ async fn a_replica_moved_by_hand_serves_and_the_old_one_is_deleted() {
         .expect("move range 2 off its leader");
     assert!(moved.voters.contains(&to) && !moved.voters.contains(&leader));
     check_keys(&client, &more).await;
+    cluster.shutdown().await;
+}
+
+/// Regression (campaign seed 6 of `split,merge,move,kill`): a watch channel on a replica that
+/// was moved away held the removed group and served its last revision for ever — progress
+/// bookmarks, never another event. Removing a replica now ends its channels, and the client
+/// resumes at a replica the routes name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_served_by_a_replica_moved_away_resumes_elsewhere() {
+    let mut cluster = Cluster::start_tuned(3, 2, |c| c.placement.schedule = false).await;
+    let client = cluster.client().await;
+    cluster.join(4).await;
+    eventually("node 4 registered", || async {
+        let report = client.placement().await.map_err(|e| e.to_string())?;
+        match report.nodes.iter().find(|n| n.id == 4) {
+            Some(n) if n.state == NodeState::Up => Ok(()),
+            other => Err(format!("node 4: {other:?}")),
+        }
+    })
+    .await;
+    // Range 1 ([.., "U")) on nodes 1, 2, 3: a watch channel goes to the first, node 1.
+    let mut watcher = client
+        .watch(WatchRequest::new(KeySpan::prefix(b"A/".to_vec())))
+        .await
+        .expect("watch");
+    let moved = client.move_replica(1, 1, 4).await.expect("move range 1");
+    assert_eq!(moved.voters, vec![2, 3, 4]);
+    eventually("node 1's replica deleted", || async {
+        let hosted = cluster.hosted();
+        if hosted[&1].contains(&1) {
+            Err(format!("hosted: {hosted:?}"))
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+    let put = client
+        .put(b"A/after-the-move".to_vec(), b"v".to_vec())
+        .await
+        .expect("put");
+    let seen = tokio::time::timeout(WAIT, async {
+        loop {
+            let r = watcher.next().await.expect("watch open").expect("watch");
+            if r.events.iter().any(|e| e.kv.key == b"A/after-the-move") {
+                return r.revision;
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        seen.ok(),
+        Some(put.header.revision),
+        "the write after the move reached the watch"
+    );
     cluster.shutdown().await;
 }
 

@@ -519,6 +519,16 @@ pub enum ClientRequest {
         /// The node.
         node: NodeId,
     },
+    /// Configure fail point `name` of this node with `actions` (the `fail` crate's syntax,
+    /// e.g. `return`, `5%return`, `off`): how fault campaigns crash a node at a dangerous
+    /// place at the moment they choose. Refused by a node built without the `failpoints`
+    /// feature (every release build).
+    FailPoint {
+        /// The fail point.
+        name: String,
+        /// What it does from now on.
+        actions: String,
+    },
 }
 
 /// One node in the placement service's registry.
@@ -683,6 +693,8 @@ pub enum ClientReply {
     Status(StatusResponse),
     /// To [`ClientRequest::Placement`] and [`ClientRequest::Decommission`].
     Placement(PlacementReport),
+    /// To [`ClientRequest::FailPoint`]: configured.
+    FailPointSet,
 }
 
 /// One response frame of the client protocol.

@@ -39,7 +39,9 @@ struct RunArgs {
     duration: Duration,
     /// Kinds of fault, comma-separated, or `all`: kill, kill-all, pause, partition,
     /// isolate-leader, bridge, lossy, crash-point and disk-full (both need a concord built
-    /// with the failpoints feature), clock (needs libfaketime).
+    /// with the failpoints feature), clock (needs libfaketime), split, merge and move (a
+    /// range split, merged or a replica moved under traffic, half the time with a node
+    /// crashing at the operation's fail points; `move` needs more than 3 nodes).
     #[arg(long, default_value = "all")]
     nemesis: String,
     /// Nodes.

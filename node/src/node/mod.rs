@@ -515,6 +515,12 @@ impl Group {
         state.mvcc.check_epoch(epoch)
     }
 
+    /// Ends every watch channel of this replica (each sees its event channel closed).
+    fn close_watches(&self) {
+        let mut state = self.state.write().expect("range state lock");
+        state.events = tokio::sync::broadcast::channel(state.watch_buffer).0;
+    }
+
     /// Whether this replica holds the range's state (a range started empty, to be caught up
     /// by a snapshot, does not yet).
     fn has_state(&self) -> bool {
@@ -844,7 +850,21 @@ async fn handle_client(inner: &NodeInner, request: ClientRequest) -> ClientRespo
         ClientRequest::Watch { .. } => Err(ApiError::InvalidRequest(
             "a watch is served on its own stream".into(),
         )),
+        ClientRequest::FailPoint { name, actions } => {
+            configure_fail_point(&name, &actions).map(|()| ClientReply::FailPointSet)
+        }
     }
+}
+
+/// Configures fail point `name` with `actions`, in a build with fail points only.
+fn configure_fail_point(name: &str, actions: &str) -> Result<(), ApiError> {
+    if !cfg!(feature = "failpoints") {
+        return Err(ApiError::InvalidRequest(
+            "this node is built without fail points (cargo feature `failpoints`)".into(),
+        ));
+    }
+    tracing::warn!(name, actions, "fail point configured");
+    fail::cfg(name, actions).map_err(ApiError::InvalidRequest)
 }
 
 fn not_leader(range_id: RangeId, leader_hint: Option<NodeId>) -> ApiError {

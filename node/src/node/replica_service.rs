@@ -138,6 +138,8 @@ impl NodeInner {
                 ));
             }
         }
+        // The learner has caught up; the voters are still the old ones.
+        crate::storage::crash_point("move-learner-added");
         let mut new_voters = voters;
         new_voters.remove(&from);
         new_voters.insert(to);
@@ -373,6 +375,9 @@ impl NodeInner {
         if let Err(e) = group.raft.shutdown().await {
             tracing::warn!(range = id, "shutting a removed replica down: {e}");
         }
+        // Its watch channels end (they hold the group, which would otherwise serve them its
+        // last revision for ever): their clients resume at a replica that still has it.
+        group.close_watches();
         drop(group);
         if let Err(e) = self.engine.destroy_group(id).await {
             tracing::error!(range = id, "deleting a removed replica: {e}");

@@ -230,8 +230,10 @@ impl NodeInner {
                         });
                     }
                     Err(RecvError::Closed) => {
-                        // A split: the client re-plans its watches over the new ranges.
-                        if let Err(e) = group.check_epoch(epoch) {
+                        // A split, a freeze or a merge: the client re-plans its watches over
+                        // the new ranges. A replica removed from the range (moved away) no
+                        // longer hosts it: the client asks the routes for its replicas.
+                        if let Err(e) = self.group_at(range_id, epoch) {
                             return End::Cancel(e);
                         }
                         return End::Cancel(ApiError::Unavailable {

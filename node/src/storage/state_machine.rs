@@ -491,6 +491,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         }
                         Mutation::Lease(change) => self.write_lease(&mut batch, &change),
                         Mutation::Split(right) => {
+                            // Applied in memory, nothing of it on disk yet.
+                            super::crash_point("split-apply");
                             self.write_split(&mut batch, &state, &right);
                             split_into.push(right.range_id());
                             // Watchers of the range resume from the route table (their
@@ -498,13 +500,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             state.events = broadcast::channel(state.watch_buffer).0;
                         }
                         Mutation::Frozen => {
+                            super::crash_point("freeze-apply");
                             Self::write_bounds(&mut batch, &self.engine, &state.mvcc);
                             // Watchers move on to the merging range (by `StaleEpoch`).
                             state.events = broadcast::channel(state.watch_buffer).0;
                         }
                         Mutation::Merge(right) => {
+                            super::crash_point("merge-apply");
                             self.write_merge(&mut batch, &state, &right);
                             merged = true;
+                            // Watchers re-plan over the range's new extent (by `StaleEpoch`):
+                            // the watches of the keys taken in join them on this range, and
+                            // no bookmark of the range goes out before they have.
+                            state.events = broadcast::channel(state.watch_buffer).0;
                         }
                     }
                 }
@@ -516,6 +524,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         self.engine.write(batch);
         if !split_into.is_empty() || merged {
+            // On disk, but the new range not started and the node's table not changed.
+            super::crash_point("split-or-merge-applied");
             // Ranges to start, or none: the node's table changed either way.
             self.tell_hosts(split_into);
         }
