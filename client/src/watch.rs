@@ -198,6 +198,13 @@ impl Local {
         owed && !self.behind
     }
 
+    /// Records that `revision` was handed over (or had nothing for the caller).
+    fn advance(&mut self, revision: u64) {
+        self.next = self.next.max(revision + 1);
+        let next = self.next;
+        self.floors.retain(|(_, floor)| *floor > next);
+    }
+
     /// The first revision owed for `key`.
     fn floor(&self, key: &[u8]) -> u64 {
         self.floors
@@ -377,7 +384,6 @@ impl Channel {
             let owed = |l: &Local| if l.next == 0 { u64::MAX } else { l.next };
             let next = pieces.iter().map(owed).min().unwrap_or(u64::MAX);
             let mut floors = Vec::new();
-            let mut ready = None;
             for piece in &pieces {
                 floors.extend(piece.floors.iter().cloned());
                 if owed(piece) > next {
@@ -386,21 +392,19 @@ impl Channel {
             }
             let mut pieces = pieces.into_iter();
             let mut whole = pieces.next().expect("two pieces or more");
-            for piece in pieces {
-                match (&ready, piece.ready) {
-                    (None, Some(r)) => ready = Some(r),
-                    // Two callers waiting on one creation: the first is told now.
-                    (Some(_), Some(r)) => {
-                        let _ = r.send(Ok(()));
+            for ready in pieces.filter_map(|piece| piece.ready) {
+                match whole.ready {
+                    None => whole.ready = Some(ready),
+                    // Two creations awaited on one watch: the later is told now.
+                    Some(_) => {
+                        let _ = ready.send(Ok(()));
                     }
-                    _ => {}
                 }
             }
             whole.request.span = share;
             whole.next = if next == u64::MAX { 0 } else { next };
             whole.floors = floors;
             whole.pending = false;
-            whole.ready = whole.ready.take().or(ready);
             self.watches.insert(ids[0], whole);
         }
     }
@@ -729,17 +733,13 @@ impl Channel {
                 .events
                 .retain(|e| local.floor(&e.kv.key) <= revision);
             if response.events.is_empty() {
-                local.next = local.next.max(revision + 1);
-                let next = local.next;
-                local.floors.retain(|(_, floor)| *floor > next);
+                local.advance(revision);
                 return Ok(());
             }
         }
         match local.sink.try_send(Ok(response)) {
             Ok(()) => {
-                local.next = local.next.max(revision + 1);
-                let next = local.next;
-                local.floors.retain(|(_, floor)| *floor > next);
+                local.advance(revision);
                 Ok(())
             }
             Err(TrySendError::Full(_)) => {

@@ -166,10 +166,14 @@ impl Cluster {
         self.spawn(host, &[("FAILPOINTS", failpoints.to_string())])
     }
 
-    /// Arms fail point `point` (`return`: crash there) on `host`'s running node, by request,
-    /// without a restart; [`Cluster::disarm_live`] takes it back.
-    pub async fn arm_live(&mut self, host: usize, point: &str) -> anyhow::Result<()> {
-        let client = Client::connect(self.client_config(Duration::from_secs(2))).await?;
+    /// Arms fail point `point` (`return`: crash there) on `host`'s running node, by request
+    /// through `client`, without a restart; [`Cluster::disarm_live`] takes it back.
+    pub async fn arm_live(
+        &mut self,
+        client: &Client,
+        host: usize,
+        point: &str,
+    ) -> anyhow::Result<()> {
         client
             .configure_fail_point(&self.endpoint(host), point, "return")
             .await

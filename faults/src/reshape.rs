@@ -58,11 +58,8 @@ pub async fn apply(
     if ranges.is_empty() {
         return Ok((Vec::new(), "no ranges in the placement view".into()));
     }
-    let mut crashed = Vec::new();
-    let mut arm = |host: usize, crash: &Crash| {
-        crashed.push(host);
-        (host, crash.point.clone())
-    };
+    // The node to crash and where.
+    let arm = |host: usize, crash: &Crash| (host, crash.point.clone());
     let (armed, what, run) = match fault {
         Fault::Split { register, crash } => {
             let key = workload::key_of(register % registers.max(1));
@@ -135,9 +132,9 @@ pub async fn apply(
         other => anyhow::bail!("{other:?} is not a split, merge or move"),
     };
     let mut outcome = String::new();
-    if let Some((host, point)) = armed {
+    if let Some((host, point)) = &armed {
         // A node that cannot be armed (it is catching up) just does not crash this time.
-        if let Err(e) = cluster.arm_live(host, &point).await {
+        if let Err(e) = cluster.arm_live(&client, *host, point).await {
             outcome = format!("{e:#}; ");
         } else {
             outcome = format!("{point} armed on host {host}; ");
@@ -158,7 +155,7 @@ pub async fn apply(
         ),
     };
     outcome.push_str(&answer);
-    Ok((crashed, outcome))
+    Ok((armed.map(|(host, _)| host).into_iter().collect(), outcome))
 }
 
 /// The request a structural fault makes.

@@ -639,13 +639,9 @@ impl Mvcc {
 
     /// The stored versions of the keys within `bounds`' extent.
     pub fn versions_within(&self, bounds: &Bounds) -> impl Iterator<Item = (&[u8], &Version)> {
-        let end = if bounds.end.is_empty() {
-            Bound::Unbounded
-        } else {
-            Bound::Excluded(bounds.end.clone())
-        };
+        let extent = KeySpan::interval(bounds.start.clone(), bounds.end.clone());
         self.index
-            .range((Bound::Included(bounds.start.clone()), end))
+            .range(span_bounds(&extent))
             .flat_map(|(k, h)| h.iter().map(move |v| (k.as_slice(), v)))
     }
 

@@ -559,6 +559,16 @@ impl GroupNetwork {
     }
 }
 
+/// How long a message carrying a whole range's state (a snapshot, a merge entry) may take:
+/// a snapshot's time, not a heartbeat's (it would otherwise time out, and be sent again, for
+/// ever).
+fn bulk_ttl(option: &RPCOption) -> Duration {
+    option.hard_ttl().max(BULK_TTL_MIN)
+}
+
+/// The least time [`bulk_ttl`] gives.
+const BULK_TTL_MIN: Duration = Duration::from_secs(30);
+
 impl RaftNetworkV2<TypeConfig> for GroupNetwork {
     type SnapshotData = SnapshotData;
 
@@ -567,8 +577,7 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        // A merge entry carries a whole range's state: it gets a snapshot's time, not a
-        // heartbeat's (it would otherwise time out, and be sent again, forever).
+        // A merge entry carries a whole range's state (see `bulk_ttl`).
         let merges = rpc.entries.iter().any(|e| {
             matches!(
                 &e.payload,
@@ -576,7 +585,7 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
             )
         });
         let option = if merges {
-            RPCOption::new(option.hard_ttl().max(Duration::from_secs(30)))
+            RPCOption::new(bulk_ttl(&option))
         } else {
             option
         };
@@ -614,12 +623,9 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
             meta: snapshot.meta,
             data: snapshot.snapshot.into_inner(),
         };
-        let call = self.peers.call(
-            self.target,
-            self.group,
-            request,
-            option.hard_ttl().max(Duration::from_secs(30)),
-        );
+        let call = self
+            .peers
+            .call(self.target, self.group, request, bulk_ttl(&option));
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
             reply = call => match reply {

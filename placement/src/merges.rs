@@ -28,8 +28,6 @@ use crate::RangeId;
 pub struct RangeSize {
     /// The range.
     pub id: RangeId,
-    /// Its first key (ranges are given in key order).
-    pub start: Vec<u8>,
     /// Keys with stored history.
     pub keys: u64,
     /// Bytes of keys and values.
@@ -132,7 +130,6 @@ mod tests {
     fn range(id: RangeId, keys: u64, small_for_ms: u64) -> RangeSize {
         RangeSize {
             id,
-            start: vec![id as u8],
             keys,
             bytes: keys * 100,
             writes_per_sec: 0,
@@ -218,7 +215,6 @@ mod tests {
                 .enumerate()
                 .map(|(i, (keys, writes, small_for_ms, split))| RangeSize {
                     id: if *split { 100 + i as u64 } else { 1 + i as u64 },
-                    start: vec![i as u8],
                     keys: *keys,
                     bytes: keys * 10,
                     writes_per_sec: *writes,

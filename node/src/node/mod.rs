@@ -517,8 +517,10 @@ impl Group {
 
     /// Ends every watch channel of this replica (each sees its event channel closed).
     fn close_watches(&self) {
-        let mut state = self.state.write().expect("range state lock");
-        state.events = tokio::sync::broadcast::channel(state.watch_buffer).0;
+        self.state
+            .write()
+            .expect("range state lock")
+            .close_watches();
     }
 
     /// Whether this replica holds the range's state (a range started empty, to be caught up
@@ -585,14 +587,15 @@ struct NodeInner {
 /// The value of field `name` (in kiB) of a `/proc` file such as `/proc/self/status`, in
 /// bytes (0 where there is none).
 fn proc_kib_field(path: &str, name: &str) -> u64 {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|text| {
-            let line = text.lines().find(|l| l.starts_with(name))?;
-            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kib * 1024)
-        })
-        .unwrap_or(0)
+    kib_field(&std::fs::read_to_string(path).unwrap_or_default(), name)
+}
+
+/// The value of field `name` (in kiB) of the text of a `/proc` file, in bytes (0 where there
+/// is none).
+fn kib_field(text: &str, name: &str) -> u64 {
+    let line = text.lines().find(|l| l.starts_with(name));
+    line.and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
 }
 
 /// The process's resident memory, from `/proc/self/status` (0 where there is none).
@@ -600,11 +603,12 @@ fn resident_bytes() -> u64 {
     proc_kib_field("/proc/self/status", "VmRSS:")
 }
 
-/// This node's capacity (see [`NodeCapacity`]), from `/proc`.
+/// This node's capacity (see [`NodeCapacity`]), from `/proc` (`/proc/meminfo` read once).
 fn node_capacity() -> NodeCapacity {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     NodeCapacity {
-        memory_total_bytes: proc_kib_field("/proc/meminfo", "MemTotal:"),
-        memory_available_bytes: proc_kib_field("/proc/meminfo", "MemAvailable:"),
+        memory_total_bytes: kib_field(&meminfo, "MemTotal:"),
+        memory_available_bytes: kib_field(&meminfo, "MemAvailable:"),
         resident_bytes: resident_bytes(),
     }
 }
@@ -1182,8 +1186,10 @@ impl NodeInner {
             }
         };
         group.counters.writes.fetch_add(1, Ordering::Relaxed);
-        if let Some(key) = command.first_key() {
-            group.counters.sample.record(key);
+        if self.config.split.by_load() {
+            if let Some(key) = command.first_key() {
+                group.counters.sample.record(key);
+            }
         }
         self.propose(group, command).await
     }

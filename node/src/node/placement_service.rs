@@ -641,13 +641,17 @@ impl NodeInner {
     /// neighbour into it now, if any.
     fn plan_merge_now(&self) -> Option<RangeId> {
         let group = self.placement_leader_group()?;
+        {
+            // Checked before the placement state is scanned: most rounds stop here.
+            let memory = self.placement_memory.lock().expect("placement memory lock");
+            let leading_for = memory.since.map_or(Duration::ZERO, |s| s.elapsed());
+            if memory.merging.is_some() || leading_for < Duration::from_millis(PLAN_GRACE_MS) {
+                return None;
+            }
+        }
         let ranges = self.placement_state(&group).ranges;
         let limits = self.merge_limits();
         let memory = self.placement_memory.lock().expect("placement memory lock");
-        let leading_for = memory.since.map_or(Duration::ZERO, |s| s.elapsed());
-        if memory.merging.is_some() || leading_for < Duration::from_millis(PLAN_GRACE_MS) {
-            return None;
-        }
         let now = Instant::now();
         let mut table: Vec<&RangeDescriptor> = ranges.values().collect();
         table.sort_by(|a, b| a.start.cmp(&b.start));
@@ -657,7 +661,6 @@ impl NodeInner {
                 let report = memory.reports.get(&d.id).map(|(_, r)| r);
                 RangeSize {
                     id: d.id,
-                    start: d.start.clone(),
                     keys: report.map_or(0, |r| r.keys),
                     bytes: report.map_or(0, |r| r.bytes),
                     writes_per_sec: report.map_or(0, |r| r.writes_per_sec),

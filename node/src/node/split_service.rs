@@ -40,6 +40,13 @@ pub struct SplitSettings {
     pub check_interval_ms: u64,
 }
 
+impl SplitSettings {
+    /// Whether ranges split by load, so that their leaders sample the keys written.
+    pub fn by_load(&self) -> bool {
+        self.check_interval_ms != 0 && self.writes_per_sec_max != 0
+    }
+}
+
 impl Default for SplitSettings {
     /// 200,000 keys, 64 MiB, or 2,000 writes/s sustained over three checks (15 s), looked at
     /// every 5 s: sizes for a coordination store, where a range's whole state is in memory

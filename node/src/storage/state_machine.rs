@@ -79,6 +79,14 @@ pub struct RangeState {
     pub watch_buffer: usize,
 }
 
+impl RangeState {
+    /// Ends every watch channel of the replica: `events` is replaced, so each subscription
+    /// sees it closed (after the events already sent) and its client re-plans or resumes.
+    pub fn close_watches(&mut self) {
+        self.events = broadcast::channel(self.watch_buffer).0;
+    }
+}
+
 /// The state machine of group `gid`.
 #[derive(Clone)]
 pub struct StateMachine {
@@ -297,7 +305,7 @@ impl StateMachine {
     pub fn set_watch_buffer(&self, revisions: usize) {
         let mut state = self.state.write().expect("range state lock");
         state.watch_buffer = revisions.max(1);
-        state.events = broadcast::channel(state.watch_buffer).0;
+        state.close_watches();
     }
 
     /// The shared state, for the read path.
@@ -497,13 +505,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             split_into.push(right.range_id());
                             // Watchers of the range resume from the route table (their
                             // spans may now reach into the new range).
-                            state.events = broadcast::channel(state.watch_buffer).0;
+                            state.close_watches();
                         }
                         Mutation::Frozen => {
                             super::crash_point("freeze-apply");
                             Self::write_bounds(&mut batch, &self.engine, &state.mvcc);
                             // Watchers move on to the merging range (by `StaleEpoch`).
-                            state.events = broadcast::channel(state.watch_buffer).0;
+                            state.close_watches();
                         }
                         Mutation::Merge(right) => {
                             super::crash_point("merge-apply");
@@ -512,7 +520,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             // Watchers re-plan over the range's new extent (by `StaleEpoch`):
                             // the watches of the keys taken in join them on this range, and
                             // no bookmark of the range goes out before they have.
-                            state.events = broadcast::channel(state.watch_buffer).0;
+                            state.close_watches();
                         }
                     }
                 }
