@@ -48,6 +48,13 @@ pub const BATCHES_IN_FLIGHT_MAX: usize = 4;
 /// RPCs queued per peer before callers are told the peer is unreachable.
 pub const QUEUE_ITEMS_MAX: usize = 8192;
 
+/// A connection that has brought no reply for this long while a batch on it timed out is
+/// closed, and the next call dials afresh. QUIC backs its retransmissions off exponentially
+/// while a path is down: after a partition of a few seconds, an old connection may stay
+/// silent for as long again once the path is back (seen: 14 s), where a fresh one answers
+/// at once.
+pub const SILENT_CONNECTION_MAX: Duration = Duration::from_secs(2);
+
 /// A Raft RPC (or a read-index query) for one group.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum PeerRequest {
@@ -229,6 +236,8 @@ pub struct Peers {
     conns: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>>,
     /// Per peer, the queue of its batcher task.
     batchers: Mutex<HashMap<NodeId, tokio::sync::mpsc::Sender<Pending>>>,
+    /// Per peer, when its connection last brought a reply (or was set up).
+    heard: Mutex<HashMap<NodeId, Instant>>,
 }
 
 /// An RPC waiting in a peer's queue.
@@ -249,6 +258,43 @@ impl Peers {
             addrs: RwLock::new(addrs),
             conns: Mutex::new(HashMap::new()),
             batchers: Mutex::new(HashMap::new()),
+            heard: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Notes that `peer`'s connection just answered (or was set up).
+    fn heard_from(&self, peer: NodeId) {
+        self.heard
+            .lock()
+            .expect("heard lock")
+            .insert(peer, Instant::now());
+    }
+
+    /// After a batch on `conn` timed out: closes it if it has brought nothing for
+    /// [`SILENT_CONNECTION_MAX`] and is still the one held for `peer`, so that the next call
+    /// dials afresh (see [`SILENT_CONNECTION_MAX`]).
+    async fn drop_if_silent(&self, peer: NodeId, conn: &quinn::Connection) {
+        let silent = self
+            .heard
+            .lock()
+            .expect("heard lock")
+            .get(&peer)
+            .is_none_or(|at| at.elapsed() >= SILENT_CONNECTION_MAX);
+        if !silent {
+            return;
+        }
+        let slot = self.slot(peer);
+        let mut guard = slot.lock().await;
+        if guard
+            .as_ref()
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            tracing::warn!(
+                peer,
+                "closing a connection silent for {SILENT_CONNECTION_MAX:?}"
+            );
+            conn.close(0u32.into(), b"silent");
+            *guard = None;
         }
     }
 
@@ -343,6 +389,7 @@ impl Peers {
             _ => false,
         };
         if adopted {
+            self.heard_from(peer);
             tracing::debug!(peer, "adopted the connection the peer dialled");
         }
     }
@@ -375,6 +422,7 @@ impl Peers {
             serve(conn.clone());
         }
         *guard = Some(conn.clone());
+        self.heard_from(peer);
         Ok(conn)
     }
 
@@ -444,8 +492,11 @@ impl Peers {
             from: self.me,
             items,
         });
+        // The connection the batch went on, for `drop_if_silent`.
+        let used = std::sync::OnceLock::new();
         let exchange = async {
             let conn = self.connection(peer).await?;
+            let _ = used.set(conn.clone());
             let (mut send, mut recv) = conn
                 .open_bi()
                 .await
@@ -470,10 +521,16 @@ impl Peers {
                     let _ = tx.send(Ok(r.reply));
                 }
             }
+            self.heard_from(peer);
             Ok(())
         };
         let result = match tokio::time::timeout_at(deadline.into(), exchange).await {
-            Err(_) => Err(unreachable("batch timed out".into())),
+            Err(_) => {
+                if let Some(conn) = used.get() {
+                    self.drop_if_silent(peer, conn).await;
+                }
+                Err(unreachable("batch timed out".into()))
+            }
             Ok(r) => r,
         };
         if let Err(e) = result {
