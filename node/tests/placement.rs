@@ -148,6 +148,37 @@ async fn a_replica_moved_by_hand_serves_and_the_old_one_is_deleted() {
     cluster.shutdown().await;
 }
 
+/// Regression (seed 86 of `split,merge,move,kill` on 4 nodes): a range led by a node without a
+/// replica of the placement group could not split: the new range's id is allocated by the
+/// placement group, whose leader that node did not know ("not leader" until the client gave
+/// up). It now takes the placement leader from its placement view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_range_led_by_a_node_without_a_placement_replica_splits() {
+    let mut cluster = Cluster::start(3, 4).await;
+    let client = cluster.client().await;
+    join_registered(&mut cluster, &client, 4).await;
+    // Node 4 receives replicas and leaderships (leader balancing).
+    let mut led = None;
+    eventually("node 4 leads a range", || {
+        led = (1..=4).find(|r| cluster.leader_of(*r) == Some(4));
+        let found = led.is_some();
+        async move {
+            if found {
+                Ok(())
+            } else {
+                Err("not yet".to_string())
+            }
+        }
+    })
+    .await;
+    let range = led.expect("a range led by node 4");
+    client.refresh_routes().await.expect("routes");
+    let at = common::key_in(&client, range, 1);
+    let split = client.split(at).await.expect("split a range node 4 leads");
+    assert_eq!(split.header.range_id, range);
+    cluster.shutdown().await;
+}
+
 /// Regression (campaign seed 6 of `split,merge,move,kill`): a watch channel on a replica that
 /// was moved away held the removed group and served its last revision for ever — progress
 /// bookmarks, never another event. Removing a replica now ends its channels, and the client
