@@ -133,22 +133,21 @@ impl Client {
         self.inner.routes.read().expect("routes lock").clone()
     }
 
-    /// Fetches the route table again. The first table is taken at once; after a split a
-    /// node may still answer with the table from before it, so when the cached table has
-    /// split ranges the client asks every reachable node and keeps the newest table (the
-    /// highest sum of epochs).
+    /// Fetches the route table again. The first table is taken at once; after a split or a
+    /// merge a node may still answer with the table from before it, so when the cached table
+    /// has been reshaped the client asks every reachable node and keeps the newest table
+    /// ([`RangeTable::is_newer_than`]).
     pub async fn refresh_routes(&self) -> Result<(), Error> {
         let mut last = Error::Config("no endpoints".into());
         let ask_all = self.routes().ranges.iter().any(|r| r.epoch > 1);
-        let mut best: Option<(u64, RangeTable, RouteTable)> = None;
+        let mut best: Option<(RangeTable, RouteTable)> = None;
         for addr in self.candidate_addrs() {
             match self.inner.send(&addr, &ClientRequest::Routes).await {
                 Ok(Ok(ClientReply::Routes(routes))) => {
                     let table = RangeTable::new(routes.ranges.clone())
                         .map_err(|e| Error::Protocol(format!("route table from {addr}: {e}")))?;
-                    let age: u64 = routes.ranges.iter().map(|r| r.epoch).sum();
-                    if best.as_ref().is_none_or(|(a, _, _)| age > *a) {
-                        best = Some((age, table, routes));
+                    if best.as_ref().is_none_or(|(b, _)| table.is_newer_than(b)) {
+                        best = Some((table, routes));
                     }
                     if !ask_all {
                         break;
@@ -159,7 +158,7 @@ impl Client {
                 Err(e) => last = e,
             }
         }
-        let Some((_, table, routes)) = best else {
+        let Some((table, routes)) = best else {
             return Err(last);
         };
         *self.inner.table.write().expect("table lock") = Some(table);
@@ -617,22 +616,11 @@ impl Client {
 
     /// Runs a txn. All its keys must lie in one range, else [`ApiError::CrossRange`].
     pub async fn txn(&self, txn: TxnRequest) -> Result<TxnResponse, Error> {
-        let mut ranges: Vec<RangeDescriptor> = txn
-            .spans()
-            .iter()
-            .flat_map(|s| self.overlapping(s))
-            .collect();
-        ranges.sort_by_key(|d| d.id);
-        ranges.dedup_by_key(|d| d.id);
-        let desc = match ranges.as_slice() {
-            [] => self.locate(b""),
-            [one] => one.clone(),
-            many => {
-                return Err(Error::Api(ApiError::CrossRange {
-                    ranges: many.iter().map(|d| d.id).collect(),
-                }))
-            }
-        };
+        let ranges = self.one_range_of(&txn.spans()).await?;
+        let desc = ranges
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| self.locate(b""));
         match self.call_range(&desc, KvRequest::Txn(txn)).await? {
             KvResponse::Txn(r) => Ok(r),
             other => Err(Error::Protocol(format!("unexpected response {other:?}"))),
@@ -726,6 +714,33 @@ impl Client {
             .expect("routes fetched at connect")
             .locate(key)
             .clone()
+    }
+
+    /// The range holding every key of `spans` (none for no spans), else
+    /// [`ApiError::CrossRange`]. A cached table that spreads them over several ranges is
+    /// fetched again before refusing: they may have been merged since.
+    pub(crate) async fn one_range_of(
+        &self,
+        spans: &[KeySpan],
+    ) -> Result<Option<RangeDescriptor>, Error> {
+        let ranges_of = || {
+            let mut ranges: Vec<RangeDescriptor> =
+                spans.iter().flat_map(|s| self.overlapping(s)).collect();
+            ranges.sort_by_key(|d| d.id);
+            ranges.dedup_by_key(|d| d.id);
+            ranges
+        };
+        let mut ranges = ranges_of();
+        if ranges.len() > 1 {
+            self.refresh_routes().await?;
+            ranges = ranges_of();
+        }
+        if ranges.len() > 1 {
+            return Err(Error::Api(ApiError::CrossRange {
+                ranges: ranges.iter().map(|d| d.id).collect(),
+            }));
+        }
+        Ok(ranges.pop())
     }
 
     pub(crate) fn overlapping(&self, span: &KeySpan) -> Vec<RangeDescriptor> {

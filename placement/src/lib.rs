@@ -175,6 +175,26 @@ impl RangeTable {
             .take_while(move |r| end.is_empty() || r.start.as_slice() < end)
             .filter(move |r| r.overlaps(start, end))
     }
+
+    /// Whether this table is a newer view than `other`, judged key by key. A split or merge
+    /// gives its outcome an epoch above its inputs' (the epoch of the range holding a key
+    /// only grows), so over every pair of overlapping ranges a newer view of the
+    /// same history is ahead somewhere and behind nowhere. Two views that each saw a change the
+    /// other missed are judged by which is ahead on more pairs. (The sum of epochs is no
+    /// measure: a merge lowers it.)
+    pub fn is_newer_than(&self, other: &RangeTable) -> bool {
+        let (mut ahead, mut behind) = (0usize, 0usize);
+        for mine in &self.ranges {
+            for theirs in other.overlapping(&mine.start, &mine.end) {
+                match mine.epoch.cmp(&theirs.epoch) {
+                    std::cmp::Ordering::Greater => ahead += 1,
+                    std::cmp::Ordering::Less => behind += 1,
+                    std::cmp::Ordering::Equal => {}
+                }
+            }
+        }
+        ahead > behind
+    }
 }
 
 /// The naive reference for [`RangeTable::locate`]: a linear scan.
@@ -254,6 +274,32 @@ mod tests {
             8,
             "every bootstrap range holds some alphanumeric keys"
         );
+    }
+
+    #[test]
+    fn a_view_after_a_split_or_a_merge_is_newer_than_before() {
+        let r = |id, s: &[u8], e: &[u8], epoch| RangeDescriptor {
+            id,
+            start: s.to_vec(),
+            end: e.to_vec(),
+            epoch,
+            replicas: vec![],
+        };
+        let t = |ranges| RangeTable::new(ranges).expect("table");
+        let bootstrap = t(vec![r(1, b"", b"m", 1), r(2, b"m", b"", 1)]);
+        let split = t(vec![
+            r(1, b"", b"m", 1),
+            r(2, b"m", b"t", 2),
+            r(9, b"t", b"", 2),
+        ]);
+        // The merge lowers the sum of epochs (1 + 3 < 1 + 2 + 2) and is still newer.
+        let merged = t(vec![r(1, b"", b"m", 1), r(2, b"m", b"", 3)]);
+        assert!(split.is_newer_than(&bootstrap));
+        assert!(merged.is_newer_than(&split));
+        assert!(merged.is_newer_than(&bootstrap));
+        for (a, b) in [(&bootstrap, &split), (&split, &merged), (&merged, &merged)] {
+            assert!(!a.is_newer_than(b));
+        }
     }
 
     #[test]

@@ -81,7 +81,7 @@ impl DoubleBarrier {
 
     /// Arrives (attached to `session`) and waits until `count` processes have arrived.
     pub async fn enter(&self, session: &Session) -> Result<(), Error> {
-        check_one_range(&self.client, &self.prefix)?;
+        check_one_range(&self.client, &self.prefix).await?;
         let mut mine = self.waiters();
         mine.extend(format!("{:016x}", session.lease()).into_bytes());
         self.client.put_leased(mine, "", session.lease()).await?;

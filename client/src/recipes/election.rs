@@ -65,7 +65,7 @@ impl Election {
     /// Follows the election: the first [`Observer::next`] reports the current leader (or
     /// none), each later one a change of leader or of its value.
     pub async fn observe(&self) -> Result<Observer, Error> {
-        check_one_range(&self.client, &self.prefix)?;
+        check_one_range(&self.client, &self.prefix).await?;
         let (kvs, revision) = contenders(&self.client, &self.prefix).await?;
         let mut request = WatchRequest::new(KeySpan::prefix(self.prefix.clone()));
         request.start_revision = revision + 1;

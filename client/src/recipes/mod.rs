@@ -22,8 +22,8 @@ pub(crate) mod mutex;
 mod queue;
 
 use concord_transport::api::{
-    ApiError, Compare, CompareOp, CompareTarget, Consistency, KeySpan, KeyValue, LeaseId,
-    PutRequest, RangeRequest, TxnOp, TxnOpResponse, TxnRequest,
+    Compare, CompareOp, CompareTarget, Consistency, KeySpan, KeyValue, LeaseId, PutRequest,
+    RangeRequest, TxnOp, TxnOpResponse, TxnRequest,
 };
 use concord_transport::watch::{EventKind, WatchRequest};
 
@@ -46,14 +46,11 @@ fn text(key: &[u8]) -> String {
 
 /// Refuses a prefix whose keys would spread over several ranges (their create revisions
 /// would not be comparable).
-fn check_one_range(client: &Client, prefix: &[u8]) -> Result<(), Error> {
-    let ranges = client.overlapping(&KeySpan::prefix(prefix.to_vec()));
-    if ranges.len() > 1 {
-        return Err(Error::Api(ApiError::CrossRange {
-            ranges: ranges.iter().map(|d| d.id).collect(),
-        }));
-    }
-    Ok(())
+async fn check_one_range(client: &Client, prefix: &[u8]) -> Result<(), Error> {
+    client
+        .one_range_of(&[KeySpan::prefix(prefix.to_vec())])
+        .await
+        .map(drop)
 }
 
 /// Creates the contender key `prefix/<lease hex>` with `value` under `lease`, unless it
@@ -64,7 +61,7 @@ async fn enter(
     lease: LeaseId,
     value: Vec<u8>,
 ) -> Result<KeyValue, Error> {
-    check_one_range(client, prefix)?;
+    check_one_range(client, prefix).await?;
     let mut key = prefix.to_vec();
     key.extend(format!("{lease:016x}").into_bytes());
     let txn = TxnRequest {

@@ -30,7 +30,7 @@ impl Queue {
 
     /// Appends `value`.
     pub async fn enqueue(&self, value: impl Into<Vec<u8>>) -> Result<(), Error> {
-        check_one_range(&self.client, &self.prefix)?;
+        check_one_range(&self.client, &self.prefix).await?;
         static SEQUENCE: AtomicU64 = AtomicU64::new(0);
         let mut key = self.prefix.clone();
         let unique = (
@@ -46,7 +46,7 @@ impl Queue {
 
     /// Takes the oldest item, waiting for one if the queue is empty.
     pub async fn dequeue(&self) -> Result<Vec<u8>, Error> {
-        check_one_range(&self.client, &self.prefix)?;
+        check_one_range(&self.client, &self.prefix).await?;
         loop {
             let (items, revision) = contenders(&self.client, &self.prefix).await?;
             let Some(oldest) = items.into_iter().next() else {
