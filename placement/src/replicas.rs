@@ -14,7 +14,8 @@
 //! 2. the sum over [`NodeState::Up`] nodes of the square of their replica count (*balance*: a
 //!    replica moves only from a node holding at least two more than the receiver).
 //!
-//! Among equally good receivers, a node in a zone the range does not use yet comes first (spread
+//! A balance move takes, from its donor, a replica of a range the donor does not lead when there
+//! is one (see [`RangeReplicas::leader`]). Among equally good receivers, a node in a zone the range does not use yet comes first (spread
 //! across zones), then the node holding fewer replicas, then the lower id. [`improving_move_exists`]
 //! is the naive reference: it tries every single move, and the property tests check that a plan
 //! is empty exactly when no single move improves the objective.
@@ -81,6 +82,10 @@ pub struct RangeReplicas {
     pub range: RangeId,
     /// Its voters.
     pub voters: Vec<NodeId>,
+    /// Its leader as last reported (none: not known). A balance move takes a replica its node
+    /// does not lead when it can: moving the leader's own replica first hands leadership
+    /// over, and leader balancing may hand it straight back, round after round.
+    pub leader: Option<NodeId>,
 }
 
 /// Move the replica of `range` on node `from` to node `to`.
@@ -226,19 +231,22 @@ pub fn plan_replica_moves(
         donors.sort_by_key(|id| (std::cmp::Reverse(layout.counts[id]), *id));
         let found = donors.iter().find_map(|from| {
             let count = layout.counts[from];
-            ranges
+            let mut candidates: Vec<&RangeReplicas> = ranges
                 .iter()
                 .filter(|r| !moved.contains(&r.range))
                 .filter(|r| layout.voters[&r.range].contains(from))
                 .filter(|r| layout.keeps_quorum(r.range, *from))
-                .find_map(|r| {
-                    let to = layout.receiver(r.range, *from, Some(count.saturating_sub(1)))?;
-                    Some(ReplicaMove {
-                        range: r.range,
-                        from: *from,
-                        to,
-                    })
+                .collect();
+            // Ranges `from` does not lead first, each group in range order (a stable sort).
+            candidates.sort_by_key(|r| r.leader == Some(*from));
+            candidates.into_iter().find_map(|r| {
+                let to = layout.receiver(r.range, *from, Some(count.saturating_sub(1)))?;
+                Some(ReplicaMove {
+                    range: r.range,
+                    from: *from,
+                    to,
                 })
+            })
         });
         let Some(m) = found else { break };
         layout.apply(m);
@@ -337,7 +345,34 @@ mod tests {
         RangeReplicas {
             range,
             voters: voters.to_vec(),
+            leader: None,
         }
+    }
+
+    #[test]
+    fn a_balance_move_takes_a_replica_its_node_does_not_lead() {
+        let nodes: Vec<NodeView> = (1..=4).map(|id| node(id, "", NodeState::Up)).collect();
+        // Node 1 holds three replicas, node 4 none: one of node 1's moves to node 4. Node 1
+        // leads ranges 1 and 2, so range 3 goes, although it comes last.
+        let led = |r: RangeId, leader| RangeReplicas {
+            leader: Some(leader),
+            ..range(r, &[1, 2, 3])
+        };
+        let ranges = [led(1, 1), led(2, 1), led(3, 2)];
+        assert_eq!(
+            plan_replica_moves(&nodes, &ranges, &BTreeSet::new(), 1),
+            vec![ReplicaMove {
+                range: 3,
+                from: 1,
+                to: 4
+            }]
+        );
+        // When it leads them all, its first range goes.
+        let ranges = [led(1, 1), led(2, 1), led(3, 1)];
+        assert_eq!(
+            plan_replica_moves(&nodes, &ranges, &BTreeSet::new(), 1)[0].range,
+            1
+        );
     }
 
     fn settle(nodes: &[NodeView], ranges: &mut [RangeReplicas]) -> usize {
@@ -458,6 +493,7 @@ mod tests {
                     .enumerate()
                     .map(|(i, voters)| RangeReplicas {
                         range: i as RangeId + 1,
+                        leader: voters.first().copied(),
                         voters,
                     })
                     .collect();

@@ -620,6 +620,7 @@ impl NodeInner {
             .map(|d| RangeReplicas {
                 range: d.id,
                 voters: d.replicas.clone(),
+                leader: memory.reports.get(&d.id).map(|(leader, _)| *leader),
             })
             .collect();
         let room = MOVES_IN_FLIGHT_MAX.saturating_sub(memory.moves.len());
