@@ -744,6 +744,12 @@ impl Channel {
             }
             Err(TrySendError::Full(_)) => {
                 local.behind = true;
+                // A watch whose history fills its caller's buffer before the node confirmed
+                // it is open all the same, and its caller must start reading for it to go on
+                // (`Client::watch` waited for this signal, the channel for the caller).
+                if let Some(ready) = local.ready.take() {
+                    let _ = ready.send(Ok(()));
+                }
                 self.cancel(send, id).await
             }
             Err(TrySendError::Closed(_)) => {

@@ -352,3 +352,47 @@ async fn a_start_revision_in_the_future_skips_what_comes_before_it() {
     assert_eq!(seen, expected);
     cluster.shutdown().await;
 }
+
+/// Regression (found by the campaigns' resumed watch): a watch from a past revision with more
+/// history than the client buffers for its caller never opened. Its history filled the buffer
+/// before the node confirmed the watch, so the channel paused it until the caller read, while
+/// the caller, still in `Client::watch`, waited for the confirmation. Here the client's first
+/// watch of every range has just been dropped, and the second one reuses its channels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_from_a_revision_with_more_history_than_the_client_buffers_opens_and_replays_it() {
+    let cluster = Cluster::start(3, RANGES).await;
+    let client = cluster.client().await;
+    let mut request = WatchRequest::new(everything());
+    request.progress_notify = true;
+    let first = client.watch(request.clone()).await.expect("first watch");
+    let from = client
+        .put(key_in(&client, 2, 99), "from")
+        .await
+        .expect("put")
+        .header
+        .revision;
+    // 25 rounds of 12 keys: more events than the client's buffer of 256 per watch.
+    let mut last = BTreeMap::new();
+    for round in 0..25 {
+        last = put_round(&client, round, 12).await;
+    }
+    drop(first);
+
+    request.start_revision = from;
+    let mut replay = tokio::time::timeout(WAIT, client.watch(request))
+        .await
+        .expect("the watch from a past revision opens within WAIT")
+        .expect("watch");
+    let got = collect_until(&mut replay, "the replay", |r| {
+        let seen = per_key(r);
+        last.iter()
+            .all(|(k, v)| seen.get(k).and_then(|values| values.last()) == Some(&Some(v.clone())))
+    })
+    .await;
+    assert!(
+        event_count(&got) > 300,
+        "every write from the start revision: {} events",
+        event_count(&got)
+    );
+    cluster.shutdown().await;
+}
