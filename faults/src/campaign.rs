@@ -4,7 +4,7 @@
 //! to its folder: the seed and settings, the schedule, the faults as applied (with their
 //! times on the history's clock), the history, the verdict and the node logs.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 
 use crate::cluster::Cluster;
 use crate::linearizability::{self, Report};
-use crate::nemesis::{schedule, Fault, Kind, Step, DISK_FULL_POINT};
+use crate::nemesis::{schedule, Fault, Kind, Rng, Step, DISK_FULL_POINT};
 use crate::watches::{self, Seen, SeenEvent};
 use crate::workload::{self, History, Mix};
 use crate::{leases, locks, reshape};
@@ -91,7 +91,9 @@ pub struct Outcome {
     pub linearizability: Report,
     /// Watch responses received.
     pub watch_responses: usize,
-    /// The watch guarantees broken.
+    /// The revision the second watch was resumed from.
+    pub watch_resumed_from: u64,
+    /// The watch guarantees broken (by either watch).
     pub watch: Vec<watches::Violation>,
     /// Fenced writes attempted by the lock clients (each after acquiring the lock).
     pub lock_attempts: usize,
@@ -147,13 +149,16 @@ impl WatchLog {
     }
 }
 
-/// Opens a watch of every key (with progress notifications) and records what it receives.
+/// Opens a watch of every key from revision `from` (0: now), with progress notifications,
+/// and records what it receives.
 async fn watch_everything(
     client: &Client,
+    from: u64,
     log: Arc<Mutex<WatchLog>>,
     history: Arc<History>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let mut request = WatchRequest::new(KeySpan::prefix(Vec::new()));
+    request.start_revision = from;
     request.progress_notify = true;
     let mut watcher = client.watch(request).await.context("opening the watch")?;
     Ok(tokio::spawn(async move {
@@ -194,6 +199,22 @@ async fn watch_everything(
         }
         log.lock().expect("watch log lock").ended = Some("the watch ended".into());
     }))
+}
+
+/// Mixed into the seed for [`resume_revision`]'s pick.
+const RESUME_STREAM: u64 = 0x5EED_7E5E;
+
+/// The revision a second watch resumes from: one of the revisions of the registers' events
+/// the first watch saw, picked by `seed` (0 if it saw none: then it starts now).
+fn resume_revision(first: &WatchLog, seed: u64) -> u64 {
+    let revisions: BTreeSet<u64> = first
+        .seen
+        .iter()
+        .flat_map(|s| s.events.iter().map(|e| e.mod_revision))
+        .collect();
+    // Its own stream of the seed's numbers (the schedule draws from the seed itself).
+    let pick = Rng::new(seed ^ RESUME_STREAM).between(0, revisions.len() as u64);
+    revisions.into_iter().nth(pick as usize).unwrap_or(0)
 }
 
 /// Waits until `done` holds of the watch log, or the watch ended, or `limit` passed.
@@ -238,11 +259,15 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
             "request_timeout_ms": config.request_timeout.as_millis() as u64,
         }))?,
     )?;
+    let started = Instant::now();
+    // What the run is doing, on stderr: a long run that seems stuck says where.
+    let phase = |what: &str| eprintln!("[{:7.1} s] {what}", started.elapsed().as_secs_f64());
     let mut cluster = Cluster::start(&config.concord, &cluster_dir, config.nodes, config.ranges)?;
     cluster
         .wait_ready(READY_MAX)
         .await
         .context("starting the cluster")?;
+    phase("cluster ready; clients and faults start");
 
     let history = Arc::new(History::new());
     let stop = Arc::new(AtomicBool::new(false));
@@ -250,7 +275,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
     let client_config = cluster.client_config(config.request_timeout);
     let watch_log = Arc::new(Mutex::new(WatchLog::default()));
     let watch_client = Client::connect(client_config.clone()).await?;
-    let watching = watch_everything(&watch_client, watch_log.clone(), history.clone()).await?;
+    let watching = watch_everything(&watch_client, 0, watch_log.clone(), history.clone()).await?;
     for id in 0..config.clients {
         let client = Client::connect(client_config.clone()).await?;
         let (stop, history) = (stop.clone(), history.clone());
@@ -287,10 +312,12 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
         cluster.wait_ready(READY_MAX).await
     }
     .await;
+    phase("faults over and healed; stopping the clients");
     stop.store(true, Ordering::Relaxed);
     while clients.join_next().await.is_some() {}
     let applied = applied?;
     healed.context("healing the cluster after the faults")?;
+    phase("clients stopped; final reads");
 
     // The final reads: every acknowledged write must show in them (or be overwritten).
     let reader = Client::connect(client_config).await?;
@@ -313,6 +340,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    phase("final reads done; waiting for the watch to catch up");
     // The watcher has caught up once its last event of each key is the final read's value
     // (bounded: if it never does, the checker says where it stopped).
     watch_log_until(&watch_log, WATCH_CATCH_UP_MAX, |log| {
@@ -321,6 +349,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
             .all(|&(k, value)| log.last_value(k).unwrap_or(None) == value)
     })
     .await;
+    phase("waiting for the keys of dead leases to go");
     // Every dead lease's key must go: wait (bounded) until the watch saw them deleted.
     let records = std::mem::take(&mut *lease_records.lock().expect("leases lock"));
     watch_log_until(&watch_log, leases::LEASE_TTL + LEASE_DRAIN_MAX, |log| {
@@ -331,17 +360,50 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
     })
     .await;
     watching.abort();
+    // A second watch resumed from a revision the first one saw (chosen by the seed) must
+    // replay what followed it (bounded: if it never does, the checker says what differs).
+    let first = std::mem::take(&mut *watch_log.lock().expect("watch log lock"));
+    let resumed_from = resume_revision(&first, config.seed);
+    phase(&format!(
+        "a second watch resumes from revision {resumed_from}"
+    ));
+    let resumed_log = Arc::new(Mutex::new(WatchLog::default()));
+    let resuming = watch_everything(
+        &watch_client,
+        resumed_from,
+        resumed_log.clone(),
+        history.clone(),
+    )
+    .await?;
+    watch_log_until(&resumed_log, WATCH_CATCH_UP_MAX, |log| {
+        first
+            .latest
+            .iter()
+            .filter(|(_, (revision, _))| *revision >= resumed_from)
+            .all(|(k, latest)| log.latest.get(k) == Some(latest))
+    })
+    .await;
+    resuming.abort();
     drop(watch_client);
+    phase("checking");
     let final_counter = locks::read_counter(&reader)
         .await
         .context("final read of the lock clients' counter")?;
     let ops = history.ops();
     write_lines(&config.out.join("history.jsonl"), &ops)?;
     write_lines(&config.out.join("faults.jsonl"), &applied)?;
-    let log = std::mem::take(&mut *watch_log.lock().expect("watch log lock"));
+    let log = first;
     write_lines(&config.out.join("watch.jsonl"), &log.seen)?;
+    let resumed = std::mem::take(&mut *resumed_log.lock().expect("watch log lock"));
+    write_lines(&config.out.join("watch-resumed.jsonl"), &resumed.seen)?;
     let report = linearizability::check(&ops, SEARCH_STEPS_MAX);
-    let watch = watches::check(&log.seen, log.ended.as_deref(), &ops, FINAL_READER);
+    let mut watch = watches::check(&log.seen, log.ended.as_deref(), &ops, FINAL_READER);
+    watch.extend(watches::check_resumed(
+        &log.seen,
+        resumed_from,
+        &resumed.seen,
+        resumed.ended.as_deref(),
+    ));
     let attempts = std::mem::take(&mut *lock_attempts.lock().expect("attempts lock"));
     write_lines(&config.out.join("locks.jsonl"), &attempts)?;
     let lock_violations = locks::check(&attempts, final_counter);
@@ -358,6 +420,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
         faults: applied.len(),
         linearizability: report,
         watch_responses: log.seen.len(),
+        watch_resumed_from: resumed_from,
         watch,
         lock_attempts: attempts.len(),
         locks: lock_violations,
@@ -376,6 +439,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
             "not_linearizable_keys": outcome.linearizability.violations,
             "inconclusive_keys": outcome.linearizability.inconclusive,
             "watch_responses": outcome.watch_responses,
+            "watch_resumed_from": outcome.watch_resumed_from,
             "watch_violations": outcome.watch,
             "lock_attempts": outcome.lock_attempts,
             "final_counter": final_counter,
@@ -502,6 +566,14 @@ async fn apply(
             rate_kbit,
         } => {
             cluster.net().lossy(*host, *loss_pct, *rate_kbit)?;
+            vec![*host]
+        }
+        Fault::Reorder {
+            host,
+            share_pct,
+            slow_kbit,
+        } => {
+            cluster.net().reordering(*host, *share_pct, *slow_kbit)?;
             vec![*host]
         }
         Fault::Split { .. } | Fault::Merge { .. } | Fault::Move { .. } => {

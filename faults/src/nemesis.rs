@@ -23,6 +23,9 @@ pub enum Kind {
     Bridge,
     /// One node's packets dropped at random, the rest sent through a slow link.
     Lossy,
+    /// A share of one node's packets, picked at random, sent through a slow queue and the
+    /// rest straight on: they arrive out of order.
+    Reorder,
     /// One node restarted with a fail point that crashes it at a dangerous place of its
     /// storage (before or after the group-commit fsync, a failing fsync, before apply,
     /// during snapshot install).
@@ -82,7 +85,7 @@ pub const CRASH_POINTS: [&str; 5] = [
 
 impl Kind {
     /// Every kind, in a fixed order.
-    pub const ALL: [Kind; 13] = [
+    pub const ALL: [Kind; 14] = [
         Kind::Kill,
         Kind::KillAll,
         Kind::Pause,
@@ -96,6 +99,7 @@ impl Kind {
         Kind::Split,
         Kind::Merge,
         Kind::Move,
+        Kind::Reorder,
     ];
 
     fn name(self) -> &'static str {
@@ -107,6 +111,7 @@ impl Kind {
             Kind::IsolateLeader => "isolate-leader",
             Kind::Bridge => "bridge",
             Kind::Lossy => "lossy",
+            Kind::Reorder => "reorder",
             Kind::CrashPoint => "crash-point",
             Kind::DiskFull => "disk-full",
             Kind::Clock => "clock",
@@ -182,6 +187,15 @@ pub enum Fault {
         loss_pct: u32,
         /// Most bits per second it sends, in kbit/s.
         rate_kbit: u32,
+    },
+    /// A share of one host's outgoing packets sent through a slow queue, the rest straight on.
+    Reorder {
+        /// The host.
+        host: usize,
+        /// The share sent through the slow queue, in percent.
+        share_pct: u32,
+        /// The slow queue's rate, in kbit/s.
+        slow_kbit: u32,
     },
     /// Split the range holding register `register`'s key (modulo the registers) at that key.
     Split {
@@ -348,6 +362,14 @@ pub fn schedule(seed: u64, kinds: &[Kind], hosts: usize, count: usize) -> Vec<St
                     },
                     rng.between(2_000, 8_000),
                 ),
+                Kind::Reorder => (
+                    Fault::Reorder {
+                        host: rng.between(0, hosts as u64) as usize,
+                        share_pct: rng.between(5, 40) as u32,
+                        slow_kbit: rng.between(300, 3_000) as u32,
+                    },
+                    rng.between(2_000, 8_000),
+                ),
                 Kind::Split => {
                     let register = rng.between(0, 1_000);
                     let crash = rng.crash(&SPLIT_POINTS);
@@ -406,6 +428,7 @@ mod tests {
                     Fault::Pause(h)
                     | Fault::DiskFull(h)
                     | Fault::Lossy { host: h, .. }
+                    | Fault::Reorder { host: h, .. }
                     | Fault::Clock { host: h, .. }
                     | Fault::CrashPoint { host: h, .. } => assert!(h < 5),
                     Fault::IsolateLeader(_)

@@ -8,7 +8,11 @@
 //! the other are dropped, so the cut is symmetric while the test process still reaches both).
 //! A lossy host drops a share of what it sends at random (iptables' `statistic` match) and
 //! sends the rest through a slow link (a `tbf` queue: packets wait, and drop past its
-//! latency). `tc netem` would also reorder, but this machine's kernel has no `sch_netem`.
+//! latency). A reordering host sends a share of its packets, picked at random, through a slow
+//! queue and the rest straight on (an `htb` with two classes, packets sorted into the slow one
+//! by iptables' `statistic` match and `CLASSIFY` target): a slow packet arrives after faster
+//! ones sent later. `tc netem` would delay and reorder by itself, but this machine's kernel
+//! has no `sch_netem`.
 
 use std::net::Ipv4Addr;
 use std::process::Command;
@@ -26,6 +30,9 @@ const TEST_PROCESS_HOST: u8 = 254;
 /// Most hosts on one net (the host part of an address is 1 + the host's index).
 pub const HOSTS_MAX: usize = 200;
 
+/// Most packets waiting in a reordering host's slow queue ([`Net::reordering`]).
+pub const SLOW_QUEUE_PACKETS: u32 = 20;
+
 /// Nets created by this process so far (with the pid, it picks names and a subnet).
 static CREATED: AtomicU32 = AtomicU32::new(0);
 
@@ -36,8 +43,8 @@ pub struct Net {
     /// Third octet of the hosts' addresses.
     subnet: u8,
     hosts: usize,
-    /// Per host: made lossy (its iptables rule and queue must go when healed).
-    lossy: Mutex<Vec<bool>>,
+    /// Per host: made lossy or reordering (its iptables rules and queues go when healed).
+    shaped: Mutex<Vec<bool>>,
 }
 
 /// Runs `ip ARGS`, failing with its error output.
@@ -78,7 +85,7 @@ impl Net {
             tag: format!("cf{:04x}", unique & 0xffff),
             subnet: (unique % 250) as u8 + 1,
             hosts: 0,
-            lossy: Mutex::new(vec![false; hosts]),
+            shaped: Mutex::new(vec![false; hosts]),
         };
         net.build(hosts)
     }
@@ -136,6 +143,11 @@ impl Net {
         Ipv4Addr::new(PREFIX[0], PREFIX[1], self.subnet, host)
     }
 
+    /// The test process's own address on the bridge (the hosts reach it there).
+    pub fn test_process_addr(&self) -> Ipv4Addr {
+        self.address(TEST_PROCESS_HOST)
+    }
+
     /// How many hosts there are.
     pub fn hosts(&self) -> usize {
         self.hosts
@@ -182,7 +194,7 @@ impl Net {
     /// `rate_kbit` kbit/s at most.
     pub fn lossy(&self, host: usize, loss_pct: u32, rate_kbit: u32) -> anyhow::Result<()> {
         let ns = self.ns(host);
-        self.lossy.lock().expect("lossy lock")[host] = true;
+        self.shaped.lock().expect("shaped lock")[host] = true;
         let probability = format!("{:.2}", f64::from(loss_pct.min(100)) / 100.0);
         run(
             "ip",
@@ -215,21 +227,100 @@ impl Net {
         )
     }
 
-    /// Removes every cut and every lossy link.
+    /// Makes `host` send `share_pct` % of its packets, picked at random, through a queue of
+    /// `slow_kbit` kbit/s holding at most [`SLOW_QUEUE_PACKETS`] (more are dropped), and the
+    /// rest straight on: a slow packet arrives after faster ones sent later.
+    pub fn reordering(&self, host: usize, share_pct: u32, slow_kbit: u32) -> anyhow::Result<()> {
+        let ns = self.ns(host);
+        self.shaped.lock().expect("shaped lock")[host] = true;
+        let tc = |args: &[&str]| {
+            let mut all = vec!["netns", "exec", &ns, "tc"];
+            all.extend_from_slice(args);
+            run("ip", &all)
+        };
+        let dev = ["dev", "eth0"];
+        tc(&[
+            &["qdisc", "replace"],
+            &dev[..],
+            &["root", "handle", "1:", "htb", "default", "1"],
+        ]
+        .concat())?;
+        // A quantum of one full frame: htb's default (rate / 10) warns at these rates.
+        tc(&[
+            &["class", "add"][..],
+            &dev,
+            &[
+                "parent", "1:", "classid", "1:1", "htb", "rate", "10gbit", "quantum", "1514",
+            ],
+        ]
+        .concat())?;
+        let slow = format!("{slow_kbit}kbit");
+        tc(&[
+            &["class", "add"][..],
+            &dev,
+            &[
+                "parent", "1:", "classid", "1:2", "htb", "rate", &slow, "ceil", &slow,
+            ],
+            &["burst", "1514", "cburst", "1514", "quantum", "1514"],
+        ]
+        .concat())?;
+        let limit = SLOW_QUEUE_PACKETS.to_string();
+        tc(&[
+            &["qdisc", "add"][..],
+            &dev,
+            &["parent", "1:2", "pfifo", "limit", &limit],
+        ]
+        .concat())?;
+        let probability = format!("{:.2}", f64::from(share_pct.min(100)) / 100.0);
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ns,
+                "iptables",
+                "-t",
+                "mangle",
+                "-A",
+                "OUTPUT",
+                "-o",
+                "eth0",
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                &probability,
+                "-j",
+                "CLASSIFY",
+                "--set-class",
+                "1:2",
+            ],
+        )
+    }
+
+    /// Removes every cut, every lossy link and every reordering one.
     pub fn heal(&self) -> anyhow::Result<()> {
-        let mut lossy = self.lossy.lock().expect("lossy lock");
+        let mut shaped = self.shaped.lock().expect("shaped lock");
         for host in 0..self.hosts {
             let ns = self.ns(host);
             ip(&["-n", &ns, "route", "flush", "type", "blackhole"])?;
-            if lossy[host] {
-                run("ip", &["netns", "exec", &ns, "iptables", "-F", "OUTPUT"])?;
+            if shaped[host] {
+                for table in ["filter", "mangle"] {
+                    run(
+                        "ip",
+                        &[
+                            "netns", "exec", &ns, "iptables", "-t", table, "-F", "OUTPUT",
+                        ],
+                    )?;
+                }
                 run(
                     "ip",
                     &[
                         "netns", "exec", &ns, "tc", "qdisc", "del", "dev", "eth0", "root",
                     ],
                 )?;
-                lossy[host] = false;
+                shaped[host] = false;
             }
         }
         Ok(())

@@ -12,9 +12,12 @@
 //!    its key carrying its value, and every event carries a value some write wrote (no
 //!    phantom); the last event of each key carries the value the final read returned;
 //! 4. the watch never ends with an error (the client library resumes it across node
-//!    failures).
+//!    failures);
+//! 5. *resumable*: a second watch, opened once the campaign is over from a revision R the
+//!    first one saw (chosen by the seed), delivers for every register exactly the events at or
+//!    above R that the first one delivered, in the same order, and 1, 2 and 4 hold of it too.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -99,23 +102,31 @@ pub enum Violation {
     },
     /// The watch ended with an error.
     Ended(String),
+    /// A watch resumed from a revision did not deliver a register's events from there as the
+    /// first watch did.
+    NotResumed {
+        /// The register.
+        key: u64,
+        /// The revision the watch was resumed from.
+        from: u64,
+        /// The revisions of the first watch's events of it at or above `from`.
+        expected: Vec<u64>,
+        /// The revisions of the resumed watch's.
+        got: Vec<u64>,
+    },
 }
 
-/// Checks what the watcher saw (`seen`, in arrival order; `ended`: its error, if it ended)
-/// against `history`, whose reads by `final_reader` are the final reads.
-pub fn check(
-    seen: &[Seen],
-    ended: Option<&str>,
-    history: &[Op],
-    final_reader: u32,
-) -> Vec<Violation> {
-    let mut violations = Vec::new();
+/// Each register's events in a stream: revision and value, in arrival order.
+type ByKey = BTreeMap<u64, Vec<(u64, Option<u64>)>>;
+
+/// Properties 1, 2 and 4 of one stream; returns its events by register.
+fn check_stream(seen: &[Seen], ended: Option<&str>, violations: &mut Vec<Violation>) -> ByKey {
     if let Some(e) = ended {
         violations.push(Violation::Ended(e.to_string()));
     }
     let mut last: HashMap<u64, u64> = HashMap::new();
     let mut bookmark: HashMap<u64, u64> = HashMap::new();
-    let mut by_key: BTreeMap<u64, Vec<(u64, Option<u64>)>> = BTreeMap::new();
+    let mut by_key = ByKey::new();
     for s in seen {
         if let Some(&b) = bookmark.get(&s.range) {
             if s.revision <= b && !s.progress {
@@ -155,6 +166,54 @@ pub fn check(
                 .push((e.mod_revision, e.value));
         }
     }
+    by_key
+}
+
+/// Property 5: what a watch resumed from revision `from` saw (`resumed`, `ended`) against
+/// what the first watch saw (`first`, already checked by [`check`]).
+pub fn check_resumed(
+    first: &[Seen],
+    from: u64,
+    resumed: &[Seen],
+    ended: Option<&str>,
+) -> Vec<Violation> {
+    let mut violations = Vec::new();
+    let got = check_stream(resumed, ended, &mut violations);
+    let expected = check_stream(first, None, &mut Vec::new());
+    let keys: BTreeSet<u64> = got.keys().chain(expected.keys()).copied().collect();
+    for key in keys {
+        // Everything the resumed watch delivered counts: an event below `from` is wrong too.
+        let want: Vec<(u64, Option<u64>)> = expected
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .filter(|(revision, _)| *revision >= from)
+            .copied()
+            .collect();
+        let have = got.get(&key).cloned().unwrap_or_default();
+        if want != have {
+            let revisions = |events: &[(u64, Option<u64>)]| events.iter().map(|e| e.0).collect();
+            violations.push(Violation::NotResumed {
+                key,
+                from,
+                expected: revisions(&want),
+                got: revisions(&have),
+            });
+        }
+    }
+    violations
+}
+
+/// Checks what the watcher saw (`seen`, in arrival order; `ended`: its error, if it ended)
+/// against `history`, whose reads by `final_reader` are the final reads.
+pub fn check(
+    seen: &[Seen],
+    ended: Option<&str>,
+    history: &[Op],
+    final_reader: u32,
+) -> Vec<Violation> {
+    let mut violations = Vec::new();
+    let by_key = check_stream(seen, ended, &mut violations);
 
     let mut written: HashSet<(u64, u64)> = HashSet::new();
     let mut acknowledged: Vec<(u64, u64)> = Vec::new();
@@ -375,6 +434,65 @@ mod tests {
                     event_revision: 4
                 }
             ]
+        );
+    }
+
+    #[test]
+    fn a_watch_resumed_from_a_revision_must_replay_exactly_what_followed() {
+        // Range 1 writes keys 1 and 2 at revisions 3, 5, 8; range 2 key 3 at 4 and 6.
+        let first = [
+            response(1, 3, &[(1, 10)]),
+            response(2, 4, &[(3, 30)]),
+            bookmark(2, 4),
+            response(1, 5, &[(1, 11), (2, 20)]),
+            response(2, 6, &[(3, 31)]),
+            response(1, 8, &[(2, 21)]),
+        ];
+        // From 5 on, in another interleaving of the ranges: fine.
+        let resumed = [
+            response(2, 6, &[(3, 31)]),
+            response(1, 5, &[(1, 11), (2, 20)]),
+            response(1, 8, &[(2, 21)]),
+        ];
+        assert_eq!(check_resumed(&first, 5, &resumed, None), vec![]);
+        // A revision skipped, one from before the start, and an ended watch.
+        let gappy = [
+            response(1, 3, &[(1, 10)]),
+            response(1, 8, &[(2, 21)]),
+            response(2, 6, &[(3, 31)]),
+        ];
+        assert_eq!(
+            check_resumed(&first, 5, &gappy, Some("EXHAUSTED")),
+            vec![
+                Violation::Ended("EXHAUSTED".into()),
+                Violation::NotResumed {
+                    key: 1,
+                    from: 5,
+                    expected: vec![5],
+                    got: vec![3]
+                },
+                Violation::NotResumed {
+                    key: 2,
+                    from: 5,
+                    expected: vec![5, 8],
+                    got: vec![8]
+                },
+            ]
+        );
+        // The resumed stream's own order is checked as the first one's is.
+        let backwards = [
+            response(1, 8, &[(2, 21)]),
+            response(1, 5, &[(1, 11), (2, 20)]),
+            response(2, 6, &[(3, 31)]),
+        ];
+        let found = check_resumed(&first, 5, &backwards, None);
+        assert!(
+            found.contains(&Violation::OutOfOrder {
+                range: 1,
+                after: 8,
+                revision: 5
+            }),
+            "{found:?}"
         );
     }
 }

@@ -16,24 +16,11 @@ use concord_client::api::Consistency;
 use concord_faults::campaign::{self, Config};
 use concord_faults::nemesis::{Kind, MERGE_POINTS, MOVE_POINTS, SPLIT_POINTS};
 
+mod common;
+use common::concord_bin;
+
 /// One campaign at a time: each is a cluster of processes on a 2-core machine.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn concord_bin() -> PathBuf {
-    // target/<profile>/deps/nemeses-<hash> → target/<profile>/concord
-    let exe = std::env::current_exe().expect("test executable");
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>")
-        .join("concord");
-    assert!(
-        bin.exists(),
-        "{} missing: build it first (`cargo build --workspace --bins`, as scripts/test.sh does)",
-        bin.display()
-    );
-    bin
-}
 
 /// What a campaign that passed leaves to look at.
 struct Passed {
@@ -152,8 +139,14 @@ fn partitions_keep_every_key_linearizable() {
 }
 
 #[test]
-fn a_slow_lossy_network_keeps_every_key_linearizable() {
-    campaign("lossy", 3, &[Kind::Lossy], Duration::from_secs(15));
+fn a_slow_lossy_reordering_network_keeps_every_key_linearizable() {
+    let Passed { faults, .. } = campaign(
+        "lossy-reorder",
+        3,
+        &[Kind::Lossy, Kind::Reorder],
+        Duration::from_secs(20),
+    );
+    assert!(faults.contains("Reorder"), "no link reordered:\n{faults}");
 }
 
 #[test]

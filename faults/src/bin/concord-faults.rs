@@ -38,7 +38,7 @@ struct RunArgs {
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     duration: Duration,
     /// Kinds of fault, comma-separated, or `all`: kill, kill-all, pause, partition,
-    /// isolate-leader, bridge, lossy, crash-point and disk-full (both need a concord built
+    /// isolate-leader, bridge, lossy, reorder, crash-point and disk-full (both need a concord built
     /// with the failpoints feature), clock (needs libfaketime), split, merge and move (a
     /// range split, merged or a replica moved under traffic, half the time with a node
     /// crashing at the operation's fail points; `move` needs more than 3 nodes).
@@ -143,9 +143,11 @@ fn main() -> anyhow::Result<()> {
         report.inconclusive.len()
     );
     println!(
-        "watch: {} responses, {} violations; locks: {} fenced writes, {} violations; \
-         leases: {} granted, {} violations; expiry lateness p50 {} ms, p99 {} ms, max {} ms",
+        "watch: {} responses, resumed from revision {}, {} violations; locks: {} fenced \
+         writes, {} violations; leases: {} granted, {} violations; expiry lateness p50 {} ms, \
+         p99 {} ms, max {} ms",
         outcome.watch_responses,
+        outcome.watch_resumed_from,
         outcome.watch.len(),
         outcome.lock_attempts,
         outcome.locks.len(),
