@@ -190,39 +190,45 @@ impl Net {
         Ok(())
     }
 
+    /// Runs `program ARGS` inside `host`'s namespace.
+    fn exec(&self, host: usize, program: &str, args: &[&str]) -> anyhow::Result<()> {
+        let ns = self.ns(host);
+        let mut all = vec!["netns", "exec", ns.as_str(), program];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// Sends `share_pct` % of what `host` sends out of `eth0`, picked at random, to the
+    /// iptables `target` (a rule appended to `table`'s `OUTPUT` chain).
+    fn random_share(
+        &self,
+        host: usize,
+        table: &str,
+        share_pct: u32,
+        target: &[&str],
+    ) -> anyhow::Result<()> {
+        self.shaped.lock().expect("shaped lock")[host] = true;
+        let probability = format!("{:.2}", f64::from(share_pct.min(100)) / 100.0);
+        let rule = [
+            &["-t", table, "-A", "OUTPUT", "-o", "eth0", "-m", "statistic"][..],
+            &["--mode", "random", "--probability", &probability, "-j"],
+            target,
+        ]
+        .concat();
+        self.exec(host, "iptables", &rule)
+    }
+
     /// Makes `host` drop `loss_pct` % of what it sends, at random, and send the rest at
     /// `rate_kbit` kbit/s at most.
     pub fn lossy(&self, host: usize, loss_pct: u32, rate_kbit: u32) -> anyhow::Result<()> {
-        let ns = self.ns(host);
-        self.shaped.lock().expect("shaped lock")[host] = true;
-        let probability = format!("{:.2}", f64::from(loss_pct.min(100)) / 100.0);
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &ns,
-                "iptables",
-                "-A",
-                "OUTPUT",
-                "-o",
-                "eth0",
-                "-m",
-                "statistic",
-                "--mode",
-                "random",
-                "--probability",
-                &probability,
-                "-j",
-                "DROP",
-            ],
-        )?;
+        self.random_share(host, "filter", loss_pct, &["DROP"])?;
         let rate = format!("{rate_kbit}kbit");
-        run(
-            "ip",
+        self.exec(
+            host,
+            "tc",
             &[
-                "netns", "exec", &ns, "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf",
-                "rate", &rate, "burst", "32kbit", "latency", "300ms",
+                "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", &rate, "burst", "32kbit",
+                "latency", "300ms",
             ],
         )
     }
@@ -231,71 +237,29 @@ impl Net {
     /// `slow_kbit` kbit/s holding at most [`SLOW_QUEUE_PACKETS`] (more are dropped), and the
     /// rest straight on: a slow packet arrives after faster ones sent later.
     pub fn reordering(&self, host: usize, share_pct: u32, slow_kbit: u32) -> anyhow::Result<()> {
-        let ns = self.ns(host);
-        self.shaped.lock().expect("shaped lock")[host] = true;
-        let tc = |args: &[&str]| {
-            let mut all = vec!["netns", "exec", &ns, "tc"];
-            all.extend_from_slice(args);
-            run("ip", &all)
-        };
-        let dev = ["dev", "eth0"];
-        tc(&[
-            &["qdisc", "replace"],
-            &dev[..],
-            &["root", "handle", "1:", "htb", "default", "1"],
-        ]
-        .concat())?;
-        // A quantum of one full frame: htb's default (rate / 10) warns at these rates.
-        tc(&[
-            &["class", "add"][..],
-            &dev,
-            &[
-                "parent", "1:", "classid", "1:1", "htb", "rate", "10gbit", "quantum", "1514",
-            ],
-        ]
-        .concat())?;
+        let tc = |args: &[&str]| self.exec(host, "tc", args);
         let slow = format!("{slow_kbit}kbit");
-        tc(&[
-            &["class", "add"][..],
-            &dev,
-            &[
-                "parent", "1:", "classid", "1:2", "htb", "rate", &slow, "ceil", &slow,
-            ],
-            &["burst", "1514", "cburst", "1514", "quantum", "1514"],
-        ]
-        .concat())?;
         let limit = SLOW_QUEUE_PACKETS.to_string();
         tc(&[
-            &["qdisc", "add"][..],
-            &dev,
-            &["parent", "1:2", "pfifo", "limit", &limit],
-        ]
-        .concat())?;
-        let probability = format!("{:.2}", f64::from(share_pct.min(100)) / 100.0);
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &ns,
-                "iptables",
-                "-t",
-                "mangle",
-                "-A",
-                "OUTPUT",
-                "-o",
-                "eth0",
-                "-m",
-                "statistic",
-                "--mode",
-                "random",
-                "--probability",
-                &probability,
-                "-j",
-                "CLASSIFY",
-                "--set-class",
-                "1:2",
-            ],
+            "qdisc", "replace", "dev", "eth0", "root", "handle", "1:", "htb", "default", "1",
+        ])?;
+        // A quantum of one full frame: htb's default (rate / 10) warns at these rates.
+        tc(&[
+            "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:1", "htb", "rate",
+            "10gbit", "quantum", "1514",
+        ])?;
+        tc(&[
+            "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:2", "htb", "rate", &slow,
+            "ceil", &slow, "burst", "1514", "cburst", "1514", "quantum", "1514",
+        ])?;
+        tc(&[
+            "qdisc", "add", "dev", "eth0", "parent", "1:2", "pfifo", "limit", &limit,
+        ])?;
+        self.random_share(
+            host,
+            "mangle",
+            share_pct,
+            &["CLASSIFY", "--set-class", "1:2"],
         )
     }
 
@@ -303,23 +267,12 @@ impl Net {
     pub fn heal(&self) -> anyhow::Result<()> {
         let mut shaped = self.shaped.lock().expect("shaped lock");
         for host in 0..self.hosts {
-            let ns = self.ns(host);
-            ip(&["-n", &ns, "route", "flush", "type", "blackhole"])?;
+            ip(&["-n", &self.ns(host), "route", "flush", "type", "blackhole"])?;
             if shaped[host] {
                 for table in ["filter", "mangle"] {
-                    run(
-                        "ip",
-                        &[
-                            "netns", "exec", &ns, "iptables", "-t", table, "-F", "OUTPUT",
-                        ],
-                    )?;
+                    self.exec(host, "iptables", &["-t", table, "-F", "OUTPUT"])?;
                 }
-                run(
-                    "ip",
-                    &[
-                        "netns", "exec", &ns, "tc", "qdisc", "del", "dev", "eth0", "root",
-                    ],
-                )?;
+                self.exec(host, "tc", &["qdisc", "del", "dev", "eth0", "root"])?;
                 shaped[host] = false;
             }
         }
