@@ -368,22 +368,36 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
         "a second watch resumes from revision {resumed_from}"
     ));
     let resumed_log = Arc::new(Mutex::new(WatchLog::default()));
-    let resuming = watch_everything(
-        &watch_client,
-        resumed_from,
-        resumed_log.clone(),
-        history.clone(),
+    let opened = tokio::time::timeout(
+        WATCH_CATCH_UP_MAX,
+        watch_everything(
+            &watch_client,
+            resumed_from,
+            resumed_log.clone(),
+            history.clone(),
+        ),
     )
-    .await?;
-    watch_log_until(&resumed_log, WATCH_CATCH_UP_MAX, |log| {
-        first
-            .latest
-            .iter()
-            .filter(|(_, (revision, _))| *revision >= resumed_from)
-            .all(|(k, latest)| log.latest.get(k) == Some(latest))
-    })
     .await;
-    resuming.abort();
+    // A watch that fails to open, or does not within the bound, ended: the checker says so.
+    let not_opened = match opened {
+        Ok(Ok(resuming)) => {
+            watch_log_until(&resumed_log, WATCH_CATCH_UP_MAX, |log| {
+                first
+                    .latest
+                    .iter()
+                    .filter(|(_, (revision, _))| *revision >= resumed_from)
+                    .all(|(k, latest)| log.latest.get(k) == Some(latest))
+            })
+            .await;
+            resuming.abort();
+            None
+        }
+        Ok(Err(e)) => Some(format!("{e:#}")),
+        Err(_) => Some(format!("not open after {WATCH_CATCH_UP_MAX:?}")),
+    };
+    if let Some(why) = not_opened {
+        resumed_log.lock().expect("watch log lock").ended = Some(why);
+    }
     drop(watch_client);
     phase("checking");
     let final_counter = locks::read_counter(&reader)
