@@ -956,13 +956,7 @@ impl NodeInner {
             }
         }
         let placement = self.placement.read().expect("placement lock");
-        let view = placement.as_ref()?;
-        // A node without a replica of the placement group (past the first three) learns its
-        // leader from the view, which does not list it among the ranges.
-        if range_id == PLACEMENT_GROUP {
-            return Some(view.leader);
-        }
-        view.leaders.get(&range_id).copied()
+        placement.as_ref()?.leaders.get(&range_id).copied()
     }
 
     fn routes(&self) -> RouteTable {

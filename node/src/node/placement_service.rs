@@ -194,10 +194,13 @@ impl From<&PlacementReport> for PlacementView {
         Self {
             leader: report.leader,
             ranges: report.ranges.iter().map(|r| r.descriptor.clone()).collect(),
+            // The placement group is no range of the table, but nodes without a replica of it
+            // (past the first three) route to its leader too.
             leaders: report
                 .ranges
                 .iter()
                 .filter_map(|r| Some((r.descriptor.id, r.leader?)))
+                .chain([(PLACEMENT_GROUP, report.leader)])
                 .collect(),
             draining: report
                 .nodes
@@ -250,6 +253,13 @@ struct PlacementState {
 }
 
 impl LeaderMemory {
+    /// Whether this leader took over too recently to plan: a new leader first hears every
+    /// node out.
+    fn in_grace(&self) -> bool {
+        let leading_for = self.since.map_or(Duration::ZERO, |s| s.elapsed());
+        leading_for < Duration::from_millis(PLAN_GRACE_MS)
+    }
+
     /// The stored ranges without a report since this leader took over or since their last
     /// move or merge (no leader, or a stale descriptor), and those with a move under way.
     fn unreported_or_moving(
@@ -592,6 +602,15 @@ impl NodeInner {
         let Some(group) = self.placement_leader_group() else {
             return Vec::new();
         };
+        // Checked before the placement state is scanned.
+        if self
+            .placement_memory
+            .lock()
+            .expect("placement memory lock")
+            .in_grace()
+        {
+            return Vec::new();
+        }
         let PlacementState {
             nodes,
             decommissioned,
@@ -600,11 +619,6 @@ impl NodeInner {
         } = self.placement_state(&group);
         let views = self.node_views(&nodes, &decommissioned);
         let memory = self.placement_memory.lock().expect("placement memory lock");
-        // A new leader first hears every node out.
-        let leading_for = memory.since.map_or(Duration::ZERO, |s| s.elapsed());
-        if leading_for < Duration::from_millis(PLAN_GRACE_MS) {
-            return Vec::new();
-        }
         // A range without a fresh report (none since a move, or no leader) is not moved: its
         // stored voters may be stale.
         let mut busy = memory.unreported_or_moving(&ranges);
@@ -645,8 +659,7 @@ impl NodeInner {
         {
             // Checked before the placement state is scanned: most rounds stop here.
             let memory = self.placement_memory.lock().expect("placement memory lock");
-            let leading_for = memory.since.map_or(Duration::ZERO, |s| s.elapsed());
-            if memory.merging.is_some() || leading_for < Duration::from_millis(PLAN_GRACE_MS) {
+            if memory.merging.is_some() || memory.in_grace() {
                 return None;
             }
         }
