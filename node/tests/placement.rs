@@ -101,6 +101,36 @@ async fn wait_spread(
     .await;
 }
 
+/// Waits until the placement group's voters are three of `allowed`, as its leader reports
+/// them, and exactly those nodes host it.
+async fn wait_placement_on(cluster: &Cluster, client: &Client, allowed: &[NodeId]) {
+    eventually("the placement group moved", || async {
+        let report = client.placement().await.map_err(|e| e.to_string())?;
+        let voters: Vec<NodeId> = report
+            .nodes
+            .iter()
+            .filter(|n| n.placement)
+            .map(|n| n.id)
+            .collect();
+        if voters.len() != 3 || voters.iter().any(|v| !allowed.contains(v)) {
+            return Err(format!(
+                "placement voters {voters:?}, moving {:?}",
+                report.moves
+            ));
+        }
+        let hosting: Vec<NodeId> = cluster
+            .running()
+            .filter(|n| n.hosts_placement())
+            .map(|n| n.id())
+            .collect();
+        if hosting != voters {
+            return Err(format!("voters {voters:?}, hosted by {hosting:?}"));
+        }
+        Ok(())
+    })
+    .await;
+}
+
 /// Starts node `id`, joining the cluster, and waits until it is registered (its heartbeat
 /// reached the placement leader).
 async fn join_registered(cluster: &mut Cluster, client: &Client, id: NodeId) {
@@ -279,6 +309,39 @@ async fn a_dead_node_is_replaced_and_a_decommissioned_node_drained() {
     // Stopping it costs nothing.
     cluster.stop(4).await;
     let more = write_keys(&client, 40).await;
+    check_keys(&client, &acked).await;
+    check_keys(&client, &more).await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_placement_group_leaves_a_dead_node_and_a_decommissioned_one() {
+    let mut cluster = Cluster::start_tuned(5, 4, |c| c.placement.down_after_ms = 3_000).await;
+    let client = cluster.client().await;
+    let acked = write_keys(&client, 60).await;
+    // Node 3 holds a placement replica and dies for good: the replica is re-created on node
+    // 4 or 5. 4 ranges × 3 + the placement group's 3 = 15 replicas over 4 nodes.
+    cluster.stop(3).await;
+    wait_placement_on(&cluster, &client, &[1, 2, 4, 5]).await;
+    wait_spread(&cluster, &client, 1, &[1, 2, 4, 5], 2, 4).await;
+    // Node 1, bootstrap member of the placement group, is drained: it ends with nothing.
+    client.decommission(1).await.expect("decommission");
+    wait_placement_on(&cluster, &client, &[2, 4, 5]).await;
+    wait_spread(&cluster, &client, 2, &[2, 4, 5], 4, 4).await;
+    eventually("node 1 shown drained", || async {
+        let report = client.placement().await.map_err(|e| e.to_string())?;
+        match report.nodes.iter().find(|n| n.id == 1) {
+            Some(n) if n.replicas == 0 && !n.placement => Ok(()),
+            other => Err(format!("node 1: {other:?}")),
+        }
+    })
+    .await;
+    // Without either first node the placement service still answers and schedules: a
+    // sixth node joins and receives replicas.
+    cluster.stop(1).await;
+    join_registered(&mut cluster, &client, 6).await;
+    wait_spread(&cluster, &client, 2, &[2, 4, 5, 6], 2, 4).await;
+    let more = write_keys(&client, 30).await;
     check_keys(&client, &acked).await;
     check_keys(&client, &more).await;
     cluster.shutdown().await;

@@ -545,8 +545,11 @@ pub struct NodeInfo {
     /// Milliseconds since its last heartbeat reached the placement leader (`None`: none since
     /// that leader took over).
     pub heartbeat_age_ms: Option<u64>,
-    /// Replicas it holds (voters, by the range table).
+    /// Replicas it holds: voters of the range table's ranges, plus one if it is a voter of
+    /// the placement group.
     pub replicas: u64,
+    /// Whether it is a voter of the placement group.
+    pub placement: bool,
     /// Ranges it leads.
     pub leaders: u64,
     /// Its capacity, as its last heartbeat reported it (`None`: no heartbeat since the

@@ -372,7 +372,8 @@ fn ticker(period: Duration) -> tokio::time::Interval {
     ticker
 }
 
-/// The placement group: replicated on the first three nodes, outside the range table. It holds
+/// The placement group: started on the first three nodes, outside the range table; its leader
+/// moves its replicas like a range's (`placement_service::plan_moves`). It holds
 /// the placement service's registry, stored range table and decisions (`placement_service`)
 /// and allocates the ids of ranges made by splits (see [`NodeInner::allocate_range_id`]).
 pub const PLACEMENT_GROUP: RangeId = 0;
@@ -666,6 +667,14 @@ impl Node {
             .filter(|g| g.id != PLACEMENT_GROUP && g.has_state())
             .map(|g| g.id)
             .collect()
+    }
+
+    /// Whether this node holds a replica of the placement group (with state), a voter or
+    /// one being added.
+    pub fn hosts_placement(&self) -> bool {
+        self.inner()
+            .group(PLACEMENT_GROUP)
+            .is_ok_and(|g| g.has_state())
     }
 
     /// The placement service's view (asked of the placement leader).

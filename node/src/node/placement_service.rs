@@ -16,7 +16,8 @@
 //! - **Scheduler.** Every [`SCHEDULE_INTERVAL_MS`] the leader derives each node's state (up,
 //!   suspect, down, decommissioning), plans with [`plan_replica_moves`] (a pure function), records
 //!   each move, and asks the range's leader to carry it out (`replica_service`), at most
-//!   [`MOVES_IN_FLIGHT_MAX`] at a time. It also plans one merge at a time with [`plan_merge`]
+//!   [`MOVES_IN_FLIGHT_MAX`] at a time. The placement group is planned with the ranges (its
+//!   voters from the leader's own membership) and moved by the leader itself. It also plans one merge at a time with [`plan_merge`]
 //!   (small cold neighbours made by splits, or a frozen range left by an interrupted merge)
 //!   and asks the left range's leader to carry it out (`merge_service`).
 //! - **Registry after splits and merges.** A report's descriptor is stored when it is newer
@@ -187,6 +188,8 @@ pub struct PlacementView {
     pub draining: BTreeSet<NodeId>,
     /// Ranges merged away: never hosted again.
     pub merged: BTreeSet<RangeId>,
+    /// The placement group's voters.
+    pub placement_voters: BTreeSet<NodeId>,
 }
 
 impl From<&PlacementReport> for PlacementView {
@@ -209,6 +212,12 @@ impl From<&PlacementReport> for PlacementView {
                 .map(|n| n.id)
                 .collect(),
             merged: report.merged.iter().copied().collect(),
+            placement_voters: report
+                .nodes
+                .iter()
+                .filter(|n| n.placement)
+                .map(|n| n.id)
+                .collect(),
         }
     }
 }
@@ -515,6 +524,10 @@ impl NodeInner {
                 *replicas.entry(*v).or_default() += 1;
             }
         }
+        let placement_voters = placement_replicas(group).0.voters;
+        for v in &placement_voters {
+            *replicas.entry(*v).or_default() += 1;
+        }
         let mut leaders: BTreeMap<NodeId, u64> = BTreeMap::new();
         for (leader, _) in memory.reports.values() {
             *leaders.entry(*leader).or_default() += 1;
@@ -531,6 +544,7 @@ impl NodeInner {
                     .get(&v.id)
                     .map(|(at, _)| now.duration_since(*at).as_millis() as u64),
                 replicas: replicas.get(&v.id).copied().unwrap_or(0),
+                placement: placement_voters.contains(&v.id),
                 leaders: leaders.get(&v.id).copied().unwrap_or(0),
                 capacity: memory.heartbeats.get(&v.id).map(|(_, c)| *c),
             })
@@ -629,7 +643,7 @@ impl NodeInner {
                 .filter(|(_, (_, r))| !r.learners.is_empty())
                 .map(|(id, _)| *id),
         );
-        let replicas: Vec<RangeReplicas> = ranges
+        let mut replicas: Vec<RangeReplicas> = ranges
             .values()
             .map(|d| RangeReplicas {
                 range: d.id,
@@ -637,6 +651,13 @@ impl NodeInner {
                 leader: memory.reports.get(&d.id).map(|(leader, _)| *leader),
             })
             .collect();
+        // The placement group moves like a range (off down and decommissioned nodes, and
+        // for balance), by this node, its leader, from its own membership.
+        let (placement, changing) = placement_replicas(&group);
+        if changing {
+            busy.insert(PLACEMENT_GROUP);
+        }
+        replicas.push(placement);
         let room = MOVES_IN_FLIGHT_MAX.saturating_sub(memory.moves.len());
         plan_replica_moves(&views, &replicas, &busy, room)
     }
@@ -698,7 +719,9 @@ impl NodeInner {
     /// afterwards the range waits for its next report (its descriptor changed).
     async fn carry_out(self: Arc<Self>, decision: Decision) {
         let range = decision.range();
-        let leader = {
+        let leader = if range == PLACEMENT_GROUP {
+            Some(self.config.id)
+        } else {
             let memory = self.placement_memory.lock().expect("placement memory lock");
             memory.reports.get(&range).map(|(leader, _)| *leader)
         };
@@ -888,6 +911,22 @@ impl NodeInner {
         *self.placement.write().expect("placement lock") = Some(PlacementView::from(&report));
         self.complete_table();
     }
+}
+
+/// The placement group as the scheduler sees it, from the membership applied at `group`'s
+/// replica here (its leader's, when planning): its voters and leader, and whether a
+/// membership change is under way (a learner catching up, or a joint configuration).
+fn placement_replicas(group: &super::Group) -> (RangeReplicas, bool) {
+    let metrics = group.raft.metrics().borrow_watched().clone();
+    let membership = metrics.membership_config.membership();
+    let changing =
+        membership.learner_ids().next().is_some() || membership.get_joint_config().len() > 1;
+    let replicas = RangeReplicas {
+        range: PLACEMENT_GROUP,
+        voters: membership.voter_ids().collect(),
+        leader: metrics.current_leader,
+    };
+    (replicas, changing)
 }
 
 /// A put of `key = value` without a lease.

@@ -9,7 +9,8 @@
 //!   replaces the leaving voter with it in one joint-consensus change (openraft's
 //!   `change_membership`): both the old and the new voter sets must commit the change, so
 //!   the range never drops below a quorum. A leader that is itself the leaving voter first
-//!   hands its leadership to another voter and answers `NotLeader`.
+//!   hands its leadership to the voter its log reached furthest (not one on a dead node) and
+//!   answers `NotLeader`.
 //! - **Receiving** ([`NodeInner::host_replica`]): a node that gets a Raft message for a range
 //!   it does not host starts an empty replica of it, which the leader fills with a snapshot.
 //! - **Removal** ([`replica_gc_loop`]): a replica that is not in its own view of the range's
@@ -73,10 +74,8 @@ impl NodeInner {
         if let Err(f) = group.raft.as_leader() {
             return Err(not_leader(range_id, f.leader_id));
         }
-        let voters: BTreeSet<NodeId> = {
-            let metrics = group.raft.metrics().borrow_watched().clone();
-            metrics.membership_config.membership().voter_ids().collect()
-        };
+        let metrics = group.raft.metrics().borrow_watched().clone();
+        let voters: BTreeSet<NodeId> = metrics.membership_config.membership().voter_ids().collect();
         let done = |voters: BTreeSet<NodeId>| {
             let header = group.state.read().expect("range state lock").mvcc.header();
             Ok(KvResponse::Moved(MoveResponse {
@@ -93,10 +92,22 @@ impl NodeInner {
             )));
         }
         if from == self.config.id {
-            // The leader leaves: hand over to another voter first; the client retries there.
-            let heir = voters.iter().copied().find(|v| *v != from).ok_or_else(|| {
-                ApiError::InvalidRequest(format!("range {range_id} has no other voter"))
-            })?;
+            // The leader leaves: hand over first, to the voter furthest along (a voter on a
+            // dead node, behind, cannot take over); the client retries there.
+            let matched = |v: &NodeId| {
+                metrics
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(v).copied().flatten())
+            };
+            let heir = voters
+                .iter()
+                .filter(|v| **v != from)
+                .max_by_key(|v| matched(v))
+                .copied()
+                .ok_or_else(|| {
+                    ApiError::InvalidRequest(format!("range {range_id} has no other voter"))
+                })?;
             group
                 .raft
                 .trigger()
@@ -264,8 +275,9 @@ impl NodeInner {
 
     /// Whether this node's replica of `group` may have been removed: it is not in its own
     /// latest membership (an empty replica awaiting its snapshot is not either), it knows no
-    /// leader, or the placement service's table does not list it (a voter removed while it
-    /// held only the joint configuration still names itself and keeps its last leader).
+    /// leader, or the placement service's table (for the placement group, its list of the
+    /// group's voters) does not list it (a voter removed while it held only the joint
+    /// configuration still names itself and keeps its last leader).
     fn maybe_removed(&self, group: &Group) -> bool {
         let me = self.config.id;
         let metrics = group.raft.metrics().borrow_watched().clone();
@@ -274,13 +286,15 @@ impl NodeInner {
             .membership()
             .get_node(&me)
             .is_some();
-        let placed = self
-            .placement
-            .read()
-            .expect("placement lock")
-            .as_ref()
-            .and_then(|v| v.ranges.iter().find(|d| d.id == group.id))
-            .is_none_or(|d| d.replicas.contains(&me));
+        let placed = match self.placement.read().expect("placement lock").as_ref() {
+            None => true,
+            Some(view) if group.id == PLACEMENT_GROUP => view.placement_voters.contains(&me),
+            Some(view) => view
+                .ranges
+                .iter()
+                .find(|d| d.id == group.id)
+                .is_none_or(|d| d.replicas.contains(&me)),
+        };
         !named || !placed || metrics.current_leader.is_none()
     }
 

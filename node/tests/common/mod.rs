@@ -211,6 +211,12 @@ impl Cluster {
         .await;
     }
 
+    /// The address a joining node is given: a running node's.
+    fn join_addr(&self) -> SocketAddr {
+        let any = self.running().next().expect("a node is running");
+        self.members[&any.id()]
+    }
+
     /// `stop node ID` (graceful: its connections close).
     pub async fn stop(&mut self, id: NodeId) {
         let node = self
@@ -225,7 +231,7 @@ impl Cluster {
     pub async fn restart(&mut self, id: NodeId) {
         let mut config = Self::config(&self.dir, id, self.members[&id], self.ranges, self.tune);
         let members = if self.joined.contains(&id) {
-            config.placement.join = Some(self.members[&1]);
+            config.placement.join = Some(self.join_addr());
             BTreeMap::from([(id, self.members[&id])])
         } else {
             self.members.clone()
@@ -242,7 +248,7 @@ impl Cluster {
     pub async fn join(&mut self, id: NodeId) {
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let mut config = Self::config(&self.dir, id, any, self.ranges, self.tune);
-        config.placement.join = Some(self.members[&1]);
+        config.placement.join = Some(self.join_addr());
         let bound = BoundNode::bind(config).expect("bind");
         let addr = bound.local_addr();
         let node = bound

@@ -695,14 +695,14 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                     });
                     json!({"id": n.id, "addr": n.addr, "zone": n.zone, "state": n.state.name(),
                         "heartbeat_age_ms": n.heartbeat_age_ms, "replicas": n.replicas, "leaders": n.leaders,
-                        "capacity": capacity})
+                        "placement": n.placement, "capacity": capacity})
                 })
                 .collect();
             if json {
                 println!("{}", Value::Array(rows));
             } else {
                 println!(
-                    "{:>4}  {:<22} {:<8} {:<16} {:>9} {:>8} {:>8} {:>10} {:>10}",
+                    "{:>4}  {:<22} {:<8} {:<16} {:>9} {:>8} {:>8} {:>9} {:>10} {:>10}",
                     "NODE",
                     "ADDRESS",
                     "ZONE",
@@ -710,13 +710,14 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                     "HEARTBEAT",
                     "REPLICAS",
                     "LEADERS",
+                    "PLACEMENT",
                     "RSS",
                     "MEM FREE"
                 );
                 let mib = |b: u64| format!("{}MiB", b >> 20);
                 for n in &report.nodes {
                     println!(
-                        "{:>4}  {:<22} {:<8} {:<16} {:>9} {:>8} {:>8} {:>10} {:>10}",
+                        "{:>4}  {:<22} {:<8} {:<16} {:>9} {:>8} {:>8} {:>9} {:>10} {:>10}",
                         n.id,
                         n.addr,
                         n.zone.as_deref().unwrap_or("-"),
@@ -725,6 +726,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                             .map_or("-".to_string(), |ms| format!("{ms}ms")),
                         n.replicas,
                         n.leaders,
+                        if n.placement { "voter" } else { "-" },
                         n.capacity
                             .map_or("-".to_string(), |c| mib(c.resident_bytes)),
                         n.capacity
