@@ -101,6 +101,10 @@ enum Command {
         /// This node's zone label: the replicas of a range spread across zones.
         #[arg(long)]
         zone: Option<String>,
+        /// The memory this node offers the cluster, in GiB (default: the machine's total):
+        /// the placement service gives nodes replicas in proportion to it.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        memory_gib: Option<u64>,
         /// Data directory.
         #[arg(long)]
         data_dir: PathBuf,
@@ -201,6 +205,7 @@ async fn main() -> anyhow::Result<()> {
             down_after,
             merge_after,
             zone,
+            memory_gib,
             data_dir,
             cert_dir,
             ranges,
@@ -224,6 +229,7 @@ async fn main() -> anyhow::Result<()> {
             config.split.writes_per_sec_max = split_writes;
             config.placement.join = join;
             config.placement.zone = zone;
+            config.placement.memory_bytes = memory_gib.map(|g| g.saturating_mul(1 << 30));
             config.placement.down_after_ms = down_after.saturating_mul(1000);
             config.placement.merge_after_ms = merge_after.saturating_mul(1000);
             let node = BoundNode::bind(config)?.start(members.clone()).await?;

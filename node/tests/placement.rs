@@ -1,7 +1,8 @@
 //! The placement service on in-process clusters: a replica moved by hand (the removed
 //! replica is deleted), nodes joining and receiving replicas and leaders, a dead node's
-//! replicas re-created elsewhere after `down_after`, and a decommissioned node drained; in
-//! every case each acknowledged write is still readable.
+//! replicas re-created elsewhere after `down_after`, and a decommissioned node drained (the
+//! placement group's replicas included), and replicas spread in proportion to the memory each
+//! node offers; in every case each acknowledged write is still readable.
 
 mod common;
 
@@ -344,5 +345,42 @@ async fn the_placement_group_leaves_a_dead_node_and_a_decommissioned_one() {
     let more = write_keys(&client, 30).await;
     check_keys(&client, &acked).await;
     check_keys(&client, &more).await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_offering_twice_the_memory_receives_replicas_in_proportion() {
+    // Node 4 offers 8 GiB, the others 4: its share of the 27 replicas (8 ranges × 3 and the
+    // placement group's 3) would be 10.8, and it can hold one of each group: 9. The others
+    // keep 6 each (with equal memory each would hold 6 or 7).
+    let cluster = Cluster::start_tuned(4, 8, |c| {
+        c.placement.memory_bytes = Some(if c.id == 4 { 8 << 30 } else { 4 << 30 });
+    })
+    .await;
+    let client = cluster.client().await;
+    let acked = write_keys(&client, 40).await;
+    eventually("replicas in proportion to memory", || async {
+        let report = client.placement().await.map_err(|e| e.to_string())?;
+        let counts: BTreeMap<NodeId, (u64, bool)> = report
+            .nodes
+            .iter()
+            .map(|n| (n.id, (n.replicas, n.placement)))
+            .collect();
+        let want = BTreeMap::from([(1, 6), (2, 6), (3, 6), (4, 9)]);
+        let hosted = cluster.hosted();
+        let node4 = hosted.get(&4).map_or(0, Vec::len);
+        if counts.iter().any(|(id, (c, _))| want.get(id) != Some(c))
+            || !counts[&4].1
+            || node4 != 8
+        {
+            return Err(format!(
+                "replicas and placement voters {counts:?}, node 4 hosts {node4} ranges, moving {:?}",
+                report.moves
+            ));
+        }
+        Ok(())
+    })
+    .await;
+    check_keys(&client, &acked).await;
     cluster.shutdown().await;
 }

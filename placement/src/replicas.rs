@@ -11,12 +11,16 @@
 //! 1. replicas on nodes that are [`NodeState::Down`] or [`NodeState::Decommissioning`]
 //!    (*evacuations*; a range moves only while it keeps a quorum of live voters, which the joint
 //!    configuration of the move needs to commit);
-//! 2. the sum over [`NodeState::Up`] nodes of the square of their replica count (*balance*: a
-//!    replica moves only from a node holding at least two more than the receiver).
+//! 2. the sum over [`NodeState::Up`] nodes of the square of their replica count divided by
+//!    their weight (*balance*: each node ends with replicas in proportion to its capacity,
+//!    [`NodeView::weight`]). Moving a replica from `a` to `b` lowers it exactly when
+//!    `(2·count_b + 1) / weight_b < (2·count_a − 1) / weight_a`; with equal weights, when `a`
+//!    holds at least two more than `b`. The planner decides this in integers.
 //!
 //! A balance move takes, from its donor, a replica of a range the donor does not lead when there
-//! is one (see [`RangeReplicas::leader`]). Among equally good receivers, a node in a zone the range does not use yet comes first (spread
-//! across zones), then the node holding fewer replicas, then the lower id. [`improving_move_exists`]
+//! is one (see [`RangeReplicas::leader`]). Among the receivers that qualify, a node in a zone the range does not use yet comes first
+//! (spread across zones), then the node a replica costs least (`(2·count + 1) / weight`), then
+//! the lower id. [`improving_move_exists`]
 //! is the naive reference: it tries every single move, and the property tests check that a plan
 //! is empty exactly when no single move improves the objective.
 
@@ -73,6 +77,9 @@ pub struct NodeView {
     pub zone: Option<String>,
     /// Its state.
     pub state: NodeState,
+    /// Its capacity, in a unit common to all nodes (the placement service uses GiB of
+    /// memory); replicas spread in proportion to it. 0 counts as 1.
+    pub weight: u64,
 }
 
 /// One range as the scheduler sees it.
@@ -135,6 +142,24 @@ impl<'a> Layout<'a> {
         self.nodes.get(&node).and_then(|n| n.zone.as_deref())
     }
 
+    fn weight(&self, node: NodeId) -> u128 {
+        self.nodes.get(&node).map_or(1, |n| n.weight.max(1)).into()
+    }
+
+    /// What one more replica on `node` adds to the balance objective, as the fraction
+    /// (numerator, denominator) = (2·count + 1, weight).
+    fn cost_of_one_more(&self, node: NodeId) -> (u128, u128) {
+        (2 * self.counts[&node] as u128 + 1, self.weight(node))
+    }
+
+    /// What taking one replica off `node` removes from it: (2·count − 1, weight).
+    fn gain_of_one_less(&self, node: NodeId) -> (u128, u128) {
+        (
+            (2 * self.counts[&node] as u128).saturating_sub(1),
+            self.weight(node),
+        )
+    }
+
     /// Whether moving `range`'s replica off `from` keeps a quorum of live voters in both the
     /// old and the new configuration (the receiver is counted as not yet caught up).
     fn keeps_quorum(&self, range: RangeId, from: NodeId) -> bool {
@@ -148,26 +173,25 @@ impl<'a> Layout<'a> {
     }
 
     /// The best receiver of `range`'s replica on `leaving`, or `None` if no up node lacks
-    /// one. With `fewer_than`, only nodes holding fewer replicas than that qualify.
-    fn receiver(
-        &self,
-        range: RangeId,
-        leaving: NodeId,
-        fewer_than: Option<usize>,
-    ) -> Option<NodeId> {
+    /// one. With `balance`, only nodes whose taking it lowers the balance objective qualify.
+    fn receiver(&self, range: RangeId, leaving: NodeId, balance: bool) -> Option<NodeId> {
         let voters = &self.voters[&range];
         let used_zones: BTreeSet<&str> = voters
             .iter()
             .filter(|v| **v != leaving)
             .filter_map(|v| self.zone(*v))
             .collect();
+        let gain = self.gain_of_one_less(leaving);
+        let old_zone = |n: &NodeView| n.zone.as_deref().is_none_or(|z| used_zones.contains(z));
         self.nodes
             .values()
             .filter(|n| n.state == NodeState::Up && !voters.contains(&n.id))
-            .filter(|n| fewer_than.is_none_or(|limit| self.counts[&n.id] < limit))
-            .min_by_key(|n| {
-                let new_zone = n.zone.as_deref().is_some_and(|z| !used_zones.contains(z));
-                (!new_zone, self.counts[&n.id], n.id)
+            .filter(|n| !balance || less(self.cost_of_one_more(n.id), gain))
+            .min_by(|a, b| {
+                let (ca, cb) = (self.cost_of_one_more(a.id), self.cost_of_one_more(b.id));
+                (old_zone(a).cmp(&old_zone(b)))
+                    .then(compare(ca, cb))
+                    .then(a.id.cmp(&b.id))
             })
             .map(|n| n.id)
     }
@@ -179,6 +203,15 @@ impl<'a> Layout<'a> {
         *self.counts.get_mut(&m.from).expect("counted") -= 1;
         *self.counts.entry(m.to).or_default() += 1;
     }
+}
+
+/// Compares the fractions `a` and `b`, each (numerator, denominator > 0).
+fn compare(a: (u128, u128), b: (u128, u128)) -> std::cmp::Ordering {
+    (a.0 * b.1).cmp(&(b.0 * a.1))
+}
+
+fn less(a: (u128, u128), b: (u128, u128)) -> bool {
+    compare(a, b).is_lt()
 }
 
 /// Plans at most `moves_max` replica moves, at most one per range, skipping the ranges in
@@ -205,7 +238,7 @@ pub fn plan_replica_moves(
             .iter()
             .copied()
             .filter(|v| layout.state(*v).evacuated() && layout.keeps_quorum(r.range, *v))
-            .find_map(|from| Some((from, layout.receiver(r.range, from, None)?)));
+            .find_map(|from| Some((from, layout.receiver(r.range, from, false)?)));
         if let Some((from, to)) = found {
             let m = ReplicaMove {
                 range: r.range,
@@ -220,7 +253,8 @@ pub fn plan_replica_moves(
     if !plan.is_empty() {
         return plan;
     }
-    // Balance: from the up node holding the most to one holding at least two fewer.
+    // Balance: from the up node holding the most for its weight to one where the replica
+    // costs less than it does there.
     while plan.len() < moves_max {
         let mut donors: Vec<NodeId> = layout
             .nodes
@@ -228,9 +262,11 @@ pub fn plan_replica_moves(
             .filter(|n| n.state == NodeState::Up)
             .map(|n| n.id)
             .collect();
-        donors.sort_by_key(|id| (std::cmp::Reverse(layout.counts[id]), *id));
+        donors.sort_by(|a, b| {
+            let share = |id: &NodeId| (layout.counts[id] as u128, layout.weight(*id));
+            compare(share(b), share(a)).then(a.cmp(b))
+        });
         let found = donors.iter().find_map(|from| {
-            let count = layout.counts[from];
             let mut candidates: Vec<&RangeReplicas> = ranges
                 .iter()
                 .filter(|r| !moved.contains(&r.range))
@@ -240,7 +276,7 @@ pub fn plan_replica_moves(
             // Ranges `from` does not lead first, each group in range order (a stable sort).
             candidates.sort_by_key(|r| r.leader == Some(*from));
             candidates.into_iter().find_map(|r| {
-                let to = layout.receiver(r.range, *from, Some(count.saturating_sub(1)))?;
+                let to = layout.receiver(r.range, *from, true)?;
                 Some(ReplicaMove {
                     range: r.range,
                     from: *from,
@@ -256,8 +292,10 @@ pub fn plan_replica_moves(
     plan
 }
 
-/// The objective a plan lowers (see the module documentation), for tests and reports.
-pub fn objective(nodes: &[NodeView], ranges: &[RangeReplicas]) -> (usize, usize) {
+/// The objective a plan lowers (see the module documentation), for tests: the replicas
+/// stranded on evacuated nodes, and the balance term times the least common multiple of the
+/// nodes' weights (an integer; that multiple must fit in a `u128`).
+pub fn objective(nodes: &[NodeView], ranges: &[RangeReplicas]) -> (usize, u128) {
     let layout = Layout::new(nodes, ranges);
     let stranded = layout
         .voters
@@ -265,13 +303,30 @@ pub fn objective(nodes: &[NodeView], ranges: &[RangeReplicas]) -> (usize, usize)
         .flatten()
         .filter(|v| layout.state(**v).evacuated())
         .count();
+    let scale = layout
+        .nodes
+        .keys()
+        .map(|id| layout.weight(*id))
+        .fold(1, lcm);
     let squares = layout
         .nodes
         .values()
         .filter(|n| n.state == NodeState::Up)
-        .map(|n| layout.counts[&n.id].pow(2))
+        .map(|n| layout.counts[&n.id].pow(2) as u128 * (scale / layout.weight(n.id)))
         .sum();
     (stranded, squares)
+}
+
+fn lcm(a: u128, b: u128) -> u128 {
+    let gcd = |mut x: u128, mut y: u128| {
+        while y != 0 {
+            (x, y) = (y, x % y);
+        }
+        x
+    };
+    (a / gcd(a, b))
+        .checked_mul(b)
+        .expect("the weights' least common multiple fits in a u128")
 }
 
 /// The naive reference: whether any single allowed move (a range's replica from a node to an
@@ -338,6 +393,7 @@ mod tests {
             id,
             zone: (!zone.is_empty()).then(|| zone.to_string()),
             state,
+            weight: 1,
         }
     }
 
@@ -373,6 +429,27 @@ mod tests {
             plan_replica_moves(&nodes, &ranges, &BTreeSet::new(), 1)[0].range,
             1
         );
+    }
+
+    #[test]
+    fn replicas_spread_in_proportion_to_weight() {
+        // Two nodes of twice the others' capacity: 48 replicas go 6, 6, 6, 6, 12, 12.
+        let mut nodes: Vec<NodeView> = (1..=6).map(|i| node(i, "", NodeState::Up)).collect();
+        nodes[4].weight = 2;
+        nodes[5].weight = 2;
+        let mut ranges: Vec<RangeReplicas> = (1..=16).map(|r| range(r, &[1, 2, 3])).collect();
+        settle(&nodes, &mut ranges);
+        let counts = Layout::new(&nodes, &ranges).counts;
+        for (id, want) in [(1, 6), (2, 6), (3, 6), (4, 6), (5, 12), (6, 12)] {
+            assert!(counts[&id].abs_diff(want) <= 1, "node {id}: {counts:?}");
+        }
+        // Equal weights: even counts, whatever the unit.
+        for n in &mut nodes {
+            n.weight = 64;
+        }
+        settle(&nodes, &mut ranges);
+        let counts = Layout::new(&nodes, &ranges).counts;
+        assert!(counts.values().all(|c| *c == 8), "{counts:?}");
     }
 
     fn settle(nodes: &[NodeView], ranges: &mut [RangeReplicas]) -> usize {
@@ -471,7 +548,7 @@ mod tests {
         (3usize..=7)
             .prop_flat_map(|n| {
                 (
-                    proptest::collection::vec((arb_state(), 0u8..3), n),
+                    proptest::collection::vec((arb_state(), 0u8..3, 1u64..=4), n),
                     proptest::collection::vec(
                         proptest::sample::subsequence((1..=n as NodeId).collect::<Vec<_>>(), 3),
                         1..12,
@@ -482,10 +559,11 @@ mod tests {
                 let nodes = states
                     .into_iter()
                     .enumerate()
-                    .map(|(i, (state, zone))| NodeView {
+                    .map(|(i, (state, zone, weight))| NodeView {
                         id: i as NodeId + 1,
                         zone: Some(format!("z{zone}")),
                         state,
+                        weight,
                     })
                     .collect();
                 let ranges = replica_sets

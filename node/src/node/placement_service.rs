@@ -86,6 +86,10 @@ pub struct PlacementSettings {
     /// How long two neighbouring ranges must stay small and cold before they merge, in
     /// milliseconds; 0 turns automatic merges off (see `concord_placement::merges`).
     pub merge_after_ms: u64,
+    /// The memory this node offers the cluster, in bytes (`None`: the machine's `MemTotal`).
+    /// Its heartbeats report it as the node's total memory, and the scheduler gives nodes
+    /// replicas in proportion to it (in whole GiB, at least 1).
+    pub memory_bytes: Option<u64>,
 }
 
 impl Default for PlacementSettings {
@@ -96,6 +100,7 @@ impl Default for PlacementSettings {
             join: None,
             schedule: true,
             merge_after_ms: 300_000,
+            memory_bytes: None,
         }
     }
 }
@@ -606,6 +611,10 @@ impl NodeInner {
                     id: record.id,
                     zone: record.zone.clone(),
                     state,
+                    weight: memory
+                        .heartbeats
+                        .get(&record.id)
+                        .map_or(1, |(_, c)| (c.memory_total_bytes >> 30).max(1)),
                 }
             })
             .collect()
@@ -807,8 +816,12 @@ impl NodeInner {
             });
         }
         meter.forget_older_than(now);
+        let mut capacity = super::node_capacity();
+        if let Some(bytes) = self.config.placement.memory_bytes {
+            capacity.memory_total_bytes = bytes;
+        }
         Heartbeat {
-            capacity: super::node_capacity(),
+            capacity,
             node: NodeRecord {
                 id: self.config.id,
                 addr: self.advertised_addr.to_string(),
