@@ -71,6 +71,12 @@ pub struct Config {
     pub reads: Consistency,
     /// The client's request timeout (an operation without an answer by then is unknown).
     pub request_timeout: Duration,
+    /// How long the nodes' placement service waits before it calls a silent node down and
+    /// re-creates its replicas elsewhere (`concord node --down-after`; the `down` nemesis
+    /// holds a node killed for longer).
+    pub down_after: Duration,
+    /// More arguments for every `concord node` (split and merge settings, say).
+    pub node_args: Vec<String>,
     /// The `concord` binary.
     pub concord: PathBuf,
     /// Where the run's files go.
@@ -105,6 +111,9 @@ pub struct Outcome {
     pub leases: Vec<leases::Violation>,
     /// How late the let-go leases' keys were seen deleted.
     pub lease_lateness: leases::Lateness,
+    /// The ranges of the placement table at the end (ids above the bootstrap ranges' were
+    /// made by splits; empty if the table could not be read).
+    pub final_ranges: Vec<u64>,
 }
 
 impl Outcome {
@@ -241,7 +250,14 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
         fs::remove_dir_all(&cluster_dir)
             .with_context(|| format!("removing {}", cluster_dir.display()))?;
     }
-    let steps = schedule(config.seed, &config.nemeses, config.nodes, STEPS_MAX);
+    let down_after_ms = config.down_after.as_millis() as u64;
+    let steps = schedule(
+        config.seed,
+        &config.nemeses,
+        config.nodes,
+        down_after_ms,
+        STEPS_MAX,
+    );
     let nemeses: Vec<String> = config.nemeses.iter().map(|k| k.to_string()).collect();
     fs::write(
         config.out.join("config.json"),
@@ -257,12 +273,25 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
             "keys": config.keys,
             "reads": format!("{:?}", config.reads).to_lowercase(),
             "request_timeout_ms": config.request_timeout.as_millis() as u64,
+            "down_after_ms": down_after_ms,
+            "node_args": config.node_args,
         }))?,
     )?;
     let started = Instant::now();
     // What the run is doing, on stderr: a long run that seems stuck says where.
     let phase = |what: &str| eprintln!("[{:7.1} s] {what}", started.elapsed().as_secs_f64());
-    let mut cluster = Cluster::start(&config.concord, &cluster_dir, config.nodes, config.ranges)?;
+    let mut node_args = vec![
+        "--down-after".to_string(),
+        config.down_after.as_secs().max(1).to_string(),
+    ];
+    node_args.extend(config.node_args.iter().cloned());
+    let mut cluster = Cluster::start(
+        &config.concord,
+        &cluster_dir,
+        config.nodes,
+        config.ranges,
+        node_args,
+    )?;
     cluster
         .wait_ready(READY_MAX)
         .await
@@ -403,6 +432,13 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
     let final_counter = locks::read_counter(&reader)
         .await
         .context("final read of the lock clients' counter")?;
+    let final_ranges = match reader.placement().await {
+        Ok(report) => report.ranges.iter().map(|r| r.descriptor.id).collect(),
+        Err(e) => {
+            phase(&format!("no final placement table: {e}"));
+            Vec::new()
+        }
+    };
     let ops = history.ops();
     write_lines(&config.out.join("history.jsonl"), &ops)?;
     write_lines(&config.out.join("faults.jsonl"), &applied)?;
@@ -441,6 +477,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
         leases_granted: records.len(),
         leases: lease_violations,
         lease_lateness,
+        final_ranges,
     };
     fs::write(
         config.out.join("verdict.json"),
@@ -461,6 +498,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
             "leases_granted": outcome.leases_granted,
             "lease_violations": outcome.leases,
             "lease_lateness": outcome.lease_lateness,
+            "final_ranges": outcome.final_ranges,
         }))?,
     )?;
     Ok(outcome)
@@ -498,10 +536,19 @@ async fn inject(
         }
         tokio::time::sleep(gap).await;
         let started_ns = history.now_ns();
-        let (hosts, outcome) = apply(cluster, &step.fault, registers).await?;
+        let down_held = match step.fault {
+            Fault::Down(h) => Some(replicas_of(cluster, h).await),
+            _ => None,
+        };
+        let (hosts, mut outcome) = apply(cluster, &step.fault, registers).await?;
         let hold = Duration::from_millis(step.hold_ms)
             .min(until.saturating_duration_since(Instant::now()));
         tokio::time::sleep(hold).await;
+        if let (Some(before), Fault::Down(h)) = (down_held, &step.fault) {
+            // What the placement service made of it: the replicas it re-created elsewhere.
+            let after = replicas_of(cluster, *h).await;
+            outcome = format!("down: before {before}; when it returns {after}");
+        }
         cluster.disarm_live().await;
         cluster.heal_all()?;
         applied.push(Applied {
@@ -513,6 +560,22 @@ async fn inject(
         });
     }
     Ok(applied)
+}
+
+/// Node `host`'s state and replica count as the placement service reports them, in words.
+async fn replicas_of(cluster: &Cluster, host: usize) -> String {
+    let id = Cluster::id(host);
+    let report = async {
+        let client = Client::connect(cluster.client_config(Duration::from_secs(5))).await?;
+        client.placement().await
+    };
+    match report.await {
+        Ok(report) => match report.nodes.iter().find(|n| n.id == id) {
+            Some(n) => format!("{} with {} replicas", n.state.name(), n.replicas),
+            None => "not registered".into(),
+        },
+        Err(e) => format!("no placement view ({e})"),
+    }
 }
 
 /// Applies one fault over `registers` registers; returns the hosts it hit and, for a split,
@@ -528,6 +591,10 @@ async fn apply(
                 cluster.kill(h)?;
             }
             hosts.clone()
+        }
+        Fault::Down(h) => {
+            cluster.kill(*h)?;
+            vec![*h]
         }
         Fault::Pause(h) => {
             cluster.pause(*h)?;

@@ -24,6 +24,8 @@ pub struct Cluster {
     dir: PathBuf,
     concord: PathBuf,
     ranges: u32,
+    /// More arguments for every `concord node`.
+    node_args: Vec<String>,
     /// Per host: the running process, if any.
     procs: Vec<Option<Child>>,
     /// Per host: stopped with `SIGSTOP`.
@@ -76,7 +78,13 @@ fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
 impl Cluster {
     /// Starts `nodes` nodes with `ranges` ranges, on hosts of a new [`Net`], with their data,
     /// certificates and logs under `dir`.
-    pub fn start(concord: &Path, dir: &Path, nodes: usize, ranges: u32) -> anyhow::Result<Cluster> {
+    pub fn start(
+        concord: &Path,
+        dir: &Path,
+        nodes: usize,
+        ranges: u32,
+        node_args: Vec<String>,
+    ) -> anyhow::Result<Cluster> {
         if !concord.exists() {
             bail!(
                 "{} missing: build it first (cargo build --bins)",
@@ -89,6 +97,7 @@ impl Cluster {
             dir: dir.to_path_buf(),
             concord: concord.to_path_buf(),
             ranges,
+            node_args,
             procs: (0..nodes).map(|_| None).collect(),
             paused: vec![false; nodes],
             altered: vec![false; nodes],
@@ -148,6 +157,7 @@ impl Cluster {
             .arg(self.dir.join(format!("node-{}", Cluster::id(host))))
             .arg("--cert-dir")
             .arg(self.dir.join("certs"))
+            .args(&self.node_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -46,6 +46,10 @@ pub enum Kind {
     /// leader crashes between adding the learner and promoting it, or the new replica as it
     /// installs its snapshot. (A no-op on a cluster of 3: every node holds every range.)
     Move,
+    /// `kill -9` of one node for longer than the placement service's `--down-after`: its
+    /// replicas are re-created on the other nodes, and when it comes back its stale replicas
+    /// are removed. (A long kill on a cluster of 3: no node can take its replicas.)
+    Down,
 }
 
 /// Where a structural fault ([`Kind::Split`], [`Kind::Merge`], [`Kind::Move`]) crashes a node:
@@ -85,7 +89,7 @@ pub const CRASH_POINTS: [&str; 5] = [
 
 impl Kind {
     /// Every kind, in a fixed order.
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 15] = [
         Kind::Kill,
         Kind::KillAll,
         Kind::Pause,
@@ -100,6 +104,7 @@ impl Kind {
         Kind::Merge,
         Kind::Move,
         Kind::Reorder,
+        Kind::Down,
     ];
 
     fn name(self) -> &'static str {
@@ -118,6 +123,7 @@ impl Kind {
             Kind::Split => "split",
             Kind::Merge => "merge",
             Kind::Move => "move",
+            Kind::Down => "down",
         }
     }
 }
@@ -146,6 +152,8 @@ impl FromStr for Kind {
 pub enum Fault {
     /// `kill -9` of these hosts.
     Kill(Vec<usize>),
+    /// `kill -9` of this host, held past the placement service's `--down-after`.
+    Down(usize),
     /// `SIGSTOP` of this host.
     Pause(usize),
     /// These hosts (a minority) cut off from the others.
@@ -285,8 +293,15 @@ fn minority(hosts: usize) -> usize {
     (hosts - 1) / 2
 }
 
-/// The first `count` steps of the schedule of `seed` over `kinds` on `hosts` hosts.
-pub fn schedule(seed: u64, kinds: &[Kind], hosts: usize, count: usize) -> Vec<Step> {
+/// The first `count` steps of the schedule of `seed` over `kinds` on `hosts` hosts whose
+/// placement service calls a node down after `down_after_ms`.
+pub fn schedule(
+    seed: u64,
+    kinds: &[Kind],
+    hosts: usize,
+    down_after_ms: u64,
+    count: usize,
+) -> Vec<Step> {
     let mut rng = Rng::new(seed);
     if kinds.is_empty() || hosts == 0 {
         return Vec::new();
@@ -300,6 +315,11 @@ pub fn schedule(seed: u64, kinds: &[Kind], hosts: usize, count: usize) -> Vec<St
                     (Fault::Kill(rng.hosts(hosts, n)), rng.between(1_000, 6_000))
                 }
                 Kind::KillAll => (Fault::Kill((0..hosts).collect()), rng.between(500, 3_000)),
+                // Down, then long enough for a move or two to finish before it returns.
+                Kind::Down => (
+                    Fault::Down(rng.between(0, hosts as u64) as usize),
+                    down_after_ms + rng.between(3_000, 10_000),
+                ),
                 // Longer than an election timeout and a lease TTL's worth of renewals.
                 Kind::Pause => (
                     Fault::Pause(rng.between(0, hosts as u64) as usize),
@@ -409,21 +429,25 @@ mod tests {
 
     #[test]
     fn a_seed_replays_the_same_schedule() {
-        let a = schedule(7, &Kind::ALL, 5, 50);
-        assert_eq!(a, schedule(7, &Kind::ALL, 5, 50));
-        assert_ne!(a, schedule(8, &Kind::ALL, 5, 50));
+        let a = schedule(7, &Kind::ALL, 5, 30_000, 50);
+        assert_eq!(a, schedule(7, &Kind::ALL, 5, 30_000, 50));
+        assert_ne!(a, schedule(8, &Kind::ALL, 5, 30_000, 50));
     }
 
     #[test]
     fn faults_keep_a_majority_unless_asked_for_everything() {
         for seed in 0..200 {
-            for step in schedule(seed, &Kind::ALL, 5, 20) {
+            for step in schedule(seed, &Kind::ALL, 5, 4_000, 20) {
                 match step.fault {
                     Fault::Kill(hosts) => assert!(hosts.len() <= 2 || hosts.len() == 5),
                     Fault::Partition(side) => assert!(!side.is_empty() && side.len() <= 2),
                     Fault::Bridge { left, right } => {
                         assert_eq!(left.len() + right.len(), 4);
                         assert!(left.iter().all(|h| !right.contains(h)));
+                    }
+                    Fault::Down(h) => {
+                        assert!(h < 5);
+                        assert!(step.hold_ms > 4_000, "a down node is held past down_after");
                     }
                     Fault::Pause(h)
                     | Fault::DiskFull(h)
@@ -442,10 +466,10 @@ mod tests {
 
     #[test]
     fn only_the_kinds_asked_for_are_scheduled() {
-        for step in schedule(3, &[Kind::Pause], 3, 30) {
+        for step in schedule(3, &[Kind::Pause], 3, 30_000, 30) {
             assert!(matches!(step.fault, Fault::Pause(_)));
         }
-        assert!(schedule(3, &[], 3, 30).is_empty());
+        assert!(schedule(3, &[], 3, 30_000, 30).is_empty());
         assert_eq!("kill-all".parse::<Kind>(), Ok(Kind::KillAll));
         assert!("flood".parse::<Kind>().is_err());
     }

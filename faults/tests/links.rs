@@ -132,7 +132,7 @@ fn a_node_cut_off_for_long_hears_its_range_again_within_seconds_of_the_heal() {
     );
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("links-long-cut");
     let _ = std::fs::remove_dir_all(&dir);
-    let cluster = Cluster::start(&common::concord_bin(), &dir, 3, 1).expect("cluster");
+    let cluster = Cluster::start(&common::concord_bin(), &dir, 3, 1, Vec::new()).expect("cluster");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -28,6 +28,8 @@ struct Passed {
     logs: String,
     /// The faults as applied (`faults.jsonl`).
     faults: String,
+    /// What the checkers found (all passed).
+    outcome: campaign::Outcome,
 }
 
 /// Runs a campaign on 3 nodes; on success returns what it left.
@@ -42,6 +44,30 @@ fn campaign_on(
     seed: u64,
     nemeses: &[Kind],
     duration: Duration,
+) -> Passed {
+    let settings = NodeSettings {
+        down_after: Duration::from_secs(30),
+        args: &[],
+    };
+    campaign_with(nodes, name, seed, nemeses, duration, settings)
+}
+
+/// How a campaign's nodes are started.
+struct NodeSettings<'a> {
+    /// `concord node --down-after`.
+    down_after: Duration,
+    /// More `concord node` arguments.
+    args: &'a [&'a str],
+}
+
+/// Runs a campaign on `nodes` nodes started with `settings`.
+fn campaign_with(
+    nodes: usize,
+    name: &str,
+    seed: u64,
+    nemeses: &[Kind],
+    duration: Duration,
+    settings: NodeSettings,
 ) -> Passed {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     assert!(
@@ -62,6 +88,8 @@ fn campaign_on(
         keys: 12,
         reads: Consistency::Linearizable,
         request_timeout: Duration::from_secs(2),
+        down_after: settings.down_after,
+        node_args: settings.args.iter().map(|a| a.to_string()).collect(),
         concord: concord_bin(),
         out: out.clone(),
     };
@@ -115,7 +143,11 @@ fn campaign_on(
     }
     let faults = std::fs::read_to_string(out.join("faults.jsonl")).expect("faults.jsonl");
     let _ = std::fs::remove_dir_all(&out);
-    Passed { logs, faults }
+    Passed {
+        logs,
+        faults,
+        outcome,
+    }
 }
 
 #[test]
@@ -203,5 +235,51 @@ fn splits_merges_and_moves_with_crashes_keep_every_key_linearizable() {
     assert!(
         crashed,
         "no node crashed at a split, merge or move fail point:\n{faults}"
+    );
+}
+
+#[test]
+fn a_node_down_past_down_after_and_splits_by_load_keep_every_key_linearizable() {
+    // Four nodes, so that a down node's replicas have somewhere to go; nodes call a node down
+    // after 3 s and split a range past 20 writes a second (sustained over three 5 s checks).
+    let settings = NodeSettings {
+        down_after: Duration::from_secs(3),
+        args: &["--split-writes=20"],
+    };
+    let Passed {
+        faults, outcome, ..
+    } = campaign_with(
+        4,
+        "down",
+        7,
+        &[Kind::Down, Kind::Kill],
+        Duration::from_secs(50),
+        settings,
+    );
+    // At least one down node had replicas re-created elsewhere while it was away.
+    let replicas = |line: &str, part: &str| -> Option<u64> {
+        let rest = &line[line.find(part)? + part.len()..];
+        let rest = &rest[rest.find(" with ")? + 6..];
+        rest.split(' ').next()?.parse().ok()
+    };
+    let recreated = faults.lines().any(|line| {
+        match (
+            replicas(line, "before "),
+            replicas(line, "when it returns "),
+        ) {
+            (Some(before), Some(after)) => after < before,
+            _ => false,
+        }
+    });
+    assert!(
+        recreated,
+        "no down node lost replicas to the others:\n{faults}"
+    );
+    // The clients' load split a range on its own: the final table holds a range besides the
+    // four bootstrap ones (ids 1 to 4).
+    assert!(
+        outcome.final_ranges.iter().any(|id| *id > 4),
+        "no range split by load: ranges {:?}",
+        outcome.final_ranges
     );
 }

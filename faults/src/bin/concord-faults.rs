@@ -41,7 +41,8 @@ struct RunArgs {
     /// isolate-leader, bridge, lossy, reorder, crash-point and disk-full (both need a concord built
     /// with the failpoints feature), clock (needs libfaketime), split, merge and move (a
     /// range split, merged or a replica moved under traffic, half the time with a node
-    /// crashing at the operation's fail points; `move` needs more than 3 nodes).
+    /// crashing at the operation's fail points; `move` needs more than 3 nodes), down (a node
+    /// killed past `--down-after`: its replicas are re-created elsewhere).
     #[arg(long, default_value = "all")]
     nemesis: String,
     /// Nodes.
@@ -70,6 +71,14 @@ struct RunArgs {
     /// The clients' request timeout; an operation without an answer by then is unknown.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     request_timeout: Duration,
+    /// The nodes' `--down-after`: how long a silent node waits before the placement service
+    /// re-creates its replicas elsewhere (the `down` nemesis holds a node killed for longer).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    down_after: Duration,
+    /// One more argument for every `concord node` (repeat it: `--node-arg=--split-writes=40
+    /// --node-arg=--merge-after=5` has ranges split by load and merge under the faults).
+    #[arg(long = "node-arg", allow_hyphen_values = true)]
+    node_args: Vec<String>,
     /// Where the run's files go (default: target/faults/SEED).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -123,6 +132,8 @@ fn main() -> anyhow::Result<()> {
         keys: args.keys,
         reads: args.reads,
         request_timeout: args.request_timeout,
+        down_after: args.down_after,
+        node_args: args.node_args,
         concord,
         out: args
             .out
