@@ -193,6 +193,8 @@ impl Client {
         request: KvRequest,
     ) -> Result<KvResponse, Error> {
         let attempts_max = self.inner.config.attempts_max.max(1);
+        // Answers `Merging` use up no attempts until then (see `ClientConfig::merge_wait`).
+        let merge_deadline = Instant::now() + self.inner.config.merge_wait;
         let mut desc = desc.clone();
         let mut last: Option<Error> = None;
         // The node to skip on the next attempt (it just failed us).
@@ -201,7 +203,10 @@ impl Client {
         let mut unreachable: Option<NodeId> = None;
         // Nodes that said "not leader" in this call (at most one per attempt).
         let mut refused: Vec<NodeId> = Vec::new();
-        for attempt in 0..attempts_max {
+        let mut used = 0;
+        while used < attempts_max {
+            let attempt = used;
+            used += 1;
             let target = self.pick_node(&desc, &request, attempt, avoid);
             let Some(addr) = target.and_then(|n| self.node_addr(n)) else {
                 self.refresh_routes().await.ok();
@@ -265,6 +270,20 @@ impl Client {
                         range_id,
                         leader_hint,
                     }));
+                }
+                Ok(Err(e @ ApiError::Merging { .. })) if Instant::now() < merge_deadline => {
+                    // The range is frozen until its neighbour takes it in (seconds for a large
+                    // range): wait for the merge at a steady pace, then the fresh routes name
+                    // the merged range.
+                    tokio::time::sleep(Duration::from_millis(RETRY_BACKOFF_MAX_MS)).await;
+                    self.refresh_routes().await.ok();
+                    if let Some(d) = self.reroute(&desc, &request) {
+                        desc = d;
+                    } else {
+                        return Err(Error::Api(e));
+                    }
+                    used = attempt;
+                    last = Some(Error::Api(e));
                 }
                 Ok(Err(e)) if e.is_stale_route() => {
                     self.refresh_routes().await.ok();

@@ -20,6 +20,11 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Attempts per request (routing retries included).
     pub attempts_max: u32,
+    /// How long a request waits for a range frozen by a merge ([`ApiError::Merging`]) to be
+    /// taken in by its neighbour; answers `Merging` within this time use up no attempts.
+    ///
+    /// [`ApiError::Merging`]: concord_transport::api::ApiError::Merging
+    pub merge_wait: Duration,
 }
 
 #[derive(Deserialize)]
@@ -28,6 +33,7 @@ struct File {
     ca: PathBuf,
     request_timeout_ms: Option<u64>,
     attempts_max: Option<u32>,
+    merge_wait_ms: Option<u64>,
 }
 
 impl ClientConfig {
@@ -39,11 +45,12 @@ impl ClientConfig {
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(1),
             attempts_max: 12,
+            merge_wait: Duration::from_secs(30),
         }
     }
 
     /// Reads a `concordctl.toml` (`endpoints = [...]`, `ca = "..."`, optional
-    /// `request_timeout_ms`, `attempts_max`); a relative `ca` is relative to the file.
+    /// `request_timeout_ms`, `attempts_max`, `merge_wait_ms`); a relative `ca` is relative to the file.
     pub fn from_file(path: &Path) -> Result<Self, Error> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
@@ -60,6 +67,9 @@ impl ClientConfig {
         }
         if let Some(n) = file.attempts_max {
             config.attempts_max = n.max(1);
+        }
+        if let Some(ms) = file.merge_wait_ms {
+            config.merge_wait = Duration::from_millis(ms);
         }
         Ok(config)
     }

@@ -184,8 +184,20 @@ impl Cluster {
         host: usize,
         point: &str,
     ) -> anyhow::Result<()> {
+        self.arm_live_with(client, host, point, "return").await
+    }
+
+    /// Arms fail point `point` on `host`'s running node with `actions` (the `fail` crate's
+    /// syntax, e.g. `return(8000)`); [`Cluster::disarm_live`] takes it back.
+    pub async fn arm_live_with(
+        &mut self,
+        client: &Client,
+        host: usize,
+        point: &str,
+        actions: &str,
+    ) -> anyhow::Result<()> {
         client
-            .configure_fail_point(&self.endpoint(host), point, "return")
+            .configure_fail_point(&self.endpoint(host), point, actions)
             .await
             .with_context(|| format!("arming {point} on host {host}"))?;
         self.armed_live.push((host, point.to_string()));

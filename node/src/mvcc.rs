@@ -518,10 +518,20 @@ impl Mvcc {
     /// `StaleEpoch` unless this range serves requests made for its extent at `epoch`: the
     /// epoch is current and the range is not frozen.
     pub fn check_epoch(&self, epoch: u64) -> Result<(), ApiError> {
-        if self.frozen() {
-            return Err(self.bounds.stale(self.range_id));
-        }
+        self.check_not_frozen()?;
         self.bounds.check_epoch(self.range_id, epoch)
+    }
+
+    /// `Merging` if the range froze for a merge: it serves nothing, and its clients wait for
+    /// the merge rather than give up (see [`ApiError::Merging`]).
+    fn check_not_frozen(&self) -> Result<(), ApiError> {
+        match self.lineage.frozen_into {
+            Some(into) => Err(ApiError::Merging {
+                range_id: self.range_id,
+                into,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Whether every key `cmd` names lies inside the bounds (see the module docs).
@@ -866,7 +876,10 @@ impl Mvcc {
     ) -> Result<KvResponse, ApiError> {
         let before = self.revision;
         let refreeze = matches!(cmd, Command::Freeze { .. });
-        if !self.names_keys_inside(cmd) || (self.frozen() && !refreeze) {
+        if !refreeze {
+            self.check_not_frozen()?;
+        }
+        if !self.names_keys_inside(cmd) {
             return Err(self.bounds.stale(self.range_id));
         }
         let mut cursor = WriteCursor {
@@ -1383,11 +1396,17 @@ mod tests {
         assert_eq!(out, vec![Mutation::Frozen]);
         assert!(matches!(
             right.apply(&put("y", "1"), &mut Vec::new()),
-            Err(ApiError::StaleEpoch { .. })
+            Err(ApiError::Merging {
+                range_id: 70,
+                into: 2
+            })
         ));
         assert!(matches!(
             right.check_epoch(3),
-            Err(ApiError::StaleEpoch { .. })
+            Err(ApiError::Merging {
+                range_id: 70,
+                into: 2
+            })
         ));
         let mut again = Vec::new();
         right

@@ -852,16 +852,29 @@ pub enum ApiError {
     /// Something failed inside the node.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The range is frozen for a merge into its left neighbour `into` and serves nothing until
+    /// that range has taken its keys in; then the routes name `into`. Nothing was applied:
+    /// refresh routes and send the request again, after a pause.
+    #[error("range {range_id} is merging into range {into}")]
+    Merging {
+        /// The frozen range.
+        range_id: RangeId,
+        /// The range taking it in.
+        into: RangeId,
+    },
 }
 
 impl ApiError {
-    /// Whether the error says the client's route was out of date (the range split, or the
-    /// request went to a node or range that does not hold the keys): refresh routes and send
-    /// it again where the keys are now. Nothing was applied.
+    /// Whether the error says the client's route was out of date (the range split or is
+    /// merging, or the request went to a node or range that does not hold the keys): refresh
+    /// routes and send it again where the keys are now. Nothing was applied.
     pub fn is_stale_route(&self) -> bool {
         matches!(
             self,
-            Self::StaleEpoch { .. } | Self::RangeNotFound { .. } | Self::KeyOutsideRange { .. }
+            Self::StaleEpoch { .. }
+                | Self::RangeNotFound { .. }
+                | Self::KeyOutsideRange { .. }
+                | Self::Merging { .. }
         )
     }
 
@@ -890,6 +903,7 @@ impl ApiError {
             Self::WatchOverflow { .. } => "WATCH_OVERFLOW",
             Self::Fenced { .. } => "FENCED",
             Self::Internal(_) => "INTERNAL",
+            Self::Merging { .. } => "MERGING",
         }
     }
 }

@@ -1,8 +1,8 @@
 //! Merges: the leader of a range takes in its right neighbour (see `mvcc`, "Merges").
 //!
 //! 1. It asks the neighbour's leader to **freeze** the neighbour ([`Command::Freeze`]). From
-//!    that entry on the neighbour serves nothing (`StaleEpoch`: clients refresh their routes
-//!    and retry; its watchers move on), so its applied state is final; the leader answers with
+//!    that entry on the neighbour serves nothing (`Merging`: clients wait for the merge, then
+//!    send their requests to this range; its watchers move on), so its applied state is final; the leader answers with
 //!    that state, encoded.
 //! 2. It proposes [`Command::Merge`] with that state to its own group. Once applied, the range
 //!    holds the neighbour's keys, histories and leases, at a higher epoch.
@@ -124,6 +124,11 @@ impl NodeInner {
                 "unexpected answer to a freeze: {frozen:?}"
             )));
         };
+        // The fault tests hold the neighbour frozen here for a while, as the transfer of a
+        // large range does (`merge-after-freeze`, `return(MS)`: MS milliseconds).
+        if let Some(pause) = merge_pause() {
+            tokio::time::sleep(pause).await;
+        }
         let right_state: Mvcc = tokio::task::spawn_blocking(move || decode(&frozen.state))
             .await
             .map_err(|e| ApiError::Internal(format!("decoding a frozen range: {e}")))?
@@ -140,4 +145,13 @@ impl NodeInner {
         self.complete_table();
         Ok(merged)
     }
+}
+
+/// How long the `merge-after-freeze` fail point holds a merge between the freeze and the
+/// merge entry; `None` unless armed (always, without the `failpoints` feature).
+fn merge_pause() -> Option<std::time::Duration> {
+    fail::fail_point!("merge-after-freeze", |ms: Option<String>| ms
+        .and_then(|ms| ms.parse().ok())
+        .map(std::time::Duration::from_millis));
+    None
 }
