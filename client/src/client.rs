@@ -343,6 +343,10 @@ impl Client {
             KvRequest::Delete(d) => vec![d.span.clone()],
             KvRequest::Txn(t) => t.spans(),
             KvRequest::Split { at } => vec![KeySpan::key(at.clone())],
+            KvRequest::Lease(LeaseRequest::GrantWithPut { id, put, .. }) => vec![
+                KeySpan::key(put.key.clone()),
+                KeySpan::key(lease_anchor(*id)),
+            ],
             KvRequest::Lease(l) => match l.owner() {
                 Some(id) => vec![KeySpan::key(lease_anchor(id))],
                 None => return table.get(desc.id).cloned(),

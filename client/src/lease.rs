@@ -30,6 +30,10 @@ pub struct LeaseTtl {
     pub keys: Vec<Vec<u8>>,
 }
 
+/// Random lease ids [`Client::put_ephemeral`] tries for one anchored in the key's range
+/// (with R ranges of the printable keyspace about one in R is; a hash per try).
+const EPHEMERAL_ID_TRIES: usize = 1024;
+
 /// A fresh random lease id (never 0, never negative).
 fn random_lease_id() -> LeaseId {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -69,6 +73,66 @@ impl Client {
             LeaseResponse::Granted { id, .. } => Ok(id),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Puts `key` attached to a new lease of `ttl`: an ephemeral key, as ZooKeeper's
+    /// `create(EPHEMERAL)` makes one. Returns the lease (keep it alive, or let it expire to
+    /// delete the key) and the put's answer.
+    ///
+    /// The client picks a lease id whose owner range is the key's range, so that the grant
+    /// and the put are one Raft entry of that range: one round trip and one replicated write
+    /// instead of two. Where it finds no such id (a range too narrow to hold a lease's
+    /// anchor, see [`lease_anchor`]), see [`Client::put_ephemeral_id`].
+    pub async fn put_ephemeral(
+        &self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+        ttl: Duration,
+    ) -> Result<(LeaseId, PutResponse), Error> {
+        let key = key.into();
+        let desc = self.locate(&key);
+        let id = (0..EPHEMERAL_ID_TRIES)
+            .map(|_| random_lease_id())
+            .find(|id| desc.contains(&lease_anchor(*id)))
+            .unwrap_or_else(random_lease_id);
+        self.put_ephemeral_id(id, key, value, ttl).await
+    }
+
+    /// Puts `key` attached to a new lease `id` of `ttl`. When the key's range owns `id` (its
+    /// anchor lies there), the grant and the put are one Raft entry; otherwise, or when the
+    /// range split between them meanwhile, the lease is granted, then the key put, with the
+    /// same result. Fails with `LEASE_EXISTS`, applying nothing, if the id was ever used.
+    pub async fn put_ephemeral_id(
+        &self,
+        id: LeaseId,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+        ttl: Duration,
+    ) -> Result<(LeaseId, PutResponse), Error> {
+        let put = PutRequest {
+            key: key.into(),
+            value: value.into(),
+            lease: id,
+            prev_kv: false,
+        };
+        let desc = self.locate(&put.key);
+        if desc.contains(&lease_anchor(id)) {
+            let ttl_ms = ttl.as_millis() as u64;
+            let request = KvRequest::Lease(LeaseRequest::GrantWithPut {
+                id,
+                ttl_ms,
+                put: put.clone(),
+            });
+            match self.call_range(&desc, request).await {
+                Ok(KvResponse::Put(r)) => return Ok((id, r)),
+                Ok(other) => return Err(unexpected(other)),
+                // Key and anchor are in two ranges now: nothing was applied.
+                Err(e) if crate::client::is_stale(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.lease_grant_id(id, ttl).await?;
+        Ok((id, self.put_with(put).await?))
     }
 
     /// Revokes lease `id`: its keys are deleted in every range.

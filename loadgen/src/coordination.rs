@@ -103,6 +103,8 @@ struct Granter {
     next_index: Arc<AtomicU64>,
     tag: String,
     ttl: Duration,
+    /// Grant, then put, in two requests (`--grant-then-put`).
+    two_steps: bool,
 }
 
 impl Granter {
@@ -110,12 +112,13 @@ impl Granter {
         let i = self.next_index.fetch_add(1, Ordering::Relaxed);
         let key = spread_key(&self.tag, "lease", i);
         let started = Instant::now();
-        let granted = async {
-            let id = store.lease_grant(self.ttl).await?;
-            store.put(key.clone(), Vec::new(), id).await?;
-            Ok::<_, String>(id)
-        }
-        .await;
+        let granted = if self.two_steps {
+            store
+                .grant_then_put(key.clone(), Vec::new(), self.ttl)
+                .await
+        } else {
+            store.put_ephemeral(key.clone(), Vec::new(), self.ttl).await
+        };
         match granted {
             Ok(id) => {
                 self.recorder.record(started);
@@ -133,7 +136,9 @@ impl Granter {
 /// batches every TTL/3; `--churn` leases per second are let go and replaced. A watch on
 /// every range sees the let-go keys deleted: lateness = deletion seen − (last renewal sent +
 /// TTL). A renewed lease whose key disappears is `lost_live`. The operation measured is a
-/// grant with its key attached; `grants_per_sec` is their rate while the leases are granted.
+/// grant with its key attached ([`Store::put_ephemeral`]: one request on concord, a grant
+/// and a put on etcd and ZooKeeper; `--grant-then-put`: two on every target);
+/// `grants_per_sec` is their rate while the leases are granted.
 pub async fn lease_churn(
     stores: &[Store],
     args: &RunArgs,
@@ -253,6 +258,7 @@ pub async fn lease_churn(
         next_index: Arc::new(AtomicU64::new(0)),
         tag: tag.clone(),
         ttl,
+        two_steps: args.grant_then_put,
     };
     recorder.start_now();
     let started = Instant::now();
@@ -344,6 +350,7 @@ pub async fn lease_churn(
 
     let mut extra = figures(json!({
         "leases": args.leases,
+        "grant_then_put": args.grant_then_put,
         "ttl_s": args.ttl,
         "granted_in_s": granted_in.as_secs_f64(),
         "grants_per_sec": granted as f64 / granted_in.as_secs_f64(),

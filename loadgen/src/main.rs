@@ -165,6 +165,10 @@ struct RunArgs {
     /// lease-churn, membership: leases (members) let go and replaced per second.
     #[arg(long, default_value_t = 10)]
     churn: u64,
+    /// lease-churn: grant each lease, then put its key, in two requests, even on concord
+    /// (which otherwise puts an ephemeral key in one: `Client::put_ephemeral`).
+    #[arg(long)]
+    grant_then_put: bool,
     /// watch-fanout, membership: watchers.
     #[arg(long, default_value_t = 100)]
     watchers: usize,

@@ -324,6 +324,38 @@ impl Store {
         }
     }
 
+    /// Puts `key` attached to a new lease of `ttl`, in as few requests as the target's API
+    /// allows: one on concord (`Client::put_ephemeral`, the grant and the put in one Raft
+    /// entry); etcd and ZooKeeper have no such request: a grant (a session), then the put.
+    /// Returns the lease.
+    pub async fn put_ephemeral(
+        &self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<i64, OpError> {
+        match self {
+            Store::Concord(c) => c
+                .put_ephemeral(key, value, ttl)
+                .await
+                .map(|(id, _)| id)
+                .map_err(concord_error),
+            Store::Etcd(_) | Store::Zookeeper(_) => self.grant_then_put(key, value, ttl).await,
+        }
+    }
+
+    /// Grants a lease of `ttl`, then puts `key` attached to it: two requests on every target.
+    pub async fn grant_then_put(
+        &self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<i64, OpError> {
+        let id = self.lease_grant(ttl).await?;
+        self.put(key, value, id).await?;
+        Ok(id)
+    }
+
     /// Grants a lease of `ttl`.
     pub async fn lease_grant(&self, ttl: Duration) -> Result<i64, OpError> {
         match self {

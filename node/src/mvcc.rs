@@ -127,6 +127,17 @@ pub enum Command {
         /// The right neighbour's state as of its freeze.
         right: Box<Mvcc>,
     },
+    /// Create a lease owned by this range and put a key attached to it, at one revision: an
+    /// ephemeral key in one entry. The key and the lease's anchor both lie in the range;
+    /// `put.lease` is `id`. A refused grant (the id was used) applies nothing.
+    LeaseGrantPut {
+        /// The lease.
+        id: LeaseId,
+        /// Its TTL.
+        ttl_ms: u64,
+        /// The key put with it.
+        put: PutRequest,
+    },
 }
 
 impl Command {
@@ -134,7 +145,7 @@ impl Command {
     /// the node's own commands.
     pub fn first_key(&self) -> Option<&[u8]> {
         match self {
-            Self::Put(p) => Some(&p.key),
+            Self::Put(p) | Self::LeaseGrantPut { put: p, .. } => Some(&p.key),
             Self::Delete(d) => Some(&d.span.key),
             Self::Txn(t) | Self::FencedTxn { txn: t, .. } => txn_first_key(t),
             _ => None,
@@ -173,6 +184,12 @@ impl std::fmt::Display for Command {
             Self::FencedTxn { txn, .. } => write!(f, "fenced txn ({} ops)", txn.op_count()),
             Self::Compact { revision } => write!(f, "compact {revision}"),
             Self::LeaseGrant { id, ttl_ms } => write!(f, "lease grant {id} ({ttl_ms} ms)"),
+            Self::LeaseGrantPut { id, ttl_ms, put } => write!(
+                f,
+                "lease grant {id} ({ttl_ms} ms) with put {:?} ({} bytes)",
+                text(&put.key),
+                put.value.len()
+            ),
             Self::LeaseRevoke { id } => write!(f, "lease revoke {id}"),
             Self::LeaseTick {
                 advance_ms,
@@ -550,6 +567,9 @@ impl Mvcc {
             Command::LeaseGrant { id, .. } | Command::LeaseRevoke { id } => {
                 b.contains(&lease_anchor(*id))
             }
+            Command::LeaseGrantPut { id, put, .. } => {
+                b.contains(&lease_anchor(*id)) && b.contains(&put.key)
+            }
             Command::Split { at, .. } => b.contains(at),
             Command::Freeze { .. } | Command::Merge { .. } => true,
             Command::Compact { .. }
@@ -914,6 +934,13 @@ impl Mvcc {
                     id: *id,
                     ttl_ms: *ttl_ms,
                 })
+            }
+            Command::LeaseGrantPut { id, ttl_ms, put } => {
+                debug_assert_eq!(put.lease, *id, "checked with the request's limits");
+                let mut changes = Vec::new();
+                self.leases.grant(*id, *ttl_ms, &mut changes)?;
+                out.extend(changes.into_iter().map(Mutation::Lease));
+                KvResponse::Put(self.put_at(&mut cursor, put, out))
             }
             Command::LeaseRevoke { id } => {
                 if !self.leases.owns(*id) {
@@ -1889,6 +1916,48 @@ mod tests {
         apply(&mut m, Command::LeaseDetached { ids: vec![2] });
         assert_eq!(m.revision(), rev + 1);
         assert_eq!(get(&m, "k", 0), None);
+    }
+
+    #[test]
+    fn a_grant_with_a_put_takes_one_revision_and_a_used_id_applies_nothing() {
+        let mut m = Mvcc::new(1);
+        let grant_put = |id, value: &str| Command::LeaseGrantPut {
+            id,
+            ttl_ms: 1_000,
+            put: PutRequest {
+                key: "e".into(),
+                value: value.into(),
+                lease: id,
+                prev_kv: false,
+            },
+        };
+        let before = m.revision();
+        let mut out = Vec::new();
+        let KvResponse::Put(put) = m.apply(&grant_put(3, "v"), &mut out).unwrap() else {
+            panic!("answered like a put")
+        };
+        assert_eq!(put.header.revision, before + 1);
+        assert!(m.leases().owns(3));
+        assert_eq!(m.leases().attached_keys(3), vec![b"e".to_vec()]);
+        assert_eq!(get(&m, "e", 0).unwrap().lease, 3);
+        assert!(out.iter().any(|c| matches!(c, Mutation::Lease(_))));
+        assert!(out.iter().any(|c| matches!(c, Mutation::Put { .. })));
+        // The id again: refused whole, the key keeps its value.
+        let mut out = Vec::new();
+        let err = m.apply(&grant_put(3, "w"), &mut out).unwrap_err();
+        assert_eq!(err, ApiError::LeaseExists { id: 3 });
+        assert!(out.is_empty());
+        assert_eq!(get(&m, "e", 0).unwrap().value, b"v");
+        assert_eq!(m.revision(), before + 1);
+        // Expired (its TTL runs from the first tick after the grant): the key goes with it.
+        let tick = |advance_ms| Command::LeaseTick {
+            advance_ms,
+            renewals: vec![],
+        };
+        apply(&mut m, tick(100));
+        apply(&mut m, tick(5_000));
+        apply(&mut m, Command::LeaseDetached { ids: vec![3] });
+        assert_eq!(get(&m, "e", 0), None);
     }
 
     #[test]

@@ -275,3 +275,63 @@ async fn a_renewal_acknowledged_before_a_failover_holds_a_full_ttl() {
     }
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_ephemeral_key_is_granted_and_put_in_one_entry_and_goes_with_its_lease() {
+    let cluster = Cluster::start(3, RANGES).await;
+    let client = cluster.client().await;
+    let ttl = Duration::from_secs(2);
+
+    // One ephemeral key per range; each lease is owned by its key's range, and the grant and
+    // the put took one revision of it (a grant alone takes none, a put one).
+    let mut ephemeral = Vec::new();
+    for range in 1..=RANGES as u64 {
+        let key = key_in(&client, range, 7);
+        let before = client.get(key.clone()).await.expect("read").headers[0].revision;
+        let (lease, put) = client
+            .put_ephemeral(key.clone(), "here", ttl)
+            .await
+            .unwrap_or_else(|e| panic!("ephemeral put in range {range}: {e}"));
+        assert_eq!(put.header.range_id, range, "the key's own range answers");
+        assert!(
+            client
+                .routes()
+                .ranges
+                .iter()
+                .any(|d| d.id == range && d.contains(&lease_anchor(lease))),
+            "lease {lease} is owned by the key's range {range}"
+        );
+        assert_eq!(
+            put.header.revision,
+            before + 1,
+            "one revision for grant and put"
+        );
+        let info = client.lease_time_to_live(lease, true).await.expect("ttl");
+        assert_eq!(info.granted_ttl_ms, 2_000);
+        assert_eq!(info.keys, vec![key.clone()]);
+        ephemeral.push((lease, key));
+    }
+
+    // A used id is refused with nothing applied: the key keeps its value.
+    let (used, key) = ephemeral[0].clone();
+    let again = client
+        .put_ephemeral_id(used, key.clone(), b"again".to_vec(), ttl)
+        .await;
+    assert!(
+        matches!(again, Err(Error::Api(ApiError::LeaseExists { .. }))),
+        "a reused lease id: {again:?}"
+    );
+    let got = client.get(key.clone()).await.expect("read");
+    assert_eq!(
+        got.kvs[0].value,
+        b"here".to_vec(),
+        "nothing of the refused entry applied"
+    );
+
+    // Revoked: its key goes at once. Left to expire: the others go within the TTL.
+    client.lease_revoke(used).await.expect("revoke");
+    assert!(!present(&client, &key).await, "revoked lease's key deleted");
+    let rest: Vec<_> = ephemeral[1..].iter().map(|(_, k)| k.clone()).collect();
+    wait_all_gone(&client, "expired ephemeral keys deleted", &rest).await;
+    cluster.shutdown().await;
+}

@@ -979,7 +979,12 @@ impl RequestLimits {
             KvRequest::Compact { .. } => Ok(()),
             KvRequest::Split { at } => self.check_key(at),
             KvRequest::MoveReplica { .. } | KvRequest::Merge | KvRequest::Freeze { .. } => Ok(()),
-            KvRequest::Lease(l) => check_lease(l),
+            KvRequest::Lease(l) => {
+                if let LeaseRequest::GrantWithPut { put, .. } = l {
+                    self.check_put(put)?;
+                }
+                check_lease(l)
+            }
             KvRequest::Txn(t) => {
                 if t.op_count() > self.txn_ops_max {
                     return Err(ApiError::TooManyTxnOps {
@@ -1043,7 +1048,15 @@ fn check_lease(request: &LeaseRequest) -> Result<(), ApiError> {
             )));
         }
     }
-    if let LeaseRequest::Grant { ttl_ms, .. } = request {
+    if let LeaseRequest::GrantWithPut { id, put, .. } = request {
+        if put.lease != *id {
+            return Err(ApiError::InvalidRequest(
+                "the key put with a new lease is attached to that lease".into(),
+            ));
+        }
+    }
+    if let LeaseRequest::Grant { ttl_ms, .. } | LeaseRequest::GrantWithPut { ttl_ms, .. } = request
+    {
         if !(LEASE_TTL_MIN_MS..=LEASE_TTL_MAX_MS).contains(ttl_ms) {
             return Err(ApiError::InvalidRequest(format!(
                 "lease TTL of {ttl_ms} ms is outside {LEASE_TTL_MIN_MS}..={LEASE_TTL_MAX_MS} ms"

@@ -77,6 +77,18 @@ pub enum LeaseRequest {
         /// The lease.
         id: LeaseId,
     },
+    /// Create lease `id` with a TTL and put `put.key` attached to it, in one Raft entry: an
+    /// ephemeral key in one round trip. Both the lease's anchor ([`lease_anchor`]) and the
+    /// key must lie in the range the request is sent to (the client library picks such an
+    /// id); `put.lease` must be `id`. Answered like a put.
+    GrantWithPut {
+        /// The new lease's id (refused if the id was ever used).
+        id: LeaseId,
+        /// Time to live, in milliseconds.
+        ttl_ms: u64,
+        /// The key to put, attached to the lease.
+        put: crate::api::PutRequest,
+    },
 }
 
 impl LeaseRequest {
@@ -85,6 +97,7 @@ impl LeaseRequest {
     pub fn owner(&self) -> Option<LeaseId> {
         match self {
             Self::Grant { id, .. }
+            | Self::GrantWithPut { id, .. }
             | Self::Revoke { id }
             | Self::KeepAlive { id }
             | Self::TimeToLive { id }

@@ -381,7 +381,9 @@ impl NodeInner {
         request: &LeaseRequest,
     ) -> Option<Result<KvResponse, ApiError>> {
         let result = match request {
-            LeaseRequest::Grant { .. } | LeaseRequest::Revoke { .. } => return None,
+            LeaseRequest::Grant { .. }
+            | LeaseRequest::GrantWithPut { .. }
+            | LeaseRequest::Revoke { .. } => return None,
             LeaseRequest::KeepAlive { id } => self.keep_alive(group, *id).await,
             LeaseRequest::KeepAliveMany { ids } => self.keep_alive_many(group, ids).await,
             LeaseRequest::TimeToLive { id } => self.time_to_live(group, *id).await,

@@ -1089,6 +1089,11 @@ impl NodeInner {
                 .all(|id| bounds.contains(&lease_anchor(*id)))
                 .then_some(())
                 .ok_or_else(outside),
+            KvRequest::Lease(LeaseRequest::GrantWithPut { id, put, .. }) => {
+                (bounds.contains(&lease_anchor(*id)) && bounds.contains(&put.key))
+                    .then_some(())
+                    .ok_or_else(outside)
+            }
             KvRequest::Lease(l) => match l.owner() {
                 Some(id) => bounds
                     .contains(&lease_anchor(id))
@@ -1183,6 +1188,9 @@ impl NodeInner {
                 }
                 match l {
                     LeaseRequest::Grant { id, ttl_ms } => Command::LeaseGrant { id, ttl_ms },
+                    LeaseRequest::GrantWithPut { id, ttl_ms, put } => {
+                        Command::LeaseGrantPut { id, ttl_ms, put }
+                    }
                     LeaseRequest::Revoke { id } => {
                         // The keys are deleted everywhere before the answer (normally; if a
                         // range is unreachable, the lease tick finishes the job).
