@@ -13,6 +13,7 @@
 //! appended and the client retries it at the new leader (`NotLeader`).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
 use std::sync::Weak;
 use std::time::{Duration, Instant};
 
@@ -52,6 +53,10 @@ pub(super) async fn leader_balance_loop(inner: Weak<NodeInner>, interval: Durati
             let Ok(group) = inner.group(range) else {
                 continue;
             };
+            // A merge led here would have to start again at the new leader.
+            if group.merges_under_way.load(Ordering::Acquire) > 0 {
+                continue;
+            }
             tracing::info!(range, to, "leader balance: handing leadership over");
             if let Err(e) = group.raft.trigger().transfer_leader(to).await {
                 tracing::warn!(range, to, "leader transfer: {e}");

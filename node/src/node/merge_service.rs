@@ -16,6 +16,8 @@
 
 use concord_transport::api::{ApiError, FrozenResponse, KvRequest, KvResponse, RangeId};
 
+use std::sync::atomic::Ordering;
+
 use super::{not_leader, Group, NodeInner};
 
 /// The largest range a freeze accepts, in bytes of keys and values: its whole state travels in
@@ -87,6 +89,7 @@ impl NodeInner {
         if let Err(f) = group.raft.as_leader() {
             return Err(not_leader(range_id, f.leader_id));
         }
+        let _under_way = MergeUnderWay::new(group);
         let end = {
             let state = group.state.read().expect("range state lock");
             // A range frozen into its own left neighbour merges nothing.
@@ -154,4 +157,21 @@ fn merge_pause() -> Option<std::time::Duration> {
         .and_then(|ms| ms.parse().ok())
         .map(std::time::Duration::from_millis));
     None
+}
+
+/// Counts a merge of `group`'s right neighbour as under way for as long as it lives (see
+/// `Group::merges_under_way`: the range does not split meanwhile).
+struct MergeUnderWay<'a>(&'a Group);
+
+impl<'a> MergeUnderWay<'a> {
+    fn new(group: &'a Group) -> Self {
+        group.merges_under_way.fetch_add(1, Ordering::AcqRel);
+        Self(group)
+    }
+}
+
+impl Drop for MergeUnderWay<'_> {
+    fn drop(&mut self) {
+        self.0.merges_under_way.fetch_sub(1, Ordering::AcqRel);
+    }
 }

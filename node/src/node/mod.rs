@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -413,6 +413,7 @@ impl GroupOpener {
             state,
             keeper: LeaseKeeper::default(),
             counters: RangeCounters::default(),
+            merges_under_way: AtomicU32::new(0),
         })
     }
 }
@@ -446,6 +447,11 @@ struct Group {
     state: Arc<RwLock<RangeState>>,
     keeper: LeaseKeeper,
     counters: RangeCounters,
+    /// Merges of the right neighbour this node is running as the range's leader. A split
+    /// meanwhile would move the range's end away from the neighbour it froze, and the merge
+    /// would be refused (the neighbour left frozen until the scheduler finishes it): splits
+    /// wait until no merge is under way.
+    merges_under_way: AtomicU32,
 }
 
 /// Requests a range served here since start (the placement heartbeat and the split loop turn
@@ -1221,6 +1227,12 @@ impl NodeInner {
             return Err(ApiError::InvalidRequest(format!(
                 "range {range_id} cannot split at its first key"
             )));
+        }
+        if group.merges_under_way.load(Ordering::Acquire) > 0 {
+            return Err(ApiError::Unavailable {
+                range_id,
+                reason: "a merge into this range is under way; split after it".into(),
+            });
         }
         let new_range = self.allocate_range_id(range_id).await?;
         self.propose(group, Command::Split { at, new_range }).await
