@@ -419,6 +419,31 @@ async fn concordctl_leases_and_watch() {
     assert_eq!(events[0]["type"], "PUT");
     assert_eq!(events[0]["kv"]["lease"], id.as_str());
     assert_eq!(events.last().unwrap()["type"], "DELETE");
+
+    // An ephemeral key: a new lease and the key in one request; revoking the lease deletes it.
+    let ephemeral: serde_json::Value = serde_json::from_str(
+        &cluster
+            .ctl(&["put", "svc/e", "up", "--ttl", "30", "-o", "json"])
+            .unwrap(),
+    )
+    .unwrap();
+    let lease = ephemeral["lease"]
+        .as_str()
+        .expect("hex lease id")
+        .to_string();
+    let ttl = cluster.ctl(&["lease", "ttl", &lease, "--keys"]).unwrap();
+    assert!(
+        ttl.contains("granted with TTL(30s)") && ttl.contains("svc/e"),
+        "{ttl}"
+    );
+    cluster.ctl(&["lease", "revoke", &lease]).unwrap();
+    eventually("svc/e deleted with its lease", || async {
+        match cluster.ctl(&["get", "svc/e"])? {
+            out if out.is_empty() => Ok(()),
+            out => Err(out),
+        }
+    })
+    .await;
 }
 
 /// A `concordctl` child (killed by its own pid when dropped) whose stdout is read line by line.

@@ -55,8 +55,13 @@ enum Command {
         #[arg(long)]
         prev_kv: bool,
         /// Attach the key to this lease (hex id, as `lease grant` prints it).
-        #[arg(long, value_parser = parse_lease_id)]
+        #[arg(long, value_parser = parse_lease_id, conflicts_with_all = ["ttl", "prev_kv"])]
         lease: Option<LeaseId>,
+        /// An ephemeral key: grant a new lease of TTL seconds and put the key attached to it,
+        /// in one request; prints the lease (keep it alive with `lease keep-alive`, or let it
+        /// expire and the key goes).
+        #[arg(long)]
+        ttl: Option<u64>,
     },
     /// Read KEY (or every key with prefix KEY).
     Get {
@@ -473,8 +478,28 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Put {
             key,
             value,
+            ttl: Some(ttl),
+            ..
+        } => {
+            let (id, r) = client
+                .put_ephemeral(key, value, Duration::from_secs(ttl))
+                .await?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"revision": r.header.revision, "range_id": r.header.range_id, "lease": format!("{id:x}"), "ttl": ttl})
+                );
+            } else {
+                println!("OK");
+                println!("lease {id:x} granted with TTL({ttl}s)");
+            }
+        }
+        Command::Put {
+            key,
+            value,
             prev_kv,
             lease,
+            ttl: None,
         } => {
             let r = client
                 .put_with(PutRequest {
