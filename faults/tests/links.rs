@@ -8,6 +8,7 @@ use std::net::UdpSocket;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::READY_MAX;
 use concord_client::Client;
 use concord_faults::cluster::Cluster;
 use concord_faults::netns::{self, Net};
@@ -116,9 +117,6 @@ const LONG_CUT: Duration = Duration::from_secs(16);
 /// Most a node may take, once its cut is healed, to apply a write made after the heal.
 const CAUGHT_UP_MAX: Duration = Duration::from_secs(5);
 
-/// Longest the cluster may take to start, and a write to be acknowledged.
-const READY_MAX: Duration = Duration::from_secs(60);
-
 /// Regression (seed 2 of the `partitions` campaign, docs/reliability.md bug 7): after a
 /// partition healed, the connection between two nodes stayed silent for up to 14 s, because
 /// QUIC had backed its retransmissions off while the path was down; a lease expired 9 s late.
@@ -126,20 +124,8 @@ const READY_MAX: Duration = Duration::from_secs(60);
 /// it times out, and the next call dials afresh.
 #[test]
 fn a_node_cut_off_for_long_hears_its_range_again_within_seconds_of_the_heal() {
-    assert!(
-        netns::available(),
-        "this test creates network namespaces: run it as root with iproute2 installed"
-    );
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("links-long-cut");
-    let _ = std::fs::remove_dir_all(&dir);
-    let cluster = Cluster::start(&common::concord_bin(), &dir, 3, 1, Vec::new()).expect("cluster");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let (cluster, dir, runtime) = common::namespaced_cluster("links-long-cut", 3, 1);
     runtime.block_on(async {
-        cluster.wait_ready(READY_MAX).await.expect("cluster ready");
         let client = Client::connect(cluster.client_config(Duration::from_secs(2)))
             .await
             .expect("client");
