@@ -241,10 +241,10 @@ fn splits_merges_and_moves_with_crashes_keep_every_key_linearizable() {
 #[test]
 fn a_node_down_past_down_after_and_splits_by_load_keep_every_key_linearizable() {
     // Four nodes, so that a down node's replicas have somewhere to go; nodes call a node down
-    // after 3 s and split a range past 20 writes a second (sustained over three 5 s checks).
+    // after 3 s and split a range past 5 writes a second (sustained over three 5 s checks).
     let settings = NodeSettings {
         down_after: Duration::from_secs(3),
-        args: &["--split-writes=20"],
+        args: &["--split-writes=5"],
     };
     let Passed {
         faults, outcome, ..
