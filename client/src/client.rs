@@ -271,21 +271,16 @@ impl Client {
                         leader_hint,
                     }));
                 }
-                Ok(Err(e @ ApiError::Merging { .. })) if Instant::now() < merge_deadline => {
-                    // The range is frozen until its neighbour takes it in (seconds for a large
-                    // range): wait for the merge at a steady pace, then the fresh routes name
-                    // the merged range.
-                    tokio::time::sleep(Duration::from_millis(RETRY_BACKOFF_MAX_MS)).await;
-                    self.refresh_routes().await.ok();
-                    if let Some(d) = self.reroute(&desc, &request) {
-                        desc = d;
-                    } else {
-                        return Err(Error::Api(e));
-                    }
-                    used = attempt;
-                    last = Some(Error::Api(e));
-                }
                 Ok(Err(e)) if e.is_stale_route() => {
+                    // A range frozen for a merge serves again once its neighbour has taken it
+                    // in (seconds for a large range): wait for that at a steady pace, without
+                    // using up attempts, then the fresh routes name the merged range.
+                    let merging =
+                        matches!(e, ApiError::Merging { .. }) && Instant::now() < merge_deadline;
+                    if merging {
+                        tokio::time::sleep(Duration::from_millis(RETRY_BACKOFF_MAX_MS)).await;
+                        used = attempt;
+                    }
                     self.refresh_routes().await.ok();
                     // The range split (or the routes were behind): the keys may be in another
                     // range now. A request whose keys now span ranges goes back to its caller
@@ -295,7 +290,7 @@ impl Client {
                         None => return Err(Error::Api(e)),
                     }
                     // A node behind the split answers with the old table: give it a moment.
-                    if attempt > 0 {
+                    if attempt > 0 && !merging {
                         backoff(attempt).await;
                     }
                     last = Some(Error::Api(e));

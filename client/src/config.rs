@@ -50,7 +50,8 @@ impl ClientConfig {
     }
 
     /// Reads a `concordctl.toml` (`endpoints = [...]`, `ca = "..."`, optional
-    /// `request_timeout_ms`, `attempts_max`, `merge_wait_ms`); a relative `ca` is relative to the file.
+    /// `request_timeout_ms`, `attempts_max`, `merge_wait_ms`); a relative `ca` is relative to
+    /// the file.
     pub fn from_file(path: &Path) -> Result<Self, Error> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;

@@ -12,8 +12,9 @@
 //! The client caches the route table (ranges, replicas, leader hints), sends each request to
 //! the node that can serve it, follows `NotLeader` hints, refreshes routes on `StaleEpoch` /
 //! `RangeNotFound`, waits out a range frozen by a merge (`Merging`, for at most
-//! [`ClientConfig::merge_wait`]), and retries a bounded number of times. A write is retried only when the
-//! error proves it was not applied (see docs/consistency.md); `Indeterminate` is returned as is.
+//! [`ClientConfig::merge_wait`]), and retries a bounded number of times. A write is retried
+//! only when the error proves it was not applied (see docs/consistency.md); `Indeterminate`
+//! is returned as is.
 
 #![warn(missing_docs)]
 

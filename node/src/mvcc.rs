@@ -926,9 +926,7 @@ impl Mvcc {
                 return self.compact(*revision, out).map(KvResponse::Compact)
             }
             Command::LeaseGrant { id, ttl_ms } => {
-                let mut changes = Vec::new();
-                self.leases.grant(*id, *ttl_ms, &mut changes)?;
-                out.extend(changes.into_iter().map(Mutation::Lease));
+                self.grant_lease(*id, *ttl_ms, out)?;
                 KvResponse::Lease(LeaseResponse::Granted {
                     header: self.header(),
                     id: *id,
@@ -937,9 +935,7 @@ impl Mvcc {
             }
             Command::LeaseGrantPut { id, ttl_ms, put } => {
                 debug_assert_eq!(put.lease, *id, "checked with the request's limits");
-                let mut changes = Vec::new();
-                self.leases.grant(*id, *ttl_ms, &mut changes)?;
-                out.extend(changes.into_iter().map(Mutation::Lease));
+                self.grant_lease(*id, *ttl_ms, out)?;
                 KvResponse::Put(self.put_at(&mut cursor, put, out))
             }
             Command::LeaseRevoke { id } => {
@@ -1061,6 +1057,20 @@ impl Mvcc {
         if lease != 0 && self.leases.is_revoked(lease) {
             return Err(ApiError::LeaseNotFound { id: lease });
         }
+        Ok(())
+    }
+
+    /// Grants lease `id` (owned here) with `ttl_ms`; `LeaseExists`, changing nothing, if the id
+    /// was ever used.
+    fn grant_lease(
+        &mut self,
+        id: LeaseId,
+        ttl_ms: u64,
+        out: &mut Vec<Mutation>,
+    ) -> Result<(), ApiError> {
+        let mut changes = Vec::new();
+        self.leases.grant(id, ttl_ms, &mut changes)?;
+        out.extend(changes.into_iter().map(Mutation::Lease));
         Ok(())
     }
 

@@ -13,7 +13,6 @@
 //! appended and the client retries it at the new leader (`NotLeader`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::Ordering;
 use std::sync::Weak;
 use std::time::{Duration, Instant};
 
@@ -54,7 +53,7 @@ pub(super) async fn leader_balance_loop(inner: Weak<NodeInner>, interval: Durati
                 continue;
             };
             // A merge led here would have to start again at the new leader.
-            if group.merges_under_way.load(Ordering::Acquire) > 0 {
+            if group.merging() {
                 continue;
             }
             tracing::info!(range, to, "leader balance: handing leadership over");

@@ -2,8 +2,8 @@
 //!
 //! 1. It asks the neighbour's leader to **freeze** the neighbour ([`Command::Freeze`]). From
 //!    that entry on the neighbour serves nothing (`Merging`: clients wait for the merge, then
-//!    send their requests to this range; its watchers move on), so its applied state is final; the leader answers with
-//!    that state, encoded.
+//!    send their requests to this range; its watchers move on), so its applied state is
+//!    final; the leader answers with that state, encoded.
 //! 2. It proposes [`Command::Merge`] with that state to its own group. Once applied, the range
 //!    holds the neighbour's keys, histories and leases, at a higher epoch.
 //! 3. The neighbour's replicas are destroyed by the replica GC loop (`replica_service`) once
@@ -14,9 +14,9 @@
 //! neighbour frozen; the placement scheduler sees it and asks the range ending where it starts
 //! to merge it (the only range that can: a merge checks adjacency when it applies).
 
-use concord_transport::api::{ApiError, FrozenResponse, KvRequest, KvResponse, RangeId};
-
 use std::sync::atomic::Ordering;
+
+use concord_transport::api::{ApiError, FrozenResponse, KvRequest, KvResponse, RangeId};
 
 use super::{not_leader, Group, NodeInner};
 

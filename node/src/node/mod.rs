@@ -506,6 +506,11 @@ impl RangeCounters {
 }
 
 impl Group {
+    /// Whether this node's leader is running a merge into the range (see `merges_under_way`).
+    fn merging(&self) -> bool {
+        self.merges_under_way.load(Ordering::Acquire) > 0
+    }
+
     /// The range's extent and epoch, as applied here.
     fn bounds(&self) -> Bounds {
         self.state
@@ -1228,7 +1233,7 @@ impl NodeInner {
                 "range {range_id} cannot split at its first key"
             )));
         }
-        if group.merges_under_way.load(Ordering::Acquire) > 0 {
+        if group.merging() {
             return Err(ApiError::Unavailable {
                 range_id,
                 reason: "a merge into this range is under way; split after it".into(),
