@@ -113,6 +113,7 @@ pub enum Command {
     /// anchored there, move to range `new_range` (see the module docs).
     Split {
         /// The first key of the new range.
+        #[serde(with = "serde_bytes")]
         at: Vec<u8>,
         /// The new range's id (allocated by the placement group, never reused).
         new_range: RangeId,
@@ -224,6 +225,7 @@ pub struct Rev {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     /// The value.
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     /// Revision at which this incarnation of the key was created.
     pub create_revision: u64,
@@ -292,8 +294,10 @@ pub struct Lineage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bounds {
     /// First key, inclusive.
+    #[serde(with = "serde_bytes")]
     pub start: Vec<u8>,
     /// First key after the range, exclusive; empty means unbounded.
+    #[serde(with = "serde_bytes")]
     pub end: Vec<u8>,
     /// Bumped by every split.
     pub epoch: u64,

@@ -71,6 +71,7 @@ pub enum PeerRequest {
         /// The snapshot's metadata.
         meta: SnapshotMeta,
         /// The snapshot's bytes.
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// The leader hands its leadership to `to_node_id` (sent to every member: the others

@@ -32,8 +32,10 @@ pub struct RangeDescriptor {
     /// The range's id, also the id of its Raft group.
     pub id: RangeId,
     /// First key of the range, inclusive.
+    #[serde(with = "serde_bytes")]
     pub start: Vec<u8>,
     /// First key after the range, exclusive; empty means unbounded.
+    #[serde(with = "serde_bytes")]
     pub end: Vec<u8>,
     /// Bumped by every split, merge or replica change, so that a client holding an old
     /// descriptor is told `StaleEpoch` instead of being served by the wrong range.

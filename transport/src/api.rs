@@ -47,8 +47,10 @@ impl std::str::FromStr for Consistency {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyValue {
     /// The key.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// The value (empty when the read was keys-only).
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     /// Revision at which the key was created (since its last deletion).
     pub create_revision: u64,
@@ -64,8 +66,10 @@ pub struct KeyValue {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct KeySpan {
     /// The key, or the first key of the interval.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// `None`: the single key; `Some(empty)`: every key `>= key`; `Some(end)`: `[key, end)`.
+    #[serde(with = "serde_bytes")]
     pub end: Option<Vec<u8>>,
 }
 
@@ -117,8 +121,10 @@ impl KeySpan {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PutRequest {
     /// The key.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// The value.
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     /// Attach to this lease (0: none). The lease must exist; when it expires or is revoked
     /// the key is deleted.
@@ -171,7 +177,7 @@ pub struct DeleteRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CompareTarget {
     /// The value (an absent key compares as never equal).
-    Value(Vec<u8>),
+    Value(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The version (0 for an absent key).
     Version(u64),
     /// The create revision (0 for an absent key).
@@ -197,6 +203,7 @@ pub enum CompareOp {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Compare {
     /// The key compared.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// The comparison.
     pub op: CompareOp,
@@ -237,6 +244,7 @@ pub struct TxnRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fence {
     /// The lock's key prefix (all of it in one range).
+    #[serde(with = "serde_bytes")]
     pub prefix: Vec<u8>,
     /// The holder's fencing token: the create revision of its key.
     pub token: u64,
@@ -300,6 +308,7 @@ pub enum KvRequest {
     /// range (not at its start).
     Split {
         /// The first key of the new range.
+        #[serde(with = "serde_bytes")]
         at: Vec<u8>,
     },
     /// Move the range's replica on node `from` to node `to` (an operator's request, also what
@@ -440,6 +449,7 @@ pub struct FrozenResponse {
     /// The frozen range and its final revision.
     pub header: ResponseHeader,
     /// Its state as of the freeze.
+    #[serde(with = "serde_bytes")]
     pub state: Vec<u8>,
 }
 
@@ -461,6 +471,7 @@ pub struct SplitResponse {
     /// The id of the new range (and of its Raft group).
     pub new_range_id: RangeId,
     /// The split key: the first key of the new range.
+    #[serde(with = "serde_bytes")]
     pub at: Vec<u8>,
     /// The epoch of both halves.
     pub epoch: u64,
@@ -627,8 +638,10 @@ pub struct RangeStatus {
     /// The range.
     pub id: RangeId,
     /// First key (inclusive).
+    #[serde(with = "serde_bytes")]
     pub start: Vec<u8>,
     /// End key (exclusive; empty = unbounded).
+    #[serde(with = "serde_bytes")]
     pub end: Vec<u8>,
     /// Its epoch.
     pub epoch: u64,
@@ -1099,6 +1112,55 @@ fn check_branch_keys(ops: &[TxnOp]) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Byte fields are (de)serialized as byte strings (`serde_bytes`), which postcard writes
+    /// exactly as it wrote them as sequences of `u8` before: frames and stored log entries of
+    /// either encoding read the same.
+    #[test]
+    fn byte_fields_keep_the_encoding_of_a_u8_sequence() {
+        #[derive(Serialize, Deserialize, Debug, PartialEq)]
+        struct PlainPut {
+            key: Vec<u8>,
+            value: Vec<u8>,
+            lease: i64,
+            prev_kv: bool,
+        }
+        #[derive(Serialize, Deserialize, Debug, PartialEq)]
+        struct PlainSpan {
+            key: Vec<u8>,
+            end: Option<Vec<u8>>,
+        }
+        let value: Vec<u8> = (0..=255).chain(0..44).collect();
+        let put = PutRequest {
+            key: b"members/node-17".to_vec(),
+            value: value.clone(),
+            lease: 7,
+            prev_kv: true,
+        };
+        let plain = PlainPut {
+            key: put.key.clone(),
+            value,
+            lease: 7,
+            prev_kv: true,
+        };
+        let bytes = postcard::to_allocvec(&put).unwrap();
+        assert_eq!(bytes, postcard::to_allocvec(&plain).unwrap());
+        assert_eq!(postcard::from_bytes::<PutRequest>(&bytes).unwrap(), put);
+        assert_eq!(postcard::from_bytes::<PlainPut>(&bytes).unwrap(), plain);
+        for span in [
+            KeySpan::key("a"),
+            KeySpan::prefix("ab"),
+            KeySpan::interval("a", "z"),
+        ] {
+            let plain = PlainSpan {
+                key: span.key.clone(),
+                end: span.end.clone(),
+            };
+            let bytes = postcard::to_allocvec(&span).unwrap();
+            assert_eq!(bytes, postcard::to_allocvec(&plain).unwrap());
+            assert_eq!(postcard::from_bytes::<KeySpan>(&bytes).unwrap(), span);
+        }
+    }
 
     #[test]
     fn txn_branches_write_a_key_once() {
