@@ -77,7 +77,7 @@ impl Default for RaftSettings {
             heartbeat_interval_ms: 100,
             election_timeout_min_ms: 1_000,
             election_timeout_max_ms: 2_000,
-            snapshot_logs_since_last: 10_000,
+            snapshot_logs_since_last: 100_000,
             logs_kept_after_snapshot: 1_000,
             follower_read_timeout_ms: 2_000,
             leader_balance_interval_ms: 1_000,

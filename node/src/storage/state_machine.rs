@@ -347,7 +347,9 @@ impl StateMachine {
         batch.put_cf(
             sm,
             group_key(self.gid, &[TAG_SNAPSHOT]),
-            encode(&(meta, data)),
+            // The bytes as one byte string (postcard writes it as it writes a `Vec<u8>`, but
+            // in one copy rather than a byte at a time).
+            encode(&(meta, serde_bytes::Bytes::new(data))),
         );
         batch.put_cf(sm, group_key(self.gid, &[TAG_SNAPSHOT_META]), encode(meta));
     }
@@ -603,10 +605,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         else {
             return Ok(None);
         };
-        let (meta, data): (SnapshotMeta, Vec<u8>) = decode(&bytes)?;
+        let (meta, data): (SnapshotMeta, serde_bytes::ByteBuf) = decode(&bytes)?;
         Ok(Some(Snapshot {
             meta,
-            snapshot: SnapshotData::new(data),
+            snapshot: SnapshotData::new(data.into_vec()),
         }))
     }
 }
