@@ -432,12 +432,42 @@ async fn host_loop(inner: Weak<NodeInner>, mut hosts: mpsc::UnboundedReceiver<Ve
                 // Its own splits that this replica skipped, if it came from a snapshot.
                 Ok(group) => {
                     let _ = inner.opener.hosts.send(group.split_into());
+                    if inner.leads_parent_of(id) {
+                        tokio::spawn(stand_for_new_range(group));
+                    }
                 }
                 Err(e) => tracing::warn!(range = id, "not starting a range a split named: {e}"),
             }
         }
         // A split or a snapshot changed some range's bounds.
         inner.complete_table();
+    }
+}
+
+/// How long the parent's leader waits for a range made by a split to elect a leader before
+/// it stands again, and how many times it stands (see [`stand_for_new_range`]).
+const NEW_RANGE_ELECT_WAIT: Duration = Duration::from_millis(100);
+const NEW_RANGE_ELECT_TRIES: u32 = 10;
+
+/// A range made by a split starts without a leader, and requests for its keys wait until one
+/// is elected: an election timeout (1–2 s) when every replica waits for it. The parent's
+/// leader, which applied the split first, stands at once instead, with a pre-vote (a leader
+/// elected meanwhile is left alone). The other replicas may not have opened the range yet and
+/// then refuse, so it stands again after [`NEW_RANGE_ELECT_WAIT`] while no leader is known,
+/// at most [`NEW_RANGE_ELECT_TRIES`] times; the election timeout remains the fallback.
+async fn stand_for_new_range(group: Arc<Group>) {
+    for _ in 0..NEW_RANGE_ELECT_TRIES {
+        if group.raft.trigger().elect(true).await.is_err() {
+            return;
+        }
+        let elected = group
+            .raft
+            .wait(Some(NEW_RANGE_ELECT_WAIT))
+            .metrics(|m| m.current_leader.is_some(), "new range's leader")
+            .await;
+        if elected.is_ok() {
+            return;
+        }
     }
 }
 
@@ -899,6 +929,13 @@ fn not_leader(range_id: RangeId, leader_hint: Option<NodeId>) -> ApiError {
 }
 
 impl NodeInner {
+    /// Whether this node leads the range that split `id` off, as applied here.
+    fn leads_parent_of(&self, id: RangeId) -> bool {
+        self.groups()
+            .iter()
+            .any(|g| g.id != id && g.raft.as_leader().is_ok() && g.split_into().contains(&id))
+    }
+
     /// Every group this node hosts, the placement group included.
     fn groups(&self) -> Vec<Arc<Group>> {
         self.groups
