@@ -933,7 +933,7 @@ impl NodeInner {
     fn leads_parent_of(&self, id: RangeId) -> bool {
         self.groups()
             .iter()
-            .any(|g| g.id != id && g.raft.as_leader().is_ok() && g.split_into().contains(&id))
+            .any(|g| g.raft.as_leader().is_ok() && g.split_into().contains(&id))
     }
 
     /// Every group this node hosts, the placement group included.
