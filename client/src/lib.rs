@@ -36,4 +36,4 @@ pub use recipes::{
     Barrier, DoubleBarrier, Election, LeaderChange, Leadership, LockGuard, Member, MemberEvent,
     MemberWatcher, Membership, Observer, Queue,
 };
-pub use watch::{WatchResponse, Watcher};
+pub use watch::{Events, WatchResponse, Watcher};

@@ -13,7 +13,9 @@
 //! error.
 
 use std::collections::{HashMap, HashSet};
+use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use concord_placement::RangeDescriptor;
@@ -46,6 +48,35 @@ static NEXT_WATCH_ID: AtomicU64 = AtomicU64::new(1);
 /// The watch channels of a client, by range (`pub(crate)` for the client's state).
 pub(crate) type Channels = std::sync::Mutex<HashMap<RangeId, mpsc::UnboundedSender<Command>>>;
 
+/// The events of one revision of a range, shared by every watcher of the client they are
+/// handed to: a fan-out to many watchers of the same span copies a pointer per watcher, not
+/// the keys and values. Reads as a slice of [`Event`]s.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Events(Arc<[Event]>);
+
+impl Deref for Events {
+    type Target = [Event];
+
+    fn deref(&self) -> &[Event] {
+        &self.0
+    }
+}
+
+impl From<Vec<Event>> for Events {
+    fn from(events: Vec<Event>) -> Self {
+        Self(events.into())
+    }
+}
+
+impl<'a> IntoIterator for &'a Events {
+    type Item = &'a Event;
+    type IntoIter = std::slice::Iter<'a, Event>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
 /// What a [`Watcher`] yields.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WatchResponse {
@@ -54,7 +85,7 @@ pub struct WatchResponse {
     /// The range's revision of these events (or of the bookmark).
     pub revision: u64,
     /// The events of that revision (empty for a progress bookmark).
-    pub events: Vec<Event>,
+    pub events: Events,
     /// A progress bookmark: every event of the range up to `revision` has been delivered.
     pub progress: bool,
 }
@@ -649,7 +680,7 @@ impl Channel {
             }
             WatchMessage::History { id, header, events } => {
                 if let Some(local_id) = self.by_server_id.get(&id) {
-                    deliveries.push((*local_id, response(header.revision, events, false)));
+                    deliveries.push((*local_id, response(header.revision, events.into(), false)));
                 }
             }
             WatchMessage::Events {
@@ -657,10 +688,11 @@ impl Channel {
                 header,
                 events,
             } => {
+                let events = Events::from(events);
                 for local_id in self.groups.get(&group).into_iter().flatten() {
                     let local = &self.watches[local_id];
                     let joined = local.joined.is_some_and(|(_, at)| at < header.revision);
-                    // Only watches that still owe this revision get a copy of the events.
+                    // Only watches that still owe this revision get the (shared) events.
                     if joined && local.owes(header.revision, false) {
                         deliveries
                             .push((*local_id, response(header.revision, events.clone(), false)));
@@ -687,7 +719,10 @@ impl Channel {
                         .map(|l| &l.request.span);
                     if covers(&clip(&self.desc, &local.whole), established) {
                         bookmarked.push(&local.sink);
-                        deliveries.push((*local_id, response(header.revision, Vec::new(), true)));
+                        deliveries.push((
+                            *local_id,
+                            response(header.revision, Events::default(), true),
+                        ));
                     }
                 }
             }
@@ -729,9 +764,13 @@ impl Channel {
         let revision = response.revision;
         let mut response = response;
         if !local.floors.is_empty() && !response.progress {
-            response
+            let owed: Vec<Event> = response
                 .events
-                .retain(|e| local.floor(&e.kv.key) <= revision);
+                .iter()
+                .filter(|e| local.floor(&e.kv.key) <= revision)
+                .cloned()
+                .collect();
+            response.events = owed.into();
             if response.events.is_empty() {
                 local.advance(revision);
                 return Ok(());

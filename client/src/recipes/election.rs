@@ -124,9 +124,11 @@ impl Observer {
                 Err(e) => return Some(Err(e)),
             };
             self.revision = response.revision;
-            for event in response.events {
+            for event in &response.events {
                 match event.kind {
-                    EventKind::Put => self.candidates.insert(event.kv.key.clone(), event.kv),
+                    EventKind::Put => self
+                        .candidates
+                        .insert(event.kv.key.clone(), event.kv.clone()),
                     EventKind::Delete => self.candidates.remove(&event.kv.key),
                 };
             }

@@ -135,7 +135,7 @@ impl MemberWatcher {
             };
             let events: Vec<MemberEvent> = response
                 .events
-                .into_iter()
+                .iter()
                 .map(|event| {
                     let id = String::from_utf8_lossy(&event.kv.key[self.prefix_len..]).into();
                     let revision = event.kv.mod_revision;
@@ -144,7 +144,7 @@ impl MemberWatcher {
                         EventKind::Put => {
                             let member = Member {
                                 id,
-                                metadata: event.kv.value,
+                                metadata: event.kv.value.clone(),
                                 revision,
                             };
                             if event.kv.version == 1 {
