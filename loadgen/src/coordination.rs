@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 
 use crate::kv::parse_u64;
 use crate::report::{histogram, Recorder};
-use crate::store::{Change, OpError, Store, StoreSession};
+use crate::store::{ChangeRef, OpError, Store, StoreSession};
 use crate::{figures, Rng, RunArgs};
 
 /// Longest a run waits after its duration for outstanding effects (expiries, deliveries).
@@ -174,11 +174,11 @@ pub async fn lease_churn(
             while let Some(Ok(response)) = watcher.next().await {
                 let seen = Instant::now();
                 let mut book = book.lock().expect("book lock");
-                for Change { deleted, key, .. } in response {
-                    if !deleted || !contains(&key, &marker) {
+                for ChangeRef { deleted, key, .. } in response.iter() {
+                    if !deleted || !contains(key, &marker) {
                         continue;
                     }
-                    if let Some(deadline) = book.dying.remove(&key) {
+                    if let Some(deadline) = book.dying.remove(key) {
                         match seen.checked_duration_since(deadline) {
                             Some(late) => lateness
                                 .lock()
@@ -188,7 +188,7 @@ pub async fn lease_churn(
                                 early.fetch_add(1, Ordering::Relaxed);
                             }
                         }
-                    } else if book.live.values().any(|k| *k == key) {
+                    } else if book.live.values().any(|k| k.as_slice() == key) {
                         lost_live.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -422,7 +422,6 @@ pub async fn watch_fanout(
     let prefix = format!("{tag}/fanout/").into_bytes();
     let epoch = Instant::now();
     let rate = args.rate.unwrap_or(100).max(1);
-    let delivered = Arc::new(AtomicU64::new(0));
     let key_at = |i: u64| {
         let mut key = prefix.clone();
         key.extend(format!("{i:06}").into_bytes());
@@ -455,34 +454,42 @@ pub async fn watch_fanout(
     }
     let opened_in = opened_at.elapsed();
     let gauges_after = server_gauges(&stores[0]).await;
-    // Delivery latencies go to a few shared histograms (one per listener would be far too
+    // One listener task per watcher, as an application with that many watchers would have;
+    // latencies and counts go to a few shared histograms (one per listener would be far too
     // much memory with 100,000 watchers).
     const SHARDS: usize = 64;
-    let shards: Arc<Vec<Mutex<Histogram<u64>>>> =
-        Arc::new((0..SHARDS).map(|_| Mutex::new(histogram())).collect());
+    /// Delivery latencies and the count of events delivered, of a share of the listeners.
+    type Shard = Mutex<(Histogram<u64>, u64)>;
+    let shards: Arc<Vec<Shard>> =
+        Arc::new((0..SHARDS).map(|_| Mutex::new((histogram(), 0))).collect());
     let mut listeners = JoinSet::new();
     let index_at = prefix.len();
     for (w, mut watcher) in watchers.into_iter().enumerate() {
-        let (shards, delivered, sent) = (shards.clone(), delivered.clone(), sent.clone());
+        let (shards, sent) = (shards.clone(), sent.clone());
         listeners.spawn(async move {
-            while let Some(Ok(response)) = watcher.next().await {
+            while let Some(Ok(changes)) = watcher.next().await {
                 let now = epoch.elapsed().as_micros() as u64;
                 let mut shard = shards[w % SHARDS].lock().expect("shard lock");
-                for change in &response {
+                for change in changes.iter() {
                     let i = std::str::from_utf8(&change.key[index_at.min(change.key.len())..])
                         .ok()
                         .and_then(|i| i.parse::<usize>().ok());
                     if let Some(at) = i.and_then(|i| sent.get(i)) {
-                        shard.saturating_record(
+                        shard.0.saturating_record(
                             now.saturating_sub(at.load(Ordering::Relaxed)).max(1),
                         );
                     }
                 }
-                drop(shard);
-                delivered.fetch_add(response.len() as u64, Ordering::Relaxed);
+                shard.1 += changes.len() as u64;
             }
         });
     }
+    let delivered = || -> u64 {
+        shards
+            .iter()
+            .map(|shard| shard.lock().expect("shard lock").1)
+            .sum()
+    };
 
     // The writer.
     recorder.start_now();
@@ -506,13 +513,13 @@ pub async fn watch_fanout(
     }
     recorder.stop_now();
     let expected = acked * args.watchers as u64;
-    drain(DRAIN_MAX, || delivered.load(Ordering::Relaxed) >= expected).await;
+    drain(DRAIN_MAX, || delivered() >= expected).await;
     listeners.abort_all();
     while listeners.join_next().await.is_some() {}
-    let delivered = delivered.load(Ordering::Relaxed);
+    let delivered = delivered();
     let mut delivery = histogram();
     for shard in shards.iter() {
-        delivery.add(&*shard.lock().expect("shard lock")).ok();
+        delivery.add(&shard.lock().expect("shard lock").0).ok();
     }
 
     let mut extra = figures(json!({

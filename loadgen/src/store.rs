@@ -70,6 +70,55 @@ pub struct Change {
     pub value: Vec<u8>,
 }
 
+/// A change seen by a watch, read in place.
+pub struct ChangeRef<'a> {
+    /// True for a deletion, false for a put.
+    pub deleted: bool,
+    /// The key.
+    pub key: &'a [u8],
+    /// The value put (empty for a deletion).
+    pub value: &'a [u8],
+}
+
+/// The changes of one watch response. concord's are the client library's shared events, read
+/// in place: with 100,000 watchers of one prefix, copying every key and value once per
+/// watcher would cost the load generator more than the watches cost the cluster.
+pub enum Changes {
+    /// concord's events, shared with every other watcher of the same span.
+    Shared(concord_client::Events),
+    /// etcd's and ZooKeeper's, copied out of their messages.
+    Owned(Vec<Change>),
+}
+
+impl Changes {
+    /// How many changes.
+    pub fn len(&self) -> usize {
+        match self {
+            Changes::Shared(events) => events.len(),
+            Changes::Owned(changes) => changes.len(),
+        }
+    }
+
+    /// The changes, in order.
+    pub fn iter(&self) -> impl Iterator<Item = ChangeRef<'_>> {
+        let (shared, owned): (&[_], &[_]) = match self {
+            Changes::Shared(events) => (events, &[]),
+            Changes::Owned(changes) => (&[], changes),
+        };
+        let shared = shared.iter().map(|e| ChangeRef {
+            deleted: e.kind == EventKind::Delete,
+            key: &e.kv.key,
+            value: &e.kv.value,
+        });
+        let owned = owned.iter().map(|c| ChangeRef {
+            deleted: c.deleted,
+            key: &c.key,
+            value: &c.value,
+        });
+        shared.chain(owned)
+    }
+}
+
 /// A watch of one prefix.
 pub enum Watch {
     /// A concord watch (the client library merges the ranges' streams).
@@ -701,12 +750,12 @@ impl MemberWatch {
             ),
             MemberWatch::Etcd(watch, prefix_len) => Some(watch.next().await?.map(|changes| {
                 changes
-                    .into_iter()
+                    .iter()
                     .map(|c| MemberChange {
                         id: String::from_utf8_lossy(&c.key[(*prefix_len).min(c.key.len())..])
                             .into_owned(),
                         left: c.deleted,
-                        metadata: c.value,
+                        metadata: c.value.to_vec(),
                     })
                     .collect()
             })),
@@ -786,41 +835,33 @@ impl EtcdStore {
 
 impl Watch {
     /// The next batch of changes; `None` when the watch ended.
-    pub async fn next(&mut self) -> Option<Result<Vec<Change>, OpError>> {
+    pub async fn next(&mut self) -> Option<Result<Changes, OpError>> {
         match self {
             Watch::Concord(w) => Some(
                 w.next()
                     .await?
-                    .map(|r| {
-                        r.events
-                            .into_iter()
-                            .map(|e| Change {
-                                deleted: e.kind == EventKind::Delete,
-                                key: e.kv.key,
-                                value: e.kv.value,
-                            })
-                            .collect()
-                    })
+                    .map(|r| Changes::Shared(r.events))
                     .map_err(concord_error),
             ),
             Watch::Etcd(s) => match s.message().await {
                 Err(e) => Some(Err(etcd_error(e))),
                 Ok(None) => None,
                 Ok(Some(r)) if r.canceled() => Some(Err("ETCD_WATCH_CANCELED".into())),
-                Ok(Some(r)) => Some(Ok(r
-                    .events()
-                    .iter()
-                    .filter_map(|e| {
-                        let kv = e.kv()?;
-                        Some(Change {
-                            deleted: e.event_type() == etcd::EventType::Delete,
-                            key: kv.key().to_vec(),
-                            value: kv.value().to_vec(),
+                Ok(Some(r)) => Some(Ok(Changes::Owned(
+                    r.events()
+                        .iter()
+                        .filter_map(|e| {
+                            let kv = e.kv()?;
+                            Some(Change {
+                                deleted: e.event_type() == etcd::EventType::Delete,
+                                key: kv.key().to_vec(),
+                                value: kv.value().to_vec(),
+                            })
                         })
-                    })
-                    .collect())),
+                        .collect(),
+                ))),
             },
-            Watch::Zookeeper(w) => w.next().await,
+            Watch::Zookeeper(w) => Some(w.next().await?.map(Changes::Owned)),
         }
     }
 }
