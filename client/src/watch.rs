@@ -117,6 +117,8 @@ impl Drop for Watcher {
 pub(crate) enum Command {
     Add {
         id: u64,
+        /// The caller's [`Watcher`]: every piece of one watch, in any range, names it.
+        caller: u64,
         request: WatchRequest,
         /// The span of the caller's whole watch (`request` has its part in this range).
         whole: KeySpan,
@@ -133,6 +135,7 @@ impl Client {
     /// once every range's watch is established: a write acknowledged after that is seen.
     pub async fn watch(&self, request: WatchRequest) -> Result<Watcher, Error> {
         let (sink, rx) = mpsc::channel(WATCH_CLIENT_BUFFER);
+        let caller = NEXT_WATCH_ID.fetch_add(1, Ordering::Relaxed);
         let mut watcher = Watcher {
             rx,
             parts: Vec::new(),
@@ -149,6 +152,7 @@ impl Client {
                 let channel = self.watch_channel(&desc);
                 let add = Command::Add {
                     id,
+                    caller,
                     request: part.clone(),
                     whole: request.span.clone(),
                     sink: sink.clone(),
@@ -182,7 +186,7 @@ impl Client {
             client: self.clone(),
             desc: desc.clone(),
             commands,
-            watches: HashMap::new(),
+            watches: Watches::default(),
             by_server_id: HashMap::new(),
             groups: HashMap::new(),
             next_server_id: 0,
@@ -195,6 +199,8 @@ impl Client {
 
 /// One watch of a channel, as the client keeps it.
 struct Local {
+    /// The caller's [`Watcher`] (shared by the pieces of one watch).
+    caller: u64,
     request: WatchRequest,
     /// The span of the caller's whole watch, of which `request` is the part in this range.
     whole: KeySpan,
@@ -271,12 +277,77 @@ enum ChannelEnd {
     Fatal(Error),
 }
 
+/// The watches of a channel by id, and how many pieces of each caller's watch they hold: a
+/// channel of 100,000 watches asks "is this its caller's only piece here" at every creation,
+/// which must not walk them all.
+#[derive(Default)]
+struct Watches {
+    by_id: HashMap<u64, Local>,
+    pieces: HashMap<u64, usize>,
+}
+
+impl Watches {
+    fn insert(&mut self, id: u64, local: Local) {
+        *self.pieces.entry(local.caller).or_default() += 1;
+        if let Some(old) = self.by_id.insert(id, local) {
+            self.forget(old.caller);
+        }
+    }
+
+    fn remove(&mut self, id: &u64) -> Option<Local> {
+        let local = self.by_id.remove(id)?;
+        self.forget(local.caller);
+        Some(local)
+    }
+
+    /// Removes every watch.
+    fn take(&mut self) -> HashMap<u64, Local> {
+        self.pieces.clear();
+        std::mem::take(&mut self.by_id)
+    }
+
+    fn get_mut(&mut self, id: &u64) -> Option<&mut Local> {
+        self.by_id.get_mut(id)
+    }
+
+    /// How many pieces of `caller`'s watch the channel holds.
+    fn pieces_of(&self, caller: u64) -> usize {
+        self.pieces.get(&caller).copied().unwrap_or(0)
+    }
+
+    /// The ids of the watches, by caller.
+    fn by_caller(&self) -> HashMap<u64, Vec<u64>> {
+        let mut callers: HashMap<u64, Vec<u64>> = HashMap::with_capacity(self.pieces.len());
+        for (id, local) in &self.by_id {
+            callers.entry(local.caller).or_default().push(*id);
+        }
+        callers
+    }
+
+    fn forget(&mut self, caller: u64) {
+        if let Some(n) = self.pieces.get_mut(&caller) {
+            *n -= 1;
+            if *n == 0 {
+                self.pieces.remove(&caller);
+            }
+        }
+    }
+}
+
+impl Deref for Watches {
+    type Target = HashMap<u64, Local>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.by_id
+    }
+}
+
 /// The task running the watch channel of one range.
 struct Channel {
     client: Client,
     desc: RangeDescriptor,
     commands: mpsc::UnboundedReceiver<Command>,
-    watches: HashMap<u64, Local>,
+    watches: Watches,
     by_server_id: HashMap<WatchId, u64>,
     groups: HashMap<GroupId, HashSet<u64>>,
     next_server_id: WatchId,
@@ -342,7 +413,7 @@ impl Channel {
         {
             self.desc = desc.clone();
         }
-        for (id, mut local) in std::mem::take(&mut self.watches) {
+        for (id, mut local) in self.watches.take() {
             let mut ready = local.ready.take();
             let mut start = local.request.clone();
             if local.next != 0 {
@@ -358,6 +429,7 @@ impl Channel {
                 let (ready_tx, _) = oneshot::channel();
                 let add = Command::Add {
                     id: NEXT_WATCH_ID.fetch_add(1, Ordering::Relaxed),
+                    caller: local.caller,
                     request: WatchRequest {
                         span,
                         ..start.clone()
@@ -389,17 +461,7 @@ impl Channel {
     /// the revisions of the range in order, one response per revision, and no bookmark
     /// before every piece is in.
     fn coalesce(&mut self) {
-        let mut callers: Vec<Vec<u64>> = Vec::new();
-        for (id, local) in &self.watches {
-            match callers
-                .iter_mut()
-                .find(|ids| self.watches[&ids[0]].sink.same_channel(&local.sink))
-            {
-                Some(ids) => ids.push(*id),
-                None => callers.push(vec![*id]),
-            }
-        }
-        for ids in callers {
+        for ids in self.watches.by_caller().into_values() {
             let share = clip(&self.desc, &self.watches[&ids[0]].whole);
             let complete = covers(&share, ids.iter().map(|id| &self.watches[id].request.span));
             for id in &ids {
@@ -444,7 +506,7 @@ impl Channel {
     fn fail_all(&mut self, e: Error) {
         self.by_server_id.clear();
         self.groups.clear();
-        for (_, local) in self.watches.drain() {
+        for (_, local) in self.watches.take() {
             local.fail(e.clone());
         }
     }
@@ -454,6 +516,7 @@ impl Channel {
         match command {
             Command::Add {
                 id,
+                caller,
                 request,
                 whole,
                 sink,
@@ -463,6 +526,7 @@ impl Channel {
                 self.watches.insert(
                     id,
                     Local {
+                        caller,
                         request,
                         whole,
                         sink,
@@ -625,10 +689,7 @@ impl Channel {
             Command::Add { id, .. } => {
                 self.command_offline(command);
                 let local = &self.watches[&id];
-                let alone = self
-                    .watches
-                    .iter()
-                    .all(|(other, l)| *other == id || !l.sink.same_channel(&local.sink));
+                let alone = self.watches.pieces_of(local.caller) == 1;
                 let share = clip(&self.desc, &local.whole);
                 if !alone || !covers(&share, std::iter::once(&local.request.span)) {
                     // A piece of a watch whose range took in its neighbour's keys (or that
@@ -703,26 +764,22 @@ impl Channel {
                 // One bookmark per caller, and only once its watches established here cover
                 // all it selects in the range: a part moving in from a range merged into this
                 // one may still bring events at or below the bookmark's revision.
-                let mut bookmarked: Vec<&Sink> = Vec::new();
-                for (local_id, local) in &self.watches {
-                    let wants = local.request.progress_notify
-                        && local.joined.is_some()
-                        && local.owes(header.revision, true);
-                    if !wants || bookmarked.iter().any(|s| s.same_channel(&local.sink)) {
+                for ids in self.watches.by_caller().into_values() {
+                    let pieces = || ids.iter().map(|id| (*id, &self.watches[id]));
+                    let Some((local_id, local)) = pieces().find(|(_, l)| {
+                        l.request.progress_notify
+                            && l.joined.is_some()
+                            && l.owes(header.revision, true)
+                    }) else {
                         continue;
-                    }
-                    let established = self
-                        .watches
-                        .values()
-                        .filter(|l| l.sink.same_channel(&local.sink))
+                    };
+                    let established = pieces()
+                        .map(|(_, l)| l)
                         .filter(|l| l.joined.is_some() && !l.behind)
                         .map(|l| &l.request.span);
                     if covers(&clip(&self.desc, &local.whole), established) {
-                        bookmarked.push(&local.sink);
-                        deliveries.push((
-                            *local_id,
-                            response(header.revision, Events::default(), true),
-                        ));
+                        deliveries
+                            .push((local_id, response(header.revision, Events::default(), true)));
                     }
                 }
             }
@@ -863,6 +920,50 @@ mod tests {
             key: from.as_bytes().to_vec(),
             end: Some(to.as_bytes().to_vec()),
         }
+    }
+
+    fn local(caller: u64) -> Local {
+        let (sink, _) = mpsc::channel(1);
+        Local {
+            caller,
+            request: WatchRequest::new(KeySpan::prefix("a")),
+            whole: KeySpan::prefix("a"),
+            sink,
+            next: 0,
+            server_id: 0,
+            joined: None,
+            behind: false,
+            pending: false,
+            floors: Vec::new(),
+            ready: None,
+        }
+    }
+
+    #[test]
+    fn watches_count_the_pieces_of_each_caller() {
+        let mut watches = Watches::default();
+        watches.insert(1, local(7));
+        watches.insert(2, local(7));
+        watches.insert(3, local(8));
+        assert_eq!((watches.pieces_of(7), watches.pieces_of(8)), (2, 1));
+        // Replacing a watch under its id counts it once, under its new caller.
+        watches.insert(2, local(8));
+        assert_eq!((watches.pieces_of(7), watches.pieces_of(8)), (1, 2));
+        let mut by_caller: Vec<(u64, Vec<u64>)> = watches
+            .by_caller()
+            .into_iter()
+            .map(|(caller, mut ids)| {
+                ids.sort();
+                (caller, ids)
+            })
+            .collect();
+        by_caller.sort();
+        assert_eq!(by_caller, vec![(7, vec![1]), (8, vec![2, 3])]);
+        assert!(watches.remove(&1).is_some());
+        assert!(watches.remove(&1).is_none());
+        assert_eq!(watches.pieces_of(7), 0);
+        assert_eq!(watches.take().len(), 2);
+        assert_eq!((watches.pieces_of(8), watches.len()), (0, 0));
     }
 
     #[test]
