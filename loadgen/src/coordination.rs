@@ -410,9 +410,11 @@ const FANOUT_KEYS: u64 = 1000;
 /// `watch-fanout`: `--watchers` watchers of one prefix (spread over the connections), one
 /// writer at `--rate` puts per second over [`FANOUT_KEYS`] keys. Delivery latency = event
 /// received − put of its key sent (ZooKeeper's events carry no value, so the send times are
-/// kept by key, for every target); every event must reach every watcher. Server memory per watcher = growth of the nodes' summed
-/// resident memory while the watchers were opened, divided by their number (meaningful when
-/// each node is its own process; concord only).
+/// kept by key, for every target); every event must reach every watcher. Server memory per
+/// watcher = growth of the nodes' summed resident memory while the second half of the
+/// watchers was opened, divided by their number: the first half absorbs the nodes' start-up
+/// churn, which moves resident memory by tens of megabytes either way (meaningful when each
+/// node is its own process; concord only).
 pub async fn watch_fanout(
     stores: &[Store],
     args: &RunArgs,
@@ -441,16 +443,23 @@ pub async fn watch_fanout(
 
     let gauges_before = server_gauges(&stores[0]).await;
     let opened_at = Instant::now();
-    // The watchers are spread evenly over the connections.
+    // The watchers are spread evenly over the connections, and opened in two halves.
+    let first_half = args.watchers / 2;
     let mut watchers = Vec::with_capacity(args.watchers);
-    for (c, store) in stores.iter().enumerate() {
-        let count = args.watchers / stores.len() + usize::from(c < args.watchers % stores.len());
-        watchers.extend(
-            store
-                .watch_prefix_many(prefix.clone(), count, false)
-                .await
-                .map_err(anyhow::Error::msg)?,
-        );
+    let mut gauges_half = None;
+    for (half, total) in [(0, first_half), (1, args.watchers - first_half)] {
+        for (c, store) in stores.iter().enumerate() {
+            let count = total / stores.len() + usize::from(c < total % stores.len());
+            watchers.extend(
+                store
+                    .watch_prefix_many(prefix.clone(), count, false)
+                    .await
+                    .map_err(anyhow::Error::msg)?,
+            );
+        }
+        if half == 0 {
+            gauges_half = server_gauges(&stores[0]).await;
+        }
     }
     let opened_in = opened_at.elapsed();
     let gauges_after = server_gauges(&stores[0]).await;
@@ -528,13 +537,16 @@ pub async fn watch_fanout(
         "opened_in_s": opened_in.as_secs_f64(),
         "writes_acked": acked,
     }));
-    if let (Some((rss_before, _)), Some((rss_after, open_streams))) = (gauges_before, gauges_after)
+    if let (Some((rss_before, _)), Some((rss_half, _)), Some((rss_after, open_streams))) =
+        (gauges_before, gauges_half, gauges_after)
     {
+        let second_half = (args.watchers - first_half).max(1) as f64;
         extra.extend(figures(json!({
             "server_watches": open_streams,
             "server_rss_before": rss_before,
+            "server_rss_half": rss_half,
             "server_rss_after": rss_after,
-            "server_bytes_per_watcher": rss_after.saturating_sub(rss_before) as f64 / args.watchers.max(1) as f64,
+            "server_bytes_per_watcher": rss_after.saturating_sub(rss_half) as f64 / second_half,
         })));
     }
     deliveries(&mut extra, expected, delivered, &delivery);
