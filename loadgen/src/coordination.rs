@@ -448,15 +448,14 @@ pub async fn watch_fanout(
     let mut watchers = Vec::with_capacity(args.watchers);
     let mut gauges_half = None;
     for (half, total) in [(0, first_half), (1, args.watchers - first_half)] {
-        for (c, store) in stores.iter().enumerate() {
+        // The connections open theirs at the same time.
+        let opened = futures::future::try_join_all(stores.iter().enumerate().map(|(c, store)| {
             let count = total / stores.len() + usize::from(c < total % stores.len());
-            watchers.extend(
-                store
-                    .watch_prefix_many(prefix.clone(), count, false)
-                    .await
-                    .map_err(anyhow::Error::msg)?,
-            );
-        }
+            store.watch_prefix_many(prefix.clone(), count, false)
+        }))
+        .await
+        .map_err(anyhow::Error::msg)?;
+        watchers.extend(opened.into_iter().flatten());
         if half == 0 {
             gauges_half = server_gauges(&stores[0]).await;
         }
