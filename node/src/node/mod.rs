@@ -396,7 +396,13 @@ impl GroupOpener {
     /// starts its openraft instance; it is not initialised here.
     async fn open(&self, id: RangeId, bootstrap: Bounds) -> Result<Group, StartError> {
         let log = LogStore::new(self.engine.clone(), id);
-        let mut sm = StateMachine::open(self.engine.clone(), id, bootstrap)?;
+        // Reading the range's versions from RocksDB blocks for as long as the range is large
+        // (a range made by a split under load): not on an async worker, where it would hold
+        // up every other group's replication and heartbeats.
+        let engine = self.engine.clone();
+        let mut sm = tokio::task::spawn_blocking(move || StateMachine::open(engine, id, bootstrap))
+            .await
+            .map_err(|e| StartError::Storage(std::io::Error::other(e)))??;
         sm.set_watch_buffer(self.watch_buffer);
         sm.set_hosts(self.hosts.clone());
         let state = sm.state();

@@ -231,6 +231,7 @@ impl NodeInner {
         if self.retired(id) {
             return Err(format!("range {id} was merged away"));
         }
+        let started = std::time::Instant::now();
         let group = Arc::new(
             self.opener
                 .open(id, Bounds::default())
@@ -241,7 +242,8 @@ impl NodeInner {
             .write()
             .expect("groups lock")
             .insert(id, group.clone());
-        tracing::info!(range = id, "hosting a new replica");
+        let open_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(range = id, open_ms, "hosting a new replica");
         Ok(group)
     }
 
