@@ -849,10 +849,13 @@ async fn serve_connection(inner: Arc<NodeInner>, conn: quinn::Connection, peer: 
         };
         let inner = inner.clone();
         let conn = conn.clone();
+        // Boxed: a stream's future holds every request's handling state and is large; the
+        // task then stores a pointer, and neither spawning nor reaping a task (one per
+        // request) copies the whole future (`memmove` was the top symbol of a put profile).
         if peer {
-            streams.spawn(async move { serve_peer_stream(inner, conn, send, recv).await });
+            streams.spawn(Box::pin(serve_peer_stream(inner, conn, send, recv)));
         } else {
-            streams.spawn(async move { serve_client_stream(inner, send, recv).await });
+            streams.spawn(Box::pin(serve_client_stream(inner, send, recv)));
         }
         while streams.try_join_next().is_some() {}
     }
