@@ -315,10 +315,11 @@ impl Watches {
         self.pieces.get(&caller).copied().unwrap_or(0)
     }
 
-    /// The ids of the watches, by caller.
-    fn by_caller(&self) -> HashMap<u64, Vec<u64>> {
-        let mut callers: HashMap<u64, Vec<u64>> = HashMap::with_capacity(self.pieces.len());
-        for (id, local) in &self.by_id {
+    /// The ids of the watches `keep` selects, by caller. The pieces of one caller share its
+    /// request's options, so a selection by option keeps all of a caller's pieces or none.
+    fn by_caller(&self, keep: impl Fn(&Local) -> bool) -> HashMap<u64, Vec<u64>> {
+        let mut callers: HashMap<u64, Vec<u64>> = HashMap::new();
+        for (id, local) in self.by_id.iter().filter(|(_, l)| keep(l)) {
             callers.entry(local.caller).or_default().push(*id);
         }
         callers
@@ -461,7 +462,7 @@ impl Channel {
     /// the revisions of the range in order, one response per revision, and no bookmark
     /// before every piece is in.
     fn coalesce(&mut self) {
-        for ids in self.watches.by_caller().into_values() {
+        for ids in self.watches.by_caller(|_| true).into_values() {
             let share = clip(&self.desc, &self.watches[&ids[0]].whole);
             let complete = covers(&share, ids.iter().map(|id| &self.watches[id].request.span));
             for id in &ids {
@@ -764,13 +765,14 @@ impl Channel {
                 // One bookmark per caller, and only once its watches established here cover
                 // all it selects in the range: a part moving in from a range merged into this
                 // one may still bring events at or below the bookmark's revision.
-                for ids in self.watches.by_caller().into_values() {
+                // Only the callers that asked for bookmarks: a channel may hold 100,000
+                // watches of which few do.
+                let asked = self.watches.by_caller(|l| l.request.progress_notify);
+                for ids in asked.into_values() {
                     let pieces = || ids.iter().map(|id| (*id, &self.watches[id]));
-                    let Some((local_id, local)) = pieces().find(|(_, l)| {
-                        l.request.progress_notify
-                            && l.joined.is_some()
-                            && l.owes(header.revision, true)
-                    }) else {
+                    let Some((local_id, local)) =
+                        pieces().find(|(_, l)| l.joined.is_some() && l.owes(header.revision, true))
+                    else {
                         continue;
                     };
                     let established = pieces()
@@ -950,7 +952,7 @@ mod tests {
         watches.insert(2, local(8));
         assert_eq!((watches.pieces_of(7), watches.pieces_of(8)), (1, 2));
         let mut by_caller: Vec<(u64, Vec<u64>)> = watches
-            .by_caller()
+            .by_caller(|_| true)
             .into_iter()
             .map(|(caller, mut ids)| {
                 ids.sort();

@@ -443,23 +443,31 @@ pub async fn watch_fanout(
 
     let gauges_before = server_gauges(&stores[0]).await;
     let opened_at = Instant::now();
-    // The watchers are spread evenly over the connections, and opened in two halves.
-    let first_half = args.watchers / 2;
-    let mut watchers = Vec::with_capacity(args.watchers);
-    let mut gauges_half = None;
-    for (half, total) in [(0, first_half), (1, args.watchers - first_half)] {
-        // The connections open theirs at the same time.
-        let opened = futures::future::try_join_all(stores.iter().enumerate().map(|(c, store)| {
+    // `total` watchers, spread evenly over the connections, which open theirs at the same
+    // time.
+    let open = |total: usize| {
+        let prefix = &prefix;
+        futures::future::try_join_all(stores.iter().enumerate().map(move |(c, store)| {
             let count = total / stores.len() + usize::from(c < total % stores.len());
             store.watch_prefix_many(prefix.clone(), count, false)
         }))
+    };
+    // In two halves, with the nodes' memory measured between them.
+    let first_half = args.watchers / 2;
+    let mut watchers: Vec<_> = open(first_half)
         .await
-        .map_err(anyhow::Error::msg)?;
-        watchers.extend(opened.into_iter().flatten());
-        if half == 0 {
-            gauges_half = server_gauges(&stores[0]).await;
-        }
-    }
+        .map_err(anyhow::Error::msg)?
+        .into_iter()
+        .flatten()
+        .collect();
+    let gauges_half = server_gauges(&stores[0]).await;
+    watchers.extend(
+        open(args.watchers - first_half)
+            .await
+            .map_err(anyhow::Error::msg)?
+            .into_iter()
+            .flatten(),
+    );
     let opened_in = opened_at.elapsed();
     let gauges_after = server_gauges(&stores[0]).await;
     // One listener task per watcher, as an application with that many watchers would have;
