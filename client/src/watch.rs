@@ -24,11 +24,14 @@ use concord_transport::watch::{
     Event, GroupId, WatchControl, WatchId, WatchMessage, WatchRequest, PROGRESS_INTERVAL_MS,
 };
 use concord_transport::wire;
-use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::client::{backoff, clip, RESPONSE_BYTES_MAX};
 use crate::{Client, Error};
+
+mod fanout;
+
+use fanout::{Follow, GroupLog, ItemKind, Position, Receiver, Refused, Sink};
 
 /// Responses buffered per watcher before its watch is dropped on the node (and later
 /// recreated from where the caller stopped reading).
@@ -90,23 +93,24 @@ pub struct WatchResponse {
     pub progress: bool,
 }
 
-type Sink = mpsc::Sender<Result<WatchResponse, Error>>;
-
 /// A live watch. Dropping it stops it on every range.
 pub struct Watcher {
-    rx: mpsc::Receiver<Result<WatchResponse, Error>>,
+    rx: Receiver,
     parts: Vec<(mpsc::UnboundedSender<Command>, u64)>,
 }
 
 impl Watcher {
-    /// The next response, in order per range; `None` once the watch has ended.
+    /// The next response, in order per range; `None` once the watch has ended. Cancel-safe:
+    /// a response is taken only when it is returned.
     pub async fn next(&mut self) -> Option<Result<WatchResponse, Error>> {
-        self.rx.recv().await
+        std::future::poll_fn(|cx| self.rx.poll_next(cx)).await
     }
 }
 
 impl Drop for Watcher {
     fn drop(&mut self) {
+        // Pieces moved to other ranges' channels since are removed by those channels.
+        self.rx.close();
         for (channel, id) in &self.parts {
             let _ = channel.send(Command::Remove { id: *id });
         }
@@ -128,13 +132,19 @@ pub(crate) enum Command {
     Remove {
         id: u64,
     },
+    /// The caller of watch `id` fell behind its group's log while following it at
+    /// `position`: recreate the watch from the first revision it has not handed out.
+    Lagged {
+        id: u64,
+        position: Arc<Position>,
+    },
 }
 
 impl Client {
     /// Watches `request.span` (a key, prefix or interval over any number of ranges). Returns
     /// once every range's watch is established: a write acknowledged after that is seen.
     pub async fn watch(&self, request: WatchRequest) -> Result<Watcher, Error> {
-        let (sink, rx) = mpsc::channel(WATCH_CLIENT_BUFFER);
+        let (sink, rx) = fanout::inbox();
         let caller = NEXT_WATCH_ID.fetch_add(1, Ordering::Relaxed);
         let mut watcher = Watcher {
             rx,
@@ -190,6 +200,8 @@ impl Client {
             by_server_id: HashMap::new(),
             groups: HashMap::new(),
             next_server_id: 0,
+            seq: 0,
+            me: tx.downgrade(),
         };
         tokio::spawn(task.run());
         channels.insert(desc.id, tx.clone());
@@ -214,6 +226,8 @@ struct Local {
     joined: Option<(GroupId, u64)>,
     /// The caller's buffer was full: the watch is dropped on the node until it catches up.
     behind: bool,
+    /// The position of the watch in its group's log, while its caller reads it from there.
+    follow: Option<Arc<Position>>,
     /// Waiting for the other pieces of its caller's watch in this range (after a merge):
     /// not created on the node until they are here and it is one watch with them.
     pending: bool,
@@ -250,16 +264,23 @@ impl Local {
             .map_or(self.next, |(_, floor)| (*floor).max(self.next))
     }
 
-    /// Ends the watch with `e`: its creation fails, or its caller gets the error.
-    fn fail(self, e: Error) {
+    /// Stops the caller reading the group's log: what it has not taken from there is owed
+    /// again, from the next creation of the watch.
+    fn unfollow(&mut self) {
+        if let Some(position) = self.follow.take() {
+            self.next = self.next.max(position.stop().0);
+        }
+    }
+
+    /// Ends watch `id` with `e`: its creation fails, or its caller gets the error (after
+    /// everything queued before).
+    fn fail(mut self, id: u64, e: Error) {
+        self.unfollow();
         match self.ready {
             Some(ready) => {
                 let _ = ready.send(Err(e));
             }
-            None => {
-                let sink = self.sink;
-                tokio::spawn(async move { sink.send(Err(e)).await });
-            }
+            None => self.sink.push(id, u64::MAX, ItemKind::Failed(e)),
         }
     }
 }
@@ -310,6 +331,10 @@ impl Watches {
         self.by_id.get_mut(id)
     }
 
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut Local> {
+        self.by_id.values_mut()
+    }
+
     /// How many pieces of `caller`'s watch the channel holds.
     fn pieces_of(&self, caller: u64) -> usize {
         self.pieces.get(&caller).copied().unwrap_or(0)
@@ -343,6 +368,16 @@ impl Deref for Watches {
     }
 }
 
+/// A group of the node's, as the channel hands out its revisions.
+#[derive(Default)]
+struct Group {
+    /// Read by the watches that follow it (one append per revision, whatever their number).
+    log: Option<Arc<GroupLog>>,
+    /// Watches handed each revision one by one: pieces put together after a merge, whose
+    /// events are owed from a revision per key span (`Local::floors`).
+    private: HashSet<u64>,
+}
+
 /// The task running the watch channel of one range.
 struct Channel {
     client: Client,
@@ -350,8 +385,13 @@ struct Channel {
     commands: mpsc::UnboundedReceiver<Command>,
     watches: Watches,
     by_server_id: HashMap<WatchId, u64>,
-    groups: HashMap<GroupId, HashSet<u64>>,
+    groups: HashMap<GroupId, Group>,
     next_server_id: WatchId,
+    /// Counts the frames from the node (across streams): what a watcher gets from its inbox
+    /// and from a log is put back in this order.
+    seq: u64,
+    /// Handed to followers, to say they lagged.
+    me: mpsc::WeakUnboundedSender<Command>,
 }
 
 impl Channel {
@@ -370,6 +410,7 @@ impl Channel {
             }
             let mut opened = false;
             let end = self.channel(tries, &mut opened).await;
+            self.disconnected();
             tries = tries.wrapping_add(1);
             let e = match end {
                 ChannelEnd::Idle => return,
@@ -507,8 +548,18 @@ impl Channel {
     fn fail_all(&mut self, e: Error) {
         self.by_server_id.clear();
         self.groups.clear();
-        for (_, local) in self.watches.take() {
-            local.fail(e.clone());
+        for (id, local) in self.watches.take() {
+            local.fail(id, e.clone());
+        }
+    }
+
+    /// The stream ended: no watch is established, and no caller reads a log any more.
+    fn disconnected(&mut self) {
+        self.by_server_id.clear();
+        self.groups.clear();
+        for local in self.watches.values_mut() {
+            local.unfollow();
+            local.joined = None;
         }
     }
 
@@ -535,6 +586,7 @@ impl Channel {
                         server_id: 0,
                         joined: None,
                         behind: false,
+                        follow: None,
                         pending: false,
                         floors: Vec::new(),
                         ready: Some(ready),
@@ -544,6 +596,8 @@ impl Channel {
             Command::Remove { id } => {
                 self.watches.remove(&id);
             }
+            // With no stream, no watch follows a log.
+            Command::Lagged { .. } => {}
         }
     }
 
@@ -552,6 +606,7 @@ impl Channel {
         self.next_server_id += 1;
         let server_id = self.next_server_id;
         let local = self.watches.get_mut(&id).expect("watch exists");
+        local.unfollow();
         local.server_id = server_id;
         local.joined = None;
         local.behind = false;
@@ -574,10 +629,11 @@ impl Channel {
         let Some(local) = self.watches.get_mut(&id) else {
             return Ok(());
         };
+        local.unfollow();
         self.by_server_id.remove(&local.server_id);
         if let Some((group, _)) = local.joined.take() {
-            if let Some(members) = self.groups.get_mut(&group) {
-                members.remove(&id);
+            if let Some(group) = self.groups.get_mut(&group) {
+                group.private.remove(&id);
             }
         }
         let control = WatchControl::Cancel {
@@ -708,6 +764,19 @@ impl Channel {
                 self.watches.remove(&id);
                 result.map_err(ChannelEnd::Resume)
             }
+            Command::Lagged { id, position } => {
+                let current = self
+                    .watches
+                    .get(&id)
+                    .and_then(|l| l.follow.as_ref())
+                    .is_some_and(|p| Arc::ptr_eq(p, &position));
+                if !current {
+                    // Recreated or removed since: the channel stopped that follow itself.
+                    return Ok(());
+                }
+                self.cancel(send, id).await.map_err(ChannelEnd::Resume)?;
+                self.create(send, id).await.map_err(ChannelEnd::Resume)
+            }
         }
     }
 
@@ -724,6 +793,8 @@ impl Channel {
             events,
             progress,
         };
+        self.seq += 1;
+        let seq = self.seq;
         let mut deliveries: Vec<(u64, WatchResponse)> = Vec::new();
         match message {
             WatchMessage::Opened { .. } => {}
@@ -737,7 +808,22 @@ impl Channel {
                     if let Some(ready) = local.ready.take() {
                         let _ = ready.send(Ok(()));
                     }
-                    self.groups.entry(group).or_default().insert(local_id);
+                    let group = self.groups.entry(group).or_default();
+                    if local.floors.is_empty() {
+                        // From now on its caller reads the group's revisions from the log.
+                        let log = group.log.get_or_insert_with(|| GroupLog::new(range_id));
+                        let position = Arc::new(Position::new(local.next.max(header.revision + 1)));
+                        let follow = Follow {
+                            log: log.clone(),
+                            position: position.clone(),
+                            progress: local.request.progress_notify,
+                            channel: self.me.clone(),
+                        };
+                        local.follow = Some(position);
+                        local.sink.push(local_id, seq, ItemKind::Follow(follow));
+                    } else {
+                        group.private.insert(local_id);
+                    }
                 }
             }
             WatchMessage::History { id, header, events } => {
@@ -751,7 +837,13 @@ impl Channel {
                 events,
             } => {
                 let events = Events::from(events);
-                for local_id in self.groups.get(&group).into_iter().flatten() {
+                let Some(group) = self.groups.get(&group) else {
+                    return Ok(());
+                };
+                if let Some(log) = &group.log {
+                    log.append(seq, header.revision, Some(events.clone()));
+                }
+                for local_id in &group.private {
                     let local = &self.watches[local_id];
                     let joined = local.joined.is_some_and(|(_, at)| at < header.revision);
                     // Only watches that still owe this revision get the (shared) events.
@@ -767,7 +859,13 @@ impl Channel {
                 // one may still bring events at or below the bookmark's revision.
                 // Only the callers that asked for bookmarks: a channel may hold 100,000
                 // watches of which few do.
-                let asked = self.watches.by_caller(|l| l.request.progress_notify);
+                // Followers find theirs in their group's log.
+                for log in self.groups.values().filter_map(|g| g.log.as_ref()) {
+                    log.append(seq, header.revision, None);
+                }
+                let asked = self
+                    .watches
+                    .by_caller(|l| l.request.progress_notify && l.follow.is_none());
                 for ids in asked.into_values() {
                     let pieces = || ids.iter().map(|id| (*id, &self.watches[id]));
                     let Some((local_id, local)) =
@@ -792,14 +890,14 @@ impl Channel {
             WatchMessage::Refused { id, error } => {
                 if let Some(local_id) = self.by_server_id.remove(&id) {
                     if let Some(local) = self.watches.remove(&local_id) {
-                        local.fail(Error::Api(error));
+                        local.fail(local_id, Error::Api(error));
                     }
                 }
             }
             WatchMessage::Cancelled(e) => return Err(cancelled(e)),
         }
         for (local_id, response) in deliveries {
-            self.deliver(send, local_id, response)
+            self.deliver(send, seq, local_id, response)
                 .await
                 .map_err(ChannelEnd::Resume)?;
         }
@@ -811,6 +909,7 @@ impl Channel {
     async fn deliver(
         &mut self,
         send: &mut quinn::SendStream,
+        seq: u64,
         id: u64,
         response: WatchResponse,
     ) -> Result<(), Error> {
@@ -835,12 +934,12 @@ impl Channel {
                 return Ok(());
             }
         }
-        match local.sink.try_send(Ok(response)) {
+        match local.sink.offer(id, seq, response, WATCH_CLIENT_BUFFER) {
             Ok(()) => {
                 local.advance(revision);
                 Ok(())
             }
-            Err(TrySendError::Full(_)) => {
+            Err(Refused::Full) => {
                 local.behind = true;
                 // A watch whose history fills its caller's buffer before the node confirmed
                 // it is open all the same, and its caller must start reading for it to go on
@@ -850,7 +949,7 @@ impl Channel {
                 }
                 self.cancel(send, id).await
             }
-            Err(TrySendError::Closed(_)) => {
+            Err(Refused::Closed) => {
                 let result = self.cancel(send, id).await;
                 self.watches.remove(&id);
                 result
@@ -858,12 +957,25 @@ impl Channel {
         }
     }
 
-    /// Recreates the watches whose callers were behind and have read half their buffer.
+    /// Removes the watches whose callers are gone (a follower is not handed anything to
+    /// find out), and recreates those whose callers were behind and have read half their
+    /// buffer.
     async fn catch_up(&mut self, send: &mut quinn::SendStream) -> Result<(), ChannelEnd> {
+        let gone: Vec<u64> = self
+            .watches
+            .iter()
+            .filter(|(_, l)| l.sink.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            let result = self.cancel(send, id).await;
+            self.watches.remove(&id);
+            result.map_err(ChannelEnd::Resume)?;
+        }
         let ready: Vec<u64> = self
             .watches
             .iter()
-            .filter(|(_, l)| l.behind && l.sink.capacity() >= WATCH_CLIENT_BUFFER / 2)
+            .filter(|(_, l)| l.behind && l.sink.queued() <= WATCH_CLIENT_BUFFER / 2)
             .map(|(id, _)| *id)
             .collect();
         for id in ready {
@@ -925,7 +1037,7 @@ mod tests {
     }
 
     fn local(caller: u64) -> Local {
-        let (sink, _) = mpsc::channel(1);
+        let (sink, _) = fanout::inbox();
         Local {
             caller,
             request: WatchRequest::new(KeySpan::prefix("a")),
@@ -935,6 +1047,7 @@ mod tests {
             server_id: 0,
             joined: None,
             behind: false,
+            follow: None,
             pending: false,
             floors: Vec::new(),
             ready: None,

@@ -1,0 +1,705 @@
+//! How a watch channel hands what it receives to its watchers without a step per watcher.
+//!
+//! The node sends each revision of a range once per *group* (its watches of one span and
+//! options), and one client may hold 100,000 watches of a group. Copying every revision into
+//! 100,000 queues cost the channel task a step per watcher and revision, and made it the
+//! bottleneck of a large fan-out. Instead:
+//!
+//! - each group has a [`GroupLog`]: the channel appends each revision (and each progress
+//!   bookmark) once, every watcher of the group reads it from its own position, and the log
+//!   keeps the last [`LOG_ENTRIES_MAX`] entries;
+//! - what only one watcher gets (its history, a bookmark for a watch in several pieces, an
+//!   error, the news that it now follows a log) goes through that watcher's [`Inbox`], of
+//!   which the responses are bounded: when it is full the channel drops the watch on the node
+//!   until its caller catches up;
+//! - each item and entry carries the channel's sequence number of the frame it came from, and
+//!   a watcher hands out an entry of a log only after the items its inbox holds from before
+//!   that entry: what the node sent in order reaches the caller in order;
+//! - a watcher that falls more than [`LOG_ENTRIES_MAX`] entries behind finds its position
+//!   dropped; it asks the channel ([`super::Command::Lagged`]) to recreate its watch from the
+//!   first revision it has not handed out, and the node replays the history from there;
+//! - how far a follower has read is shared with the channel ([`Position`]): when the channel
+//!   stops a follow (its stream ended, the watch is recreated) it learns exactly which
+//!   revision comes next, and the watcher hands out nothing more from that log.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use concord_transport::api::RangeId;
+use tokio::sync::mpsc::WeakUnboundedSender;
+
+use super::{Command, Events, WatchResponse};
+use crate::Error;
+
+/// Entries a group's log keeps: a watcher further behind than this recreates its watch.
+pub(crate) const LOG_ENTRIES_MAX: usize = 256;
+
+/// The stop flag of a [`Position`], above any revision.
+const STOPPED: u64 = 1 << 63;
+
+/// A follower's position in its log: the first revision it still owes its caller, and
+/// whether the follow was stopped. One word, so that the channel's stop and the watcher's
+/// hand-out are each one atomic step and never overlap.
+#[derive(Debug)]
+pub(crate) struct Position(AtomicU64);
+
+/// What [`Position::hand_out`] decided.
+#[derive(Debug, PartialEq, Eq)]
+enum HandOut {
+    Owed,
+    NotOwed,
+    Stopped,
+}
+
+impl Position {
+    pub(crate) fn new(next: u64) -> Self {
+        assert!(next < STOPPED, "a revision below the stop flag");
+        Self(AtomicU64::new(next))
+    }
+
+    /// Records that `revision` (a bookmark at `revision` when `progress`) is handed out, if
+    /// it is owed and the follow was not stopped.
+    fn hand_out(&self, revision: u64, progress: bool) -> HandOut {
+        let mut current = self.0.load(Ordering::Acquire);
+        loop {
+            if current & STOPPED != 0 {
+                return HandOut::Stopped;
+            }
+            let owed = if progress {
+                revision + 1 >= current
+            } else {
+                revision >= current
+            };
+            if !owed {
+                return HandOut::NotOwed;
+            }
+            let next = current.max(revision + 1);
+            match self
+                .0
+                .compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return HandOut::Owed,
+                Err(now) => current = now,
+            }
+        }
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.0.load(Ordering::Acquire) & STOPPED != 0
+    }
+
+    /// Stops the follow; returns the first revision not handed out, and whether it was
+    /// already stopped.
+    pub(crate) fn stop(&self) -> (u64, bool) {
+        let before = self.0.fetch_or(STOPPED, Ordering::AcqRel);
+        (before & !STOPPED, before & STOPPED != 0)
+    }
+}
+
+/// One revision of a group (or a bookmark), as the channel appended it.
+struct Entry {
+    /// The channel's sequence number of the frame it came from.
+    seq: u64,
+    revision: u64,
+    /// `None`: a progress bookmark at `revision`.
+    events: Option<Events>,
+}
+
+/// The revisions of one group, read by every watcher of the group that follows it.
+pub(crate) struct GroupLog {
+    range_id: RangeId,
+    inner: Mutex<LogInner>,
+}
+
+#[derive(Default)]
+struct LogInner {
+    entries: VecDeque<Entry>,
+    /// The sequence number of the last entry dropped (0: none): a follower whose position is
+    /// at or below it has missed entries.
+    dropped: u64,
+    /// Followers waiting for the next entry.
+    waiters: Vec<Waker>,
+    /// Counts appends, each of which wakes (and forgets) the waiters.
+    round: u64,
+}
+
+/// Where the next entry a follower should read stands.
+enum Next {
+    Entry(u64),
+    Nothing,
+    Lagged,
+}
+
+impl LogInner {
+    /// The index of the first entry at or after `cursor`, or the follower lagged.
+    fn find(&self, cursor: u64) -> Result<usize, ()> {
+        if self.dropped >= cursor {
+            return Err(());
+        }
+        Ok(self.entries.partition_point(|e| e.seq < cursor))
+    }
+
+    fn next(&self, cursor: u64) -> Next {
+        match self.find(cursor) {
+            Err(()) => Next::Lagged,
+            Ok(i) => self
+                .entries
+                .get(i)
+                .map_or(Next::Nothing, |e| Next::Entry(e.seq)),
+        }
+    }
+}
+
+impl GroupLog {
+    pub(crate) fn new(range_id: RangeId) -> Arc<Self> {
+        Arc::new(Self {
+            range_id,
+            inner: Mutex::new(LogInner::default()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LogInner> {
+        self.inner.lock().expect("group log lock")
+    }
+
+    /// Appends the events of `revision` (`None`: a bookmark) from frame `seq`, dropping the
+    /// oldest entry past [`LOG_ENTRIES_MAX`], and wakes the followers waiting.
+    pub(crate) fn append(&self, seq: u64, revision: u64, events: Option<Events>) {
+        let waiters = {
+            let mut inner = self.lock();
+            debug_assert!(inner.entries.back().is_none_or(|e| e.seq < seq));
+            inner.entries.push_back(Entry {
+                seq,
+                revision,
+                events,
+            });
+            if inner.entries.len() > LOG_ENTRIES_MAX {
+                let oldest = inner.entries.pop_front().expect("entries");
+                inner.dropped = oldest.seq;
+            }
+            inner.round += 1;
+            std::mem::take(&mut inner.waiters)
+        };
+        for waker in waiters {
+            waker.wake();
+        }
+    }
+}
+
+/// What a watcher's inbox holds for one of its pieces (its watch in one range).
+pub(crate) struct Item {
+    /// The channel's id of the piece.
+    pub(crate) piece: u64,
+    /// The channel's sequence number of the frame it came from.
+    pub(crate) seq: u64,
+    pub(crate) kind: ItemKind,
+}
+
+pub(crate) enum ItemKind {
+    Response(WatchResponse),
+    Failed(Error),
+    /// From here on the piece's revisions are in a group's log.
+    Follow(Follow),
+}
+
+/// A piece's follow of a group's log.
+pub(crate) struct Follow {
+    pub(crate) log: Arc<GroupLog>,
+    pub(crate) position: Arc<Position>,
+    /// Whether the piece asked for progress bookmarks.
+    pub(crate) progress: bool,
+    /// The channel, told when the follower lags (weak: it does not keep the channel alive).
+    pub(crate) channel: WeakUnboundedSender<Command>,
+}
+
+/// A watcher's private queue, filled by the channels of its pieces.
+pub(crate) struct Inbox {
+    inner: Mutex<InboxInner>,
+    /// The watcher was dropped.
+    closed: AtomicBool,
+}
+
+#[derive(Default)]
+struct InboxInner {
+    items: VecDeque<Item>,
+    /// Responses among `items` (the bounded part).
+    responses: usize,
+    waker: Option<Waker>,
+    /// Live [`Sink`]s: none left and nothing queued ends the watch.
+    senders: usize,
+}
+
+impl Inbox {
+    fn lock(&self) -> MutexGuard<'_, InboxInner> {
+        self.inner.lock().expect("watch inbox lock")
+    }
+}
+
+/// Why [`Sink::offer`] refused a response.
+pub(crate) enum Refused {
+    /// The caller has [`super::WATCH_CLIENT_BUFFER`] responses unread.
+    Full,
+    /// The watcher was dropped.
+    Closed,
+}
+
+/// A channel's handle on a watcher's inbox (one per piece).
+pub(crate) struct Sink(Arc<Inbox>);
+
+/// A new watcher's inbox: the sink for its pieces, the receiver for the watcher.
+pub(crate) fn inbox() -> (Sink, Receiver) {
+    let inbox = Arc::new(Inbox {
+        inner: Mutex::new(InboxInner {
+            senders: 1,
+            ..InboxInner::default()
+        }),
+        closed: AtomicBool::new(false),
+    });
+    let receiver = Receiver {
+        inbox: inbox.clone(),
+        follows: Vec::new(),
+        turn: 0,
+    };
+    (Sink(inbox), receiver)
+}
+
+impl Sink {
+    /// Queues a response for piece `piece`, unless the caller has `max` unread or is gone.
+    pub(crate) fn offer(
+        &self,
+        piece: u64,
+        seq: u64,
+        response: WatchResponse,
+        max: usize,
+    ) -> Result<(), Refused> {
+        if self.is_closed() {
+            return Err(Refused::Closed);
+        }
+        let waker = {
+            let mut inner = self.0.lock();
+            if inner.responses >= max {
+                return Err(Refused::Full);
+            }
+            inner.responses += 1;
+            inner.items.push_back(Item {
+                piece,
+                seq,
+                kind: ItemKind::Response(response),
+            });
+            inner.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        Ok(())
+    }
+
+    /// Queues an error or a follow (not bounded: at most one of each per creation).
+    pub(crate) fn push(&self, piece: u64, seq: u64, kind: ItemKind) {
+        let waker = {
+            let mut inner = self.0.lock();
+            inner.items.push_back(Item { piece, seq, kind });
+            inner.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Responses the caller has not read.
+    pub(crate) fn queued(&self) -> usize {
+        self.0.lock().responses
+    }
+
+    /// The watcher was dropped.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.0.closed.load(Ordering::Acquire)
+    }
+}
+
+impl Clone for Sink {
+    fn clone(&self) -> Self {
+        self.0.lock().senders += 1;
+        Self(self.0.clone())
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let waker = {
+            let mut inner = self.0.lock();
+            inner.senders -= 1;
+            if inner.senders == 0 {
+                inner.waker.take()
+            } else {
+                None
+            }
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+/// A piece's follow, as its watcher reads it.
+struct Following {
+    piece: u64,
+    follow: Follow,
+    /// The sequence number from which entries are still to be read.
+    cursor: u64,
+    /// The log's round and the index in its waiters where this follower's waker is.
+    registered: Option<(u64, usize)>,
+}
+
+/// The watcher's side: merges its inbox with the logs its pieces follow.
+pub(crate) struct Receiver {
+    inbox: Arc<Inbox>,
+    follows: Vec<Following>,
+    /// The follow looked at first next time (the pieces of a watch take turns).
+    turn: usize,
+}
+
+/// What reading one follow gave.
+enum Read {
+    Response(WatchResponse),
+    /// Nothing more before the bound.
+    Nothing,
+    /// The follow ended (stopped by the channel, or lagged): it is removed.
+    Ended,
+}
+
+impl Receiver {
+    /// The next response or error; `None` once every piece's watch has ended.
+    pub(crate) fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<WatchResponse, Error>>> {
+        loop {
+            // The logs are looked at before the inbox: an item queued before an entry was
+            // appended is then in the inbox too, and goes first.
+            let ready = self.peek();
+            let head = self.inbox.lock().items.front().map(|i| (i.piece, i.seq));
+            if let Some((piece, seq)) = head {
+                // Its piece's entries from before it go first.
+                if let Some(i) = self.follows.iter().position(|f| f.piece == piece) {
+                    if let Read::Response(response) = self.read(i, seq) {
+                        return Poll::Ready(Some(Ok(response)));
+                    }
+                }
+                let item = {
+                    let mut inner = self.inbox.lock();
+                    let item = inner.items.pop_front().expect("the head is still there");
+                    if matches!(item.kind, ItemKind::Response(_)) {
+                        inner.responses -= 1;
+                    }
+                    item
+                };
+                match item.kind {
+                    ItemKind::Response(response) => return Poll::Ready(Some(Ok(response))),
+                    ItemKind::Failed(e) => {
+                        self.follows.retain(|f| f.piece != item.piece);
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    ItemKind::Follow(follow) => {
+                        self.follows.retain(|f| f.piece != item.piece);
+                        self.follows.push(Following {
+                            piece: item.piece,
+                            follow,
+                            cursor: item.seq + 1,
+                            registered: None,
+                        });
+                    }
+                }
+                continue;
+            }
+            if let Some((i, seq)) = ready {
+                if let Read::Response(response) = self.read(i, seq + 1) {
+                    return Poll::Ready(Some(Ok(response)));
+                }
+                continue;
+            }
+            match self.park(cx) {
+                Park::Again => continue,
+                Park::Waiting => return Poll::Pending,
+                Park::Ended => return Poll::Ready(None),
+            }
+        }
+    }
+
+    /// A follow with an entry to read, and that entry's sequence number. Follows that
+    /// lagged are ended here.
+    fn peek(&mut self) -> Option<(usize, u64)> {
+        let n = self.follows.len();
+        for k in 0..n {
+            let i = (self.turn + k) % n;
+            let next = {
+                let f = &self.follows[i];
+                let inner = f.follow.log.lock();
+                inner.next(f.cursor)
+            };
+            match next {
+                Next::Entry(seq) => {
+                    self.turn = (i + 1) % n;
+                    return Some((i, seq));
+                }
+                Next::Nothing if self.follows[i].follow.position.is_stopped() => {
+                    // A log its channel let go of (its stream ended): forget it.
+                    self.follows.swap_remove(i);
+                    return self.peek();
+                }
+                Next::Nothing => {}
+                Next::Lagged => {
+                    // Ending it shifts the indices: look again.
+                    self.lagged(i);
+                    return self.peek();
+                }
+            }
+        }
+        None
+    }
+
+    /// Reads follow `i` up to (not including) sequence number `below`.
+    fn read(&mut self, i: usize, below: u64) -> Read {
+        let f = &mut self.follows[i];
+        let read = {
+            let inner = f.follow.log.lock();
+            let Ok(mut at) = inner.find(f.cursor) else {
+                drop(inner);
+                self.lagged(i);
+                return Read::Ended;
+            };
+            loop {
+                let Some(entry) = inner.entries.get(at).filter(|e| e.seq < below) else {
+                    break Read::Nothing;
+                };
+                at += 1;
+                f.cursor = entry.seq + 1;
+                if entry.events.is_none() && !f.follow.progress {
+                    continue;
+                }
+                match f
+                    .follow
+                    .position
+                    .hand_out(entry.revision, entry.events.is_none())
+                {
+                    HandOut::Owed => {
+                        break Read::Response(WatchResponse {
+                            range_id: f.follow.log.range_id,
+                            revision: entry.revision,
+                            progress: entry.events.is_none(),
+                            events: entry.events.clone().unwrap_or_default(),
+                        })
+                    }
+                    HandOut::NotOwed => {}
+                    HandOut::Stopped => break Read::Ended,
+                }
+            }
+        };
+        if matches!(read, Read::Ended) {
+            // The channel stopped it and knows where the caller is.
+            self.follows.swap_remove(i);
+        }
+        read
+    }
+
+    /// Follow `i` missed entries: it ends, and its channel recreates the piece's watch from
+    /// the first revision not handed out (unless the channel stopped the follow already).
+    fn lagged(&mut self, i: usize) {
+        let f = self.follows.swap_remove(i);
+        let (_, stopped) = f.follow.position.stop();
+        if stopped {
+            return;
+        }
+        if let Some(channel) = f.follow.channel.upgrade() {
+            let _ = channel.send(Command::Lagged {
+                id: f.piece,
+                position: f.follow.position,
+            });
+        }
+    }
+
+    /// Registers the watcher's waker with its inbox and every log it follows, unless
+    /// something arrived meanwhile.
+    fn park(&mut self, cx: &mut Context<'_>) -> Park {
+        {
+            let mut inner = self.inbox.lock();
+            if !inner.items.is_empty() {
+                return Park::Again;
+            }
+            if inner.senders == 0 {
+                return Park::Ended;
+            }
+            match &inner.waker {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => inner.waker = Some(cx.waker().clone()),
+            }
+        }
+        for f in &mut self.follows {
+            let mut inner = f.follow.log.lock();
+            if !matches!(inner.next(f.cursor), Next::Nothing) {
+                return Park::Again;
+            }
+            let round = inner.round;
+            match f.registered {
+                Some((r, at)) if r == round && at < inner.waiters.len() => {
+                    if !inner.waiters[at].will_wake(cx.waker()) {
+                        inner.waiters[at] = cx.waker().clone();
+                    }
+                }
+                _ => {
+                    inner.waiters.push(cx.waker().clone());
+                    f.registered = Some((round, inner.waiters.len() - 1));
+                }
+            }
+        }
+        Park::Waiting
+    }
+
+    /// The watcher was dropped: its channels remove its pieces.
+    pub(crate) fn close(&self) {
+        self.inbox.closed.store(true, Ordering::Release);
+    }
+}
+
+/// What [`Receiver::park`] found.
+enum Park {
+    Again,
+    Waiting,
+    Ended,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use concord_transport::api::KeyValue;
+    use concord_transport::watch::{Event, EventKind};
+    use std::task::Waker;
+
+    fn events(key: &str) -> Events {
+        vec![Event {
+            kind: EventKind::Put,
+            kv: KeyValue {
+                key: key.as_bytes().to_vec(),
+                value: Vec::new(),
+                create_revision: 1,
+                mod_revision: 1,
+                version: 1,
+                lease: 0,
+            },
+            prev_kv: None,
+        }]
+        .into()
+    }
+
+    fn poll(rx: &mut Receiver) -> Poll<Option<Result<WatchResponse, Error>>> {
+        rx.poll_next(&mut Context::from_waker(Waker::noop()))
+    }
+
+    fn revision(rx: &mut Receiver) -> u64 {
+        match poll(rx) {
+            Poll::Ready(Some(Ok(r))) => r.revision,
+            other => panic!("expected a response, got {:?}", other.map(|o| o.is_some())),
+        }
+    }
+
+    fn follow(log: &Arc<GroupLog>, next: u64) -> (Follow, Arc<Position>) {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let position = Arc::new(Position::new(next));
+        let follow = Follow {
+            log: log.clone(),
+            position: position.clone(),
+            progress: true,
+            channel: tx.downgrade(),
+        };
+        (follow, position)
+    }
+
+    fn response(revision: u64) -> WatchResponse {
+        WatchResponse {
+            range_id: 1,
+            revision,
+            events: events("h"),
+            progress: false,
+        }
+    }
+
+    #[test]
+    fn a_follower_reads_the_log_after_its_own_earlier_items_and_from_its_position() {
+        let (sink, mut rx) = inbox();
+        let log = GroupLog::new(1);
+        // Frame 1: the history of piece 9; frame 2: it joins at revision 5; frames 3–5: the
+        // group's revisions, one of which (4) is older than its position.
+        assert!(sink.offer(9, 1, response(3), 8).is_ok());
+        let (f, position) = follow(&log, 6);
+        sink.push(9, 2, ItemKind::Follow(f));
+        log.append(1, 2, Some(events("old")));
+        log.append(3, 4, Some(events("a")));
+        log.append(4, 6, Some(events("b")));
+        assert!(sink.offer(9, 5, response(7), 8).is_ok());
+        log.append(6, 8, None);
+        assert_eq!(revision(&mut rx), 3);
+        // Entry 4 < 6 is not owed; 6 comes before the inbox's revision 7 of frame 5.
+        assert_eq!(revision(&mut rx), 6);
+        assert_eq!(revision(&mut rx), 7);
+        assert!(matches!(poll(&mut rx), Poll::Ready(Some(Ok(r))) if r.progress && r.revision == 8));
+        assert!(poll(&mut rx).is_pending());
+        // The channel stops the follow: it learns the next revision owed, and nothing more
+        // is handed out from the log.
+        assert_eq!(position.stop(), (9, false));
+        log.append(7, 9, Some(events("c")));
+        assert!(poll(&mut rx).is_pending());
+        drop(sink);
+        assert!(matches!(poll(&mut rx), Poll::Ready(None)));
+    }
+
+    #[test]
+    fn a_follower_past_the_logs_length_asks_its_channel_to_recreate_its_watch() {
+        let (sink, mut rx) = inbox();
+        let log = GroupLog::new(1);
+        let (tx, mut commands) = tokio::sync::mpsc::unbounded_channel();
+        let position = Arc::new(Position::new(1));
+        let f = Follow {
+            log: log.clone(),
+            position: position.clone(),
+            progress: false,
+            channel: tx.downgrade(),
+        };
+        sink.push(4, 1, ItemKind::Follow(f));
+        assert!(poll(&mut rx).is_pending());
+        for seq in 2..(LOG_ENTRIES_MAX as u64 + 3) {
+            log.append(seq, seq, Some(events("k")));
+        }
+        assert!(poll(&mut rx).is_pending());
+        match commands.try_recv() {
+            Ok(Command::Lagged { id, position: p }) => {
+                assert_eq!(id, 4);
+                assert!(Arc::ptr_eq(&p, &position));
+                // Nothing was handed out: the watch is recreated from revision 1.
+                assert_eq!(p.stop(), (1, true));
+            }
+            _ => panic!("the channel is told the follower lagged"),
+        }
+        drop(tx);
+    }
+
+    #[test]
+    fn a_full_inbox_refuses_responses_but_not_errors() {
+        let (sink, mut rx) = inbox();
+        assert!(sink.offer(1, 1, response(1), 1).is_ok());
+        assert!(matches!(
+            sink.offer(1, 2, response(2), 1),
+            Err(Refused::Full)
+        ));
+        sink.push(1, 3, ItemKind::Failed(Error::Protocol("gone".into())));
+        assert_eq!(sink.queued(), 1);
+        assert_eq!(revision(&mut rx), 1);
+        assert!(matches!(poll(&mut rx), Poll::Ready(Some(Err(_)))));
+        rx.close();
+        assert!(matches!(
+            sink.offer(1, 4, response(4), 1),
+            Err(Refused::Closed)
+        ));
+    }
+}
