@@ -814,6 +814,7 @@ impl Channel {
                         let log = group.log.get_or_insert_with(|| GroupLog::new(range_id));
                         let position = Arc::new(Position::new(local.next.max(header.revision + 1)));
                         let follow = Follow {
+                            from: log.end(),
                             log: log.clone(),
                             position: position.clone(),
                             progress: local.request.progress_notify,

@@ -3,11 +3,13 @@
 //! latency in the main histogram and reports its own figures in `extra`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use concord_client::api::Consistency;
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
 use hdrhistogram::Histogram;
 use serde_json::{json, Map, Value};
 use tokio::task::JoinSet;
@@ -404,11 +406,25 @@ async fn server_gauges(store: &Store) -> Option<(u64, u64)> {
     Some((rss, watchers))
 }
 
+/// A number of this thread's own (0, 1, 2, ... in the order threads first ask).
+fn thread_index() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    INDEX.with(|index| *index)
+}
+
 /// How many keys watch-fanout's writer cycles through.
 const FANOUT_KEYS: u64 = 1000;
 
-/// `watch-fanout`: `--watchers` watchers of one prefix (spread over the connections), one
-/// writer at `--rate` puts per second over [`FANOUT_KEYS`] keys. Delivery latency = event
+/// Puts of watch-fanout's writer outstanding at once (far fewer than `FANOUT_KEYS`, so that
+/// two puts in flight never share a key's send time).
+const WRITES_IN_FLIGHT_MAX: usize = 64;
+
+/// `watch-fanout`: `--watchers` watchers of one prefix (spread over the connections), a
+/// writer issuing `--rate` puts per second over [`FANOUT_KEYS`] keys (open loop: a slow put
+/// does not hold back the next). Delivery latency = event
 /// received − put of its key sent (ZooKeeper's events carry no value, so the send times are
 /// kept by key, for every target); every event must reach every watcher. Server memory per
 /// watcher = growth of the nodes' summed resident memory while the second half of the
@@ -471,61 +487,91 @@ pub async fn watch_fanout(
     let opened_in = opened_at.elapsed();
     let gauges_after = server_gauges(&stores[0]).await;
     // One listener task per watcher, as an application with that many watchers would have;
-    // latencies and counts go to a few shared histograms (one per listener would be far too
-    // much memory with 100,000 watchers).
+    // latencies and counts go to a histogram per worker thread (one per listener would be far
+    // too much memory with 100,000 watchers, and one shared by the threads of both cores
+    // moves its cache lines between them at every event).
     const SHARDS: usize = 64;
-    /// Delivery latencies and the count of events delivered, of a share of the listeners.
-    type Shard = Mutex<(Histogram<u64>, u64)>;
-    let shards: Arc<Vec<Shard>> =
-        Arc::new((0..SHARDS).map(|_| Mutex::new((histogram(), 0))).collect());
+    /// Delivery latencies and the count of events delivered, of the listeners that ran on
+    /// one thread; a cache line of its own, apart from its neighbours'.
+    #[repr(align(128))]
+    struct Shard(Mutex<(Histogram<u64>, u64)>);
+    let shards: Arc<Vec<Shard>> = Arc::new(
+        (0..SHARDS)
+            .map(|_| Shard(Mutex::new((histogram(), 0))))
+            .collect(),
+    );
     let mut listeners = JoinSet::new();
     let index_at = prefix.len();
-    for (w, mut watcher) in watchers.into_iter().enumerate() {
+    for mut watcher in watchers {
         let (shards, sent) = (shards.clone(), sent.clone());
         listeners.spawn(async move {
-            while let Some(Ok(changes)) = watcher.next().await {
+            while let Some(Ok(first)) = watcher.next().await {
+                // The responses already waiting behind this one were received by now too:
+                // one clock read serves them all.
                 let now = epoch.elapsed().as_micros() as u64;
-                let mut shard = shards[w % SHARDS].lock().expect("shard lock");
-                for change in changes.iter() {
-                    let i = std::str::from_utf8(&change.key[index_at.min(change.key.len())..])
-                        .ok()
-                        .and_then(|i| i.parse::<usize>().ok());
-                    if let Some(at) = i.and_then(|i| sent.get(i)) {
-                        shard.0.saturating_record(
-                            now.saturating_sub(at.load(Ordering::Relaxed)).max(1),
-                        );
+                let mut shard = shards[thread_index() % SHARDS]
+                    .0
+                    .lock()
+                    .expect("shard lock");
+                let mut next = Some(first);
+                while let Some(changes) = next.take() {
+                    for change in changes.iter() {
+                        let i = std::str::from_utf8(&change.key[index_at.min(change.key.len())..])
+                            .ok()
+                            .and_then(|i| i.parse::<usize>().ok());
+                        if let Some(at) = i.and_then(|i| sent.get(i)) {
+                            shard.0.saturating_record(
+                                now.saturating_sub(at.load(Ordering::Relaxed)).max(1),
+                            );
+                        }
+                    }
+                    shard.1 += changes.len() as u64;
+                    match watcher.next().now_or_never() {
+                        Some(Some(Ok(changes))) => next = Some(changes),
+                        Some(_) => return,
+                        None => {}
                     }
                 }
-                shard.1 += changes.len() as u64;
             }
         });
     }
     let delivered = || -> u64 {
         shards
             .iter()
-            .map(|shard| shard.lock().expect("shard lock").1)
+            .map(|shard| shard.0.lock().expect("shard lock").1)
             .sum()
     };
 
-    // The writer.
+    // The writer: a put every 1/rate s whether or not the earlier ones are done (a steady
+    // rate, as from many writers), at most WRITES_IN_FLIGHT_MAX outstanding.
     recorder.start_now();
     let deadline = Instant::now() + args.duration;
     let mut pace = pace(rate);
     let mut acked = 0u64;
     let mut i = 0u64;
-    while Instant::now() < deadline {
-        pace.tick().await;
-        let k = i % FANOUT_KEYS;
-        i += 1;
-        let started = Instant::now();
-        sent[k as usize].store(epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
-        match stores[0].put(key_at(k), stamp(epoch).into_bytes(), 0).await {
-            Ok(()) => {
-                recorder.record(started);
-                acked += 1;
-            }
-            Err(kind) => recorder.error(&kind),
+    let mut in_flight = FuturesUnordered::new();
+    let mut settle = |(started, result): (Instant, Result<(), OpError>)| match result {
+        Ok(()) => {
+            recorder.record(started);
+            acked += 1;
         }
+        Err(kind) => recorder.error(&kind),
+    };
+    while Instant::now() < deadline {
+        tokio::select! {
+            _ = pace.tick(), if in_flight.len() < WRITES_IN_FLIGHT_MAX => {
+                let k = i % FANOUT_KEYS;
+                i += 1;
+                let started = Instant::now();
+                sent[k as usize].store(epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
+                let put = stores[0].put(key_at(k), stamp(epoch).into_bytes(), 0);
+                in_flight.push(async move { (started, put.await) });
+            }
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => settle(done),
+        }
+    }
+    while let Some(done) = in_flight.next().await {
+        settle(done);
     }
     recorder.stop_now();
     let expected = acked * args.watchers as u64;
@@ -535,7 +581,7 @@ pub async fn watch_fanout(
     let delivered = delivered();
     let mut delivery = histogram();
     for shard in shards.iter() {
-        delivery.add(&shard.lock().expect("shard lock").0).ok();
+        delivery.add(&shard.0.lock().expect("shard lock").0).ok();
     }
 
     let mut extra = figures(json!({

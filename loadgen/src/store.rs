@@ -834,7 +834,8 @@ impl EtcdStore {
 }
 
 impl Watch {
-    /// The next batch of changes; `None` when the watch ended.
+    /// The next batch of changes; `None` when the watch ended. Cancel-safe (every target's
+    /// stream keeps its place when the future is dropped), so it may be polled just once.
     pub async fn next(&mut self) -> Option<Result<Changes, OpError>> {
         match self {
             Watch::Concord(w) => Some(

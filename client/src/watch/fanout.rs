@@ -23,8 +23,8 @@
 //!   revision comes next, and the watcher hands out nothing more from that log.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::task::{Context, Poll, Waker};
 
 use concord_transport::api::RangeId;
@@ -99,6 +99,7 @@ impl Position {
 }
 
 /// One revision of a group (or a bookmark), as the channel appended it.
+#[derive(Clone)]
 struct Entry {
     /// The channel's sequence number of the frame it came from.
     seq: u64,
@@ -108,47 +109,72 @@ struct Entry {
 }
 
 /// The revisions of one group, read by every watcher of the group that follows it.
+///
+/// Up to 100,000 watchers on the threads of two cores read one log. Anything they all write
+/// (a lock's state, a reference count) moves its cache line from core to core at nearly
+/// every read, and that measured as the largest cost of such a fan-out. So the log is kept
+/// in [`LOG_SHARDS`] identical copies, its events included, and a reader reads and waits in
+/// the copy of the thread it runs on ([`thread_shard`]): the channel writes each copy once
+/// per revision, the readers of one thread share only their own.
 pub(crate) struct GroupLog {
     range_id: RangeId,
-    inner: Mutex<LogInner>,
+    shards: [LogShard; LOG_SHARDS],
+}
+
+/// Copies of a group's log (more than the threads of a two-core machine's runtime).
+const LOG_SHARDS: usize = 4;
+
+/// Entries a reader takes from the log in one visit.
+const READ_BATCH_MAX: usize = 64;
+
+/// One copy of a log, on cache lines of its own.
+#[repr(align(128))]
+struct LogShard {
+    entries: RwLock<Entries>,
+    /// `Entries::end`, read without the lock: a reader with nothing new takes no lock.
+    end: AtomicU64,
+    waiters: Mutex<Waiters>,
+}
+
+struct Entries {
+    list: VecDeque<Entry>,
+    /// The log index of `list[0]` (entries are numbered from 0 as they are appended).
+    first: u64,
+}
+
+impl Entries {
+    fn end(&self) -> u64 {
+        self.first + self.list.len() as u64
+    }
 }
 
 #[derive(Default)]
-struct LogInner {
-    entries: VecDeque<Entry>,
-    /// The sequence number of the last entry dropped (0: none): a follower whose position is
-    /// at or below it has missed entries.
-    dropped: u64,
-    /// Followers waiting for the next entry.
-    waiters: Vec<Waker>,
+struct Waiters {
+    wakers: Vec<Waker>,
     /// Counts appends, each of which wakes (and forgets) the waiters.
     round: u64,
 }
 
-/// Where the next entry a follower should read stands.
-enum Next {
-    Entry(u64),
-    Nothing,
-    Lagged,
+/// The copy of a log this thread reads and waits in.
+fn thread_shard() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % LOG_SHARDS;
+    }
+    SHARD.with(|shard| *shard)
 }
 
-impl LogInner {
-    /// The index of the first entry at or after `cursor`, or the follower lagged.
-    fn find(&self, cursor: u64) -> Result<usize, ()> {
-        if self.dropped >= cursor {
-            return Err(());
-        }
-        Ok(self.entries.partition_point(|e| e.seq < cursor))
+impl LogShard {
+    fn read(&self) -> RwLockReadGuard<'_, Entries> {
+        self.entries.read().expect("group log lock")
     }
 
-    fn next(&self, cursor: u64) -> Next {
-        match self.find(cursor) {
-            Err(()) => Next::Lagged,
-            Ok(i) => self
-                .entries
-                .get(i)
-                .map_or(Next::Nothing, |e| Next::Entry(e.seq)),
-        }
+    fn waiters(&self) -> MutexGuard<'_, Waiters> {
+        self.waiters.lock().expect("group log waiters lock")
+    }
+
+    fn end(&self) -> u64 {
+        self.end.load(Ordering::Acquire)
     }
 }
 
@@ -156,34 +182,48 @@ impl GroupLog {
     pub(crate) fn new(range_id: RangeId) -> Arc<Self> {
         Arc::new(Self {
             range_id,
-            inner: Mutex::new(LogInner::default()),
+            shards: std::array::from_fn(|_| LogShard {
+                entries: RwLock::new(Entries {
+                    list: VecDeque::new(),
+                    first: 0,
+                }),
+                end: AtomicU64::new(0),
+                waiters: Mutex::new(Waiters::default()),
+            }),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, LogInner> {
-        self.inner.lock().expect("group log lock")
+    /// The index the next entry will have: a new follower reads from there.
+    pub(crate) fn end(&self) -> u64 {
+        self.shards[0].end()
     }
 
     /// Appends the events of `revision` (`None`: a bookmark) from frame `seq`, dropping the
     /// oldest entry past [`LOG_ENTRIES_MAX`], and wakes the followers waiting.
     pub(crate) fn append(&self, seq: u64, revision: u64, events: Option<Events>) {
-        let waiters = {
-            let mut inner = self.lock();
-            debug_assert!(inner.entries.back().is_none_or(|e| e.seq < seq));
-            inner.entries.push_back(Entry {
+        for shard in &self.shards {
+            let mut entries = shard.entries.write().expect("group log lock");
+            debug_assert!(entries.list.back().is_none_or(|e| e.seq < seq));
+            entries.list.push_back(Entry {
                 seq,
                 revision,
-                events,
+                events: events.as_ref().map(|e| Events::from(e.to_vec())),
             });
-            if inner.entries.len() > LOG_ENTRIES_MAX {
-                let oldest = inner.entries.pop_front().expect("entries");
-                inner.dropped = oldest.seq;
+            if entries.list.len() > LOG_ENTRIES_MAX {
+                entries.list.pop_front();
+                entries.first += 1;
             }
-            inner.round += 1;
-            std::mem::take(&mut inner.waiters)
-        };
-        for waker in waiters {
-            waker.wake();
+            shard.end.store(entries.end(), Ordering::Release);
+        }
+        for shard in &self.shards {
+            let wakers = {
+                let mut waiters = shard.waiters();
+                waiters.round += 1;
+                std::mem::take(&mut waiters.wakers)
+            };
+            for waker in wakers {
+                waker.wake();
+            }
         }
     }
 }
@@ -207,6 +247,9 @@ pub(crate) enum ItemKind {
 /// A piece's follow of a group's log.
 pub(crate) struct Follow {
     pub(crate) log: Arc<GroupLog>,
+    /// The log index from which the piece's revisions are there ([`GroupLog::end`] when it
+    /// joined the group).
+    pub(crate) from: u64,
     pub(crate) position: Arc<Position>,
     /// Whether the piece asked for progress bookmarks.
     pub(crate) progress: bool,
@@ -217,6 +260,8 @@ pub(crate) struct Follow {
 /// A watcher's private queue, filled by the channels of its pieces.
 pub(crate) struct Inbox {
     inner: Mutex<InboxInner>,
+    /// `items.len()`, read without the lock.
+    len: AtomicUsize,
     /// The watcher was dropped.
     closed: AtomicBool,
 }
@@ -255,6 +300,7 @@ pub(crate) fn inbox() -> (Sink, Receiver) {
             senders: 1,
             ..InboxInner::default()
         }),
+        len: AtomicUsize::new(0),
         closed: AtomicBool::new(false),
     });
     let receiver = Receiver {
@@ -288,6 +334,7 @@ impl Sink {
                 seq,
                 kind: ItemKind::Response(response),
             });
+            self.0.len.fetch_add(1, Ordering::Release);
             inner.waker.take()
         };
         if let Some(waker) = waker {
@@ -301,6 +348,7 @@ impl Sink {
         let waker = {
             let mut inner = self.0.lock();
             inner.items.push_back(Item { piece, seq, kind });
+            self.0.len.fetch_add(1, Ordering::Release);
             inner.waker.take()
         };
         if let Some(waker) = waker {
@@ -347,10 +395,23 @@ impl Drop for Sink {
 struct Following {
     piece: u64,
     follow: Follow,
-    /// The sequence number from which entries are still to be read.
+    /// The log index of the next entry to take from the log.
     cursor: u64,
-    /// The log's round and the index in its waiters where this follower's waker is.
-    registered: Option<(u64, usize)>,
+    /// Entries taken from the log and not yet handed out (or skipped).
+    taken: VecDeque<Entry>,
+    /// The copy of the log whose waiters hold this follower's waker, that copy's round
+    /// then, and the waker's index there.
+    registered: Option<(usize, u64, usize)>,
+}
+
+/// What taking entries from a follow's log found.
+enum Take {
+    /// Entries are in `taken` (or were already).
+    Some,
+    /// None new.
+    Nothing,
+    /// The follow ended (stopped by the channel, or lagged) and was removed.
+    Ended,
 }
 
 /// The watcher's side: merges its inbox with the logs its pieces follow.
@@ -361,36 +422,33 @@ pub(crate) struct Receiver {
     turn: usize,
 }
 
-/// What reading one follow gave.
-enum Read {
-    Response(WatchResponse),
-    /// Nothing more before the bound.
-    Nothing,
-    /// The follow ended (stopped by the channel, or lagged): it is removed.
-    Ended,
-}
-
 impl Receiver {
     /// The next response or error; `None` once every piece's watch has ended.
+    ///
+    /// Order: an entry is handed out only if every item its channel queued before it is
+    /// out. Entries are taken from the logs before the inbox is looked at, so an item
+    /// queued before a taken entry was appended is seen, and goes first.
     pub(crate) fn poll_next(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<WatchResponse, Error>>> {
         loop {
-            // The logs are looked at before the inbox: an item queued before an entry was
-            // appended is then in the inbox too, and goes first.
-            let ready = self.peek();
-            let head = self.inbox.lock().items.front().map(|i| (i.piece, i.seq));
-            if let Some((piece, seq)) = head {
+            let mut i = 0;
+            while i < self.follows.len() {
+                if self.follows[i].taken.is_empty() && matches!(self.take(i), Take::Ended) {
+                    continue;
+                }
+                i += 1;
+            }
+            if let Some((piece, seq)) = self.inbox_head() {
                 // Its piece's entries from before it go first.
-                if let Some(i) = self.follows.iter().position(|f| f.piece == piece) {
-                    if let Read::Response(response) = self.read(i, seq) {
-                        return Poll::Ready(Some(Ok(response)));
-                    }
+                if let Some(response) = self.hand_out_piece(piece, seq) {
+                    return Poll::Ready(Some(Ok(response)));
                 }
                 let item = {
                     let mut inner = self.inbox.lock();
                     let item = inner.items.pop_front().expect("the head is still there");
+                    self.inbox.len.fetch_sub(1, Ordering::Release);
                     if matches!(item.kind, ItemKind::Response(_)) {
                         inner.responses -= 1;
                     }
@@ -406,19 +464,17 @@ impl Receiver {
                         self.follows.retain(|f| f.piece != item.piece);
                         self.follows.push(Following {
                             piece: item.piece,
+                            cursor: follow.from,
                             follow,
-                            cursor: item.seq + 1,
+                            taken: VecDeque::new(),
                             registered: None,
                         });
                     }
                 }
                 continue;
             }
-            if let Some((i, seq)) = ready {
-                if let Read::Response(response) = self.read(i, seq + 1) {
-                    return Poll::Ready(Some(Ok(response)));
-                }
-                continue;
+            if let Some(response) = self.hand_out_any() {
+                return Poll::Ready(Some(Ok(response)));
             }
             match self.park(cx) {
                 Park::Again => continue,
@@ -428,80 +484,109 @@ impl Receiver {
         }
     }
 
-    /// A follow with an entry to read, and that entry's sequence number. Follows that
-    /// lagged are ended here.
-    fn peek(&mut self) -> Option<(usize, u64)> {
-        let n = self.follows.len();
-        for k in 0..n {
-            let i = (self.turn + k) % n;
-            let next = {
-                let f = &self.follows[i];
-                let inner = f.follow.log.lock();
-                inner.next(f.cursor)
+    /// The piece and sequence number of the inbox's first item.
+    fn inbox_head(&self) -> Option<(u64, u64)> {
+        if self.inbox.len.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        self.inbox.lock().items.front().map(|i| (i.piece, i.seq))
+    }
+
+    /// Takes what is new in follow `i`'s log (a batch at most) into its `taken`.
+    fn take(&mut self, i: usize) -> Take {
+        let f = &mut self.follows[i];
+        let shard = &f.follow.log.shards[thread_shard()];
+        let lagged = shard.end() > f.cursor && {
+            let entries = shard.read();
+            if f.cursor < entries.first {
+                true
+            } else {
+                let at = (f.cursor - entries.first) as usize;
+                let batch = entries.list.range(at..).take(READ_BATCH_MAX);
+                f.taken.extend(batch.cloned());
+                f.cursor = entries.end().min(f.cursor + READ_BATCH_MAX as u64);
+                false
+            }
+        };
+        if lagged {
+            self.lagged(i);
+            return Take::Ended;
+        }
+        if !f.taken.is_empty() {
+            return Take::Some;
+        }
+        if f.follow.position.is_stopped() {
+            // A log its channel let go of (its stream ended): forget it.
+            self.follows.swap_remove(i);
+            return Take::Ended;
+        }
+        Take::Nothing
+    }
+
+    /// The next response of follow `i` among the entries it has taken, up to (not
+    /// including) sequence number `below`. `None` when there is none; the follow may then
+    /// have ended (and be removed).
+    fn hand_out(&mut self, i: usize, below: u64) -> Option<WatchResponse> {
+        let f = &mut self.follows[i];
+        while let Some(entry) = f.taken.front().filter(|e| e.seq < below) {
+            let progress = entry.events.is_none();
+            let decision = if progress && !f.follow.progress {
+                HandOut::NotOwed
+            } else {
+                f.follow.position.hand_out(entry.revision, progress)
             };
-            match next {
-                Next::Entry(seq) => {
-                    self.turn = (i + 1) % n;
-                    return Some((i, seq));
+            let entry = f.taken.pop_front().expect("an entry");
+            match decision {
+                HandOut::Owed => {
+                    return Some(WatchResponse {
+                        range_id: f.follow.log.range_id,
+                        revision: entry.revision,
+                        progress,
+                        events: entry.events.unwrap_or_default(),
+                    })
                 }
-                Next::Nothing if self.follows[i].follow.position.is_stopped() => {
-                    // A log its channel let go of (its stream ended): forget it.
+                HandOut::NotOwed => {}
+                HandOut::Stopped => {
+                    // The channel stopped it and knows where the caller is.
                     self.follows.swap_remove(i);
-                    return self.peek();
-                }
-                Next::Nothing => {}
-                Next::Lagged => {
-                    // Ending it shifts the indices: look again.
-                    self.lagged(i);
-                    return self.peek();
+                    return None;
                 }
             }
         }
         None
     }
 
-    /// Reads follow `i` up to (not including) sequence number `below`.
-    fn read(&mut self, i: usize, below: u64) -> Read {
-        let f = &mut self.follows[i];
-        let read = {
-            let inner = f.follow.log.lock();
-            let Ok(mut at) = inner.find(f.cursor) else {
-                drop(inner);
-                self.lagged(i);
-                return Read::Ended;
-            };
-            loop {
-                let Some(entry) = inner.entries.get(at).filter(|e| e.seq < below) else {
-                    break Read::Nothing;
-                };
-                at += 1;
-                f.cursor = entry.seq + 1;
-                if entry.events.is_none() && !f.follow.progress {
-                    continue;
-                }
-                match f
-                    .follow
-                    .position
-                    .hand_out(entry.revision, entry.events.is_none())
-                {
-                    HandOut::Owed => {
-                        break Read::Response(WatchResponse {
-                            range_id: f.follow.log.range_id,
-                            revision: entry.revision,
-                            progress: entry.events.is_none(),
-                            events: entry.events.clone().unwrap_or_default(),
-                        })
-                    }
-                    HandOut::NotOwed => {}
-                    HandOut::Stopped => break Read::Ended,
-                }
+    /// The next response of `piece`'s follow from before sequence number `below`.
+    fn hand_out_piece(&mut self, piece: u64, below: u64) -> Option<WatchResponse> {
+        loop {
+            let i = self.follows.iter().position(|f| f.piece == piece)?;
+            if self.follows[i].taken.is_empty() && !matches!(self.take(i), Take::Some) {
+                return None;
             }
-        };
-        if matches!(read, Read::Ended) {
-            // The channel stopped it and knows where the caller is.
-            self.follows.swap_remove(i);
+            let next_seq = self.follows[i].taken.front().map(|e| e.seq);
+            if let Some(response) = self.hand_out(i, below) {
+                return Some(response);
+            }
+            if next_seq.is_none_or(|seq| seq >= below) {
+                return None;
+            }
         }
-        read
+    }
+
+    /// The next response of any follow among the entries taken; the follows take turns.
+    fn hand_out_any(&mut self) -> Option<WatchResponse> {
+        let n = self.follows.len();
+        for k in 0..n {
+            let i = (self.turn + k) % n;
+            if i >= self.follows.len() {
+                break;
+            }
+            if let Some(response) = self.hand_out(i, u64::MAX) {
+                self.turn = (i + 1) % n;
+                return Some(response);
+            }
+        }
+        None
     }
 
     /// Follow `i` missed entries: it ends, and its channel recreates the piece's watch from
@@ -521,7 +606,7 @@ impl Receiver {
     }
 
     /// Registers the watcher's waker with its inbox and every log it follows, unless
-    /// something arrived meanwhile.
+    /// something arrived meanwhile. Called with nothing taken and not handed out.
     fn park(&mut self, cx: &mut Context<'_>) -> Park {
         {
             let mut inner = self.inbox.lock();
@@ -536,22 +621,27 @@ impl Receiver {
                 _ => inner.waker = Some(cx.waker().clone()),
             }
         }
+        let here = thread_shard();
         for f in &mut self.follows {
-            let mut inner = f.follow.log.lock();
-            if !matches!(inner.next(f.cursor), Next::Nothing) {
-                return Park::Again;
-            }
-            let round = inner.round;
-            match f.registered {
-                Some((r, at)) if r == round && at < inner.waiters.len() => {
-                    if !inner.waiters[at].will_wake(cx.waker()) {
-                        inner.waiters[at] = cx.waker().clone();
+            let shard = &f.follow.log.shards[here];
+            {
+                let mut waiters = shard.waiters();
+                let round = waiters.round;
+                match f.registered {
+                    Some((s, r, at)) if s == here && r == round && at < waiters.wakers.len() => {
+                        if !waiters.wakers[at].will_wake(cx.waker()) {
+                            waiters.wakers[at] = cx.waker().clone();
+                        }
+                    }
+                    _ => {
+                        waiters.wakers.push(cx.waker().clone());
+                        f.registered = Some((here, round, waiters.wakers.len() - 1));
                     }
                 }
-                _ => {
-                    inner.waiters.push(cx.waker().clone());
-                    f.registered = Some((round, inner.waiters.len() - 1));
-                }
+            }
+            // An entry appended before the registration woke no one: look again.
+            if shard.end() > f.cursor {
+                return Park::Again;
             }
         }
         Park::Waiting
@@ -609,6 +699,7 @@ mod tests {
         let position = Arc::new(Position::new(next));
         let follow = Follow {
             log: log.clone(),
+            from: log.end(),
             position: position.clone(),
             progress: true,
             channel: tx.downgrade(),
@@ -629,18 +720,19 @@ mod tests {
     fn a_follower_reads_the_log_after_its_own_earlier_items_and_from_its_position() {
         let (sink, mut rx) = inbox();
         let log = GroupLog::new(1);
-        // Frame 1: the history of piece 9; frame 2: it joins at revision 5; frames 3–5: the
-        // group's revisions, one of which (4) is older than its position.
-        assert!(sink.offer(9, 1, response(3), 8).is_ok());
-        let (f, position) = follow(&log, 6);
-        sink.push(9, 2, ItemKind::Follow(f));
+        // Frame 1: the group's revision before piece 9 joins; frame 2: the history of piece
+        // 9; frame 3: it joins; frames 4–7: the group's revisions, one of which (4) is older
+        // than its position, and a response of its own in between.
         log.append(1, 2, Some(events("old")));
-        log.append(3, 4, Some(events("a")));
-        log.append(4, 6, Some(events("b")));
-        assert!(sink.offer(9, 5, response(7), 8).is_ok());
-        log.append(6, 8, None);
+        assert!(sink.offer(9, 2, response(3), 8).is_ok());
+        let (f, position) = follow(&log, 6);
+        sink.push(9, 3, ItemKind::Follow(f));
+        log.append(4, 4, Some(events("a")));
+        log.append(5, 6, Some(events("b")));
+        assert!(sink.offer(9, 6, response(7), 8).is_ok());
+        log.append(7, 8, None);
         assert_eq!(revision(&mut rx), 3);
-        // Entry 4 < 6 is not owed; 6 comes before the inbox's revision 7 of frame 5.
+        // Revision 4 < 6 is not owed; 6 comes before the inbox's revision 7 of frame 6.
         assert_eq!(revision(&mut rx), 6);
         assert_eq!(revision(&mut rx), 7);
         assert!(matches!(poll(&mut rx), Poll::Ready(Some(Ok(r))) if r.progress && r.revision == 8));
@@ -648,7 +740,7 @@ mod tests {
         // The channel stops the follow: it learns the next revision owed, and nothing more
         // is handed out from the log.
         assert_eq!(position.stop(), (9, false));
-        log.append(7, 9, Some(events("c")));
+        log.append(8, 9, Some(events("c")));
         assert!(poll(&mut rx).is_pending());
         drop(sink);
         assert!(matches!(poll(&mut rx), Poll::Ready(None)));
@@ -662,6 +754,7 @@ mod tests {
         let position = Arc::new(Position::new(1));
         let f = Follow {
             log: log.clone(),
+            from: log.end(),
             position: position.clone(),
             progress: false,
             channel: tx.downgrade(),
