@@ -133,7 +133,7 @@ pub(crate) enum Command {
         id: u64,
     },
     /// The caller of watch `id` fell behind its group's log while following it at
-    /// `position`: recreate the watch from the first revision it has not handed out.
+    /// `position`: recreate the watch from the first revision it has not taken.
     Lagged {
         id: u64,
         position: Arc<Position>,

@@ -17,10 +17,11 @@
 //!   that entry: what the node sent in order reaches the caller in order;
 //! - a watcher that falls more than [`LOG_ENTRIES_MAX`] entries behind finds its position
 //!   dropped; it asks the channel ([`super::Command::Lagged`]) to recreate its watch from the
-//!   first revision it has not handed out, and the node replays the history from there;
+//!   first revision it has not taken, and the node replays the history from there;
 //! - how far a follower has read is shared with the channel ([`Position`]): when the channel
 //!   stops a follow (its stream ended, the watch is recreated) it learns exactly which
-//!   revision comes next, and the watcher hands out nothing more from that log.
+//!   revision comes next (a watcher hands out every entry it took), and the watcher takes
+//!   nothing more from that log.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -28,6 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::task::{Context, Poll, Waker};
 
 use concord_transport::api::RangeId;
+use smallvec::SmallVec;
 use tokio::sync::mpsc::WeakUnboundedSender;
 
 use super::{Command, Events, WatchResponse};
@@ -39,19 +41,12 @@ pub(crate) const LOG_ENTRIES_MAX: usize = 256;
 /// The stop flag of a [`Position`], above any revision.
 const STOPPED: u64 = 1 << 63;
 
-/// A follower's position in its log: the first revision it still owes its caller, and
-/// whether the follow was stopped. One word, so that the channel's stop and the watcher's
-/// hand-out are each one atomic step and never overlap.
+/// A follower's position in its log: the first revision its watcher has not taken (every
+/// entry taken is handed out), and whether the follow was stopped. One word, so that the
+/// channel's stop and the watcher's taking of a batch are each one atomic step and never
+/// overlap.
 #[derive(Debug)]
 pub(crate) struct Position(AtomicU64);
-
-/// What [`Position::hand_out`] decided.
-#[derive(Debug, PartialEq, Eq)]
-enum HandOut {
-    Owed,
-    NotOwed,
-    Stopped,
-}
 
 impl Position {
     pub(crate) fn new(next: u64) -> Self {
@@ -59,39 +54,23 @@ impl Position {
         Self(AtomicU64::new(next))
     }
 
-    /// Records that `revision` (a bookmark at `revision` when `progress`) is handed out, if
-    /// it is owed and the follow was not stopped.
-    fn hand_out(&self, revision: u64, progress: bool) -> HandOut {
-        let mut current = self.0.load(Ordering::Acquire);
-        loop {
-            if current & STOPPED != 0 {
-                return HandOut::Stopped;
-            }
-            let owed = if progress {
-                revision + 1 >= current
-            } else {
-                revision >= current
-            };
-            if !owed {
-                return HandOut::NotOwed;
-            }
-            let next = current.max(revision + 1);
-            match self
-                .0
-                .compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => return HandOut::Owed,
-                Err(now) => current = now,
-            }
-        }
+    /// The first revision not taken, or `None` once stopped.
+    fn next(&self) -> Option<u64> {
+        let word = self.0.load(Ordering::Acquire);
+        (word & STOPPED == 0).then_some(word)
     }
 
-    fn is_stopped(&self) -> bool {
-        self.0.load(Ordering::Acquire) & STOPPED != 0
+    /// Moves the position from `from` to `to` (a batch was taken); false if the follow was
+    /// stopped meanwhile (the channel is the only other writer).
+    fn advance(&self, from: u64, to: u64) -> bool {
+        debug_assert!(to >= from, "a position only grows");
+        self.0
+            .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
     }
 
-    /// Stops the follow; returns the first revision not handed out, and whether it was
-    /// already stopped.
+    /// Stops the follow; returns the first revision not taken, and whether it was already
+    /// stopped.
     pub(crate) fn stop(&self) -> (u64, bool) {
         let before = self.0.fetch_or(STOPPED, Ordering::AcqRel);
         (before & !STOPPED, before & STOPPED != 0)
@@ -305,7 +284,7 @@ pub(crate) fn inbox() -> (Sink, Receiver) {
     });
     let receiver = Receiver {
         inbox: inbox.clone(),
-        follows: Vec::new(),
+        follows: SmallVec::new(),
         turn: 0,
     };
     (Sink(inbox), receiver)
@@ -397,7 +376,7 @@ struct Following {
     follow: Follow,
     /// The log index of the next entry to take from the log.
     cursor: u64,
-    /// Entries taken from the log and not yet handed out (or skipped).
+    /// Entries taken from the log (those owed) and not yet handed out.
     taken: VecDeque<Entry>,
     /// The copy of the log whose waiters hold this follower's waker, that copy's round
     /// then, and the waker's index there.
@@ -417,7 +396,9 @@ enum Take {
 /// The watcher's side: merges its inbox with the logs its pieces follow.
 pub(crate) struct Receiver {
     inbox: Arc<Inbox>,
-    follows: Vec<Following>,
+    /// Inline for a watch of one range (the common case): the watcher's task then holds
+    /// what it reads at every wake-up, with no further allocation to fetch.
+    follows: SmallVec<[Following; 1]>,
     /// The follow looked at first next time (the pieces of a watch take turns).
     turn: usize,
 }
@@ -496,81 +477,75 @@ impl Receiver {
     fn take(&mut self, i: usize) -> Take {
         let f = &mut self.follows[i];
         let shard = &f.follow.log.shards[thread_shard()];
-        let lagged = shard.end() > f.cursor && {
+        let Some(from) = f.follow.position.next() else {
+            // The channel stopped it (its stream ended, the watch is recreated) and knows
+            // where the caller is.
+            self.follows.swap_remove(i);
+            return Take::Ended;
+        };
+        if shard.end() <= f.cursor {
+            return Take::Nothing;
+        }
+        let to = {
             let entries = shard.read();
             if f.cursor < entries.first {
-                true
-            } else {
-                let at = (f.cursor - entries.first) as usize;
-                let batch = entries.list.range(at..).take(READ_BATCH_MAX);
-                f.taken.extend(batch.cloned());
-                f.cursor = entries.end().min(f.cursor + READ_BATCH_MAX as u64);
-                false
+                drop(entries);
+                self.lagged(i);
+                return Take::Ended;
             }
+            let at = (f.cursor - entries.first) as usize;
+            let mut next = from;
+            for entry in entries.list.range(at..).take(READ_BATCH_MAX) {
+                // Only what the caller is owed: above where the watch started, and a
+                // bookmark only if asked for and not below a revision handed out.
+                let owed = match entry.events {
+                    Some(_) => entry.revision >= next,
+                    None => f.follow.progress && entry.revision + 1 >= next,
+                };
+                if owed {
+                    next = next.max(entry.revision + 1);
+                    f.taken.push_back(entry.clone());
+                }
+            }
+            f.cursor = entries.end().min(f.cursor + READ_BATCH_MAX as u64);
+            next
         };
-        if lagged {
-            self.lagged(i);
-            return Take::Ended;
-        }
-        if !f.taken.is_empty() {
-            return Take::Some;
-        }
-        if f.follow.position.is_stopped() {
-            // A log its channel let go of (its stream ended): forget it.
+        if to != from && !f.follow.position.advance(from, to) {
+            // Stopped while the batch was read: the channel counts none of it as taken.
+            f.taken.clear();
             self.follows.swap_remove(i);
             return Take::Ended;
         }
-        Take::Nothing
+        if f.taken.is_empty() {
+            Take::Nothing
+        } else {
+            Take::Some
+        }
     }
 
     /// The next response of follow `i` among the entries it has taken, up to (not
-    /// including) sequence number `below`. `None` when there is none; the follow may then
-    /// have ended (and be removed).
+    /// including) sequence number `below`.
     fn hand_out(&mut self, i: usize, below: u64) -> Option<WatchResponse> {
         let f = &mut self.follows[i];
-        while let Some(entry) = f.taken.front().filter(|e| e.seq < below) {
-            let progress = entry.events.is_none();
-            let decision = if progress && !f.follow.progress {
-                HandOut::NotOwed
-            } else {
-                f.follow.position.hand_out(entry.revision, progress)
-            };
-            let entry = f.taken.pop_front().expect("an entry");
-            match decision {
-                HandOut::Owed => {
-                    return Some(WatchResponse {
-                        range_id: f.follow.log.range_id,
-                        revision: entry.revision,
-                        progress,
-                        events: entry.events.unwrap_or_default(),
-                    })
-                }
-                HandOut::NotOwed => {}
-                HandOut::Stopped => {
-                    // The channel stopped it and knows where the caller is.
-                    self.follows.swap_remove(i);
-                    return None;
-                }
-            }
+        if f.taken.front()?.seq >= below {
+            return None;
         }
-        None
+        let entry = f.taken.pop_front().expect("an entry");
+        Some(WatchResponse {
+            range_id: f.follow.log.range_id,
+            revision: entry.revision,
+            progress: entry.events.is_none(),
+            events: entry.events.unwrap_or_default(),
+        })
     }
 
     /// The next response of `piece`'s follow from before sequence number `below`.
     fn hand_out_piece(&mut self, piece: u64, below: u64) -> Option<WatchResponse> {
-        loop {
-            let i = self.follows.iter().position(|f| f.piece == piece)?;
-            if self.follows[i].taken.is_empty() && !matches!(self.take(i), Take::Some) {
-                return None;
-            }
-            let next_seq = self.follows[i].taken.front().map(|e| e.seq);
-            if let Some(response) = self.hand_out(i, below) {
-                return Some(response);
-            }
-            if next_seq.is_none_or(|seq| seq >= below) {
-                return None;
-            }
+        let i = self.follows.iter().position(|f| f.piece == piece)?;
+        if self.follows[i].taken.is_empty() && !matches!(self.take(i), Take::Some) {
+            return None;
         }
+        self.hand_out(i, below)
     }
 
     /// The next response of any follow among the entries taken; the follows take turns.
@@ -590,7 +565,7 @@ impl Receiver {
     }
 
     /// Follow `i` missed entries: it ends, and its channel recreates the piece's watch from
-    /// the first revision not handed out (unless the channel stopped the follow already).
+    /// the first revision not taken (unless the channel stopped the follow already).
     fn lagged(&mut self, i: usize) {
         let f = self.follows.swap_remove(i);
         let (_, stopped) = f.follow.position.stop();
@@ -769,7 +744,7 @@ mod tests {
             Ok(Command::Lagged { id, position: p }) => {
                 assert_eq!(id, 4);
                 assert!(Arc::ptr_eq(&p, &position));
-                // Nothing was handed out: the watch is recreated from revision 1.
+                // Nothing was taken: the watch is recreated from revision 1.
                 assert_eq!(p.stop(), (1, true));
             }
             _ => panic!("the channel is told the follower lagged"),
