@@ -376,6 +376,9 @@ struct Group {
     /// Watches handed each revision one by one: pieces put together after a merge, whose
     /// events are owed from a revision per key span (`Local::floors`).
     private: HashSet<u64>,
+    /// Its watches established here, followers and private ones: the group (and its log)
+    /// is forgotten with its last one, as the node forgets it.
+    members: usize,
 }
 
 /// The task running the watch channel of one range.
@@ -605,10 +608,10 @@ impl Channel {
     async fn create(&mut self, send: &mut quinn::SendStream, id: u64) -> Result<(), Error> {
         self.next_server_id += 1;
         let server_id = self.next_server_id;
+        self.leave_group(id);
         let local = self.watches.get_mut(&id).expect("watch exists");
         local.unfollow();
         local.server_id = server_id;
-        local.joined = None;
         local.behind = false;
         let mut request = local.request.clone();
         if local.next != 0 {
@@ -624,21 +627,33 @@ impl Channel {
             .map_err(|e| Error::Protocol(e.to_string()))
     }
 
+    /// Takes watch `id` out of the group it joined, and forgets the group with its last watch.
+    fn leave_group(&mut self, id: u64) {
+        let Some(local) = self.watches.get_mut(&id) else {
+            return;
+        };
+        let Some((group_id, _)) = local.joined.take() else {
+            return;
+        };
+        if let Some(group) = self.groups.get_mut(&group_id) {
+            group.private.remove(&id);
+            group.members -= 1;
+            if group.members == 0 {
+                self.groups.remove(&group_id);
+            }
+        }
+    }
+
     /// Stops watch `id` on the node (it stays known here unless the caller removed it).
     async fn cancel(&mut self, send: &mut quinn::SendStream, id: u64) -> Result<(), Error> {
         let Some(local) = self.watches.get_mut(&id) else {
             return Ok(());
         };
         local.unfollow();
-        self.by_server_id.remove(&local.server_id);
-        if let Some((group, _)) = local.joined.take() {
-            if let Some(group) = self.groups.get_mut(&group) {
-                group.private.remove(&id);
-            }
-        }
-        let control = WatchControl::Cancel {
-            id: local.server_id,
-        };
+        let server_id = local.server_id;
+        self.by_server_id.remove(&server_id);
+        self.leave_group(id);
+        let control = WatchControl::Cancel { id: server_id };
         wire::write_frame(send, &control)
             .await
             .map_err(|e| Error::Protocol(e.to_string()))
@@ -809,6 +824,7 @@ impl Channel {
                         let _ = ready.send(Ok(()));
                     }
                     let group = self.groups.entry(group).or_default();
+                    group.members += 1;
                     if local.floors.is_empty() {
                         // From now on its caller reads the group's revisions from the log.
                         let log = group.log.get_or_insert_with(|| GroupLog::new(range_id));

@@ -378,9 +378,10 @@ struct Following {
     cursor: u64,
     /// Entries taken from the log (those owed) and not yet handed out.
     taken: VecDeque<Entry>,
-    /// The copy of the log whose waiters hold this follower's waker, that copy's round
-    /// then, and the waker's index there.
-    registered: Option<(usize, u64, usize)>,
+    /// For each copy of the log: the round in which this follower's waker was put in its
+    /// waiters, and the waker's index there (a task that moves between threads waits in
+    /// several copies, at most once in each per round).
+    registered: [Option<(u64, usize)>; LOG_SHARDS],
 }
 
 /// What taking entries from a follow's log found.
@@ -422,6 +423,13 @@ impl Receiver {
                 i += 1;
             }
             if let Some((piece, seq)) = self.inbox_head() {
+                // What a stopped follow took goes before any item: one queued after the stop
+                // (seen here, after the item was) may be of another piece holding the same
+                // keys' later revisions (a range split or merged, and its pieces moved to
+                // other channels under new ids).
+                if let Some(response) = self.hand_out_stopped() {
+                    return Poll::Ready(Some(Ok(response)));
+                }
                 // Its piece's entries from before it go first.
                 if let Some(response) = self.hand_out_piece(piece, seq) {
                     return Poll::Ready(Some(Ok(response)));
@@ -448,7 +456,7 @@ impl Receiver {
                             cursor: follow.from,
                             follow,
                             taken: VecDeque::new(),
-                            registered: None,
+                            registered: [None; LOG_SHARDS],
                         });
                     }
                 }
@@ -548,6 +556,15 @@ impl Receiver {
         self.hand_out(i, below)
     }
 
+    /// The next response that a stopped follow took and has not handed out.
+    fn hand_out_stopped(&mut self) -> Option<WatchResponse> {
+        let i = self
+            .follows
+            .iter()
+            .position(|f| !f.taken.is_empty() && f.follow.position.next().is_none())?;
+        self.hand_out(i, u64::MAX)
+    }
+
     /// The next response of any follow among the entries taken; the follows take turns.
     fn hand_out_any(&mut self) -> Option<WatchResponse> {
         let n = self.follows.len();
@@ -602,15 +619,15 @@ impl Receiver {
             {
                 let mut waiters = shard.waiters();
                 let round = waiters.round;
-                match f.registered {
-                    Some((s, r, at)) if s == here && r == round && at < waiters.wakers.len() => {
+                match f.registered[here] {
+                    Some((r, at)) if r == round && at < waiters.wakers.len() => {
                         if !waiters.wakers[at].will_wake(cx.waker()) {
                             waiters.wakers[at] = cx.waker().clone();
                         }
                     }
                     _ => {
                         waiters.wakers.push(cx.waker().clone());
-                        f.registered = Some((here, round, waiters.wakers.len() - 1));
+                        f.registered[here] = Some((round, waiters.wakers.len() - 1));
                     }
                 }
             }
@@ -750,6 +767,29 @@ mod tests {
             _ => panic!("the channel is told the follower lagged"),
         }
         drop(tx);
+    }
+
+    /// Regression (found in review): a range split while the caller had revisions taken and
+    /// not read; the watch's piece in the new range queued its history, which came out before
+    /// the older revisions already taken.
+    #[test]
+    fn what_a_stopped_follow_took_goes_before_later_items_of_other_pieces() {
+        let (sink, mut rx) = inbox();
+        let log = GroupLog::new(1);
+        let (f, position) = follow(&log, 1);
+        sink.push(1, 1, ItemKind::Follow(f));
+        assert!(poll(&mut rx).is_pending());
+        log.append(2, 5, Some(events("a")));
+        log.append(3, 6, Some(events("a")));
+        // Both are taken at once; one is handed out.
+        assert_eq!(revision(&mut rx), 5);
+        // The stream ends: the channel stops the follow (7 comes next), and the watch goes on
+        // as piece 2 of another channel, whose history is queued.
+        assert_eq!(position.stop(), (7, false));
+        assert!(sink.offer(2, 10, response(7), 8).is_ok());
+        assert_eq!(revision(&mut rx), 6);
+        assert_eq!(revision(&mut rx), 7);
+        assert!(poll(&mut rx).is_pending());
     }
 
     #[test]
