@@ -6,11 +6,13 @@
 //! node stopped, the channel fell behind and was cancelled with `WATCH_OVERFLOW`, a snapshot
 //! reset the replica) it is reopened — on another replica if need be — and every watch is
 //! recreated from its own next revision, so the caller sees every revision once, in order
-//! per range, without doing anything. A caller that does not keep up with its watch does not
-//! hold up the channel: its watch is dropped on the node once its buffer is full and
-//! recreated from where it stopped once the caller has read half of it. Only a compacted
-//! start revision, or `attempts_max` reopenings in a row that all fail, end a watch with an
-//! error.
+//! per range, without doing anything. The channel appends a group's revisions once to the
+//! group's log, which every watch of the group reads at its own pace ([`fanout`]). A caller
+//! that does not keep up with its watch does not hold up the channel: once it is more than
+//! the log's length behind, its watch is recreated from where it stopped (and once its own
+//! buffer of history is full, its watch is dropped on the node until it has read half of it).
+//! Only a compacted start revision, or `attempts_max` reopenings in a row that all fail, end
+//! a watch with an error.
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Deref;
