@@ -612,7 +612,6 @@ impl Channel {
         let server_id = self.next_server_id;
         self.leave_group(id);
         let local = self.watches.get_mut(&id).expect("watch exists");
-        local.unfollow();
         local.server_id = server_id;
         local.behind = false;
         let mut request = local.request.clone();
@@ -629,11 +628,13 @@ impl Channel {
             .map_err(|e| Error::Protocol(e.to_string()))
     }
 
-    /// Takes watch `id` out of the group it joined, and forgets the group with its last watch.
+    /// Takes watch `id` out of the group it joined (its caller stops reading the group's
+    /// log), and forgets the group with its last watch.
     fn leave_group(&mut self, id: u64) {
         let Some(local) = self.watches.get_mut(&id) else {
             return;
         };
+        local.unfollow();
         let Some((group_id, _)) = local.joined.take() else {
             return;
         };
@@ -648,10 +649,9 @@ impl Channel {
 
     /// Stops watch `id` on the node (it stays known here unless the caller removed it).
     async fn cancel(&mut self, send: &mut quinn::SendStream, id: u64) -> Result<(), Error> {
-        let Some(local) = self.watches.get_mut(&id) else {
+        let Some(local) = self.watches.get(&id) else {
             return Ok(());
         };
-        local.unfollow();
         let server_id = local.server_id;
         self.by_server_id.remove(&server_id);
         self.leave_group(id);
@@ -876,9 +876,9 @@ impl Channel {
                 // One bookmark per caller, and only once its watches established here cover
                 // all it selects in the range: a part moving in from a range merged into this
                 // one may still bring events at or below the bookmark's revision.
-                // Only the callers that asked for bookmarks: a channel may hold 100,000
-                // watches of which few do.
-                // Followers find theirs in their group's log.
+                // Followers find theirs in their group's log; of the others, only the callers
+                // that asked for bookmarks are looked at (a channel may hold 100,000 watches,
+                // few of which ask).
                 for log in self.groups.values().filter_map(|g| g.log.as_ref()) {
                     log.append(seq, header.revision, None);
                 }
@@ -980,23 +980,19 @@ impl Channel {
     /// find out), and recreates those whose callers were behind and have read half their
     /// buffer.
     async fn catch_up(&mut self, send: &mut quinn::SendStream) -> Result<(), ChannelEnd> {
-        let gone: Vec<u64> = self
-            .watches
-            .iter()
-            .filter(|(_, l)| l.sink.is_closed())
-            .map(|(id, _)| *id)
-            .collect();
+        let (mut gone, mut ready) = (Vec::new(), Vec::new());
+        for (id, local) in self.watches.iter() {
+            if local.sink.is_closed() {
+                gone.push(*id);
+            } else if local.behind && local.sink.queued() <= WATCH_CLIENT_BUFFER / 2 {
+                ready.push(*id);
+            }
+        }
         for id in gone {
             let result = self.cancel(send, id).await;
             self.watches.remove(&id);
             result.map_err(ChannelEnd::Resume)?;
         }
-        let ready: Vec<u64> = self
-            .watches
-            .iter()
-            .filter(|(_, l)| l.behind && l.sink.queued() <= WATCH_CLIENT_BUFFER / 2)
-            .map(|(id, _)| *id)
-            .collect();
         for id in ready {
             self.create(send, id).await.map_err(ChannelEnd::Resume)?;
         }

@@ -180,13 +180,18 @@ impl GroupLog {
     /// Appends the events of `revision` (`None`: a bookmark) from frame `seq`, dropping the
     /// oldest entry past [`LOG_ENTRIES_MAX`], and wakes the followers waiting.
     pub(crate) fn append(&self, seq: u64, revision: u64, events: Option<Events>) {
-        for shard in &self.shards {
+        for (i, shard) in self.shards.iter().enumerate() {
             let mut entries = shard.entries.write().expect("group log lock");
             debug_assert!(entries.list.back().is_none_or(|e| e.seq < seq));
+            // The first copy is the channel's own; the others are deep copies.
+            let copy = match &events {
+                Some(e) if i > 0 => Some(Events::from(e.to_vec())),
+                other => other.clone(),
+            };
             entries.list.push_back(Entry {
                 seq,
                 revision,
-                events: events.as_ref().map(|e| Events::from(e.to_vec())),
+                events: copy,
             });
             if entries.list.len() > LOG_ENTRIES_MAX {
                 entries.list.pop_front();
