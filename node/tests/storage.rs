@@ -114,3 +114,122 @@ async fn state_machine_recovers_after_reopen() {
         5
     );
 }
+
+/// A replica that applies a split late, after the new range's leader has already filled a
+/// replica of the new range on the same node with a snapshot, keeps that replica as the
+/// snapshot left it: before the fix, the split's first rows took it back to the split (its
+/// applied state, its log's start), and after a restart its log ended below what it had
+/// acknowledged (openraft: "follower log reversion").
+#[tokio::test]
+async fn a_split_applied_late_leaves_the_new_ranges_replica_alone() {
+    use concord_client::api::{KeySpan, PutRequest, RangeRequest};
+    use concord_node::mvcc::Command;
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+
+    const PARENT: u64 = 3;
+    const NEW: u64 = 70;
+    let log_id = |index| openraft::testing::log_id::<TypeConfig>(1, 1, index);
+    let put = |key: &str, value: &str| {
+        Command::Put(PutRequest {
+            key: key.into(),
+            value: value.into(),
+            lease: 0,
+            prev_kv: false,
+        })
+    };
+    // The parent's log: two writes, then the split at "m".
+    let parent_log = || {
+        vec![
+            Entry::new_normal(log_id(1), put("a", "1")),
+            Entry::new_normal(log_id(2), put("x", "1")),
+            Entry::new_normal(
+                log_id(3),
+                Command::Split {
+                    at: b"m".to_vec(),
+                    new_range: NEW,
+                },
+            ),
+        ]
+    };
+    let apply =
+        |entries: Vec<Entry>| futures::stream::iter(entries.into_iter().map(|e| Ok((e, None))));
+
+    // Another node applied the split in time; the new range then took a write and its leader
+    // built a snapshot.
+    let other = TempDir::new().unwrap();
+    let engine = Engine::open(&other.path().join("db")).unwrap();
+    let mut parent = StateMachine::open(engine.clone(), PARENT, Default::default()).unwrap();
+    parent.apply(apply(parent_log())).await.unwrap();
+    let mut new = StateMachine::open(engine.clone(), NEW, Default::default()).unwrap();
+    let after_split = openraft::testing::log_id::<TypeConfig>(2, 2, 9);
+    new.apply(apply(vec![Entry::new_normal(after_split, put("x", "2"))]))
+        .await
+        .unwrap();
+    let snapshot = new
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    assert_eq!(snapshot.meta.last_log_id, Some(after_split));
+
+    // This node hosts a replica of the new range, filled by that snapshot, and only then
+    // applies the parent's split.
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("db");
+    {
+        let engine = Engine::open(&path).unwrap();
+        let mut replica = StateMachine::open(engine.clone(), NEW, Default::default()).unwrap();
+        replica
+            .install_snapshot(&snapshot.meta, snapshot.snapshot)
+            .await
+            .unwrap();
+        let mut log = LogStore::new(engine.clone(), NEW);
+        log.purge(after_split).await.unwrap();
+        let mut late = StateMachine::open(engine.clone(), PARENT, Default::default()).unwrap();
+        late.apply(apply(parent_log())).await.unwrap();
+        engine.commit().sync().await.unwrap();
+    }
+
+    // After a restart the new range's replica is where the snapshot put it.
+    let engine = Engine::open(&path).unwrap();
+    let mut replica = StateMachine::open(engine.clone(), NEW, Default::default()).unwrap();
+    let (applied, _) = replica.applied_state().await.unwrap();
+    assert_eq!(
+        applied,
+        Some(after_split),
+        "the split took the new range back"
+    );
+    let state = LogStore::new(engine.clone(), NEW)
+        .get_log_state()
+        .await
+        .unwrap();
+    assert_eq!(
+        (state.last_purged_log_id, state.last_log_id),
+        (Some(after_split), Some(after_split)),
+        "the new range's log starts where its snapshot ends"
+    );
+    let x = replica
+        .state()
+        .read()
+        .unwrap()
+        .mvcc
+        .range(&RangeRequest::new(KeySpan::key("x")))
+        .unwrap();
+    assert_eq!(x.kvs[0].value, b"2");
+    // The parent gave up its keys from "m" on all the same.
+    let parent = StateMachine::open(engine, PARENT, Default::default()).unwrap();
+    let all = parent
+        .state()
+        .read()
+        .unwrap()
+        .mvcc
+        .range(&RangeRequest::new(KeySpan::prefix("")))
+        .unwrap();
+    assert_eq!(
+        all.kvs.len(),
+        1,
+        "only \"a\" stays with the parent: {:?}",
+        all.kvs
+    );
+}

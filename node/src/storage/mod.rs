@@ -29,7 +29,7 @@ mod state_machine;
 
 use std::io;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, DB};
 
@@ -48,6 +48,10 @@ pub(crate) const CF_KV: &str = "kv";
 pub struct Engine {
     db: Arc<DB>,
     commit: GroupCommit,
+    /// Held by a split from its check that the new range has no rows here to the write of
+    /// its first rows, and by a snapshot's install around its write (see
+    /// [`Engine::lock_new_rows`]).
+    new_rows: Mutex<()>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -74,7 +78,11 @@ impl Engine {
             .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
         let db = Arc::new(DB::open_cf_descriptors(&opts, path, cfs).map_err(to_io)?);
         let commit = GroupCommit::start(db.clone());
-        Ok(Arc::new(Self { db, commit }))
+        Ok(Arc::new(Self {
+            db,
+            commit,
+            new_rows: Mutex::new(()),
+        }))
     }
 
     /// The database.
@@ -133,6 +141,33 @@ impl Engine {
         }
         self.write(batch);
         self.commit.sync().await
+    }
+
+    /// Whether group `gid` has a row of its own here (a vote, a log state, an applied
+    /// state): a replica of it was started on this node, by a split or by its leader. A
+    /// failed read stops the process, as a failed write does.
+    pub(crate) fn has_rows(&self, gid: u64) -> bool {
+        let (from, to) = (group_key(gid, &[]), group_key(gid + 1, &[]));
+        [CF_META, CF_SM].into_iter().any(|name| {
+            let mut options = rocksdb::ReadOptions::default();
+            options.set_iterate_upper_bound(to.clone());
+            let mode = rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward);
+            match self.db.iterator_cf_opt(self.cf(name), options, mode).next() {
+                None => false,
+                Some(Ok(_)) => true,
+                Some(Err(e)) => storage_failed("read", e),
+            }
+        })
+    }
+
+    /// Orders the first rows a split writes for a new range with the rows a snapshot of it
+    /// writes. A replica that applies a split late may already host the new range, filled
+    /// by its leader's snapshot: the split must then leave that replica's rows alone (its
+    /// own would take the range back to the split, and its log below what it acknowledged).
+    /// The split checks [`Engine::has_rows`] and writes under this lock, a snapshot writes
+    /// under it, so one never overwrites the other after the check.
+    pub(crate) fn lock_new_rows(&self) -> MutexGuard<'_, ()> {
+        self.new_rows.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The group-commit writer.

@@ -256,17 +256,30 @@ impl StateMachine {
 
     /// Persists a split: the new range's versions move from this group's rows to its own,
     /// and the new range gets every row a replica needs to start it (see
-    /// [`split_start_log_id`]); this range's bounds and lease rows are rewritten.
-    fn write_split(&self, batch: &mut WriteBatch, state: &RangeState, right: &Mvcc) {
+    /// [`split_start_log_id`]); this range's bounds and lease rows are rewritten. Where the
+    /// new range already has rows here (`hosted`: this replica applies the split late, and
+    /// the new range's leader has already filled a replica of it here), those are newer
+    /// than the split and stay as they are: only this range's part is written.
+    fn write_split(&self, batch: &mut WriteBatch, state: &RangeState, right: &Mvcc, hosted: bool) {
         let engine = &self.engine;
         let cf_kv = engine.cf(CF_KV);
         let new = right.range_id();
         for (key, v) in right.versions() {
             batch.delete_cf(cf_kv, kv_key(self.gid, v.rev, key));
-            batch.put_cf(cf_kv, kv_key(new, v.rev, key), encode(&(key, &v.record)));
+            if !hosted {
+                batch.put_cf(cf_kv, kv_key(new, v.rev, key), encode(&(key, &v.record)));
+            }
         }
         Self::write_bounds(batch, engine, &state.mvcc);
         Self::rewrite_leases(batch, engine, self.gid, state.mvcc.leases());
+        if hosted {
+            tracing::info!(
+                range = self.gid,
+                new_range = new,
+                "split applied after the new range's replica here was started: its rows stay"
+            );
+            return;
+        }
         Self::write_bounds(batch, engine, right);
         Self::rewrite_leases(batch, engine, new, right.leases());
         let start = split_start_log_id();
@@ -469,6 +482,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut replies = Vec::new();
         let mut split_into = Vec::new();
         let mut merged = false;
+        // Taken at the first split of the batch, released once the batch is written.
+        let mut new_rows = None;
         {
             let cf_kv = self.engine.cf(CF_KV);
             // Held across the batch so readers see whole batches (never a torn txn).
@@ -503,7 +518,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         Mutation::Split(right) => {
                             // Applied in memory, nothing of it on disk yet.
                             super::crash_point("split-apply");
-                            self.write_split(&mut batch, &state, &right);
+                            new_rows.get_or_insert_with(|| self.engine.lock_new_rows());
+                            let hosted = self.engine.has_rows(right.range_id());
+                            self.write_split(&mut batch, &state, &right, hosted);
                             split_into.push(right.range_id());
                             // Watchers of the range resume from the route table (their
                             // spans may now reach into the new range).
@@ -533,6 +550,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.write_counters(&mut batch, &state);
         }
         self.engine.write(batch);
+        drop(new_rows);
         if !split_into.is_empty() || merged {
             // On disk, but the new range not started and the node's table not changed.
             super::crash_point("split-or-merge-applied");
@@ -588,7 +606,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         self.write_counters(&mut batch, &new_state);
         self.put_snapshot(&mut batch, meta, &data);
-        self.engine.write(batch);
+        {
+            // Not overwritten by a split applied late here (see `write_split`).
+            let _new_rows = self.engine.lock_new_rows();
+            self.engine.write(batch);
+        }
         self.engine.commit().sync().await?;
         *self.state.write().expect("range state lock") = new_state;
         // A split this replica skipped: the node starts the missing ranges empty, and their
