@@ -18,7 +18,11 @@
 //! revision, so a key's revisions never go backwards across a split. A command is applied
 //! only if every key it names is inside the bounds *when it applies*: one proposed before a
 //! split and applied after it is refused with `StaleEpoch` (the client retries it at the right
-//! range), never applied to keys the range no longer holds.
+//! range), never applied to keys the range no longer holds. The lease commands that reach a
+//! range's keys without naming them (`LeaseFence`, `LeaseDetach`, `LeaseDetached`) name the
+//! epoch they were made for instead, and a range at another epoch refuses them the same way:
+//! the owner of a lease sends them to every range of its table, and a range that split since
+//! would otherwise apply them to half the keys the owner meant, passing the other half over.
 //!
 //! **Merges**, in two steps on two logs. The right range is *frozen* ([`Command::Freeze`]):
 //! from that entry on it refuses every command (reads too, on the node) with `StaleEpoch`, so
@@ -96,18 +100,26 @@ pub enum Command {
     LeaseFence {
         /// The leases.
         ids: Vec<LeaseId>,
+        /// The epoch of the extent the owner sent it to: refused (`StaleEpoch`) by a range
+        /// whose extent changed since, so that no part of the keyspace is passed over.
+        epoch: u64,
     },
     /// Leases revoked by their owner range and fenced in every range, phase 2: delete their
     /// keys here (and refuse them, if not yet).
     LeaseDetach {
         /// The leases.
         ids: Vec<LeaseId>,
+        /// The epoch of the extent the owner sent it to (as in `LeaseFence`).
+        epoch: u64,
     },
     /// Every other range has fenced and detached these leases (owner range only): delete
     /// the owner's own keys of them; they are no longer pending.
     LeaseDetached {
         /// The leases.
         ids: Vec<LeaseId>,
+        /// The epoch of the owner's extent when the others were detached (as in
+        /// `LeaseFence`): a split of the owner since then hands keys to a range not yet told.
+        epoch: u64,
     },
     /// Split the range at `at` (strictly inside it): the keys from `at` on, and the leases
     /// anchored there, move to range `new_range` (see the module docs).
@@ -200,9 +212,9 @@ impl std::fmt::Display for Command {
                 "lease tick +{advance_ms} ms ({} renewals)",
                 renewals.len()
             ),
-            Self::LeaseFence { ids } => write!(f, "lease fence ({} leases)", ids.len()),
-            Self::LeaseDetach { ids } => write!(f, "lease detach ({} leases)", ids.len()),
-            Self::LeaseDetached { ids } => write!(f, "lease detached ({} leases)", ids.len()),
+            Self::LeaseFence { ids, .. } => write!(f, "lease fence ({} leases)", ids.len()),
+            Self::LeaseDetach { ids, .. } => write!(f, "lease detach ({} leases)", ids.len()),
+            Self::LeaseDetached { ids, .. } => write!(f, "lease detached ({} leases)", ids.len()),
             Self::Split { at, new_range } => {
                 write!(f, "split at {:?} into range {new_range}", text(at))
             }
@@ -555,7 +567,8 @@ impl Mvcc {
         }
     }
 
-    /// Whether every key `cmd` names lies inside the bounds (see the module docs).
+    /// Whether every key `cmd` names lies inside the bounds, and a command made for one
+    /// extent was made for this one (see the module docs).
     fn names_keys_inside(&self, cmd: &Command) -> bool {
         let b = &self.bounds;
         match cmd {
@@ -576,11 +589,11 @@ impl Mvcc {
             }
             Command::Split { at, .. } => b.contains(at),
             Command::Freeze { .. } | Command::Merge { .. } => true,
-            Command::Compact { .. }
-            | Command::LeaseTick { .. }
-            | Command::LeaseFence { .. }
-            | Command::LeaseDetach { .. }
-            | Command::LeaseDetached { .. } => true,
+            // Made for one extent: the keys they reach are those of that extent.
+            Command::LeaseFence { epoch, .. }
+            | Command::LeaseDetach { epoch, .. }
+            | Command::LeaseDetached { epoch, .. } => *epoch == b.epoch,
+            Command::Compact { .. } | Command::LeaseTick { .. } => true,
         }
     }
 
@@ -968,7 +981,7 @@ impl Mvcc {
                     revoked: expired,
                 })
             }
-            Command::LeaseFence { ids } => {
+            Command::LeaseFence { ids, .. } => {
                 self.lease_change(&mut cursor, out, |t, c| {
                     t.fence(ids, c);
                     Vec::new()
@@ -978,14 +991,14 @@ impl Mvcc {
                     revoked: ids.len() as u64,
                 })
             }
-            Command::LeaseDetach { ids } => {
+            Command::LeaseDetach { ids, .. } => {
                 self.lease_change(&mut cursor, out, |t, c| t.detach(ids, c));
                 KvResponse::Lease(LeaseResponse::Maintained {
                     header: self.header(),
                     revoked: ids.len() as u64,
                 })
             }
-            Command::LeaseDetached { ids } => {
+            Command::LeaseDetached { ids, .. } => {
                 self.lease_change(&mut cursor, out, |t, c| t.detached(ids, c));
                 KvResponse::Lease(LeaseResponse::Maintained {
                     header: self.header(),
@@ -1894,7 +1907,13 @@ mod tests {
         let refused = m.apply(&leased("d", 9), &mut Vec::new());
         assert_eq!(refused.unwrap_err(), ApiError::LeaseNotFound { id: 9 });
         // Phase 2: every range refuses it; its keys go at one revision.
-        let response = apply(&mut m, Command::LeaseDetached { ids: vec![9] });
+        let response = apply(
+            &mut m,
+            Command::LeaseDetached {
+                ids: vec![9],
+                epoch: 1,
+            },
+        );
         assert_eq!(response.header().revision, before + 1);
         assert_eq!(get(&m, "a", 0), None);
         assert_eq!(get(&m, "b", 0).unwrap().value, b"kept");
@@ -1927,7 +1946,13 @@ mod tests {
         // The expiry itself writes no key (the deletion follows the detach).
         apply(&mut m, tick(5_000));
         assert_eq!(m.revision(), rev);
-        apply(&mut m, Command::LeaseDetached { ids: vec![2] });
+        apply(
+            &mut m,
+            Command::LeaseDetached {
+                ids: vec![2],
+                epoch: 1,
+            },
+        );
         assert_eq!(m.revision(), rev + 1);
         assert_eq!(get(&m, "k", 0), None);
     }
@@ -1970,14 +1995,26 @@ mod tests {
         };
         apply(&mut m, tick(100));
         apply(&mut m, tick(5_000));
-        apply(&mut m, Command::LeaseDetached { ids: vec![3] });
+        apply(
+            &mut m,
+            Command::LeaseDetached {
+                ids: vec![3],
+                epoch: 1,
+            },
+        );
         assert_eq!(get(&m, "e", 0), None);
     }
 
     #[test]
     fn writes_with_a_detached_lease_are_refused_whole() {
         let mut m = Mvcc::new(1);
-        apply(&mut m, Command::LeaseFence { ids: vec![4] });
+        apply(
+            &mut m,
+            Command::LeaseFence {
+                ids: vec![4],
+                epoch: 1,
+            },
+        );
         let err = m.apply(&leased("a", 4), &mut Vec::new()).unwrap_err();
         assert_eq!(err, ApiError::LeaseNotFound { id: 4 });
         let txn = Command::Txn(TxnRequest {
@@ -2026,6 +2063,60 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_fence_or_detach_made_for_an_extent_the_range_left_is_refused() {
+        // A lease owned elsewhere has keys on both sides of "m".
+        let mut m = Mvcc::new(2);
+        apply(&mut m, leased("a", 7));
+        apply(&mut m, leased("x", 7));
+        let made_for = m.bounds().epoch;
+        let mut out = Vec::new();
+        let split = Command::Split {
+            at: b"m".to_vec(),
+            new_range: 70,
+        };
+        m.apply(&split, &mut out).unwrap();
+        let [Mutation::Split(right)] = out.as_slice() else {
+            panic!("one split mutation: {out:?}")
+        };
+        let mut right = (**right).clone();
+        // The owner's table still shows the range before the split: what it sends for that
+        // extent would reach only "a". Refused, so the owner asks again with the new table.
+        let revision = m.revision();
+        for stale in [
+            Command::LeaseFence {
+                ids: vec![7],
+                epoch: made_for,
+            },
+            Command::LeaseDetach {
+                ids: vec![7],
+                epoch: made_for,
+            },
+        ] {
+            let mut out = Vec::new();
+            assert!(matches!(
+                m.apply(&stale, &mut out),
+                Err(ApiError::StaleEpoch { .. })
+            ));
+            assert!(out.is_empty() && !m.leases().is_revoked(7));
+        }
+        assert_eq!(m.revision(), revision);
+        // Sent to both halves at their epochs, it deletes the keys on both sides.
+        for half in [&mut m, &mut right] {
+            let epoch = half.bounds().epoch;
+            apply(
+                half,
+                Command::LeaseDetach {
+                    ids: vec![7],
+                    epoch,
+                },
+            );
+            assert!(half.leases().is_revoked(7));
+        }
+        assert_eq!(get(&m, "a", 0), None);
+        assert_eq!(get(&right, "x", 0), None);
+    }
+
+    #[test]
     fn only_the_lowest_live_contender_passes_a_fence() {
         let mut m = Mvcc::new(1);
         apply(&mut m, leased("lock/a", 5));
@@ -2042,13 +2133,25 @@ mod tests {
             assert!(out.is_empty());
         }
         // The holder's lease is fenced: its writes are refused before its key goes.
-        apply(&mut m, Command::LeaseFence { ids: vec![5] });
+        apply(
+            &mut m,
+            Command::LeaseFence {
+                ids: vec![5],
+                epoch: 1,
+            },
+        );
         assert_eq!(
             m.apply(&fenced("data", a, 5, true), &mut Vec::new()),
             Err(ApiError::Fenced { token: a })
         );
         // Then detached: its key is deleted and the next contender holds the lock.
-        apply(&mut m, Command::LeaseDetach { ids: vec![5] });
+        apply(
+            &mut m,
+            Command::LeaseDetach {
+                ids: vec![5],
+                epoch: 1,
+            },
+        );
         assert_eq!(
             m.apply(&fenced("data", a, 5, true), &mut Vec::new()),
             Err(ApiError::Fenced { token: a })

@@ -230,13 +230,24 @@ impl NodeInner {
     /// the next tick tries again (every step is idempotent).
     pub(super) async fn finish_revocation(&self, group: &Group, ids: Vec<LeaseId>) -> bool {
         let owner = group.id;
-        let fence = Command::LeaseFence { ids: ids.clone() };
-        let detach = Command::LeaseDetach { ids: ids.clone() };
-        if !(self.on_other_ranges(owner, fence).await && self.on_other_ranges(owner, detach).await)
-        {
+        let fence = |epoch| Command::LeaseFence {
+            ids: ids.clone(),
+            epoch,
+        };
+        let detach = |epoch| Command::LeaseDetach {
+            ids: ids.clone(),
+            epoch,
+        };
+        if self.on_other_ranges(owner, fence).await.is_none() {
             return false;
         }
-        match self.propose(group, Command::LeaseDetached { ids }).await {
+        let Some(epoch) = self.on_other_ranges(owner, detach).await else {
+            return false;
+        };
+        match self
+            .propose(group, Command::LeaseDetached { ids, epoch })
+            .await
+        {
             Ok(_) => true,
             Err(e) => {
                 tracing::debug!(range = owner, "lease detached: {e}");
@@ -245,17 +256,20 @@ impl NodeInner {
         }
     }
 
-    /// Applies `cmd` at every range but `owner`; true when all succeeded. Every range means
-    /// the ranges of a complete table that did not change meanwhile: while a split is being
-    /// applied here, or happened during the round, the round does not count (the next tick
-    /// tries again), so a range just split off is not passed over.
-    async fn on_other_ranges(&self, owner: RangeId, cmd: Command) -> bool {
-        let Some(table) = self.complete_table() else {
-            return false;
-        };
+    /// Applies the command `make` builds for each range's epoch at every range but `owner`;
+    /// when all succeeded, the owner's epoch in the table they were sent by. Every range means
+    /// the ranges of a complete table: a range whose extent is not the table's any more (it
+    /// split or merged since, and this node has not heard) refuses its command, and a table
+    /// that changed during the round does not count either; the next tick tries again, so a
+    /// range just split off is never passed over.
+    async fn on_other_ranges(&self, owner: RangeId, make: impl Fn(u64) -> Command) -> Option<u64> {
+        let table = self.complete_table()?;
+        let owner_epoch = table.get(owner)?.epoch;
         let others = table.ranges().iter().filter(|d| d.id != owner);
-        let results = join_all(others.map(|d| self.propose_anywhere(d.id, cmd.clone()))).await;
-        results.iter().all(Result::is_ok) && self.complete_table().as_ref() == Some(&table)
+        let results = join_all(others.map(|d| self.propose_anywhere(d.id, make(d.epoch)))).await;
+        let done =
+            results.iter().all(Result::is_ok) && self.complete_table().as_ref() == Some(&table);
+        done.then_some(owner_epoch)
     }
 
     /// Runs `here` if this node leads range `range_id`; otherwise sends `request` to the
