@@ -5,6 +5,8 @@
 # run with the build's label added ("build":"A"). Medians are left to the reader (or `jq`).
 #   scripts/bench-ab.sh DIR_A DIR_B ROUNDS -- LOADGEN_ARGS...
 # e.g. scripts/bench-ab.sh /tmp/before target/release 3 -- --workload put --clients 64 --duration 10s
+# CONCORD_NODE_ARGS_A / CONCORD_NODE_ARGS_B add node arguments to one side only, to compare
+# settings of one build: DIR_A and DIR_B may then be the same directory.
 set -euo pipefail
 [ $# -ge 4 ] && [ "$4" = "--" ] || { sed -n 2,7p "$0"; exit 2; }
 cd "$(dirname "$0")/.."
@@ -16,7 +18,8 @@ one() {
   local bin=$1 label=$2 dir
   shift 2
   dir=$(mktemp -d target/concord-ab.XXXXXX)
-  CONCORD_BIN_DIR=$bin cluster_start "$dir"
+  local node_args_var=CONCORD_NODE_ARGS_$label
+  CONCORD_NODE_ARGS="${CONCORD_NODE_ARGS:-} ${!node_args_var:-}" CONCORD_BIN_DIR=$bin cluster_start "$dir"
   # Every range has a leader now; leader balancing (a round a second) settles within a few.
   sleep 3
   timeout 300 "$bin/concord-loadgen" run --target concord --config "$dir/concordctl.toml" -o json "$@" |
