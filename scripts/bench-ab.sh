@@ -2,13 +2,14 @@
 # Before against after on one machine, side by side: starts the 3-process cluster of
 # scripts/cluster.sh (fsync on) from two directories of release binaries in turn (A B, B A,
 # A B, ...), runs the same concord-loadgen workload once on each, and prints one JSON line per
-# run with the build's label added ("build":"A"). Medians are left to the reader (or `jq`).
+# run with the build's label and the cluster's range count after the run added
+# ("build":"A","ranges_after":8). Medians are left to the reader (or `jq`).
 #   scripts/bench-ab.sh DIR_A DIR_B ROUNDS -- LOADGEN_ARGS...
 # e.g. scripts/bench-ab.sh /tmp/before target/release 3 -- --workload put --clients 64 --duration 10s
 # CONCORD_NODE_ARGS_A / CONCORD_NODE_ARGS_B add node arguments to one side only, to compare
 # settings of one build: DIR_A and DIR_B may then be the same directory.
 set -euo pipefail
-[ $# -ge 4 ] && [ "$4" = "--" ] || { sed -n 2,7p "$0"; exit 2; }
+[ $# -ge 4 ] && [ "$4" = "--" ] || { sed -n 2,10p "$0"; exit 2; }
 cd "$(dirname "$0")/.."
 a=$1 b=$2 rounds=$3
 shift 4
@@ -22,8 +23,11 @@ one() {
   CONCORD_NODE_ARGS="${CONCORD_NODE_ARGS:-} ${!node_args_var:-}" CONCORD_BIN_DIR=$bin cluster_start "$dir"
   # Every range has a leader now; leader balancing (a round a second) settles within a few.
   sleep 3
-  timeout 300 "$bin/concord-loadgen" run --target concord --config "$dir/concordctl.toml" -o json "$@" |
-    sed "s/^{/{\"build\":\"$label\",/"
+  local out ranges
+  out=$(timeout 300 "$bin/concord-loadgen" run --target concord --config "$dir/concordctl.toml" -o json "$@")
+  # How many ranges the cluster ended with (it starts with 8; more: some split by load).
+  ranges=$("$bin/concordctl" --config "$dir/concordctl.toml" ranges -o json | jq length)
+  sed "s/^{/{\"build\":\"$label\",\"ranges_after\":$ranges,/" <<<"$out"
   cluster_stop
   rm -rf "$dir"
 }

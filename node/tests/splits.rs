@@ -3,7 +3,7 @@
 //! the new range, writes in flight are retried at the right range, and a replica that was
 //! down during the split (and can only catch up by snapshots) ends up hosting the new range;
 //! ranges past the key threshold, or past the write-rate threshold for long enough, split by
-//! themselves.
+//! themselves, unless the load is spread over more ranges than a split would help.
 
 mod common;
 
@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{eventually, revisions_per_range, Cluster, WAIT};
+use common::{eventually, key_in, revisions_per_range, Cluster, WAIT};
 use concord_client::api::{ApiError, Consistency, KeySpan, RangeRequest};
 use concord_client::Error;
 use concord_node::SplitSettings;
@@ -326,6 +326,96 @@ async fn a_range_under_sustained_write_load_splits_where_the_writes_halve() {
             Some((value.clone(), *rev)),
             "{k:?} after the load split"
         );
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ranges_evenly_loaded_past_the_write_threshold_do_not_split() {
+    // 8 ranges on 3 nodes, each past the write threshold: a node's share of the writes is 8/3
+    // ranges' worth, and a range takes 3/8 of it, under the half a load split needs. Checks
+    // of 1 s, so that every range samples enough writes (16) to pick a split key.
+    const RANGES: usize = 8;
+    const THRESHOLD: u64 = 10;
+    const CHECK_MS: u64 = 1_000;
+    let cluster = Cluster::start_tuned(3, RANGES, |c| {
+        c.split = SplitSettings {
+            keys_max: 0,
+            bytes_max: 0,
+            writes_per_sec_max: THRESHOLD,
+            hot_checks: 3,
+            check_interval_ms: CHECK_MS,
+        };
+    })
+    .await;
+    let client = cluster.client().await;
+    // The load starts on a settled cluster: every node leads 2 or 3 ranges (while leaderships
+    // move, the ranges' rates and the reports they are summed from swing).
+    eventually("leaders balanced", || async {
+        let report = client.placement().await.map_err(|e| e.to_string())?;
+        let leaders: Vec<u64> = report.nodes.iter().map(|n| n.leaders).collect();
+        if leaders.iter().sum::<u64>() == RANGES as u64 && leaders.iter().all(|l| *l >= 2) {
+            Ok(())
+        } else {
+            Err(format!("ranges led per node: {leaders:?}"))
+        }
+    })
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    // 50 keys in each range, taken in turn by every writer.
+    let keys: Arc<Vec<Vec<u8>>> = Arc::new(
+        (0..50)
+            .flat_map(|i| (1..=RANGES as u64).map(move |range| (range, i)))
+            .map(|(range, i)| key_in(&client, range, i))
+            .collect(),
+    );
+    let mut writers = Vec::new();
+    for w in 0..16usize {
+        let (client, stop, keys) = (client.clone(), stop.clone(), keys.clone());
+        writers.push(tokio::spawn(async move {
+            // Bounded: stops when told, or after 20,000 writes.
+            for i in 0..20_000usize {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let k = keys[(i + w * 7) % keys.len()].clone();
+                client
+                    .put(k.clone(), b"v".to_vec())
+                    .await
+                    .unwrap_or_else(|e| panic!("put {k:?}: {e}"));
+            }
+        }));
+    }
+    let hot = || async {
+        let report = client.placement().await.map_err(|e| e.to_string())?;
+        let rates: Vec<u64> = report.ranges.iter().map(|r| r.writes_per_sec).collect();
+        if rates.len() == RANGES && rates.iter().all(|r| *r > THRESHOLD) {
+            Ok(())
+        } else {
+            Err(format!("writes per second per range: {rates:?}"))
+        }
+    };
+    eventually("placement sees every range past the write threshold", hot).await;
+    // The load's length, not a synchronisation: eight checks, more than twice the hot streak
+    // a split needs, with every range's leader knowing the cluster's writes.
+    tokio::time::sleep(Duration::from_millis(8 * CHECK_MS)).await;
+    client.refresh_routes().await.expect("routes");
+    let ranges = client.routes().ranges;
+    assert_eq!(
+        ranges.len(),
+        RANGES,
+        "evenly loaded ranges split: {:?}",
+        ranges
+            .iter()
+            .map(|r| String::from_utf8_lossy(&r.start).into_owned())
+            .collect::<Vec<_>>()
+    );
+    if let Err(e) = hot().await {
+        panic!("the load fell under the threshold, so this tested nothing: {e}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.expect("writer");
     }
     cluster.shutdown().await;
 }

@@ -195,6 +195,10 @@ pub struct PlacementView {
     pub merged: BTreeSet<RangeId>,
     /// The placement group's voters.
     pub placement_voters: BTreeSet<NodeId>,
+    /// A node's fair share of the cluster's writes: the writes per second of every range, as
+    /// their leaders last reported them, over the nodes that are not drained (0 when no range
+    /// has reported). A load split weighs a hot range against it ([`super::split_service`]).
+    pub writes_per_sec_per_node: f64,
 }
 
 impl From<&PlacementReport> for PlacementView {
@@ -223,8 +227,17 @@ impl From<&PlacementReport> for PlacementView {
                 .filter(|n| n.placement)
                 .map(|n| n.id)
                 .collect(),
+            writes_per_sec_per_node: writes_per_sec_per_node(report),
         }
     }
+}
+
+/// The cluster's writes per second over its nodes that are not drained (see
+/// [`PlacementView::writes_per_sec_per_node`]).
+fn writes_per_sec_per_node(report: &PlacementReport) -> f64 {
+    let writes: u64 = report.ranges.iter().map(|r| r.writes_per_sec).sum();
+    let nodes = report.nodes.iter().filter(|n| !n.state.evacuated()).count();
+    writes as f64 / nodes.max(1) as f64
 }
 
 /// The answer to a heartbeat.
@@ -439,6 +452,16 @@ impl NodeInner {
             }
         }
         HeartbeatReply::Accepted(self.build_report(&group))
+    }
+
+    /// A node's fair share of the cluster's writes per second, from the last placement
+    /// report (0 before the first; see [`PlacementView::writes_per_sec_per_node`]).
+    pub(super) fn writes_per_sec_per_node(&self) -> f64 {
+        self.placement
+            .read()
+            .expect("placement lock")
+            .as_ref()
+            .map_or(0.0, |view| view.writes_per_sec_per_node)
     }
 
     /// The placement leader as this node knows it, with its address.
@@ -791,11 +814,16 @@ impl NodeInner {
         let now = Instant::now();
         let mut ranges = Vec::new();
         for group in self.groups() {
-            if group.id == PLACEMENT_GROUP || group.raft.as_leader().is_err() || !group.has_state()
-            {
+            if group.id == PLACEMENT_GROUP {
                 continue;
             }
+            // Every hosted range keeps its counters' baseline, so that a node that has just
+            // taken a leadership reports what it served since the last heartbeat, not 0 (which
+            // would make the cluster's writes, and a node's share of them, look smaller).
             let (reads_per_sec, writes_per_sec) = meter.rates(&group, now);
+            if group.raft.as_leader().is_err() || !group.has_state() {
+                continue;
+            }
             let (keys, bytes) = {
                 let state = group.state.read().expect("range state lock");
                 (state.mvcc.key_count() as u64, state.mvcc.stored_bytes())

@@ -2,9 +2,11 @@
 //! looks at the ranges it leads and splits one that holds more keys, or more bytes, than its
 //! threshold, at the key that halves its key count; or one that has taken more writes per
 //! second than its threshold for [`SplitSettings::hot_checks`] checks in a row, at the key
-//! that halves its sampled writes.
+//! that halves its sampled writes, if it also takes more than half of a node's fair share of
+//! the cluster's writes (from the placement service's last report): a split that cannot
+//! spread load only adds a Raft group ([`load_split_spreads`]).
 //!
-//! The decisions ([`split_point`], [`load_split_point`]) are pure functions of the range's
+//! The decisions ([`split_point`], [`load_split_point`], [`load_split_spreads`]) are pure functions of the range's
 //! state, its write sample and the thresholds; the loop only carries them out, one split per
 //! range per round, through the same path as an operator's `concordctl range split`. A split
 //! point is always strictly inside the range, so a split never makes an empty half that would
@@ -117,6 +119,21 @@ const WRITE_SAMPLE_KEYS: usize = 256;
 /// One write in this many is sampled.
 const WRITE_SAMPLE_EVERY: u64 = 4;
 
+/// Whether splitting a hot range taking `writes_per_sec` can spread its load, given a node's
+/// fair share of the cluster's writes (`node_share`, 0 when unknown): only if the range takes
+/// more than half of that share. A range below it is one of several pieces of its leader's
+/// load that leader balancing can already move; splitting it adds a Raft group (its
+/// heartbeats, a smaller batch per append, a second or two of new leaders) for little spread.
+/// Measured on 3 nodes with 8 evenly loaded ranges: splits cost 12 % of put throughput
+/// (docs/benchmarks/analysis.md). A single hot range, or hot ranges on a large cluster, still
+/// split. A share of 0 (no placement report yet, or one from before the writes) splits
+/// nothing: the placement service sees a hot range's writes within a heartbeat or two, long
+/// before the range has been hot for [`SplitSettings::hot_checks`] checks. The split loop
+/// asks this at every check of a hot streak, so that one noisy window splits nothing.
+pub fn load_split_spreads(writes_per_sec: f64, node_share: f64) -> bool {
+    node_share > 0.0 && writes_per_sec * 2.0 > node_share
+}
+
 /// Keys of a range's recent writes, sampled on its leader for load splits.
 #[derive(Default)]
 pub(super) struct WriteSample {
@@ -173,8 +190,11 @@ pub(super) async fn split_loop(inner: Weak<NodeInner>, settings: SplitSettings) 
             }
             let (_, rate) = meter.rates(&group, now);
             let streak = hot.entry(group.id).or_default();
-            let over =
-                settings.writes_per_sec_max != 0 && rate > settings.writes_per_sec_max as f64;
+            // Hot: past the threshold, and a large enough part of a node's share of the
+            // writes, at every check of the streak (one noisy window splits nothing).
+            let over = settings.writes_per_sec_max != 0
+                && rate > settings.writes_per_sec_max as f64
+                && load_split_spreads(rate, inner.writes_per_sec_per_node());
             *streak = if over { *streak + 1 } else { 0 };
             let (by_size, bounds) = {
                 let state = group.state.read().expect("range state lock");
@@ -231,6 +251,20 @@ mod tests {
         spec.iter()
             .flat_map(|(k, n)| std::iter::repeat_n(k.as_bytes().to_vec(), *n))
             .collect()
+    }
+
+    #[test]
+    fn a_load_split_needs_half_a_nodes_share_of_the_writes() {
+        // 3 nodes, 8 ranges evenly loaded at 2,000 writes/s each: a node's share is 5,333,
+        // a range a quarter of it.
+        let share = 8.0 * 2_000.0 / 3.0;
+        assert!(!load_split_spreads(2_000.0, share));
+        // One hot range among cold ones (6,000 of the 7,400 writes/s): it splits.
+        assert!(load_split_spreads(6_000.0, 7_400.0 / 3.0));
+        // 10 nodes, 5 hot ranges at 3,000 writes/s: a node's share is 1,500.
+        assert!(load_split_spreads(3_000.0, 15_000.0 / 10.0));
+        // Before placement has seen any writes, nothing splits by load.
+        assert!(!load_split_spreads(2_000.0, 0.0));
     }
 
     #[test]
