@@ -122,7 +122,7 @@ async fn state_machine_recovers_after_reopen() {
 /// acknowledged (openraft: "follower log reversion").
 #[tokio::test]
 async fn a_split_applied_late_leaves_the_new_ranges_replica_alone() {
-    use concord_client::api::{KeySpan, PutRequest, RangeRequest};
+    use concord_client::api::{KeySpan, PutRequest};
     use concord_node::mvcc::Command;
     use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 
@@ -209,27 +209,29 @@ async fn a_split_applied_late_leaves_the_new_ranges_replica_alone() {
         (Some(after_split), Some(after_split)),
         "the new range's log starts where its snapshot ends"
     );
-    let x = replica
-        .state()
-        .read()
-        .unwrap()
-        .mvcc
-        .range(&RangeRequest::new(KeySpan::key("x")))
-        .unwrap();
+    let x = scan(&replica, KeySpan::key("x"));
     assert_eq!(x.kvs[0].value, b"2");
     // The parent gave up its keys from "m" on all the same.
     let parent = StateMachine::open(engine, PARENT, Default::default()).unwrap();
-    let all = parent
-        .state()
-        .read()
-        .unwrap()
-        .mvcc
-        .range(&RangeRequest::new(KeySpan::prefix("")))
-        .unwrap();
+    let all = scan(&parent, KeySpan::prefix(""));
     assert_eq!(
         all.kvs.len(),
         1,
         "only \"a\" stays with the parent: {:?}",
         all.kvs
     );
+}
+
+/// The keys of `span` in `sm`'s applied state.
+fn scan(
+    sm: &StateMachine,
+    span: concord_client::api::KeySpan,
+) -> concord_client::api::RangeResponse {
+    use concord_client::api::RangeRequest;
+    sm.state()
+        .read()
+        .unwrap()
+        .mvcc
+        .range(&RangeRequest::new(span))
+        .unwrap()
 }
