@@ -180,6 +180,8 @@ pub(super) async fn split_loop(inner: Weak<NodeInner>, settings: SplitSettings) 
         ticker.tick().await;
         let Some(inner) = inner.upgrade() else { return };
         let now = Instant::now();
+        // A node's share of the cluster's writes, as of the last placement report.
+        let node_share = inner.writes_per_sec_per_node();
         for group in inner.groups() {
             if group.id == PLACEMENT_GROUP
                 || !group.raft.is_leader()
@@ -194,7 +196,7 @@ pub(super) async fn split_loop(inner: Weak<NodeInner>, settings: SplitSettings) 
             // writes, at every check of the streak (one noisy window splits nothing).
             let over = settings.writes_per_sec_max != 0
                 && rate > settings.writes_per_sec_max as f64
-                && load_split_spreads(rate, inner.writes_per_sec_per_node());
+                && load_split_spreads(rate, node_share);
             *streak = if over { *streak + 1 } else { 0 };
             let (by_size, bounds) = {
                 let state = group.state.read().expect("range state lock");

@@ -134,8 +134,7 @@ impl Engine {
     /// shut down first.
     pub async fn destroy_group(&self, gid: u64) -> io::Result<()> {
         let mut batch = WriteBatch::default();
-        // Every key of the group starts with its 8-byte id: past them all is the next id.
-        let (from, to) = (group_key(gid, &[]), group_key(gid + 1, &[]));
+        let (from, to) = group_span(gid);
         for name in [CF_LOG, CF_META, CF_SM, CF_KV] {
             batch.delete_range_cf(self.cf(name), &from, &to);
         }
@@ -147,7 +146,7 @@ impl Engine {
     /// state): a replica of it was started on this node, by a split or by its leader. A
     /// failed read stops the process, as a failed write does.
     pub(crate) fn has_rows(&self, gid: u64) -> bool {
-        let (from, to) = (group_key(gid, &[]), group_key(gid + 1, &[]));
+        let (from, to) = group_span(gid);
         [CF_META, CF_SM].into_iter().any(|name| {
             let mut options = rocksdb::ReadOptions::default();
             options.set_iterate_upper_bound(to.clone());
@@ -199,6 +198,11 @@ pub(crate) fn crash_point(name: &str) {
 }
 
 /// `gid | suffix` keys.
+/// Every key of group `gid` in a column family: from its id, up to the next id.
+pub(crate) fn group_span(gid: u64) -> (Vec<u8>, Vec<u8>) {
+    (group_key(gid, &[]), group_key(gid + 1, &[]))
+}
+
 pub(crate) fn group_key(gid: u64, suffix: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(8 + suffix.len());
     k.extend_from_slice(&gid.to_be_bytes());

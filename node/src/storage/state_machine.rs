@@ -587,11 +587,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         assert_eq!(mvcc.range_id(), self.gid, "snapshot of another range");
         let _order = self.snapshot_lock.lock().await;
         let mut batch = WriteBatch::default();
-        batch.delete_range_cf(
-            self.engine.cf(CF_KV),
-            group_key(self.gid, &[]),
-            group_key(self.gid + 1, &[]),
-        );
+        let (from, to) = super::group_span(self.gid);
+        batch.delete_range_cf(self.engine.cf(CF_KV), from, to);
         self.put_versions(&mut batch, mvcc.versions());
         Self::rewrite_leases(&mut batch, &self.engine, self.gid, mvcc.leases());
         Self::write_bounds(&mut batch, &self.engine, &mvcc);
