@@ -29,10 +29,22 @@ for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
 
+sudo_cmd=""
+[[ $(id -u) -ne 0 ]] && sudo_cmd="sudo"
 if ((${#missing[@]})); then
-  sudo_cmd=""
-  [[ $(id -u) -ne 0 ]] && sudo_cmd="sudo"
   echo "installing: ${missing[*]}" >&2
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# `install-deps.sh bench`: QUIC's UDP socket buffers (concord asks for 4 MiB each way; the
+# kernel caps it at these limits, 208 KiB by default, and a busy node then drops datagrams).
+if [[ ${1:-} == bench ]]; then
+  for limit in net.core.rmem_max net.core.wmem_max; do
+    if (($(sysctl -n "$limit") < 4194304)); then
+      echo "raising $limit to 4194304 for QUIC's socket buffers" >&2
+      $sudo_cmd sysctl -qw "$limit=4194304" ||
+        echo "could not raise $limit (a container?); concord will drop more datagrams" >&2
+    fi
+  done
 fi

@@ -34,6 +34,44 @@ impl Default for ConnectionLimits {
     }
 }
 
+/// The receive and send buffer a QUIC endpoint asks its UDP socket for. The kernel's default
+/// (208 KiB on Linux, about 150 small datagrams of accounted memory) overflowed under 256
+/// clients on a busy node: the datagrams it dropped were lost to QUIC, whose recovery then
+/// held replication and client replies for one or more round trips. Capped by the kernel at
+/// `net.core.rmem_max` / `wmem_max` (see [`size_socket_buffers`]).
+pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
+
+/// Asks for [`SOCKET_BUFFER_BYTES`] of receive and send buffer on `socket`, and warns when
+/// the kernel grants less (its `net.core.rmem_max` / `wmem_max` is lower): the endpoint works
+/// either way, it only drops more datagrams under bursts.
+pub fn size_socket_buffers(socket: &std::net::UdpSocket) {
+    let sock = socket2::SockRef::from(socket);
+    // Linux reports twice what was asked (the kernel's bookkeeping overhead), capped at twice
+    // the sysctl; asking and reading back tells whether the cap was hit.
+    let granted = |set: std::io::Result<()>, get: std::io::Result<usize>| match (set, get) {
+        (Ok(()), Ok(size)) => Some(size),
+        _ => None,
+    };
+    let recv = granted(
+        sock.set_recv_buffer_size(SOCKET_BUFFER_BYTES),
+        sock.recv_buffer_size(),
+    );
+    let send = granted(
+        sock.set_send_buffer_size(SOCKET_BUFFER_BYTES),
+        sock.send_buffer_size(),
+    );
+    for (what, sysctl, size) in [("receive", "rmem_max", recv), ("send", "wmem_max", send)] {
+        if size.is_none_or(|size| size < SOCKET_BUFFER_BYTES) {
+            tracing::warn!(
+                wanted = SOCKET_BUFFER_BYTES,
+                granted = ?size,
+                "the UDP socket's {what} buffer is smaller than wanted; raise \
+                 net.core.{sysctl} to at least {SOCKET_BUFFER_BYTES} to drop fewer datagrams"
+            );
+        }
+    }
+}
+
 fn transport_config(limits: &ConnectionLimits) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     t.max_concurrent_bidi_streams(VarInt::from_u32(limits.streams_per_connection_max));
@@ -94,6 +132,7 @@ pub fn node_endpoint(
     let runtime = quinn::default_runtime()
         .ok_or_else(|| io_error(std::io::Error::other("no async runtime")))?;
     let socket = std::net::UdpSocket::bind(bind).map_err(io_error)?;
+    size_socket_buffers(&socket);
     let (reset_key, cid_key) = restart_keys(&certs.key)?;
     let mut config = EndpointConfig::new(Arc::new(reset_key));
     config.cid_generator(move || Box::new(HashedConnectionIdGenerator::from_key(cid_key)));
@@ -120,10 +159,48 @@ fn restart_keys(node_key: &Path) -> Result<(hmac::Key, u64), TlsError> {
 /// A client endpoint on an OS-chosen port, trusting the cluster CA at `ca_cert`.
 pub fn client_endpoint(ca_cert: &Path, limits: &ConnectionLimits) -> Result<Endpoint, TlsError> {
     let bind: SocketAddr = "0.0.0.0:0".parse().expect("literal address");
-    let mut endpoint = Endpoint::client(bind).map_err(|source| TlsError::Io {
+    let io_error = |source| TlsError::Io {
         path: "udp socket".into(),
         source,
-    })?;
+    };
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| io_error(std::io::Error::other("no async runtime")))?;
+    let socket = std::net::UdpSocket::bind(bind).map_err(io_error)?;
+    size_socket_buffers(&socket);
+    let mut endpoint =
+        Endpoint::new(EndpointConfig::default(), None, socket, runtime).map_err(io_error)?;
     endpoint.set_default_client_config(client_config(ca_cert, ALPN_CLIENT, limits)?);
     Ok(endpoint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel's cap on what a process may ask for (`net.core.rmem_max` or `wmem_max`).
+    fn sysctl_bytes(name: &str) -> usize {
+        let path = format!("/proc/sys/net/core/{name}");
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        text.trim().parse().unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    #[test]
+    fn an_endpoints_socket_gets_the_buffers_it_asks_for_up_to_the_kernels_cap() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a loopback socket");
+        let before = socket2::SockRef::from(&socket)
+            .recv_buffer_size()
+            .expect("read the receive buffer");
+        size_socket_buffers(&socket);
+        let sock = socket2::SockRef::from(&socket);
+        let recv = sock.recv_buffer_size().expect("read the receive buffer");
+        let send = sock.send_buffer_size().expect("read the send buffer");
+        // Linux doubles what it grants; at least what was asked, up to the cap.
+        let recv_want = SOCKET_BUFFER_BYTES.min(sysctl_bytes("rmem_max"));
+        let send_want = SOCKET_BUFFER_BYTES.min(sysctl_bytes("wmem_max"));
+        assert!(
+            recv >= recv_want,
+            "receive buffer {recv} < {recv_want} (before: {before})"
+        );
+        assert!(send >= send_want, "send buffer {send} < {send_want}");
+    }
 }
