@@ -165,12 +165,13 @@ async fn a_split_applied_late_leaves_the_new_ranges_replica_alone() {
     new.apply(apply(vec![Entry::new_normal(after_split, put("x", "2"))]))
         .await
         .unwrap();
-    let snapshot = new
-        .get_snapshot_builder()
+    new.get_snapshot_builder()
         .await
         .build_snapshot()
         .await
         .unwrap();
+    // What its leader sends a replica: the state encoded when asked.
+    let snapshot = new.get_current_snapshot().await.unwrap().unwrap();
     assert_eq!(snapshot.meta.last_log_id, Some(after_split));
 
     // This node hosts a replica of the new range, filled by that snapshot, and only then
@@ -234,4 +235,196 @@ fn scan(
         .mvcc
         .range(&RangeRequest::new(span))
         .unwrap()
+}
+
+/// Building a snapshot writes no copy of the state (its bytes are encoded only when a
+/// follower is sent one), and the snapshot read afterwards is of the current state, applied
+/// entries since the build included; installed on another replica, it gives that state. While
+/// the node holds snapshots (openraft starting the group), a read is metadata only.
+#[tokio::test]
+async fn a_snapshot_is_encoded_when_read_and_carries_the_current_state() {
+    use concord_client::api::{KeySpan, PutRequest};
+    use concord_node::mvcc::Command;
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+
+    const GID: u64 = 3;
+    let log_id = |index| openraft::testing::log_id::<TypeConfig>(1, 1, index);
+    let put = |index: u64, key: &str| {
+        let cmd = Command::Put(PutRequest {
+            key: key.into(),
+            value: format!("{index}").into_bytes(),
+            lease: 0,
+            prev_kv: false,
+        });
+        futures::stream::iter([Ok((Entry::new_normal(log_id(index), cmd), None))])
+    };
+    let dir = TempDir::new().unwrap();
+    let engine = Engine::open(&dir.path().join("db")).unwrap();
+    let mut sm = StateMachine::open(engine.clone(), GID, Default::default()).unwrap();
+    assert!(
+        sm.get_current_snapshot().await.unwrap().is_none(),
+        "no snapshot before the first build"
+    );
+    sm.apply(put(1, "a")).await.unwrap();
+    sm.apply(put(2, "b")).await.unwrap();
+    let sm_bytes_before = sm_column_bytes(&engine, GID);
+    let built = sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    assert_eq!(built.meta.last_log_id, Some(log_id(2)));
+    assert!(
+        built.snapshot.get_ref().is_empty(),
+        "a build encodes nothing"
+    );
+    assert!(
+        sm_column_bytes(&engine, GID) < sm_bytes_before + 1024,
+        "a build stores the snapshot's metadata only"
+    );
+
+    sm.apply(put(3, "c")).await.unwrap();
+    {
+        let _hold = sm.hold_snapshots();
+        let held = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(held.meta.last_log_id, Some(log_id(3)));
+        assert!(
+            held.snapshot.get_ref().is_empty(),
+            "metadata only while held"
+        );
+    }
+    let snapshot = sm.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(
+        snapshot.meta.last_log_id,
+        Some(log_id(3)),
+        "the current state"
+    );
+
+    let other = TempDir::new().unwrap();
+    let other_engine = Engine::open(&other.path().join("db")).unwrap();
+    let mut replica = StateMachine::open(other_engine, GID, Default::default()).unwrap();
+    replica
+        .install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+    let (applied, _) = replica.applied_state().await.unwrap();
+    assert_eq!(applied, Some(log_id(3)));
+    let all = scan(&replica, KeySpan::prefix(""));
+    let keys: Vec<_> = all.kvs.iter().map(|kv| kv.key.clone()).collect();
+    assert_eq!(keys, [b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
+}
+
+/// The bytes of group `gid`'s rows in the `sm` column family.
+fn sm_column_bytes(engine: &Engine, gid: u64) -> usize {
+    let cf = engine.db().cf_handle("sm").expect("the sm column family");
+    let from = gid.to_be_bytes();
+    engine
+        .db()
+        .iterator_cf(
+            cf,
+            rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward),
+        )
+        .map(|row| row.expect("read the sm column family"))
+        .take_while(|(key, _)| key.starts_with(&from))
+        .map(|(key, value)| key.len() + value.len())
+        .sum()
+}
+
+/// Regression (the split/merge/move/kill campaign, a node that panicked at every restart with
+/// a key "outside the range"): a replica of a bootstrap range created empty by a move and
+/// filled by replaying the range's log from index 0 must start from the same extent as the
+/// replicas initialised at the first start. It started from the whole keyspace: the merge in
+/// the log was refused there (the left range must end where the right one starts), its state
+/// diverged from the other replicas', and at the next start, opened with the layout's extent,
+/// the keys merged in were outside it. Every replica now opens with `initial_bounds`.
+#[tokio::test]
+async fn a_bootstrap_range_replayed_from_index_0_matches_its_voters_and_reopens() {
+    use concord_client::api::{KeySpan, PutRequest};
+    use concord_node::mvcc::Command;
+    use concord_node::node::initial_bounds;
+    use openraft::storage::RaftStateMachine;
+
+    let layout = concord_placement::bootstrap_layout(4, &[1, 2, 3]);
+    let (left, right) = (initial_bounds(&layout, 1), initial_bounds(&layout, 2));
+    assert_eq!(left.end, right.start, "ranges 1 and 2 are neighbours");
+    let in_right = |i: u32| {
+        let mut key = right.start.clone();
+        key.extend_from_slice(format!("/{i}").as_bytes());
+        key
+    };
+    let put = |key: Vec<u8>, value: &str| {
+        Command::Put(PutRequest {
+            key,
+            value: value.into(),
+            lease: 0,
+            prev_kv: false,
+        })
+    };
+    let apply = |entries: Vec<(u64, Command)>| {
+        futures::stream::iter(entries.into_iter().map(|(index, cmd)| {
+            let id = openraft::testing::log_id::<TypeConfig>(1, 1, index);
+            Ok((Entry::new_normal(id, cmd), None))
+        }))
+    };
+
+    // Range 2 takes two writes and is frozen for a merge into range 1.
+    let scratch = TempDir::new().unwrap();
+    let engine = Engine::open(&scratch.path().join("db")).unwrap();
+    let mut range2 = StateMachine::open(engine.clone(), 2, right.clone()).unwrap();
+    range2
+        .apply(apply(vec![
+            (1, put(in_right(1), "1")),
+            (2, put(in_right(1), "2")),
+            (3, Command::Freeze { into: 1 }),
+        ]))
+        .await
+        .unwrap();
+    let frozen = Box::new(range2.state().read().unwrap().mvcc.clone());
+    // Range 1's log: a write, the merge, a write to a key merged in.
+    let log = || {
+        vec![
+            (1, put(vec![1], "a")),
+            (
+                2,
+                Command::Merge {
+                    right: frozen.clone(),
+                },
+            ),
+            (3, put(in_right(1), "3")),
+        ]
+    };
+    let mut voter = StateMachine::open(engine.clone(), 1, initial_bounds(&layout, 1)).unwrap();
+    voter.apply(apply(log())).await.unwrap();
+
+    // A replica moved here: empty, opened as the node opens every group, filled by replaying
+    // the log from index 0 (the leader had purged nothing).
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("db");
+    {
+        let engine = Engine::open(&path).unwrap();
+        let mut replica =
+            StateMachine::open(engine.clone(), 1, initial_bounds(&layout, 1)).unwrap();
+        replica.apply(apply(log())).await.unwrap();
+        engine.commit().sync().await.unwrap();
+    }
+    // Restarted: it opens (before the fix: "outside the range"), as the voter is.
+    let engine = Engine::open(&path).unwrap();
+    let replica = StateMachine::open(engine, 1, initial_bounds(&layout, 1)).unwrap();
+    let (ours, theirs) = (
+        scan(&replica, KeySpan::prefix("")),
+        scan(&voter, KeySpan::prefix("")),
+    );
+    assert_eq!(ours.kvs, theirs.kvs, "the replayed replica diverged");
+    let merged = ours
+        .kvs
+        .iter()
+        .find(|kv| kv.key == in_right(1))
+        .expect("the merged key");
+    assert_eq!((merged.version, merged.value.as_slice()), (3, &b"3"[..]));
+    assert_eq!(
+        replica.state().read().unwrap().mvcc.bounds().end,
+        right.end,
+        "range 1 took range 2's extent"
+    );
 }

@@ -181,7 +181,9 @@ mod tests {
     fn sysctl_bytes(name: &str) -> usize {
         let path = format!("/proc/sys/net/core/{name}");
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        text.trim().parse().unwrap_or_else(|e| panic!("{path}: {e}"))
+        text.trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
     }
 
     #[test]

@@ -257,15 +257,7 @@ impl BoundNode {
             node_id: config.id,
             watch_buffer: config.watch_buffer,
             hosts: hosts_tx.clone(),
-        };
-        // A bootstrap range's extent is in no log: every replica opened with it has it from
-        // the layout (a range that split, or was moved here by a snapshot, stores its own).
-        let layout_bounds = |id: RangeId| {
-            table.get(id).map_or_else(Bounds::default, |d| Bounds {
-                start: d.start.clone(),
-                end: d.end.clone(),
-                epoch: d.epoch,
-            })
+            layout: table.clone(),
         };
         let mut groups = BTreeMap::new();
         // On a fresh data directory (not when joining) the bootstrap groups this node is a
@@ -282,7 +274,7 @@ impl BoundNode {
                 if !voters.contains(&config.id) {
                     continue;
                 }
-                let group = opener.open(id, layout_bounds(id)).await?;
+                let group = opener.open(id).await?;
                 // Every voter initialises with the same membership: safe in openraft, and no
                 // node has to be special at first start.
                 if let Err(e) = group.raft.initialize(membership(&voters)).await {
@@ -293,7 +285,7 @@ impl BoundNode {
         }
         for id in engine.group_ids()? {
             if let std::collections::btree_map::Entry::Vacant(slot) = groups.entry(id) {
-                slot.insert(Arc::new(opener.open(id, layout_bounds(id)).await?));
+                slot.insert(Arc::new(opener.open(id).await?));
             }
         }
         // Ranges split off while this replica was behind (named by a snapshot it installed).
@@ -389,12 +381,30 @@ struct GroupOpener {
     node_id: NodeId,
     watch_buffer: usize,
     hosts: mpsc::UnboundedSender<Vec<RangeId>>,
+    /// The cluster's first cut of the keyspace ([`bootstrap_layout`]).
+    layout: RangeTable,
+}
+
+/// The extent a replica of range `id` has before its log or a snapshot says otherwise: a
+/// bootstrap range's from `layout`, the whole keyspace for others (the placement group; a
+/// range made by a split always starts from its parent's split or a snapshot). A bootstrap
+/// range's extent is in no log entry, so every replica, whether initialised at the first
+/// start, reopened later, or created empty by a move and filled by replaying the log from
+/// index 0, must start from this same extent: a replica that started from another replayed
+/// a merge into the range as refused, and its state diverged from the other replicas'.
+pub fn initial_bounds(layout: &RangeTable, id: RangeId) -> Bounds {
+    layout.get(id).map_or_else(Bounds::default, |d| Bounds {
+        start: d.start.clone(),
+        end: d.end.clone(),
+        epoch: d.epoch,
+    })
 }
 
 impl GroupOpener {
-    /// Opens group `id` from storage (`bootstrap` is its extent if it never split) and
-    /// starts its openraft instance; it is not initialised here.
-    async fn open(&self, id: RangeId, bootstrap: Bounds) -> Result<Group, StartError> {
+    /// Opens group `id` from storage (from [`initial_bounds`] if it holds nothing of it yet)
+    /// and starts its openraft instance; it is not initialised here.
+    async fn open(&self, id: RangeId) -> Result<Group, StartError> {
+        let bootstrap = initial_bounds(&self.layout, id);
         let log = LogStore::new(self.engine.clone(), id);
         // Reading the range's versions from RocksDB blocks for as long as the range is large
         // (a range made by a split under load): not on an async worker, where it would hold
@@ -410,9 +420,11 @@ impl GroupOpener {
             peers: self.peers.clone(),
             group: id,
         };
+        let hold = sm.hold_snapshots();
         let raft = Raft::new(self.node_id, self.raft_config.clone(), network, log, sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
+        drop(hold);
         Ok(Group {
             id,
             raft,

@@ -29,7 +29,6 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::BasicNode;
 
 use super::{not_leader, Group, NodeInner, PLACEMENT_GROUP};
-use crate::mvcc::Bounds;
 use crate::network::{PeerError, PeerReply, PeerRequest};
 use crate::raft_types::LogId;
 
@@ -232,12 +231,7 @@ impl NodeInner {
             return Err(format!("range {id} was merged away"));
         }
         let started = std::time::Instant::now();
-        let group = Arc::new(
-            self.opener
-                .open(id, Bounds::default())
-                .await
-                .map_err(|e| e.to_string())?,
-        );
+        let group = Arc::new(self.opener.open(id).await.map_err(|e| e.to_string())?);
         self.groups
             .write()
             .expect("groups lock")

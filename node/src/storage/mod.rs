@@ -36,7 +36,8 @@ use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, DB};
 pub use group_commit::GroupCommit;
 pub use log_store::LogStore;
 pub use state_machine::{
-    split_start_log_id, RangeState, RevisionEvents, StateMachine, WATCH_BUFFER_DEFAULT,
+    split_start_log_id, RangeState, RevisionEvents, SnapshotHold, StateMachine,
+    WATCH_BUFFER_DEFAULT,
 };
 
 pub(crate) const CF_LOG: &str = "log";

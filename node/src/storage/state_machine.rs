@@ -6,6 +6,7 @@
 //! openraft re-applies the log above the persisted last-applied id.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use futures::{Stream, TryStreamExt};
@@ -27,7 +28,8 @@ use crate::raft_types::{
 const TAG_APPLIED: u8 = 1;
 const TAG_MEMBERSHIP: u8 = 2;
 const TAG_COUNTERS: u8 = 3;
-const TAG_SNAPSHOT: u8 = 4;
+// Tag 4 held a snapshot's bytes until snapshots were encoded only when sent.
+/// The metadata of the last snapshot openraft asked for (built) or installed.
 const TAG_SNAPSHOT_META: u8 = 5;
 const TAG_LEASE_CLOCK: u8 = 6;
 /// `TAG_OWNED_LEASE ++ id` → an owned lease.
@@ -49,6 +51,17 @@ pub fn split_start_log_id() -> LogId {
 }
 
 type Snapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotData>;
+
+/// Makes [`StateMachine`] answer snapshot reads with metadata only until dropped (see
+/// [`StateMachine::hold_snapshots`]).
+#[derive(Debug)]
+pub struct SnapshotHold(Arc<AtomicBool>);
+
+impl Drop for SnapshotHold {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
 
 /// Watch events buffered per range (in revisions) before a slow watcher is cancelled.
 pub const WATCH_BUFFER_DEFAULT: usize = 1024;
@@ -80,6 +93,14 @@ pub struct RangeState {
 }
 
 impl RangeState {
+    /// The metadata of a snapshot of this state.
+    fn snapshot_meta(&self) -> SnapshotMeta {
+        SnapshotMeta {
+            last_log_id: self.last_applied,
+            last_membership: self.membership.clone(),
+        }
+    }
+
     /// Ends every watch channel of the replica: `events` is replaced, so each subscription
     /// sees it closed (after the events already sent) and its client re-plans or resumes.
     pub fn close_watches(&mut self) {
@@ -96,6 +117,9 @@ pub struct StateMachine {
     /// Orders snapshot writes: a build (run concurrently by openraft) must not overwrite a
     /// newer snapshot installed meanwhile.
     snapshot_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Whether [`RaftStateMachine::get_current_snapshot`] encodes the state; false while
+    /// openraft starts the group (see [`StateMachine::hold_snapshots`]).
+    snapshots_served: Arc<AtomicBool>,
     /// Told the ids of ranges this replica must host from now on: split off by an applied
     /// split, or named by an installed snapshot (a split this replica did not apply); told
     /// none after a merge (the node's table changed).
@@ -210,8 +234,20 @@ impl StateMachine {
             engine,
             state: Arc::new(RwLock::new(state)),
             snapshot_lock: Default::default(),
+            snapshots_served: Arc::new(AtomicBool::new(true)),
             hosts: None,
         })
+    }
+
+    /// Until the returned hold is dropped, [`RaftStateMachine::get_current_snapshot`] answers
+    /// with the metadata of the current state and no bytes. openraft reads the current
+    /// snapshot twice while it starts a group: for its metadata, and to install it if it is
+    /// newer than what is applied, which a snapshot of the current state never is. Encoding
+    /// the whole range twice at every start would be wasted; the node holds snapshots
+    /// around `Raft::new`.
+    pub fn hold_snapshots(&self) -> SnapshotHold {
+        self.snapshots_served.store(false, Ordering::Release);
+        SnapshotHold(self.snapshots_served.clone())
     }
 
     /// Where to send the ids of ranges this replica must host from now on (see `hosts`).
@@ -355,15 +391,8 @@ impl StateMachine {
             .and_then(|m| m.last_log_id))
     }
 
-    fn put_snapshot(&self, batch: &mut WriteBatch, meta: &SnapshotMeta, data: &[u8]) {
+    fn put_snapshot_meta(&self, batch: &mut WriteBatch, meta: &SnapshotMeta) {
         let sm = self.engine.cf(CF_SM);
-        batch.put_cf(
-            sm,
-            group_key(self.gid, &[TAG_SNAPSHOT]),
-            // The bytes as one byte string (postcard writes it as it writes a `Vec<u8>`, but
-            // in one copy rather than a byte at a time).
-            encode(&(meta, serde_bytes::Bytes::new(data))),
-        );
         batch.put_cf(sm, group_key(self.gid, &[TAG_SNAPSHOT_META]), encode(meta));
     }
 }
@@ -426,20 +455,15 @@ fn publish_events(state: &RangeState, mutations: &[Mutation]) {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     type SnapshotData = SnapshotData;
 
+    /// Records the current state's metadata as the snapshot, without its bytes. The state
+    /// is already in RocksDB (every apply writes it), and openraft keeps only a built
+    /// snapshot's metadata: to know up to where it may purge the log. The bytes are needed
+    /// only when a follower behind the purged log or a new replica is sent a snapshot, and
+    /// [`RaftStateMachine::get_current_snapshot`] encodes them then. Encoding every range at
+    /// every 100,000 entries, on all its replicas at once, made throughput dip to zero for a
+    /// second (docs/benchmarks/analysis.md).
     async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
-        // Copy under the lock, encode outside it (and off the async workers): applies and
-        // reads are not held up by the encoding of a large range.
-        let (meta, mvcc) = {
-            let state = self.state.read().expect("range state lock");
-            let meta = SnapshotMeta {
-                last_log_id: state.last_applied,
-                last_membership: state.membership.clone(),
-            };
-            (meta, state.mvcc.clone())
-        };
-        let data = tokio::task::spawn_blocking(move || encode(&mvcc))
-            .await
-            .map_err(to_io)?;
+        let meta = self.state.read().expect("range state lock").snapshot_meta();
         let _order = self.snapshot_lock.lock().await;
         let newer = match (self.stored_snapshot_id()?, meta.last_log_id) {
             (Some(stored), Some(built)) => built.index() > stored.index(),
@@ -448,12 +472,12 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         };
         if newer {
             let mut batch = WriteBatch::default();
-            self.put_snapshot(&mut batch, &meta, &data);
+            self.put_snapshot_meta(&mut batch, &meta);
             self.engine.write(batch);
         }
         Ok(Snapshot {
             meta,
-            snapshot: SnapshotData::new(data),
+            snapshot: SnapshotData::default(),
         })
     }
 }
@@ -579,10 +603,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> io::Result<()> {
         super::crash_point("snapshot-install");
         let data = snapshot.into_inner();
-        let (data, mut mvcc) =
-            tokio::task::spawn_blocking(move || decode::<Mvcc>(&data).map(|m| (data, m)))
-                .await
-                .map_err(to_io)??;
+        let mut mvcc = tokio::task::spawn_blocking(move || decode::<Mvcc>(&data))
+            .await
+            .map_err(to_io)??;
         mvcc.rebuild_lease_index();
         assert_eq!(mvcc.range_id(), self.gid, "snapshot of another range");
         let _order = self.snapshot_lock.lock().await;
@@ -602,7 +625,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             watch_buffer,
         };
         self.write_counters(&mut batch, &new_state);
-        self.put_snapshot(&mut batch, meta, &data);
+        self.put_snapshot_meta(&mut batch, meta);
         {
             // Not overwritten by a split applied late here (see `write_split`).
             let _new_rows = self.engine.lock_new_rows();
@@ -616,18 +639,32 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
+    /// A snapshot of the current state (newer than or as new as the last one built: openraft
+    /// records the progress of a follower sent it at its metadata, and any state applied
+    /// here is committed). Copied under the range's lock, encoded off the async workers.
+    /// `None` until a snapshot was first built or installed, as openraft expects of a
+    /// group that has purged nothing.
     async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
-        let db = self.engine.db();
-        let Some(bytes) = db
-            .get_cf(self.engine.cf(CF_SM), group_key(self.gid, &[TAG_SNAPSHOT]))
-            .map_err(to_io)?
-        else {
+        if self.stored_snapshot_id()?.is_none() {
             return Ok(None);
+        }
+        if !self.snapshots_served.load(Ordering::Acquire) {
+            let meta = self.state.read().expect("range state lock").snapshot_meta();
+            return Ok(Some(Snapshot {
+                meta,
+                snapshot: SnapshotData::default(),
+            }));
+        }
+        let (meta, mvcc) = {
+            let state = self.state.read().expect("range state lock");
+            (state.snapshot_meta(), state.mvcc.clone())
         };
-        let (meta, data): (SnapshotMeta, serde_bytes::ByteBuf) = decode(&bytes)?;
+        let data = tokio::task::spawn_blocking(move || encode(&mvcc))
+            .await
+            .map_err(to_io)?;
         Ok(Some(Snapshot {
             meta,
-            snapshot: SnapshotData::new(data.into_vec()),
+            snapshot: SnapshotData::new(data),
         }))
     }
 }
