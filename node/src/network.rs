@@ -676,6 +676,13 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
         cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        // A snapshot read while its group was starting is metadata only (see
+        // `StateMachine::hold_snapshots`): never send one; openraft reads it again.
+        if snapshot.snapshot.get_ref().is_empty() {
+            return Err(StreamingError::Network(NetworkError::from_string(
+                "the snapshot was read while its group started (no bytes); retrying",
+            )));
+        }
         let request = PeerRequest::Snapshot {
             vote,
             meta: snapshot.meta,

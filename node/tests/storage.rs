@@ -249,10 +249,10 @@ async fn a_snapshot_is_encoded_when_read_and_carries_the_current_state() {
 
     const GID: u64 = 3;
     let log_id = |index| openraft::testing::log_id::<TypeConfig>(1, 1, index);
-    let put = |index: u64, key: &str| {
+    let put = |index: u64, key: &str, value: Vec<u8>| {
         let cmd = Command::Put(PutRequest {
             key: key.into(),
-            value: format!("{index}").into_bytes(),
+            value,
             lease: 0,
             prev_kv: false,
         });
@@ -265,8 +265,9 @@ async fn a_snapshot_is_encoded_when_read_and_carries_the_current_state() {
         sm.get_current_snapshot().await.unwrap().is_none(),
         "no snapshot before the first build"
     );
-    sm.apply(put(1, "a")).await.unwrap();
-    sm.apply(put(2, "b")).await.unwrap();
+    // A state of a quarter of a MiB: a build that stored it would show.
+    sm.apply(put(1, "a", vec![b'a'; 256 << 10])).await.unwrap();
+    sm.apply(put(2, "b", b"2".to_vec())).await.unwrap();
     let sm_bytes_before = sm_column_bytes(&engine, GID);
     let built = sm
         .get_snapshot_builder()
@@ -284,7 +285,7 @@ async fn a_snapshot_is_encoded_when_read_and_carries_the_current_state() {
         "a build stores the snapshot's metadata only"
     );
 
-    sm.apply(put(3, "c")).await.unwrap();
+    sm.apply(put(3, "c", b"3".to_vec())).await.unwrap();
     {
         let _hold = sm.hold_snapshots();
         let held = sm.get_current_snapshot().await.unwrap().unwrap();
@@ -337,7 +338,10 @@ fn sm_column_bytes(engine: &Engine, gid: u64) -> usize {
 /// replicas initialised at the first start. It started from the whole keyspace: the merge in
 /// the log was refused there (the left range must end where the right one starts), its state
 /// diverged from the other replicas', and at the next start, opened with the layout's extent,
-/// the keys merged in were outside it. Every replica now opens with `initial_bounds`.
+/// the keys merged in were outside it. Every replica now opens with `initial_bounds`
+/// (`GroupOpener::open` takes no extent from its callers). This test checks that extent
+/// gives a replayed replica the voters' state; with the whole keyspace in its place (what
+/// `host_replica` passed) it fails as node 4 did. It does not drive `host_replica` itself.
 #[tokio::test]
 async fn a_bootstrap_range_replayed_from_index_0_matches_its_voters_and_reopens() {
     use concord_client::api::{KeySpan, PutRequest};
@@ -408,7 +412,7 @@ async fn a_bootstrap_range_replayed_from_index_0_matches_its_voters_and_reopens(
         replica.apply(apply(log())).await.unwrap();
         engine.commit().sync().await.unwrap();
     }
-    // Restarted: it opens (before the fix: "outside the range"), as the voter is.
+    // Restarted: it opens (from the whole keyspace: "outside the range"), as the voter is.
     let engine = Engine::open(&path).unwrap();
     let replica = StateMachine::open(engine, 1, initial_bounds(&layout, 1)).unwrap();
     let (ours, theirs) = (

@@ -420,11 +420,15 @@ impl GroupOpener {
             peers: self.peers.clone(),
             group: id,
         };
+        // `build` reads the initial state (the snapshot's metadata among it) and starts
+        // nothing; `run` starts the group, whose leader may send a snapshot at once, so the
+        // hold ends in between.
         let hold = sm.hold_snapshots();
-        let raft = Raft::new(self.node_id, self.raft_config.clone(), network, log, sm)
+        let raft = Raft::build(self.node_id, self.raft_config.clone(), network, log, sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
         drop(hold);
+        raft.run();
         Ok(Group {
             id,
             raft,

@@ -3,7 +3,8 @@
 //! Column families (every key starts with the 8-byte big-endian group id, so groups never mix):
 //! - `log`:  `gid | index` → a Raft log entry.
 //! - `meta`: `gid | tag` → the vote, the last purged log id.
-//! - `sm`:   `gid | tag` → last applied log id, membership, MVCC counters, current snapshot.
+//! - `sm`:   `gid | tag` → last applied log id, membership, MVCC counters, the last snapshot's
+//!   metadata (its bytes are encoded when one is sent).
 //! - `kv`:   `gid | main revision | sub revision` → one MVCC version `(key, record | tombstone)`.
 //!
 //! A split writes the new group's rows (its versions moved from the parent's, its counters,
