@@ -53,20 +53,15 @@ const GRANTED_FACTOR: usize = 1;
 /// either way, it only drops more datagrams under bursts.
 pub fn size_socket_buffers(socket: &std::net::UdpSocket) {
     let sock = socket2::SockRef::from(socket);
-    // Linux reports twice what was asked (the kernel's bookkeeping overhead), capped at twice
-    // the sysctl; asking and reading back tells whether the cap was hit.
-    let granted = |set: std::io::Result<()>, get: std::io::Result<usize>| match (set, get) {
-        (Ok(()), Ok(size)) => Some(size),
-        _ => None,
-    };
-    let recv = granted(
-        sock.set_recv_buffer_size(SOCKET_BUFFER_BYTES),
-        sock.recv_buffer_size(),
-    );
-    let send = granted(
-        sock.set_send_buffer_size(SOCKET_BUFFER_BYTES),
-        sock.send_buffer_size(),
-    );
+    // Asking and reading back tells whether the kernel's cap was hit (`GRANTED_FACTOR`).
+    let recv = sock
+        .set_recv_buffer_size(SOCKET_BUFFER_BYTES)
+        .and_then(|()| sock.recv_buffer_size())
+        .ok();
+    let send = sock
+        .set_send_buffer_size(SOCKET_BUFFER_BYTES)
+        .and_then(|()| sock.send_buffer_size())
+        .ok();
     for (what, sysctl, size) in [("receive", "rmem_max", recv), ("send", "wmem_max", send)] {
         if size.is_none_or(|size| size < GRANTED_FACTOR * SOCKET_BUFFER_BYTES) {
             tracing::warn!(
@@ -132,18 +127,10 @@ pub fn node_endpoint(
     let quic = QuicServerConfig::try_from(crypto).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
     server.transport_config(transport_config(limits));
-    let io_error = |source| TlsError::Io {
-        path: format!("udp socket {bind}").into(),
-        source,
-    };
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| io_error(std::io::Error::other("no async runtime")))?;
-    let socket = std::net::UdpSocket::bind(bind).map_err(io_error)?;
-    size_socket_buffers(&socket);
     let (reset_key, cid_key) = restart_keys(&certs.key)?;
     let mut config = EndpointConfig::new(Arc::new(reset_key));
     config.cid_generator(move || Box::new(HashedConnectionIdGenerator::from_key(cid_key)));
-    let mut endpoint = Endpoint::new(config, Some(server), socket, runtime).map_err(io_error)?;
+    let mut endpoint = endpoint_on(bind, config, Some(server))?;
     endpoint.set_default_client_config(client_config(&certs.ca_cert, ALPN_PEER, limits)?);
     Ok(endpoint)
 }
@@ -166,18 +153,27 @@ fn restart_keys(node_key: &Path) -> Result<(hmac::Key, u64), TlsError> {
 /// A client endpoint on an OS-chosen port, trusting the cluster CA at `ca_cert`.
 pub fn client_endpoint(ca_cert: &Path, limits: &ConnectionLimits) -> Result<Endpoint, TlsError> {
     let bind: SocketAddr = "0.0.0.0:0".parse().expect("literal address");
+    let mut endpoint = endpoint_on(bind, EndpointConfig::default(), None)?;
+    endpoint.set_default_client_config(client_config(ca_cert, ALPN_CLIENT, limits)?);
+    Ok(endpoint)
+}
+
+/// A quinn endpoint on a UDP socket bound to `bind`, its buffers sized
+/// ([`size_socket_buffers`]), on the current tokio runtime.
+fn endpoint_on(
+    bind: SocketAddr,
+    config: EndpointConfig,
+    server: Option<quinn::ServerConfig>,
+) -> Result<Endpoint, TlsError> {
     let io_error = |source| TlsError::Io {
-        path: "udp socket".into(),
+        path: format!("udp socket {bind}").into(),
         source,
     };
     let runtime = quinn::default_runtime()
         .ok_or_else(|| io_error(std::io::Error::other("no async runtime")))?;
     let socket = std::net::UdpSocket::bind(bind).map_err(io_error)?;
     size_socket_buffers(&socket);
-    let mut endpoint =
-        Endpoint::new(EndpointConfig::default(), None, socket, runtime).map_err(io_error)?;
-    endpoint.set_default_client_config(client_config(ca_cert, ALPN_CLIENT, limits)?);
-    Ok(endpoint)
+    Endpoint::new(config, server, socket, runtime).map_err(io_error)
 }
 
 #[cfg(test)]

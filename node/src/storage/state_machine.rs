@@ -648,16 +648,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if self.stored_snapshot_id()?.is_none() {
             return Ok(None);
         }
-        if !self.snapshots_served.load(Ordering::Acquire) {
-            let meta = self.state.read().expect("range state lock").snapshot_meta();
-            return Ok(Some(Snapshot {
-                meta,
-                snapshot: SnapshotData::default(),
-            }));
-        }
         let (meta, mvcc) = {
             let state = self.state.read().expect("range state lock");
-            (state.snapshot_meta(), state.mvcc.clone())
+            let meta = state.snapshot_meta();
+            if !self.snapshots_served.load(Ordering::Acquire) {
+                return Ok(Some(Snapshot {
+                    meta,
+                    snapshot: SnapshotData::default(),
+                }));
+            }
+            (meta, state.mvcc.clone())
         };
         let data = tokio::task::spawn_blocking(move || encode(&mvcc))
             .await
