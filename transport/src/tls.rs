@@ -92,7 +92,13 @@ pub fn ensure_ca(dir: &Path) -> Result<(), TlsError> {
             .map_err(|e| TlsError::Cert(e.to_string()))?;
         // The key goes first: whoever links the key also links the certificate that matches it.
         if write_new(&key_path, &key.serialize_pem())? {
-            fs::write(ca_cert_path(dir), cert.pem()).map_err(io_err(&ca_cert_path(dir)))?;
+            // Whole or not at all: a concurrent starter reads it as soon as it exists, and a
+            // half-written file would give it an empty trust store (every peer then fails
+            // with `UnknownIssuer`).
+            let path = ca_cert_path(dir);
+            let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+            fs::write(&tmp, cert.pem()).map_err(io_err(&tmp))?;
+            fs::rename(&tmp, &path).map_err(io_err(&path))?;
         }
     }
     // A concurrent creator linked the key but may not have written the certificate yet.
