@@ -52,8 +52,9 @@ pub(super) async fn leader_balance_loop(inner: Weak<NodeInner>, interval: Durati
             let Ok(group) = inner.group(range) else {
                 continue;
             };
-            // A merge led here would have to start again at the new leader.
-            if group.merging() {
+            // A merge or a replica move led here would fail and have to start again at the
+            // new leader.
+            if group.merging() || group.moving() {
                 continue;
             }
             tracing::info!(range, to, "leader balance: handing leadership over");

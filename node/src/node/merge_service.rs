@@ -14,11 +14,9 @@
 //! neighbour frozen; the placement scheduler sees it and asks the range ending where it starts
 //! to merge it (the only range that can: a merge checks adjacency when it applies).
 
-use std::sync::atomic::Ordering;
-
 use concord_transport::api::{ApiError, FrozenResponse, KvRequest, KvResponse, RangeId};
 
-use super::{not_leader, Group, NodeInner};
+use super::{not_leader, Group, NodeInner, UnderWay};
 
 /// The largest range a freeze accepts, in bytes of keys and values: its whole state travels in
 /// one peer message and one Raft entry of the merging range (well under the peer frame limit,
@@ -89,7 +87,7 @@ impl NodeInner {
         if let Err(f) = group.raft.as_leader() {
             return Err(not_leader(range_id, f.leader_id));
         }
-        let _under_way = MergeUnderWay::new(group);
+        let _under_way = UnderWay::new(&group.merges_under_way);
         let end = {
             let state = group.state.read().expect("range state lock");
             // A range frozen into its own left neighbour merges nothing.
@@ -157,21 +155,4 @@ fn merge_pause() -> Option<std::time::Duration> {
         .and_then(|ms| ms.parse().ok())
         .map(std::time::Duration::from_millis));
     None
-}
-
-/// Counts a merge of `group`'s right neighbour as under way for as long as it lives (see
-/// `Group::merges_under_way`: the range does not split meanwhile).
-struct MergeUnderWay<'a>(&'a Group);
-
-impl<'a> MergeUnderWay<'a> {
-    fn new(group: &'a Group) -> Self {
-        group.merges_under_way.fetch_add(1, Ordering::AcqRel);
-        Self(group)
-    }
-}
-
-impl Drop for MergeUnderWay<'_> {
-    fn drop(&mut self) {
-        self.0.merges_under_way.fetch_sub(1, Ordering::AcqRel);
-    }
 }

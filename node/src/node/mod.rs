@@ -436,6 +436,7 @@ impl GroupOpener {
             keeper: LeaseKeeper::default(),
             counters: RangeCounters::default(),
             merges_under_way: AtomicU32::new(0),
+            moves_under_way: AtomicU32::new(0),
         })
     }
 }
@@ -504,6 +505,27 @@ struct Group {
     /// would be refused (the neighbour left frozen until the scheduler finishes it): splits
     /// wait until no merge is under way.
     merges_under_way: AtomicU32,
+    /// Replica moves this node is running as the range's leader. The leader does not hand
+    /// its leadership over meanwhile, and a learner seen while none is under way is one a
+    /// failed move left behind (see `NodeInner::drop_stray_learners`).
+    moves_under_way: AtomicU32,
+}
+
+/// Counts an operation as under way in a counter for as long as it lives (a merge, a
+/// move: see `Group::merges_under_way` and `Group::moves_under_way`).
+struct UnderWay<'a>(&'a AtomicU32);
+
+impl<'a> UnderWay<'a> {
+    fn new(counter: &'a AtomicU32) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        Self(counter)
+    }
+}
+
+impl Drop for UnderWay<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Requests a range served here since start (the placement heartbeat and the split loop turn
@@ -561,6 +583,12 @@ impl Group {
     /// Whether this node's leader is running a merge into the range (see `merges_under_way`).
     fn merging(&self) -> bool {
         self.merges_under_way.load(Ordering::Acquire) > 0
+    }
+
+    /// Whether this node's leader is moving one of the range's replicas (see
+    /// `moves_under_way`).
+    fn moving(&self) -> bool {
+        self.moves_under_way.load(Ordering::Acquire) > 0
     }
 
     /// The range's extent and epoch, as applied here.
@@ -730,6 +758,19 @@ impl Node {
             .filter(|g| g.id != PLACEMENT_GROUP && g.has_state())
             .map(|g| g.id)
             .collect()
+    }
+
+    /// The learners (replicas being added, not voting) of range `range` in the membership
+    /// this node's replica holds; `None` where it holds no replica.
+    pub fn learners(&self, range: RangeId) -> Option<Vec<NodeId>> {
+        let group = self.inner().group(range).ok()?;
+        let metrics = group.raft.metrics().borrow_watched().clone();
+        let learners = metrics
+            .membership_config
+            .membership()
+            .learner_ids()
+            .collect();
+        Some(learners)
     }
 
     /// Whether this node holds a replica of the placement group (with state), a voter or

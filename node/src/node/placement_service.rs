@@ -860,10 +860,14 @@ impl NodeInner {
     }
 
     /// Sends `beat` to the placement leader (here, a known leader, or any node that may know
-    /// it) and takes the view it answers with.
+    /// it) and takes the view it answers with. A node without a replica of the placement
+    /// group knows its leader only from the last report it took: when that leader is
+    /// unreachable (dead, or its process stopped), the node asks the group's other voters,
+    /// which know the new leader from Raft, instead of calling the dead one for ever.
     async fn send_heartbeat(&self, beat: Heartbeat) -> Result<(), String> {
         let timeout = Duration::from_millis(HEARTBEAT_TIMEOUT_MS);
         let mut target = self.placement_leader_record();
+        let mut unreachable = BTreeSet::new();
         for _ in 0..3 {
             let reply = match &target {
                 Some(leader) if leader.id == self.config.id => {
@@ -881,9 +885,13 @@ impl NodeInner {
                 {
                     Ok(PeerReply::Heartbeat(reply)) => reply,
                     Ok(other) => return Err(format!("unexpected reply {other:?}")),
-                    Err(e) => return Err(e.to_string()),
+                    Err(e) => {
+                        tracing::debug!(leader = leader.id, "placement leader unreachable: {e}");
+                        unreachable.insert(leader.id);
+                        self.heartbeat_anyone(&beat, &unreachable).await?
+                    }
                 },
-                None => self.heartbeat_anyone(&beat).await?,
+                None => self.heartbeat_anyone(&beat, &unreachable).await?,
             };
             match reply {
                 HeartbeatReply::Accepted(report) => {
@@ -896,7 +904,8 @@ impl NodeInner {
                             self.peers.learn(l.id, addr);
                         }
                     }
-                    if leader.is_none() || leader == target {
+                    let known_bad = leader.as_ref().is_some_and(|l| unreachable.contains(&l.id));
+                    if leader.is_none() || leader == target || known_bad {
                         return Err("the placement group has no leader now".into());
                     }
                     target = leader;
@@ -906,20 +915,38 @@ impl NodeInner {
         Err("placement leader hints went round in circles".into())
     }
 
-    /// Sends `beat` to some node that may know the placement leader: a known peer (over the
-    /// pooled connection), else the node given by `--join` (on a one-off connection).
-    async fn heartbeat_anyone(&self, beat: &Heartbeat) -> Result<HeartbeatReply, String> {
+    /// Sends `beat` to some node that may know the placement leader, skipping the nodes in
+    /// `unreachable`: the placement group's voters first (they know its leader from Raft;
+    /// another node knows it only from its last report), then every other known peer (over
+    /// the pooled connections), else the node given by `--join` (on a one-off connection).
+    async fn heartbeat_anyone(
+        &self,
+        beat: &Heartbeat,
+        unreachable: &BTreeSet<NodeId>,
+    ) -> Result<HeartbeatReply, String> {
         let timeout = Duration::from_millis(HEARTBEAT_TIMEOUT_MS);
         let request = || PeerRequest::Heartbeat(beat.clone());
         let unpack = |reply: PeerReply| match reply {
             PeerReply::Heartbeat(reply) => Ok(reply),
             other => Err(format!("unexpected reply {other:?}")),
         };
-        let peers: Vec<NodeId> = self
+        let voters = self
+            .placement
+            .read()
+            .expect("placement lock")
+            .as_ref()
+            .map(|view| view.placement_voters.clone())
+            .unwrap_or_default();
+        let others = self
             .peers
             .addrs()
             .into_keys()
-            .filter(|id| *id != self.config.id)
+            .filter(|id| !voters.contains(id));
+        let peers: Vec<NodeId> = voters
+            .iter()
+            .copied()
+            .chain(others)
+            .filter(|id| *id != self.config.id && !unreachable.contains(id))
             .collect();
         for peer in &peers {
             if let Ok(reply) = self

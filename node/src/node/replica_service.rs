@@ -28,7 +28,7 @@ use openraft::async_runtime::watch::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::BasicNode;
 
-use super::{not_leader, Group, NodeInner, PLACEMENT_GROUP};
+use super::{not_leader, Group, NodeInner, UnderWay, PLACEMENT_GROUP};
 use crate::network::{PeerError, PeerReply, PeerRequest};
 use crate::raft_types::LogId;
 
@@ -73,6 +73,7 @@ impl NodeInner {
         if let Err(f) = group.raft.as_leader() {
             return Err(not_leader(range_id, f.leader_id));
         }
+        let _under_way = UnderWay::new(&group.moves_under_way);
         let metrics = group.raft.metrics().borrow_watched().clone();
         let voters: BTreeSet<NodeId> = metrics.membership_config.membership().voter_ids().collect();
         let done = |voters: BTreeSet<NodeId>| {
@@ -150,6 +151,10 @@ impl NodeInner {
         }
         // The learner has caught up; the voters are still the old ones.
         crate::storage::crash_point("move-learner-added");
+        // A test's way to fail the move here, as a leadership lost at this point would.
+        fail::fail_point!("move-fails-after-learner", |_| Err(ApiError::Internal(
+            "fail point move-fails-after-learner".into()
+        )));
         let mut new_voters = voters;
         new_voters.remove(&from);
         new_voters.insert(to);
@@ -376,6 +381,32 @@ impl NodeInner {
         }
     }
 
+    /// Removes the learners a failed move left in `group` (led here): a move whose leader
+    /// lost its leadership, or failed, between adding the receiver as a learner and the
+    /// membership change. The placement scheduler never moves a range with a learner (a
+    /// move is under way), so a stray one would pin the range's replicas for ever. The
+    /// membership is read before the move count: a learner added by a move that starts
+    /// later is not seen, and one whose move just made it a voter is refused by openraft
+    /// (it removes learners only).
+    async fn drop_stray_learners(&self, group: &Group) {
+        let learners: BTreeSet<NodeId> = {
+            let metrics = group.raft.metrics().borrow_watched().clone();
+            let membership = metrics.membership_config.membership();
+            if membership.get_joint_config().len() > 1 {
+                return;
+            }
+            membership.learner_ids().collect()
+        };
+        if learners.is_empty() || group.moving() {
+            return;
+        }
+        let remove = openraft::ChangeMembers::RemoveNodes(learners.clone());
+        match group.raft.change_membership(remove, false).await {
+            Ok(_) => tracing::info!(range = group.id, ?learners, "removed stray learners"),
+            Err(e) => tracing::debug!(range = group.id, "removing stray learners: {e}"),
+        }
+    }
+
     /// Shuts this node's replica of `id` down and deletes it (`why` is for the log).
     async fn remove_replica(&self, id: RangeId, why: &str) {
         let _opening = self.opening.lock().await;
@@ -411,6 +442,7 @@ pub(super) async fn replica_gc_loop(inner: Weak<NodeInner>) {
             }
             if group.raft.is_leader() {
                 inner.leave_joint(&group).await;
+                inner.drop_stray_learners(&group).await;
                 continue;
             }
             if !inner.maybe_removed(&group) {

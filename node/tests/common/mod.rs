@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use concord_client::api::{NodeId, RangeId};
 use concord_client::{Client, ClientConfig};
 use concord_node::{BoundNode, Node, NodeConfig, RaftSettings, SplitSettings};
+use concord_placement::replicas::NodeState;
 use tempfile::TempDir;
 
 /// Upper bound of every wait in these tests.
@@ -310,7 +311,7 @@ impl Cluster {
     }
 }
 
-/// Polls `check` until it returns `Ok`, failing with its last message after `WAIT`.
+/// Polls `check` until it returns `Ok`, failing the test with its last message after `WAIT`.
 pub async fn eventually<F, Fut>(what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
@@ -319,8 +320,18 @@ where
     let start = Instant::now();
     loop {
         match check().await {
-            Ok(()) => return,
-            Err(e) if start.elapsed() > WAIT => panic!("{what}: not reached within {WAIT:?}: {e}"),
+            Ok(()) => {
+                // Shown with a failing test's output: how close each wait came to `WAIT`.
+                eprintln!("{what}: reached after {:?}", start.elapsed());
+                return;
+            }
+            Err(e) if start.elapsed() > WAIT => {
+                // Printed, then unwound without the panic hook: a backtrace of the poller
+                // says nothing, and CI shows a failure's last lines, where this stays.
+                let failure = format!("{what}: not reached within {WAIT:?}: {e}");
+                eprintln!("{failure}");
+                std::panic::resume_unwind(Box::new(failure));
+            }
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
@@ -355,4 +366,18 @@ pub fn key_in(client: &Client, range: RangeId, i: usize) -> Vec<u8> {
     key.extend_from_slice(format!("/key-{i:05}").as_bytes());
     assert!(desc.contains(&key));
     key
+}
+
+/// Starts node `id`, joining the cluster, and waits until it is registered (its heartbeat
+/// reached the placement leader).
+pub async fn join_registered(cluster: &mut Cluster, client: &Client, id: NodeId) {
+    cluster.join(id).await;
+    eventually(&format!("node {id} registered"), || async {
+        let report = client.placement().await.map_err(|e| e.to_string())?;
+        match report.nodes.iter().find(|n| n.id == id) {
+            Some(n) if n.state == NodeState::Up => Ok(()),
+            other => Err(format!("node {id}: {other:?}")),
+        }
+    })
+    .await;
 }

@@ -1,0 +1,64 @@
+//! Replica moves that fail half way (its own binary: the fail point it configures is
+//! process-wide).
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{eventually, join_registered, Cluster};
+use concord_client::api::{Consistency, KeySpan, RangeRequest};
+
+/// Regression: a move that failed after adding its receiver as a learner (its leader lost
+/// the leadership there, say) left the learner in the range for ever. The placement
+/// scheduler never moves a range with a learner (it takes it for a move under way), so the
+/// range's replicas stayed where they were, on a dead node too. The range's leader now
+/// removes a learner no move of its own is adding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_move_failing_after_adding_its_learner_leaves_no_learner_behind() {
+    let mut cluster = Cluster::start_tuned(3, 2, |c| c.placement.schedule = false).await;
+    let client = cluster.client().await;
+    let mut acked = BTreeMap::new();
+    for i in 0..40 {
+        let key = format!("{}/moves-{i:02}", (b'0' + (i % 75) as u8) as char).into_bytes();
+        client.put(key.clone(), b"v".to_vec()).await.expect("put");
+        acked.insert(key, b"v".to_vec());
+    }
+    join_registered(&mut cluster, &client, 4).await;
+    fail::cfg("move-fails-after-learner", "return").expect("configure the fail point");
+    let failed = client.move_replica(1, 3, 4).await;
+    fail::remove("move-fails-after-learner");
+    let e = failed.expect_err("the fail point fails the move");
+    assert!(e.to_string().contains("move-fails-after-learner"), "{e}");
+    // The learner was added: the range's leader names it.
+    let leader = cluster.leader_of(1).expect("range 1 has a leader");
+    assert_eq!(cluster.node(leader).learners(1), Some(vec![4]));
+    // The leader removes the stray learner (within a pass of its replica sweep).
+    eventually("the stray learner removed", || async {
+        let leader = cluster.leader_of(1).ok_or("range 1 has no leader")?;
+        match cluster.node(leader).learners(1) {
+            Some(learners) if learners.is_empty() => Ok(()),
+            other => Err(format!("leader {leader}: learners {other:?}")),
+        }
+    })
+    .await;
+    let moved = client
+        .move_replica(1, 3, 4)
+        .await
+        .expect("move range 1 again");
+    assert_eq!(moved.voters, vec![1, 2, 4]);
+    for (key, value) in &acked {
+        let r = client
+            .range(
+                RangeRequest::new(KeySpan::key(key.clone())),
+                Consistency::Linearizable,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("read {key:?}: {e}"));
+        assert_eq!(
+            r.kvs.first().map(|kv| &kv.value),
+            Some(value),
+            "{key:?} lost"
+        );
+    }
+    cluster.shutdown().await;
+}
