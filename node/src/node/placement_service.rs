@@ -90,6 +90,10 @@ pub struct PlacementSettings {
     /// Its heartbeats report it as the node's total memory, and the scheduler gives nodes
     /// replicas in proportion to it (in whole GiB, at least 1).
     pub memory_bytes: Option<u64>,
+    /// How long a replica move waits for its receiver to hold the range's snapshot, in
+    /// milliseconds (`replica_service::LEARNER_CATCH_UP_TIMEOUT_MS` by default); past it the
+    /// move fails and the receiver is removed again.
+    pub learner_catch_up_ms: u64,
 }
 
 impl Default for PlacementSettings {
@@ -101,6 +105,7 @@ impl Default for PlacementSettings {
             schedule: true,
             merge_after_ms: 300_000,
             memory_bytes: None,
+            learner_catch_up_ms: super::replica_service::LEARNER_CATCH_UP_TIMEOUT_MS,
         }
     }
 }
@@ -888,10 +893,10 @@ impl NodeInner {
                     Err(e) => {
                         tracing::debug!(leader = leader.id, "placement leader unreachable: {e}");
                         unreachable.insert(leader.id);
-                        self.heartbeat_anyone(&beat, &unreachable).await?
+                        self.heartbeat_anyone(&beat, &mut unreachable).await?
                     }
                 },
-                None => self.heartbeat_anyone(&beat, &unreachable).await?,
+                None => self.heartbeat_anyone(&beat, &mut unreachable).await?,
             };
             match reply {
                 HeartbeatReply::Accepted(report) => {
@@ -916,13 +921,13 @@ impl NodeInner {
     }
 
     /// Sends `beat` to some node that may know the placement leader, skipping the nodes in
-    /// `unreachable`: the placement group's voters first (they know its leader from Raft;
+    /// `unreachable` (and adding those that fail to it): the placement group's voters first (they know its leader from Raft;
     /// another node knows it only from its last report), then every other known peer (over
     /// the pooled connections), else the node given by `--join` (on a one-off connection).
     async fn heartbeat_anyone(
         &self,
         beat: &Heartbeat,
-        unreachable: &BTreeSet<NodeId>,
+        unreachable: &mut BTreeSet<NodeId>,
     ) -> Result<HeartbeatReply, String> {
         let timeout = Duration::from_millis(HEARTBEAT_TIMEOUT_MS);
         let request = || PeerRequest::Heartbeat(beat.clone());
@@ -948,13 +953,17 @@ impl NodeInner {
             .chain(others)
             .filter(|id| *id != self.config.id && !unreachable.contains(id))
             .collect();
-        for peer in &peers {
-            if let Ok(reply) = self
+        for peer in peers {
+            match self
                 .peers
-                .call(*peer, PLACEMENT_GROUP, request(), timeout)
+                .call(peer, PLACEMENT_GROUP, request(), timeout)
                 .await
             {
-                return unpack(reply);
+                Ok(reply) => return unpack(reply),
+                // Not asked again in this heartbeat, nor followed to by a hint.
+                Err(_) => {
+                    unreachable.insert(peer);
+                }
             }
         }
         let addr = self

@@ -40,6 +40,10 @@ pub const SNAPSHOT_PREPARE_TIMEOUT_MS: u64 = 30_000;
 pub const LEARNER_CATCH_UP_TIMEOUT_MS: u64 = 60_000;
 /// How long asking a peer whether this node is still a replica may take.
 pub const IS_REPLICA_TIMEOUT_MS: u64 = 2_000;
+/// How long a membership change of the replica sweep (leaving a joint configuration,
+/// removing stray learners) may take: a leader cut off from its majority would otherwise
+/// hold the sweep, and every other group's, for as long as the cut lasts.
+pub const SWEEP_CHANGE_TIMEOUT_MS: u64 = 5_000;
 
 fn unavailable(range_id: RangeId, reason: impl std::fmt::Display) -> ApiError {
     ApiError::Unavailable {
@@ -122,32 +126,36 @@ impl NodeInner {
             ))
         })?;
         self.start_log_after_snapshot(group).await?;
-        let catch_up = Duration::from_millis(LEARNER_CATCH_UP_TIMEOUT_MS);
-        let added = tokio::time::timeout(
-            catch_up,
+        let catch_up = Duration::from_millis(self.config.placement.learner_catch_up_ms);
+        let added = tokio::time::timeout(catch_up, async {
             group
                 .raft
-                .add_learner(to, BasicNode::new(addr.to_string()), true),
-        )
+                .add_learner(to, BasicNode::new(addr.to_string()), true)
+                .await
+                .map_err(|e| membership_error(range_id, e))?;
+            self.wait_learner_holds_snapshot(group, to, catch_up).await
+        })
         .await;
-        match added {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(membership_error(range_id, e)),
-            Err(_) => {
-                // Leave no half-added learner behind.
-                let remove = openraft::ChangeMembers::RemoveNodes(BTreeSet::from([to]));
-                if let Err(e) = group.raft.change_membership(remove, false).await {
-                    tracing::warn!(
-                        range = range_id,
-                        to,
-                        "removing a learner that did not catch up: {e}"
-                    );
-                }
-                return Err(unavailable(
-                    range_id,
-                    format!("node {to} did not catch up within {catch_up:?}"),
-                ));
+        let failure = match added {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e),
+            Err(_) => Some(unavailable(
+                range_id,
+                format!("node {to} did not catch up within {catch_up:?}"),
+            )),
+        };
+        if let Some(e) = failure {
+            // Leave no half-added learner behind (where this node no longer leads, the new
+            // leader's replica sweep removes it).
+            let remove = openraft::ChangeMembers::RemoveNodes(BTreeSet::from([to]));
+            if let Err(removing) = group.raft.change_membership(remove, false).await {
+                tracing::debug!(
+                    range = range_id,
+                    to,
+                    "removing the move's learner: {removing}"
+                );
             }
+            return Err(e);
         }
         // The learner has caught up; the voters are still the old ones.
         crate::storage::crash_point("move-learner-added");
@@ -165,6 +173,47 @@ impl NodeInner {
             .map_err(|e| membership_error(range_id, e))?;
         tracing::info!(range = range_id, from, to, "replica moved");
         done(new_voters)
+    }
+
+    /// Waits until learner `to` of `group` (led here) has matched the log up to its purge
+    /// point, that is, holds the snapshot the move started from. openraft's blocking
+    /// `add_learner` returns once a learner is within `replication_lag_threshold` (5,000)
+    /// entries of the leader, counting one that has matched nothing as at index 0: a
+    /// receiver that is down, or whose snapshot has not arrived, passed for caught up, and
+    /// the move made a voter of it. It also returns when this node stops leading.
+    async fn wait_learner_holds_snapshot(
+        &self,
+        group: &Group,
+        to: NodeId,
+        timeout: Duration,
+    ) -> Result<(), ApiError> {
+        let range_id = group.id;
+        let me = self.config.id;
+        let purged = group
+            .raft
+            .metrics()
+            .borrow_watched()
+            .purged
+            .map_or(0, |p| p.index);
+        let metrics = group
+            .raft
+            .wait(Some(timeout))
+            .metrics(
+                |m| {
+                    let matched = m
+                        .replication
+                        .as_ref()
+                        .and_then(|r| r.get(&to).cloned().flatten());
+                    m.current_leader != Some(me) || matched.is_some_and(|l| l.index >= purged)
+                },
+                "learner holds the snapshot",
+            )
+            .await
+            .map_err(|e| unavailable(range_id, format!("node {to} did not catch up: {e}")))?;
+        if metrics.current_leader != Some(me) {
+            return Err(not_leader(range_id, metrics.current_leader));
+        }
+        Ok(())
     }
 
     /// Where node `node` listens: known here, or asked of the placement leader (a node that
@@ -373,11 +422,13 @@ impl NodeInner {
                 _ => return,
             }
         };
-        match group.raft.change_membership(target.clone(), false).await {
-            Ok(_) => {
+        let change = group.raft.change_membership(target.clone(), false);
+        match tokio::time::timeout(Duration::from_millis(SWEEP_CHANGE_TIMEOUT_MS), change).await {
+            Ok(Ok(_)) => {
                 tracing::info!(range = group.id, voters = ?target, "left a joint configuration")
             }
-            Err(e) => tracing::debug!(range = group.id, "leaving a joint configuration: {e}"),
+            Ok(Err(e)) => tracing::debug!(range = group.id, "leaving a joint configuration: {e}"),
+            Err(_) => tracing::debug!(range = group.id, "leaving a joint configuration: timed out"),
         }
     }
 
@@ -385,9 +436,10 @@ impl NodeInner {
     /// lost its leadership, or failed, between adding the receiver as a learner and the
     /// membership change. The placement scheduler never moves a range with a learner (a
     /// move is under way), so a stray one would pin the range's replicas for ever. The
-    /// membership is read before the move count: a learner added by a move that starts
-    /// later is not seen, and one whose move just made it a voter is refused by openraft
-    /// (it removes learners only).
+    /// membership is read before the move count, so a learner seen here belongs to no move
+    /// under way then; one whose move made it a voter since is refused by openraft (it
+    /// removes learners only). A move to the same node starting meanwhile finds its learner
+    /// removed under it and fails; the scheduler plans it again.
     async fn drop_stray_learners(&self, group: &Group) {
         let learners: BTreeSet<NodeId> = {
             let metrics = group.raft.metrics().borrow_watched().clone();
@@ -401,9 +453,11 @@ impl NodeInner {
             return;
         }
         let remove = openraft::ChangeMembers::RemoveNodes(learners.clone());
-        match group.raft.change_membership(remove, false).await {
-            Ok(_) => tracing::info!(range = group.id, ?learners, "removed stray learners"),
-            Err(e) => tracing::debug!(range = group.id, "removing stray learners: {e}"),
+        let change = group.raft.change_membership(remove, false);
+        match tokio::time::timeout(Duration::from_millis(SWEEP_CHANGE_TIMEOUT_MS), change).await {
+            Ok(Ok(_)) => tracing::info!(range = group.id, ?learners, "removed stray learners"),
+            Ok(Err(e)) => tracing::debug!(range = group.id, "removing stray learners: {e}"),
+            Err(_) => tracing::debug!(range = group.id, "removing stray learners: timed out"),
         }
     }
 
