@@ -3,10 +3,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-
-use common::{eventually, join_registered, Cluster};
-use concord_client::api::{Consistency, KeySpan, RangeRequest};
+use common::{check_keys, join_registered, wait_no_learners, write_keys, Cluster};
 use concord_client::Client;
 
 /// Regression: a move that failed after adding its receiver as a learner (its leader lost
@@ -18,12 +15,7 @@ use concord_client::Client;
 async fn a_move_failing_after_adding_its_learner_leaves_no_learner_behind() {
     let mut cluster = Cluster::start_tuned(3, 2, |c| c.placement.schedule = false).await;
     let client = cluster.client().await;
-    let mut acked = BTreeMap::new();
-    for i in 0..40 {
-        let key = format!("{}/moves-{i:02}", (b'0' + (i % 75) as u8) as char).into_bytes();
-        client.put(key.clone(), b"v".to_vec()).await.expect("put");
-        acked.insert(key, b"v".to_vec());
-    }
+    let acked = write_keys(&client, 40).await;
     join_registered(&mut cluster, &client, 4).await;
     fail::cfg("move-fails-after-learner", "return").expect("configure the fail point");
     let failed = client.move_replica(1, 3, 4).await;
@@ -33,33 +25,13 @@ async fn a_move_failing_after_adding_its_learner_leaves_no_learner_behind() {
     // The learner was added and stays (without the fix, the wait below ends with "learners
     // Some([4])"); the leader removes it within a pass of its replica sweep. (Not asserted
     // here: the sweep may already have run.)
-    eventually("the stray learner removed", || async {
-        let leader = cluster.leader_of(1).ok_or("range 1 has no leader")?;
-        match cluster.node(leader).learners(1) {
-            Some(learners) if learners.is_empty() => Ok(()),
-            other => Err(format!("leader {leader}: learners {other:?}")),
-        }
-    })
-    .await;
+    wait_no_learners(&cluster, 1, "the stray learner removed").await;
     let moved = client
         .move_replica(1, 3, 4)
         .await
         .expect("move range 1 again");
     assert_eq!(moved.voters, vec![1, 2, 4]);
-    for (key, value) in &acked {
-        let r = client
-            .range(
-                RangeRequest::new(KeySpan::key(key.clone())),
-                Consistency::Linearizable,
-            )
-            .await
-            .unwrap_or_else(|e| panic!("read {key:?}: {e}"));
-        assert_eq!(
-            r.kvs.first().map(|kv| &kv.value),
-            Some(value),
-            "{key:?} lost"
-        );
-    }
+    check_keys(&client, &acked).await;
     cluster.shutdown().await;
 }
 
@@ -76,10 +48,7 @@ async fn a_move_to_a_node_that_is_down_fails_and_leaves_the_range_as_it_was() {
     })
     .await;
     let client = cluster.client().await;
-    for i in 0..20 {
-        let key = format!("{}/down-{i:02}", (b'0' + (i % 75) as u8) as char).into_bytes();
-        client.put(key, b"v".to_vec()).await.expect("put");
-    }
+    let acked = write_keys(&client, 20).await;
     join_registered(&mut cluster, &client, 4).await;
     cluster.stop(4).await;
     // One attempt: the client would otherwise retry the refused move.
@@ -92,15 +61,8 @@ async fn a_move_to_a_node_that_is_down_fails_and_leaves_the_range_as_it_was() {
         .expect_err("a move to a node that is down completed");
     assert!(e.to_string().contains("did not catch up"), "{e}");
     // The move removed its learner before answering (the leader's metrics may show it a
-    // moment later).
-    eventually("the move's learner removed", || async {
-        let leader = cluster.leader_of(1).ok_or("range 1 has no leader")?;
-        match cluster.node(leader).learners(1) {
-            Some(learners) if learners.is_empty() => Ok(()),
-            other => Err(format!("leader {leader}: learners {other:?}")),
-        }
-    })
-    .await;
+    // moment later), and the voters are those before the move.
+    wait_no_learners(&cluster, 1, "the move's learner removed").await;
     let leader = cluster.leader_of(1).expect("range 1 has a leader");
     let table = cluster.node(leader).range_table();
     let range1 = table.ranges().iter().find(|d| d.id == 1).cloned();
@@ -112,5 +74,6 @@ async fn a_move_to_a_node_that_is_down_fails_and_leaves_the_range_as_it_was() {
         .await
         .expect("move once node 4 is back");
     assert_eq!(moved.voters, vec![1, 2, 4]);
+    check_keys(&client, &acked).await;
     cluster.shutdown().await;
 }

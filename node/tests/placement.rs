@@ -8,46 +8,12 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{eventually, join_registered, Cluster, WAIT};
-use concord_client::api::{Consistency, KeySpan, NodeId, RangeRequest};
+use common::{check_keys, eventually, join_registered, write_keys, Cluster, WAIT};
+use concord_client::api::{KeySpan, NodeId};
 use concord_client::Client;
 use concord_node::node::PLACEMENT_GROUP;
 use concord_placement::replicas::NodeState;
 use concord_transport::watch::WatchRequest;
-
-/// Writes `count` keys spread over the keyspace; returns them with their values.
-async fn write_keys(client: &Client, count: usize) -> BTreeMap<Vec<u8>, Vec<u8>> {
-    let mut acked = BTreeMap::new();
-    for i in 0..count {
-        // First bytes from '0' to 'z' reach every bootstrap range.
-        let key = format!("{}/key-{i:04}", (b'0' + (i % 75) as u8) as char).into_bytes();
-        let value = format!("v{i}").into_bytes();
-        client
-            .put(key.clone(), value.clone())
-            .await
-            .unwrap_or_else(|e| panic!("put {key:?}: {e}"));
-        acked.insert(key, value);
-    }
-    acked
-}
-
-/// Every acknowledged write reads back, linearizably.
-async fn check_keys(client: &Client, acked: &BTreeMap<Vec<u8>, Vec<u8>>) {
-    for (key, value) in acked {
-        let r = client
-            .range(
-                RangeRequest::new(KeySpan::key(key.clone())),
-                Consistency::Linearizable,
-            )
-            .await
-            .unwrap_or_else(|e| panic!("read {key:?}: {e}"));
-        assert_eq!(
-            r.kvs.first().map(|kv| &kv.value),
-            Some(value),
-            "acknowledged write of {key:?} lost"
-        );
-    }
-}
 
 /// Waits until every range has three voters, all among `allowed`, and each node in `allowed`
 /// holds between `min` and `max` of them (as node `via` sees the table, and as the nodes

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use concord_client::api::{NodeId, RangeId};
+use concord_client::api::{Consistency, KeySpan, NodeId, RangeId, RangeRequest};
 use concord_client::{Client, ClientConfig};
 use concord_node::{BoundNode, Node, NodeConfig, RaftSettings, SplitSettings};
 use concord_placement::replicas::NodeState;
@@ -377,6 +377,52 @@ pub async fn join_registered(cluster: &mut Cluster, client: &Client, id: NodeId)
         match report.nodes.iter().find(|n| n.id == id) {
             Some(n) if n.state == NodeState::Up => Ok(()),
             other => Err(format!("node {id}: {other:?}")),
+        }
+    })
+    .await;
+}
+
+/// Writes `count` keys spread over the keyspace; returns them with their values.
+pub async fn write_keys(client: &Client, count: usize) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    let mut acked = BTreeMap::new();
+    for i in 0..count {
+        // First bytes from '0' to 'z' reach every bootstrap range.
+        let key = format!("{}/key-{i:04}", (b'0' + (i % 75) as u8) as char).into_bytes();
+        let value = format!("v{i}").into_bytes();
+        client
+            .put(key.clone(), value.clone())
+            .await
+            .unwrap_or_else(|e| panic!("put {key:?}: {e}"));
+        acked.insert(key, value);
+    }
+    acked
+}
+
+/// Every acknowledged write reads back, linearizably.
+pub async fn check_keys(client: &Client, acked: &BTreeMap<Vec<u8>, Vec<u8>>) {
+    for (key, value) in acked {
+        let r = client
+            .range(
+                RangeRequest::new(KeySpan::key(key.clone())),
+                Consistency::Linearizable,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("read {key:?}: {e}"));
+        assert_eq!(
+            r.kvs.first().map(|kv| &kv.value),
+            Some(value),
+            "acknowledged write of {key:?} lost"
+        );
+    }
+}
+
+/// Waits until range `range`'s leader names no learner.
+pub async fn wait_no_learners(cluster: &Cluster, range: RangeId, what: &str) {
+    eventually(what, || async {
+        let leader = cluster.leader_of(range).ok_or("no leader")?;
+        match cluster.node(leader).learners(range) {
+            Some(learners) if learners.is_empty() => Ok(()),
+            other => Err(format!("leader {leader}: learners {other:?}")),
         }
     })
     .await;
