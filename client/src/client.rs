@@ -23,6 +23,11 @@ use crate::{ClientConfig, Error};
 pub const RESPONSE_BYTES_MAX: usize = 256 << 20;
 /// First pause before retrying a range that has no leader; doubles per attempt.
 const RETRY_BACKOFF_MS: u64 = 50;
+/// How long the answer to a range operation (a split, a merge, a replica move) may take at
+/// least, whatever the request timeout: a move waits up to a minute for its receiver to catch
+/// up, and up to a minute more for the snapshot it sends; a shorter wait would report a
+/// timeout for a move still under way.
+pub const RANGE_OPERATION_TIMEOUT: Duration = Duration::from_secs(150);
 /// Longest pause between attempts.
 const RETRY_BACKOFF_MAX_MS: u64 = 500;
 
@@ -722,7 +727,8 @@ impl Client {
     /// Sends raw bytes as a request frame to `addr` and returns the decoded response
     /// (for protocol tests: malformed frames, unknown versions).
     pub async fn send_raw(&self, addr: &str, bytes: &[u8]) -> Result<ClientResponse, Error> {
-        self.inner.exchange(addr, bytes).await
+        let timeout = self.inner.config.request_timeout;
+        self.inner.exchange(addr, bytes, timeout).await
     }
 
     pub(crate) fn locate(&self, key: &[u8]) -> RangeDescriptor {
@@ -850,7 +856,20 @@ impl Inner {
     }
 
     async fn send(&self, addr: &str, request: &ClientRequest) -> Result<ClientResponse, Error> {
-        self.exchange(addr, &wire::encode_frame(request)).await
+        let operation = matches!(
+            request,
+            ClientRequest::Kv {
+                request: KvRequest::Split { .. } | KvRequest::Merge | KvRequest::MoveReplica { .. },
+                ..
+            }
+        );
+        let timeout = if operation {
+            self.config.request_timeout.max(RANGE_OPERATION_TIMEOUT)
+        } else {
+            self.config.request_timeout
+        };
+        self.exchange(addr, &wire::encode_frame(request), timeout)
+            .await
     }
 
     /// Opens a stream to `addr` and hands it the whole `frame`; returns the receiving half.
@@ -891,8 +910,13 @@ impl Inner {
         }
     }
 
-    async fn exchange(&self, addr: &str, frame: &[u8]) -> Result<ClientResponse, Error> {
-        let timeout = self.config.request_timeout;
+    /// Sends `frame` to `addr` and reads the answer, waiting at most `timeout` for it.
+    async fn exchange(
+        &self,
+        addr: &str,
+        frame: &[u8],
+        timeout: Duration,
+    ) -> Result<ClientResponse, Error> {
         let mut recv = self.deliver(addr, frame).await?;
         match tokio::time::timeout(
             timeout,
