@@ -23,11 +23,6 @@ use crate::{ClientConfig, Error};
 pub const RESPONSE_BYTES_MAX: usize = 256 << 20;
 /// First pause before retrying a range that has no leader; doubles per attempt.
 const RETRY_BACKOFF_MS: u64 = 50;
-/// How long the answer to a range operation (a split, a merge, a replica move) may take at
-/// least, whatever the request timeout: a move waits up to a minute for its receiver to catch
-/// up, and up to a minute more for the snapshot it sends; a shorter wait would report a
-/// timeout for a move still under way.
-pub const RANGE_OPERATION_TIMEOUT: Duration = Duration::from_secs(150);
 /// Longest pause between attempts.
 const RETRY_BACKOFF_MAX_MS: u64 = 500;
 
@@ -727,8 +722,7 @@ impl Client {
     /// Sends raw bytes as a request frame to `addr` and returns the decoded response
     /// (for protocol tests: malformed frames, unknown versions).
     pub async fn send_raw(&self, addr: &str, bytes: &[u8]) -> Result<ClientResponse, Error> {
-        let timeout = self.inner.config.request_timeout;
-        self.inner.exchange(addr, bytes, timeout).await
+        self.inner.exchange(addr, bytes).await
     }
 
     pub(crate) fn locate(&self, key: &[u8]) -> RangeDescriptor {
@@ -856,20 +850,7 @@ impl Inner {
     }
 
     async fn send(&self, addr: &str, request: &ClientRequest) -> Result<ClientResponse, Error> {
-        let operation = matches!(
-            request,
-            ClientRequest::Kv {
-                request: KvRequest::Split { .. } | KvRequest::Merge | KvRequest::MoveReplica { .. },
-                ..
-            }
-        );
-        let timeout = if operation {
-            self.config.request_timeout.max(RANGE_OPERATION_TIMEOUT)
-        } else {
-            self.config.request_timeout
-        };
-        self.exchange(addr, &wire::encode_frame(request), timeout)
-            .await
+        self.exchange(addr, &wire::encode_frame(request)).await
     }
 
     /// Opens a stream to `addr` and hands it the whole `frame`; returns the receiving half.
@@ -910,13 +891,8 @@ impl Inner {
         }
     }
 
-    /// Sends `frame` to `addr` and reads the answer, waiting at most `timeout` for it.
-    async fn exchange(
-        &self,
-        addr: &str,
-        frame: &[u8],
-        timeout: Duration,
-    ) -> Result<ClientResponse, Error> {
+    async fn exchange(&self, addr: &str, frame: &[u8]) -> Result<ClientResponse, Error> {
+        let timeout = self.config.request_timeout;
         let mut recv = self.deliver(addr, frame).await?;
         match tokio::time::timeout(
             timeout,

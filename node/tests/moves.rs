@@ -44,9 +44,7 @@ async fn a_move_failing_after_adding_its_learner_leaves_no_learner_behind() {
 async fn a_move_to_a_node_that_is_down_fails_and_leaves_the_range_as_it_was() {
     let mut cluster = Cluster::start_tuned(3, 2, |c| {
         c.placement.schedule = false;
-        // Longer than the client's request timeout (5 s): a range operation's answer is
-        // awaited longer than other requests'.
-        c.placement.learner_catch_up_ms = 6_000;
+        c.placement.learner_catch_up_ms = 2_000;
     })
     .await;
     let client = cluster.client().await;
