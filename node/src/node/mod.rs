@@ -591,6 +591,13 @@ impl Group {
         self.moves_under_way.load(Ordering::Acquire) > 0
     }
 
+    /// The learners (replicas being added, not voting) in the membership this replica holds.
+    fn learners(&self) -> Vec<NodeId> {
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        let learners = metrics.membership_config.membership().learner_ids();
+        learners.collect()
+    }
+
     /// The range's extent and epoch, as applied here.
     fn bounds(&self) -> Bounds {
         self.state
@@ -763,14 +770,7 @@ impl Node {
     /// The learners (replicas being added, not voting) of range `range` in the membership
     /// this node's replica holds; `None` where it holds no replica.
     pub fn learners(&self, range: RangeId) -> Option<Vec<NodeId>> {
-        let group = self.inner().group(range).ok()?;
-        let metrics = group.raft.metrics().borrow_watched().clone();
-        let learners = metrics
-            .membership_config
-            .membership()
-            .learner_ids()
-            .collect();
-        Some(learners)
+        self.inner().group(range).ok().map(|g| g.learners())
     }
 
     /// Whether this node holds a replica of the placement group (with state), a voter or

@@ -833,14 +833,9 @@ impl NodeInner {
                 let state = group.state.read().expect("range state lock");
                 (state.mvcc.key_count() as u64, state.mvcc.stored_bytes())
             };
-            let metrics = group.raft.metrics().borrow_watched().clone();
             ranges.push(RangeReport {
                 descriptor: group.descriptor(),
-                learners: metrics
-                    .membership_config
-                    .membership()
-                    .learner_ids()
-                    .collect(),
+                learners: group.learners(),
                 keys,
                 bytes,
                 reads_per_sec: reads_per_sec as u64,
@@ -921,9 +916,10 @@ impl NodeInner {
     }
 
     /// Sends `beat` to some node that may know the placement leader, skipping the nodes in
-    /// `unreachable` (and adding those that fail to it): the placement group's voters first (they know its leader from Raft;
-    /// another node knows it only from its last report), then every other known peer (over
-    /// the pooled connections), else the node given by `--join` (on a one-off connection).
+    /// `unreachable` (and adding those that fail to it): the placement group's voters first
+    /// (they know its leader from Raft; another node knows it only from its last report),
+    /// then every other known peer (over the pooled connections), else the node given by
+    /// `--join` (on a one-off connection).
     async fn heartbeat_anyone(
         &self,
         beat: &Heartbeat,

@@ -40,9 +40,9 @@ pub const SNAPSHOT_PREPARE_TIMEOUT_MS: u64 = 30_000;
 pub const LEARNER_CATCH_UP_TIMEOUT_MS: u64 = 60_000;
 /// How long asking a peer whether this node is still a replica may take.
 pub const IS_REPLICA_TIMEOUT_MS: u64 = 2_000;
-/// How long a membership change of the replica sweep (leaving a joint configuration,
-/// removing stray learners) may take: a leader cut off from its majority would otherwise
-/// hold the sweep, and every other group's, for as long as the cut lasts.
+/// How long a cleanup membership change (leaving a joint configuration, removing stray
+/// learners or a failed move's) may take: a leader cut off from its majority would otherwise
+/// hold the replica sweep, and every other group's, for as long as the cut lasts.
 pub const SWEEP_CHANGE_TIMEOUT_MS: u64 = 5_000;
 
 fn unavailable(range_id: RangeId, reason: impl std::fmt::Display) -> ApiError {
@@ -133,7 +133,7 @@ impl NodeInner {
                 .add_learner(to, BasicNode::new(addr.to_string()), true)
                 .await
                 .map_err(|e| membership_error(range_id, e))?;
-            self.wait_learner_holds_snapshot(group, to, catch_up).await
+            self.wait_learner_holds_snapshot(group, to).await
         })
         .await;
         let failure = match added {
@@ -147,8 +147,7 @@ impl NodeInner {
         if let Some(e) = failure {
             // Leave no half-added learner behind (where this node no longer leads, the new
             // leader's replica sweep removes it).
-            let remove = openraft::ChangeMembers::RemoveNodes(BTreeSet::from([to]));
-            if let Err(removing) = group.raft.change_membership(remove, false).await {
+            if let Err(removing) = remove_learners(group, BTreeSet::from([to])).await {
                 tracing::debug!(
                     range = range_id,
                     to,
@@ -180,13 +179,9 @@ impl NodeInner {
     /// `add_learner` returns once a learner is within `replication_lag_threshold` (5,000)
     /// entries of the leader, counting one that has matched nothing as at index 0: a
     /// receiver that is down, or whose snapshot has not arrived, passed for caught up, and
-    /// the move made a voter of it. It also returns when this node stops leading.
-    async fn wait_learner_holds_snapshot(
-        &self,
-        group: &Group,
-        to: NodeId,
-        timeout: Duration,
-    ) -> Result<(), ApiError> {
+    /// the move made a voter of it. It also returns when this node stops leading. Unbounded
+    /// here: the move's catch-up time bounds it.
+    async fn wait_learner_holds_snapshot(&self, group: &Group, to: NodeId) -> Result<(), ApiError> {
         let range_id = group.id;
         let me = self.config.id;
         let purged = group
@@ -197,7 +192,7 @@ impl NodeInner {
             .map_or(0, |p| p.index);
         let metrics = group
             .raft
-            .wait(Some(timeout))
+            .wait(None)
             .metrics(
                 |m| {
                     let matched = m
@@ -209,7 +204,7 @@ impl NodeInner {
                 "learner holds the snapshot",
             )
             .await
-            .map_err(|e| unavailable(range_id, format!("node {to} did not catch up: {e}")))?;
+            .map_err(|e| unavailable(range_id, format!("waiting for node {to}: {e}")))?;
         if metrics.current_leader != Some(me) {
             return Err(not_leader(range_id, metrics.current_leader));
         }
@@ -422,13 +417,12 @@ impl NodeInner {
                 _ => return,
             }
         };
-        let change = group.raft.change_membership(target.clone(), false);
-        match tokio::time::timeout(Duration::from_millis(SWEEP_CHANGE_TIMEOUT_MS), change).await {
-            Ok(Ok(_)) => {
+        let change = openraft::ChangeMembers::ReplaceAllVoters(target.clone());
+        match bounded_change(group, change).await {
+            Ok(()) => {
                 tracing::info!(range = group.id, voters = ?target, "left a joint configuration")
             }
-            Ok(Err(e)) => tracing::debug!(range = group.id, "leaving a joint configuration: {e}"),
-            Err(_) => tracing::debug!(range = group.id, "leaving a joint configuration: timed out"),
+            Err(e) => tracing::debug!(range = group.id, "leaving a joint configuration: {e}"),
         }
     }
 
@@ -441,23 +435,23 @@ impl NodeInner {
     /// removes learners only). A move to the same node starting meanwhile finds its learner
     /// removed under it and fails; the scheduler plans it again.
     async fn drop_stray_learners(&self, group: &Group) {
-        let learners: BTreeSet<NodeId> = {
-            let metrics = group.raft.metrics().borrow_watched().clone();
-            let membership = metrics.membership_config.membership();
-            if membership.get_joint_config().len() > 1 {
-                return;
-            }
-            membership.learner_ids().collect()
-        };
-        if learners.is_empty() || group.moving() {
+        // A joint configuration is `leave_joint`'s.
+        let joint = group
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .get_joint_config()
+            .len()
+            > 1;
+        let learners: BTreeSet<NodeId> = group.learners().into_iter().collect();
+        if joint || learners.is_empty() || group.moving() {
             return;
         }
-        let remove = openraft::ChangeMembers::RemoveNodes(learners.clone());
-        let change = group.raft.change_membership(remove, false);
-        match tokio::time::timeout(Duration::from_millis(SWEEP_CHANGE_TIMEOUT_MS), change).await {
-            Ok(Ok(_)) => tracing::info!(range = group.id, ?learners, "removed stray learners"),
-            Ok(Err(e)) => tracing::debug!(range = group.id, "removing stray learners: {e}"),
-            Err(_) => tracing::debug!(range = group.id, "removing stray learners: timed out"),
+        match remove_learners(group, learners.clone()).await {
+            Ok(()) => tracing::info!(range = group.id, ?learners, "removed stray learners"),
+            Err(e) => tracing::debug!(range = group.id, "removing stray learners: {e}"),
         }
     }
 
@@ -480,6 +474,26 @@ impl NodeInner {
         tracing::info!(range = id, "removed this node's replica ({why})");
         self.complete_table();
     }
+}
+
+/// Makes membership change `change` in `group` (led here), within
+/// [`SWEEP_CHANGE_TIMEOUT_MS`].
+async fn bounded_change(
+    group: &Group,
+    change: openraft::ChangeMembers<NodeId, BasicNode>,
+) -> Result<(), String> {
+    let change = group.raft.change_membership(change, false);
+    match tokio::time::timeout(Duration::from_millis(SWEEP_CHANGE_TIMEOUT_MS), change).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("not done within {SWEEP_CHANGE_TIMEOUT_MS} ms")),
+    }
+}
+
+/// Removes `learners` from `group`'s membership (led here), within
+/// [`SWEEP_CHANGE_TIMEOUT_MS`]; openraft refuses a node that is a voter.
+async fn remove_learners(group: &Group, learners: BTreeSet<NodeId>) -> Result<(), String> {
+    bounded_change(group, openraft::ChangeMembers::RemoveNodes(learners)).await
 }
 
 /// Looks for replicas of this node that were removed from their range, and deletes them.
