@@ -74,6 +74,15 @@ pub fn size_socket_buffers(socket: &std::net::UdpSocket) {
     }
 }
 
+/// Ack-eliciting packets a peer may receive before it must acknowledge at once (QUIC's
+/// ACK-frequency extension; the default, 1, acknowledges every other packet). Requests and
+/// replies flow both ways on every connection, so most acknowledgements ride on them; an
+/// ACK-only datagram costs a send, a receive and a wake-up on each side.
+const ACK_ELICITING_THRESHOLD: u32 = 16;
+/// The longest a peer holds back an acknowledgement (clamped by quinn to at least the path's
+/// RTT or 25 ms).
+const ACK_DELAY_MAX_MS: u64 = 5;
+
 fn transport_config(limits: &ConnectionLimits) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     t.max_concurrent_bidi_streams(VarInt::from_u32(limits.streams_per_connection_max));
@@ -85,6 +94,10 @@ fn transport_config(limits: &ConnectionLimits) -> Arc<TransportConfig> {
     ));
     // Many small independent streams: round-robin fairness between them costs more than it buys.
     t.send_fairness(false);
+    let mut acks = quinn::AckFrequencyConfig::default();
+    acks.ack_eliciting_threshold(VarInt::from_u32(ACK_ELICITING_THRESHOLD))
+        .max_ack_delay(Some(Duration::from_millis(ACK_DELAY_MAX_MS)));
+    t.ack_frequency_config(Some(acks));
     Arc::new(t)
 }
 
