@@ -903,7 +903,10 @@ impl Inner {
             Err(_) => Err(Error::Timeout(timeout)),
             Ok(Err(wire::WireError::Io(e))) => Err(Error::Protocol(format!("{addr}: {e}"))),
             Ok(Err(e)) => Err(Error::Protocol(e.to_string())),
-            Ok(Ok(r)) => Ok(r),
+            Ok(Ok(r)) => {
+                wire::take_end(&mut recv);
+                Ok(r)
+            }
         }
     }
 }

@@ -522,6 +522,7 @@ impl Peers {
                     let _ = tx.send(Ok(r.reply));
                 }
             }
+            wire::take_end(&mut recv);
             self.heard_from(peer);
             Ok(())
         };

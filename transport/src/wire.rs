@@ -96,6 +96,24 @@ where
     decode(&read_frame_bytes(r, max_bytes).await?)
 }
 
+/// Takes the end of a stream whose last frame has been read, if the peer's FIN has arrived;
+/// returns whether it had. Call it when done with `recv`.
+///
+/// quinn sends a STOP_SENDING frame for a receive stream dropped before its end was read, even
+/// when the FIN is already here (it cannot tell that stream from one still receiving): one
+/// more frame, often one more datagram, and a wake-up of the peer's connection, per request.
+/// This looks without waiting; a FIN still under way is left to that path.
+pub fn take_end(recv: &mut quinn::RecvStream) -> bool {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+    let mut byte = [0u8; 1];
+    let read = std::pin::pin!(recv.read(&mut byte));
+    matches!(
+        read.poll(&mut Context::from_waker(Waker::noop())),
+        Poll::Ready(Ok(None))
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

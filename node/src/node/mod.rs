@@ -948,6 +948,7 @@ async fn serve_client_stream(
     // The client may have gone; nothing to do then.
     let _ = wire::write_frame(&mut send, &response).await;
     let _ = send.finish();
+    wire::take_end(&mut recv);
 }
 
 async fn handle_client(inner: &NodeInner, request: ClientRequest) -> ClientResponse {
@@ -1609,4 +1610,5 @@ async fn serve_peer_stream(
         }
     }
     let _ = send.finish();
+    wire::take_end(&mut recv);
 }
