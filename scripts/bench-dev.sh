@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Measures concord dev (3 nodes, 8 ranges, fsync on) with concord-loadgen: put with 1 and 64
+# Measures concord dev (3 nodes, 3 ranges at start, fsync on) with concord-loadgen: put with 1 and 64
 # clients, then linearizable and serializable gets with 64 clients. Prints one JSON line per run.
 #   scripts/bench-dev.sh [DURATION]      (default 10s per run)
 set -euo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds concord (release) and runs a local 3-node, 8-range cluster in ./concord-dev until
+# Builds concord (release) and runs a local 3-node, 3-range cluster in ./concord-dev until
 # Ctrl-C. Extra arguments go to `concord dev` (e.g. --nodes 5 --ranges 16 --data-dir DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use concord_node::dev::{self, DevOptions};
-use concord_node::{BoundNode, NodeConfig, SplitSettings};
+use concord_node::{stored_ranges, BoundNode, NodeConfig, SplitSettings, RANGES_DEFAULT};
 use concord_transport::api::RequestLimits;
 
 #[global_allocator]
@@ -64,8 +64,8 @@ enum Command {
         /// Number of nodes (first start only).
         #[arg(long, default_value_t = 3)]
         nodes: usize,
-        /// Number of ranges, each its own Raft group (first start only).
-        #[arg(long, default_value_t = 8)]
+        /// Number of ranges, each its own Raft group (first start only); splits make more.
+        #[arg(long, default_value_t = RANGES_DEFAULT)]
         ranges: usize,
         /// Cluster directory; a second run on it resumes with all data.
         #[arg(long, default_value = "concord-dev")]
@@ -111,9 +111,11 @@ enum Command {
         /// Certificate directory shared by the cluster (the CA is created there if missing).
         #[arg(long)]
         cert_dir: PathBuf,
-        /// Number of ranges (must match on every node and every restart).
-        #[arg(long, default_value_t = 8)]
-        ranges: usize,
+        /// Number of bootstrap ranges, the same on every node of the cluster (a node joining with
+        /// --join included); splits make more [default: 3 on a new data directory, the
+        /// directory's own count on a restart].
+        #[arg(long)]
+        ranges: Option<usize>,
         /// Also write a concordctl.toml for this cluster to this path.
         #[arg(long)]
         client_config: Option<PathBuf>,
@@ -221,7 +223,9 @@ async fn main() -> anyhow::Result<()> {
                 None => parse_peers(&peers)?,
             };
             let mut config = NodeConfig::new(id, listen, data_dir, cert_dir.clone());
-            config.ranges = ranges;
+            config.ranges = ranges
+                .or_else(|| stored_ranges(&config.data_dir))
+                .unwrap_or(RANGES_DEFAULT);
             config.limits = limits.to_limits();
             config.raft.leader_balance_interval_ms = leader_balance_ms;
             config.split.keys_max = split_keys;

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
@@ -96,7 +96,7 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Certificate directory (the cluster CA and node certificates; created if empty).
     pub cert_dir: PathBuf,
-    /// Number of bootstrap ranges.
+    /// Number of bootstrap ranges ([`RANGES_DEFAULT`] unless set).
     pub ranges: usize,
     /// Request limits.
     pub limits: RequestLimits,
@@ -121,7 +121,7 @@ impl NodeConfig {
             listen,
             data_dir,
             cert_dir,
-            ranges: 8,
+            ranges: RANGES_DEFAULT,
             limits: RequestLimits::default(),
             connection: ConnectionLimits::default(),
             raft: RaftSettings::default(),
@@ -333,11 +333,32 @@ impl BoundNode {
 
 /// The range count and members are fixed at first start; a restart must agree. True on the
 /// first start (the data directory had no layout yet).
+/// Bootstrap ranges of a new cluster unless told otherwise: one per node of a 3-node
+/// cluster, so that each node leads one. Splits (by size, key count and load) make more where
+/// the data and the writes are. Pre-splitting further adds Raft groups whose per-group costs
+/// (a storage write, an apply and a replication message per group per batch) grow with their
+/// number while their batches shrink: 8 bootstrap ranges made puts with 64 clients about a
+/// quarter dearer in CPU than 3 (docs/benchmarks/analysis.md).
+pub const RANGES_DEFAULT: usize = 3;
+
+/// The bootstrap range count a node's data directory was created with, if it was: what a
+/// restart uses when not told.
+pub fn stored_ranges(data_dir: &Path) -> Option<usize> {
+    let layout = std::fs::read_to_string(data_dir.join(LAYOUT_FILE)).ok()?;
+    layout
+        .lines()
+        .find_map(|line| line.strip_prefix("ranges="))
+        .and_then(|n| n.parse().ok())
+}
+
+/// The file in a node's data directory that records the layout it was created with.
+const LAYOUT_FILE: &str = "layout";
+
 fn check_layout(
     config: &NodeConfig,
     members: &BTreeMap<NodeId, SocketAddr>,
 ) -> Result<bool, StartError> {
-    let path = config.data_dir.join("layout");
+    let path = config.data_dir.join(LAYOUT_FILE);
     let ids: Vec<String> = members.keys().map(|id| id.to_string()).collect();
     let layout = format!("ranges={}\nmembers={}\n", config.ranges, ids.join(","));
     match std::fs::read_to_string(&path) {
@@ -1611,4 +1632,28 @@ async fn serve_peer_stream(
     }
     let _ = send.finish();
     wire::take_end(&mut recv);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restart_finds_the_range_count_its_data_directory_was_created_with() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let any: SocketAddr = "127.0.0.1:1".parse().expect("literal address");
+        let mut config = NodeConfig::new(1, any, dir.path().to_path_buf(), dir.path().into());
+        assert_eq!(stored_ranges(dir.path()), None, "nothing stored yet");
+        config.ranges = 5;
+        let members = BTreeMap::from([(1, any)]);
+        assert!(check_layout(&config, &members).expect("first start"));
+        assert_eq!(stored_ranges(dir.path()), Some(5));
+        assert!(!check_layout(&config, &members).expect("a restart with the same count"));
+        config.ranges = RANGES_DEFAULT;
+        let refused = check_layout(&config, &members).expect_err("another count is refused");
+        assert!(
+            refused.to_string().contains("ranges=5"),
+            "the error names the stored count: {refused}"
+        );
+    }
 }
