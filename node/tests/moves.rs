@@ -3,8 +3,9 @@
 
 mod common;
 
-use common::{check_keys, join_registered, wait_no_learners, write_keys, Cluster};
+use common::{check_keys, eventually, join_registered, wait_no_learners, write_keys, Cluster};
 use concord_client::Client;
+use concord_placement::replicas::NodeState;
 
 /// Regression: a move that failed after adding its receiver as a learner (its leader lost
 /// the leadership there, say) left the learner in the range for ever. The placement
@@ -74,6 +75,49 @@ async fn a_move_to_a_node_that_is_down_fails_and_leaves_the_range_as_it_was() {
         .await
         .expect("move once node 4 is back");
     assert_eq!(moved.voters, vec![1, 2, 4]);
+    check_keys(&client, &acked).await;
+    cluster.shutdown().await;
+}
+
+/// Regression: a move to a node that died while it was under way waited out the whole
+/// catch-up time (a minute by default), its range counted as moving the while, so the
+/// scheduler could not place the dead node's replicas elsewhere (seen in
+/// `placement::a_dead_node_is_replaced_and_a_decommissioned_node_drained`: "moving
+/// [ReplicaMove { range: 1, from: 3, to: 5 }, ...]" with node 5 down, after 30 s). A move now
+/// fails once the placement service reports its target down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_move_to_a_node_reported_down_fails_without_waiting_out_its_catch_up() {
+    let mut cluster = Cluster::start_tuned(3, 2, |c| {
+        c.placement.schedule = false;
+        c.placement.down_after_ms = 2_000;
+    })
+    .await;
+    let client = cluster.client().await;
+    let acked = write_keys(&client, 20).await;
+    join_registered(&mut cluster, &client, 4).await;
+    cluster.stop(4).await;
+    eventually("node 4 reported down", || async {
+        let report = client.placement().await.map_err(|e| e.to_string())?;
+        match report.nodes.iter().find(|n| n.id == 4) {
+            Some(n) if n.state == NodeState::Down => Ok(()),
+            other => Err(format!("node 4: {other:?}")),
+        }
+    })
+    .await;
+    // One attempt, within the client's request timeout (5 s), far below the catch-up time.
+    let mut config = cluster.client_config();
+    config.attempts_max = 1;
+    let once = Client::connect(config).await.expect("client connects");
+    let e = once
+        .move_replica(1, 3, 4)
+        .await
+        .expect_err("a move to a node reported down completed");
+    assert!(e.to_string().contains("node 4 is down"), "{e}");
+    wait_no_learners(&cluster, 1, "the move's learner removed").await;
+    let leader = cluster.leader_of(1).expect("range 1 has a leader");
+    let table = cluster.node(leader).range_table();
+    let range1 = table.ranges().iter().find(|d| d.id == 1).cloned();
+    assert_eq!(range1.map(|d| d.replicas), Some(vec![1, 2, 3]));
     check_keys(&client, &acked).await;
     cluster.shutdown().await;
 }

@@ -23,6 +23,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use concord_placement::replicas::NodeState;
 use concord_transport::api::{ApiError, KvResponse, MoveResponse, NodeId, RangeId};
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
@@ -38,6 +39,8 @@ pub const REPLICA_GC_INTERVAL_MS: u64 = 2_000;
 pub const SNAPSHOT_PREPARE_TIMEOUT_MS: u64 = 30_000;
 /// How long a new learner may take to catch up.
 pub const LEARNER_CATCH_UP_TIMEOUT_MS: u64 = 60_000;
+/// How often a move looks whether the placement service reports its target down.
+pub const MOVE_TARGET_CHECK_MS: u64 = 500;
 /// How long asking a peer whether this node is still a replica may take.
 pub const IS_REPLICA_TIMEOUT_MS: u64 = 2_000;
 /// How long a cleanup membership change (leaving a joint configuration, removing stray
@@ -127,13 +130,19 @@ impl NodeInner {
         })?;
         self.start_log_after_snapshot(group).await?;
         let catch_up = Duration::from_millis(self.config.placement.learner_catch_up_ms);
-        let added = tokio::time::timeout(catch_up, async {
+        let catching_up = async {
             group
                 .raft
                 .add_learner(to, BasicNode::new(addr.to_string()), true)
                 .await
                 .map_err(|e| membership_error(range_id, e))?;
             self.wait_learner_holds_snapshot(group, to).await
+        };
+        let added = tokio::time::timeout(catch_up, async {
+            tokio::select! {
+                caught_up = catching_up => caught_up,
+                down = self.until_reported_down(range_id, to) => Err(down),
+            }
         })
         .await;
         let failure = match added {
@@ -209,6 +218,29 @@ impl NodeInner {
             return Err(not_leader(range_id, metrics.current_leader));
         }
         Ok(())
+    }
+
+    /// Resolves once the placement service reports `node` down: a move to it would wait out
+    /// its whole catch-up time (a minute by default) while holding its range as moving, and
+    /// the scheduler, which plans around the dead node, could not replace it until then.
+    async fn until_reported_down(&self, range_id: RangeId, node: NodeId) -> ApiError {
+        let mut tick = super::ticker(Duration::from_millis(MOVE_TARGET_CHECK_MS));
+        loop {
+            tick.tick().await;
+            let Ok(report) = self.placement_report().await else {
+                continue;
+            };
+            if report
+                .nodes
+                .iter()
+                .any(|n| n.id == node && n.state == NodeState::Down)
+            {
+                return unavailable(
+                    range_id,
+                    format!("node {node} is down (the placement service reports it so)"),
+                );
+            }
+        }
     }
 
     /// Where node `node` listens: known here, or asked of the placement leader (a node that
