@@ -7,6 +7,28 @@ use common::{check_keys, eventually, join_registered, wait_no_learners, write_ke
 use concord_client::Client;
 use concord_placement::replicas::NodeState;
 
+/// How many times a test asks for a move that met a former leader of its range.
+const MOVE_ASKS_MAX: usize = 5;
+
+/// Asks range `range`'s leader once for a move the test expects it to refuse, and returns
+/// the refusal. One attempt per ask (the client would otherwise retry the refusal itself);
+/// asked again only where the request met a former leader (leaders move).
+async fn refused_move(cluster: &Cluster, range: u64, from: u64, to: u64) -> concord_client::Error {
+    let mut config = cluster.client_config();
+    config.attempts_max = 1;
+    let once = Client::connect(config).await.expect("client connects");
+    for _ in 0..MOVE_ASKS_MAX {
+        let e = once
+            .move_replica(range, from, to)
+            .await
+            .expect_err("a move the test expects refused completed");
+        if !e.to_string().contains("not leader") {
+            return e;
+        }
+    }
+    panic!("range {range}'s leader did not answer the move in {MOVE_ASKS_MAX} asks");
+}
+
 /// Regression: a move that failed after adding its receiver as a learner (its leader lost
 /// the leadership there, say) left the learner in the range for ever. The placement
 /// scheduler never moves a range with a learner (it takes it for a move under way), so the
@@ -52,14 +74,7 @@ async fn a_move_to_a_node_that_is_down_fails_and_leaves_the_range_as_it_was() {
     let acked = write_keys(&client, 20).await;
     join_registered(&mut cluster, &client, 4).await;
     cluster.stop(4).await;
-    // One attempt: the client would otherwise retry the refused move.
-    let mut config = cluster.client_config();
-    config.attempts_max = 1;
-    let once = Client::connect(config).await.expect("client connects");
-    let e = once
-        .move_replica(1, 3, 4)
-        .await
-        .expect_err("a move to a node that is down completed");
+    let e = refused_move(&cluster, 1, 3, 4).await;
     assert!(e.to_string().contains("did not catch up"), "{e}");
     // The move removed its learner before answering (the leader's metrics may show it a
     // moment later), and the voters are those before the move.
@@ -78,9 +93,6 @@ async fn a_move_to_a_node_that_is_down_fails_and_leaves_the_range_as_it_was() {
     check_keys(&client, &acked).await;
     cluster.shutdown().await;
 }
-
-/// How many times a test asks for a move that met a former leader of its range.
-const MOVE_ASKS_MAX: usize = 5;
 
 /// Regression: a move to a node that died while it was under way waited out the whole
 /// catch-up time (a minute by default), its range counted as moving the while, so the
@@ -107,23 +119,8 @@ async fn a_move_to_a_node_reported_down_fails_without_waiting_out_its_catch_up()
         }
     })
     .await;
-    // One attempt at a time, each within the client's request timeout (5 s), far below the
-    // catch-up time; asked again only where it met a former leader (leaders move).
-    let mut config = cluster.client_config();
-    config.attempts_max = 1;
-    let once = Client::connect(config).await.expect("client connects");
-    let mut refused = None;
-    for _ in 0..MOVE_ASKS_MAX {
-        let e = once
-            .move_replica(1, 3, 4)
-            .await
-            .expect_err("a move to a node reported down completed");
-        if !e.to_string().contains("not leader") {
-            refused = Some(e);
-            break;
-        }
-    }
-    let e = refused.expect("range 1's leader answered the move");
+    // Within the client's request timeout (5 s), far below the catch-up time.
+    let e = refused_move(&cluster, 1, 3, 4).await;
     assert!(e.to_string().contains("node 4 is down"), "{e}");
     wait_no_learners(&cluster, 1, "the move's learner removed").await;
     let leader = cluster.leader_of(1).expect("range 1 has a leader");
