@@ -331,8 +331,6 @@ impl BoundNode {
     }
 }
 
-/// The range count and members are fixed at first start; a restart must agree. True on the
-/// first start (the data directory had no layout yet).
 /// Bootstrap ranges of a new cluster unless told otherwise: one per node of a 3-node
 /// cluster, so that each node leads one. Splits (by size, key count and load) make more where
 /// the data and the writes are. Pre-splitting further adds Raft groups whose per-group costs
@@ -354,6 +352,8 @@ pub fn stored_ranges(data_dir: &Path) -> Option<usize> {
 /// The file in a node's data directory that records the layout it was created with.
 const LAYOUT_FILE: &str = "layout";
 
+/// The range count and members are fixed at first start; a restart must agree. True on the
+/// first start (the data directory had no layout yet).
 fn check_layout(
     config: &NodeConfig,
     members: &BTreeMap<NodeId, SocketAddr>,

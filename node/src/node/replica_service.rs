@@ -23,7 +23,6 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use concord_placement::replicas::NodeState;
 use concord_transport::api::{ApiError, KvResponse, MoveResponse, NodeId, RangeId};
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
@@ -39,7 +38,7 @@ pub const REPLICA_GC_INTERVAL_MS: u64 = 2_000;
 pub const SNAPSHOT_PREPARE_TIMEOUT_MS: u64 = 30_000;
 /// How long a new learner may take to catch up.
 pub const LEARNER_CATCH_UP_TIMEOUT_MS: u64 = 60_000;
-/// How often a move looks whether the placement service reports its target down.
+/// How often a move looks whether its node's placement view has its target down.
 pub const MOVE_TARGET_CHECK_MS: u64 = 500;
 /// How long asking a peer whether this node is still a replica may take.
 pub const IS_REPLICA_TIMEOUT_MS: u64 = 2_000;
@@ -220,24 +219,24 @@ impl NodeInner {
         Ok(())
     }
 
-    /// Resolves once the placement service reports `node` down: a move to it would wait out
+    /// Resolves once this node's placement view (the placement leader's last report, which
+    /// every heartbeat brings) has `node` down or being drained: a move to it would wait out
     /// its whole catch-up time (a minute by default) while holding its range as moving, and
-    /// the scheduler, which plans around the dead node, could not replace it until then.
+    /// the scheduler, which plans around that node, could not replace it until then.
     async fn until_reported_down(&self, range_id: RangeId, node: NodeId) -> ApiError {
         let mut tick = super::ticker(Duration::from_millis(MOVE_TARGET_CHECK_MS));
         loop {
             tick.tick().await;
-            let Ok(report) = self.placement_report().await else {
-                continue;
-            };
-            if report
-                .nodes
-                .iter()
-                .any(|n| n.id == node && n.state == NodeState::Down)
-            {
+            let draining = self
+                .placement
+                .read()
+                .expect("placement lock")
+                .as_ref()
+                .is_some_and(|view| view.draining.contains(&node));
+            if draining {
                 return unavailable(
                     range_id,
-                    format!("node {node} is down (the placement service reports it so)"),
+                    format!("node {node} is down or being drained (the placement service says so)"),
                 );
             }
         }
