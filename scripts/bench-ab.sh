@@ -9,6 +9,8 @@
 # e.g. scripts/bench-ab.sh /tmp/before target/release 3 -- --workload put --clients 64 --duration 10s
 # CONCORD_NODE_ARGS_A / CONCORD_NODE_ARGS_B add node arguments to one side only, to compare
 # settings of one build: DIR_A and DIR_B may then be the same directory.
+# CONCORD_AB_WARMUP=30s runs the same workload for that long first, unmeasured, so that what
+# a sustained load changes (splits by load, leader moves) has happened before the measured run.
 set -euo pipefail
 [ $# -ge 4 ] && [ "$4" = "--" ] || { sed -n 2,10p "$0"; exit 2; }
 cd "$(dirname "$0")/.."
@@ -25,10 +27,21 @@ one() {
   # Every range has a leader now; leader balancing (a round a second) settles within a few.
   sleep 3
   local out ranges cpu_before cpu_after
+  if [ -n "${CONCORD_AB_WARMUP:-}" ]; then
+    # The same arguments with the warm-up's duration in place of the run's.
+    local warm=() skip=0 arg
+    for arg in "$@"; do
+      if [ "$skip" = 1 ]; then skip=0; continue; fi
+      case $arg in --duration) skip=1; continue ;; --duration=*) continue ;; esac
+      warm+=("$arg")
+    done
+    timeout 300 "$bin/concord-loadgen" run --target concord --config "$dir/concordctl.toml" -o json \
+      "${warm[@]}" --duration "$CONCORD_AB_WARMUP" >/dev/null
+  fi
   cpu_before=$(nodes_cpu_ticks)
   out=$(timeout 300 "$bin/concord-loadgen" run --target concord --config "$dir/concordctl.toml" -o json "$@")
   cpu_after=$(nodes_cpu_ticks)
-  # How many ranges the cluster ended with (it starts with 8; more: some split by load).
+  # How many ranges the cluster ended with (it starts with 3; more: some split by load).
   ranges=$("$bin/concordctl" --config "$dir/concordctl.toml" ranges -o json | jq length)
   # The nodes' CPU time (user + system) per operation: steadier than throughput on a shared
   # machine, and what a CPU-saving change should lower.

@@ -332,10 +332,11 @@ async fn a_range_under_sustained_write_load_splits_where_the_writes_halve() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ranges_evenly_loaded_past_the_write_threshold_do_not_split() {
-    // 8 ranges on 3 nodes, each past the write threshold: a node's share of the writes is 8/3
-    // ranges' worth, and a range takes 3/8 of it, under the half a load split needs. Checks
-    // of 1 s, so that every range samples enough writes (16) to pick a split key.
-    const RANGES: usize = 8;
+    // 3 ranges on 3 nodes (a new cluster's), each past the write threshold: each node leads
+    // one, its fair share of the writes, so no split spreads anything. (Each range takes a
+    // whole share, more than the half the rule before this one split at.) Checks of 1 s, so
+    // that every range samples enough writes (16) to pick a split key.
+    const RANGES: usize = 3;
     const THRESHOLD: u64 = 10;
     const CHECK_MS: u64 = 1_000;
     let cluster = Cluster::start_tuned(3, RANGES, |c| {
@@ -349,12 +350,12 @@ async fn ranges_evenly_loaded_past_the_write_threshold_do_not_split() {
     })
     .await;
     let client = cluster.client().await;
-    // The load starts on a settled cluster: every node leads 2 or 3 ranges (while leaderships
+    // The load starts on a settled cluster: every node leads one range (while leaderships
     // move, the ranges' rates and the reports they are summed from swing).
     eventually("leaders balanced", || async {
         let report = client.placement().await.map_err(|e| e.to_string())?;
         let leaders: Vec<u64> = report.nodes.iter().map(|n| n.leaders).collect();
-        if leaders.iter().sum::<u64>() == RANGES as u64 && leaders.iter().all(|l| *l >= 2) {
+        if leaders.iter().sum::<u64>() == RANGES as u64 && leaders.iter().all(|l| *l == 1) {
             Ok(())
         } else {
             Err(format!("ranges led per node: {leaders:?}"))

@@ -76,7 +76,9 @@ struct RunArgs {
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     down_after: Duration,
     /// One more argument for every `concord node` (repeat it: `--node-arg=--split-writes=40
-    /// --node-arg=--merge-after=5` has ranges split by load and merge under the faults).
+    /// --node-arg=--merge-after=5` has ranges split by load and merge under the faults, where
+    /// a node leads more than its share of the writes: from `--ranges 1`, or where the faults
+    /// leave leaderships uneven; even ranges led evenly do not split).
     #[arg(long = "node-arg", allow_hyphen_values = true)]
     node_args: Vec<String>,
     /// Where the run's files go (default: target/faults/SEED).

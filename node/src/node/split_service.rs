@@ -2,9 +2,10 @@
 //! looks at the ranges it leads and splits one that holds more keys, or more bytes, than its
 //! threshold, at the key that halves its key count; or one that has taken more writes per
 //! second than its threshold for [`SplitSettings::hot_checks`] checks in a row, at the key
-//! that halves its sampled writes, if it also takes more than half of a node's fair share of
-//! the cluster's writes (from the placement service's last report): a split that cannot
-//! spread load only adds a Raft group ([`load_split_spreads`]).
+//! that halves its sampled writes, if its leader (this node) carries more than a quarter over
+//! a node's fair share of the cluster's writes (from the placement service's last report) and
+//! the range more than half a share: a split that cannot spread load only adds a Raft group
+//! ([`load_split_spreads`]).
 //!
 //! The decisions ([`split_point`], [`load_split_point`], [`load_split_spreads`]) are pure functions of the range's
 //! state, its write sample and the thresholds; the loop only carries them out, one split per
@@ -119,19 +120,42 @@ const WRITE_SAMPLE_KEYS: usize = 256;
 /// One write in this many is sampled.
 const WRITE_SAMPLE_EVERY: u64 = 4;
 
-/// Whether splitting a hot range taking `writes_per_sec` can spread its load, given a node's
-/// fair share of the cluster's writes (`node_share`, 0 when unknown): only if the range takes
-/// more than half of that share. A range below it is one of several pieces of its leader's
-/// load that leader balancing can already move; splitting it adds a Raft group (its
-/// heartbeats, a smaller batch per append, a second or two of new leaders) for little spread.
-/// Measured on 3 nodes with 8 evenly loaded ranges: splits cost 12 % of put throughput
-/// (docs/benchmarks/analysis.md). A single hot range, or hot ranges on a large cluster, still
-/// split. A share of 0 (no placement report yet, or one from before the writes) splits
-/// nothing: the placement service sees a hot range's writes within a heartbeat or two, long
-/// before the range has been hot for [`SplitSettings::hot_checks`] checks. The split loop
-/// asks this at every check of a hot streak, so that one noisy window splits nothing.
-pub fn load_split_spreads(writes_per_sec: f64, node_share: f64) -> bool {
-    node_share > 0.0 && writes_per_sec * 2.0 > node_share
+/// How far past a fair share the writes a node leads must be before one of its ranges splits
+/// by load: a quarter. Even ranges on three nodes land within it (three ranges lead 1/1/1,
+/// eight 3/3/2, a ninth over), while the node leading two of four (half again its share) or
+/// one hot range among cold ones is past it.
+pub const LEADER_OVERLOAD: f64 = 1.25;
+
+/// The writes per second a load split is weighed on: the hot range's, the sum of every range
+/// its leader leads (this node's), and a node's fair share of the cluster's (the ranges'
+/// reported writes over the nodes not drained; 0 when unknown).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WriteLoad {
+    /// The hot range's writes per second.
+    pub range: f64,
+    /// Writes per second of every range its leader leads, the hot one included.
+    pub leader: f64,
+    /// A node's fair share of the cluster's writes per second.
+    pub node_share: f64,
+}
+
+/// Whether splitting a hot range can spread its load: only if its leader carries more than
+/// [`LEADER_OVERLOAD`] times a fair share of the writes, and the range itself more than half
+/// a share. Leader balancing moves whole ranges by count; a split helps only where that
+/// leaves one node with too much, and the range is a large piece of it. Otherwise it adds a
+/// Raft group (its heartbeats, a smaller batch per append, a second or two of new leaders)
+/// for nothing: three even ranges on three nodes are already spread (splitting each cost a
+/// quarter of put throughput at 64 clients), as are eight (measured: 12 %;
+/// docs/benchmarks/analysis.md). A single hot range, a node leading two of four even ranges,
+/// or hot ranges on a large cluster still split. A share of 0 (no placement report yet, or
+/// one from before the writes) splits nothing: the placement service sees a hot range's
+/// writes within a heartbeat or two, long before the range has been hot for
+/// [`SplitSettings::hot_checks`] checks. The split loop asks this at every check of a hot
+/// streak, so that one noisy window splits nothing.
+pub fn load_split_spreads(load: WriteLoad) -> bool {
+    load.node_share > 0.0
+        && load.range * 2.0 > load.node_share
+        && load.leader > load.node_share * LEADER_OVERLOAD
 }
 
 /// Keys of a range's recent writes, sampled on its leader for load splits.
@@ -182,21 +206,30 @@ pub(super) async fn split_loop(inner: Weak<NodeInner>, settings: SplitSettings) 
         let now = Instant::now();
         // A node's share of the cluster's writes, as of the last placement report.
         let node_share = inner.writes_per_sec_per_node();
-        for group in inner.groups() {
-            if group.id == PLACEMENT_GROUP
-                || !group.raft.is_leader()
-                || !group.has_state()
-                || group.frozen()
-            {
-                continue;
-            }
-            let (_, rate) = meter.rates(&group, now);
+        // The ranges this node leads, with their writes per second since the last check.
+        let led: Vec<_> = inner
+            .groups()
+            .into_iter()
+            .filter(|g| {
+                g.id != PLACEMENT_GROUP && g.raft.is_leader() && g.has_state() && !g.frozen()
+            })
+            .map(|g| {
+                let (_, rate) = meter.rates(&g, now);
+                (g, rate)
+            })
+            .collect();
+        let leader: f64 = led.iter().map(|(_, rate)| rate).sum();
+        for (group, rate) in led {
             let streak = hot.entry(group.id).or_default();
-            // Hot: past the threshold, and a large enough part of a node's share of the
-            // writes, at every check of the streak (one noisy window splits nothing).
+            // Hot: past the threshold, and a split would spread it, at every check of the
+            // streak (one noisy window splits nothing).
             let over = settings.writes_per_sec_max != 0
                 && rate > settings.writes_per_sec_max as f64
-                && load_split_spreads(rate, node_share);
+                && load_split_spreads(WriteLoad {
+                    range: rate,
+                    leader,
+                    node_share,
+                });
             *streak = if over { *streak + 1 } else { 0 };
             let (by_size, bounds) = {
                 let state = group.state.read().expect("range state lock");
@@ -255,18 +288,52 @@ mod tests {
             .collect()
     }
 
+    /// The load of `ranges` even ranges at `rate` on `nodes` nodes, at a node leading `led`.
+    fn even(ranges: usize, nodes: usize, led: usize, rate: f64) -> WriteLoad {
+        WriteLoad {
+            range: rate,
+            leader: led as f64 * rate,
+            node_share: ranges as f64 * rate / nodes as f64,
+        }
+    }
+
     #[test]
-    fn a_load_split_needs_half_a_nodes_share_of_the_writes() {
-        // 3 nodes, 8 ranges evenly loaded at 2,000 writes/s each: a node's share is 5,333,
-        // a range a quarter of it.
-        let share = 8.0 * 2_000.0 / 3.0;
-        assert!(!load_split_spreads(2_000.0, share));
-        // One hot range among cold ones (6,000 of the 7,400 writes/s): it splits.
-        assert!(load_split_spreads(6_000.0, 7_400.0 / 3.0));
-        // 10 nodes, 5 hot ranges at 3,000 writes/s: a node's share is 1,500.
-        assert!(load_split_spreads(3_000.0, 15_000.0 / 10.0));
+    fn a_load_split_needs_an_overloaded_leader_and_half_a_nodes_share() {
+        // Even ranges that leader balancing spreads by count: 3 on 3 nodes (1/1/1), 6 (2/2/2),
+        // 8 (3/3/2, the node with 3 an eighth over its share).
+        assert!(!load_split_spreads(even(3, 3, 1, 2_000.0)));
+        assert!(!load_split_spreads(even(6, 3, 2, 2_000.0)));
+        assert!(!load_split_spreads(even(8, 3, 3, 2_000.0)));
+        // 4 on 3 (2/1/1): the node leading two is half again over its share and splits; the
+        // others do not. The 5 ranges after (2/2/1, one of them half a range) are spread.
+        assert!(load_split_spreads(even(4, 3, 2, 2_000.0)));
+        assert!(!load_split_spreads(even(4, 3, 1, 2_000.0)));
+        let five = WriteLoad {
+            range: 2_000.0,
+            leader: 3_000.0,
+            node_share: 8_000.0 / 3.0,
+        };
+        assert!(!load_split_spreads(five));
+        // One hot range among cold ones (6,000 of the 7,400 writes/s), its leader leading two
+        // cold ones as well.
+        let hot = WriteLoad {
+            range: 6_000.0,
+            leader: 6_400.0,
+            node_share: 7_400.0 / 3.0,
+        };
+        assert!(load_split_spreads(hot));
+        // ... but not a lukewarm one beside it: a small piece of its leader's load.
+        assert!(!load_split_spreads(WriteLoad {
+            range: 200.0,
+            ..hot
+        }));
+        // 10 nodes, 5 hot ranges at 3,000 writes/s, one per leader.
+        assert!(load_split_spreads(even(5, 10, 1, 3_000.0)));
         // Before placement has seen any writes, nothing splits by load.
-        assert!(!load_split_spreads(2_000.0, 0.0));
+        assert!(!load_split_spreads(WriteLoad {
+            node_share: 0.0,
+            ..hot
+        }));
     }
 
     #[test]
