@@ -17,6 +17,6 @@ pub mod raft_types;
 pub mod storage;
 
 pub use node::{
-    split_point, stored_ranges, BoundNode, Node, NodeConfig, PlacementSettings, RaftSettings,
-    SplitSettings, StartError, RANGES_DEFAULT,
+    split_point, stored_ranges, BoundNode, CompactionSettings, Node, NodeConfig, PlacementSettings,
+    RaftSettings, SplitSettings, StartError, RANGES_DEFAULT,
 };

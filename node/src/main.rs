@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use concord_node::dev::{self, DevOptions};
-use concord_node::{stored_ranges, BoundNode, NodeConfig, SplitSettings, RANGES_DEFAULT};
+use concord_node::{
+    stored_ranges, BoundNode, CompactionSettings, NodeConfig, SplitSettings, RANGES_DEFAULT,
+};
 use concord_transport::api::RequestLimits;
 
 #[global_allocator]
@@ -132,6 +134,10 @@ enum Command {
         /// Split a range taking more writes per second than this, sustained (0: never by load).
         #[arg(long, default_value_t = SplitSettings::default().writes_per_sec_max)]
         split_writes: u64,
+        /// Revisions of history each range keeps: its leader compacts older ones away once
+        /// the history is a tenth longer (0: compact only when asked, `concordctl compact`).
+        #[arg(long, default_value_t = CompactionSettings::default().keep_revisions)]
+        history_revisions: u64,
         #[command(flatten)]
         limits: LimitArgs,
     },
@@ -216,6 +222,7 @@ async fn main() -> anyhow::Result<()> {
             split_keys,
             split_bytes,
             split_writes,
+            history_revisions,
             limits,
         } => {
             let members = match join {
@@ -231,6 +238,7 @@ async fn main() -> anyhow::Result<()> {
             config.split.keys_max = split_keys;
             config.split.bytes_max = split_bytes;
             config.split.writes_per_sec_max = split_writes;
+            config.compaction.keep_revisions = history_revisions;
             config.placement.join = join;
             config.placement.zone = zone;
             config.placement.memory_bytes = memory_gib.map(|g| g.saturating_mul(1 << 30));

@@ -9,7 +9,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{key_in, Cluster, WAIT};
+use common::{eventually, key_in, Cluster, WAIT};
+use concord_node::CompactionSettings;
 use concord_client::api::{ApiError, KeySpan, PutRequest, RangeId, TxnOp, TxnRequest};
 use concord_client::{Client, Error, WatchResponse, Watcher};
 use concord_transport::watch::{EventKind, WatchRequest};
@@ -155,6 +156,62 @@ async fn a_watch_over_every_range_sees_each_write_once_in_order() {
         .expect("prev_kv")
         .value
         .starts_with(b"r1-"));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_range_compacts_its_history_to_the_revisions_it_keeps() {
+    const KEEP: u64 = 20;
+    let cluster = Cluster::start_tuned(3, RANGES, |c| {
+        c.compaction = CompactionSettings {
+            keep_revisions: KEEP,
+            check_interval_ms: 200,
+        };
+    })
+    .await;
+    let client = cluster.client().await;
+    let key = key_in(&client, 1, 1);
+    let mut revisions = Vec::new();
+    for i in 0..100 {
+        let r = client.put(key.clone(), format!("v{i}")).await.expect("put");
+        revisions.push(r.header.revision);
+    }
+    let last = *revisions.last().expect("a put");
+    // The leader compacts on its own: a watch from early on is refused, and the compaction
+    // point settles within a tenth of KEEP below the last revision, never above it.
+    let from = |revision: u64| {
+        let mut request = WatchRequest::new(KeySpan::key(key.clone()));
+        request.start_revision = revision;
+        request
+    };
+    eventually("the history compacted to its last revisions", || async {
+        match client.watch(from(revisions[1])).await {
+            Err(Error::Api(ApiError::Compacted { compact_revision }))
+                if compact_revision >= last - KEEP - KEEP / 10 =>
+            {
+                assert!(
+                    compact_revision <= last - KEEP,
+                    "compacted at {compact_revision}, keeping fewer than {KEEP} of {last}"
+                );
+                Ok(())
+            }
+            Err(Error::Api(ApiError::Compacted { compact_revision })) => {
+                Err(format!("compacted at {compact_revision} of {last}"))
+            }
+            Err(e) => Err(format!("watch: {e}")),
+            Ok(_) => Err("not compacted yet".into()),
+        }
+    })
+    .await;
+    // The revisions kept are still there: a watch from the oldest of them replays them all.
+    let kept_from = last - KEEP + 1;
+    let mut watcher = client.watch(from(kept_from)).await.expect("watch kept history");
+    let got = collect_until(&mut watcher, "the kept history", |r| {
+        event_count(r) >= KEEP as usize
+    })
+    .await;
+    let first = got.iter().flat_map(|r| &r.events).next().expect("an event");
+    assert_eq!(first.kv.mod_revision, kept_from);
     cluster.shutdown().await;
 }
 

@@ -41,6 +41,7 @@ use balance_service::leader_balance_loop;
 use lease_service::{lease_loop, LeaseKeeper};
 
 mod balance_service;
+mod compaction_service;
 mod lease_service;
 mod merge_service;
 pub(crate) mod placement_service;
@@ -48,6 +49,7 @@ mod replica_service;
 mod split_service;
 mod watch_service;
 
+pub use compaction_service::CompactionSettings;
 pub use placement_service::PlacementSettings;
 pub use split_service::{split_point, SplitSettings};
 
@@ -106,8 +108,10 @@ pub struct NodeConfig {
     pub raft: RaftSettings,
     /// Revisions of events a watcher may fall behind before it is cancelled (resumable).
     pub watch_buffer: usize,
-    /// When a range splits by size.
+    /// When a range splits by size or load.
     pub split: SplitSettings,
+    /// How much MVCC history a range keeps.
+    pub compaction: CompactionSettings,
     /// The placement service: failure detection, zone, joining a cluster.
     pub placement: PlacementSettings,
 }
@@ -127,6 +131,7 @@ impl NodeConfig {
             raft: RaftSettings::default(),
             watch_buffer: WATCH_BUFFER_DEFAULT,
             split: SplitSettings::default(),
+            compaction: CompactionSettings::default(),
             placement: PlacementSettings::default(),
         }
     }
@@ -319,6 +324,10 @@ impl BoundNode {
         tasks.spawn(split_service::split_loop(
             Arc::downgrade(&inner),
             inner.config.split,
+        ));
+        tasks.spawn(compaction_service::compaction_loop(
+            Arc::downgrade(&inner),
+            inner.config.compaction,
         ));
         tasks.spawn(placement_service::heartbeat_loop(Arc::downgrade(&inner)));
         tasks.spawn(placement_service::schedule_loop(Arc::downgrade(&inner)));
