@@ -12,7 +12,7 @@
 # CONCORD_AB_WARMUP=30s runs the same workload for that long first, unmeasured, so that what
 # a sustained load changes (splits by load, leader moves) has happened before the measured run.
 set -euo pipefail
-[ $# -ge 4 ] && [ "$4" = "--" ] || { sed -n 2,10p "$0"; exit 2; }
+[ $# -ge 4 ] && [ "$4" = "--" ] || { sed -n 2,13p "$0"; exit 2; }
 cd "$(dirname "$0")/.."
 a=$1 b=$2 rounds=$3
 shift 4

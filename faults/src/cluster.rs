@@ -158,6 +158,7 @@ impl Cluster {
             .arg("--cert-dir")
             .arg(self.dir.join("certs"))
             .args(&self.node_args)
+            .args(keep_history(&self.node_args))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -374,6 +375,16 @@ impl Drop for Cluster {
             let _ = self.kill(host);
         }
     }
+}
+
+/// `--history-revisions=0` unless `node_args` set it: a campaign's watcher resumes from a
+/// revision anywhere in the run (to check that no event is lost or repeated), which needs
+/// the whole history, so nodes do not compact it on their own.
+fn keep_history(node_args: &[String]) -> Option<&'static str> {
+    let set = node_args
+        .iter()
+        .any(|a| a.starts_with("--history-revisions"));
+    (!set).then_some("--history-revisions=0")
 }
 
 #[cfg(test)]

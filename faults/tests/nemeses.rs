@@ -245,11 +245,12 @@ fn splits_merges_and_moves_with_crashes_keep_every_key_linearizable() {
 fn a_node_down_past_down_after_and_splits_by_load_keep_every_key_linearizable() {
     // Four nodes, so that a down node's replicas have somewhere to go; nodes call a node down
     // after 3 s and split a range past 5 writes a second (sustained over three 5 s checks).
-    // One range to start with: its leader carries every write, four times a node's share, so
-    // a split spreads load (even ranges, one led per node, would not split).
+    // Two ranges to start with: each leader carries every write of its range, twice a node's
+    // share, so a split spreads load (even ranges, one led per node, would not split); their
+    // 6 replicas put one on every node.
     let settings = NodeSettings {
         down_after: Duration::from_secs(3),
-        ranges: 1,
+        ranges: 2,
         args: &["--split-writes=5"],
     };
     let Passed {
@@ -282,9 +283,9 @@ fn a_node_down_past_down_after_and_splits_by_load_keep_every_key_linearizable() 
         "no down node lost replicas to the others:\n{faults}"
     );
     // The clients' load split a range on its own: the final table holds a range besides the
-    // bootstrap one (id 1).
+    // bootstrap ones (ids 1 and 2).
     assert!(
-        outcome.final_ranges.iter().any(|id| *id > 1),
+        outcome.final_ranges.iter().any(|id| *id > 2),
         "no range split by load: ranges {:?}",
         outcome.final_ranges
     );

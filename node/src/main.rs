@@ -136,7 +136,7 @@ enum Command {
         split_writes: u64,
         /// Revisions of history each range keeps: its leader compacts older ones away once
         /// the history is a tenth longer (0: compact only when asked, `concordctl compact`).
-        #[arg(long, default_value_t = CompactionSettings::default().keep_revisions)]
+        #[arg(long, default_value_t = CompactionSettings::default().history_revisions)]
         history_revisions: u64,
         #[command(flatten)]
         limits: LimitArgs,
@@ -238,7 +238,7 @@ async fn main() -> anyhow::Result<()> {
             config.split.keys_max = split_keys;
             config.split.bytes_max = split_bytes;
             config.split.writes_per_sec_max = split_writes;
-            config.compaction.keep_revisions = history_revisions;
+            config.compaction.history_revisions = history_revisions;
             config.placement.join = join;
             config.placement.zone = zone;
             config.placement.memory_bytes = memory_gib.map(|g| g.saturating_mul(1 << 30));

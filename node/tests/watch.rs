@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::{eventually, key_in, Cluster, WAIT};
-use concord_node::CompactionSettings;
 use concord_client::api::{ApiError, KeySpan, PutRequest, RangeId, TxnOp, TxnRequest};
 use concord_client::{Client, Error, WatchResponse, Watcher};
+use concord_node::CompactionSettings;
 use concord_transport::watch::{EventKind, WatchRequest};
 
 const RANGES: usize = 4;
@@ -164,7 +164,7 @@ async fn a_range_compacts_its_history_to_the_revisions_it_keeps() {
     const KEEP: u64 = 20;
     let cluster = Cluster::start_tuned(3, RANGES, |c| {
         c.compaction = CompactionSettings {
-            keep_revisions: KEEP,
+            history_revisions: KEEP,
             check_interval_ms: 200,
         };
     })
@@ -205,7 +205,10 @@ async fn a_range_compacts_its_history_to_the_revisions_it_keeps() {
     .await;
     // The revisions kept are still there: a watch from the oldest of them replays them all.
     let kept_from = last - KEEP + 1;
-    let mut watcher = client.watch(from(kept_from)).await.expect("watch kept history");
+    let mut watcher = client
+        .watch(from(kept_from))
+        .await
+        .expect("watch kept history");
     let got = collect_until(&mut watcher, "the kept history", |r| {
         event_count(r) >= KEEP as usize
     })

@@ -1034,6 +1034,17 @@ impl NodeInner {
     }
 
     /// Every group this node hosts, the placement group included.
+    /// The ranges this node leads that hold their state and are not frozen for a merge (the
+    /// placement group left out): what the split and compaction loops look at.
+    fn led_ranges(&self) -> Vec<Arc<Group>> {
+        self.groups()
+            .into_iter()
+            .filter(|g| {
+                g.id != PLACEMENT_GROUP && g.raft.is_leader() && g.has_state() && !g.frozen()
+            })
+            .collect()
+    }
+
     fn groups(&self) -> Vec<Arc<Group>> {
         self.groups
             .read()

@@ -204,6 +204,8 @@ pub struct PlacementView {
     /// their leaders last reported them, over the nodes that are not drained (0 when no range
     /// has reported). A load split weighs a hot range against it ([`super::split_service`]).
     pub writes_per_sec_per_node: f64,
+    /// Writes per second of the ranges each node leads, as their leaders last reported them.
+    pub writes_per_sec_led: BTreeMap<NodeId, f64>,
 }
 
 impl From<&PlacementReport> for PlacementView {
@@ -233,8 +235,21 @@ impl From<&PlacementReport> for PlacementView {
                 .map(|n| n.id)
                 .collect(),
             writes_per_sec_per_node: writes_per_sec_per_node(report),
+            writes_per_sec_led: writes_per_sec_led(&report.ranges),
         }
     }
+}
+
+/// The writes per second of the ranges each node leads, summed over a report's ranges by
+/// their reported leader (see [`PlacementView::writes_per_sec_led`]).
+fn writes_per_sec_led(ranges: &[RangeLoad]) -> BTreeMap<NodeId, f64> {
+    let mut led = BTreeMap::new();
+    for range in ranges {
+        if let Some(leader) = range.leader {
+            *led.entry(leader).or_default() += range.writes_per_sec as f64;
+        }
+    }
+    led
 }
 
 /// The cluster's writes per second over its nodes that are not drained (see
@@ -459,14 +474,15 @@ impl NodeInner {
         HeartbeatReply::Accepted(self.build_report(&group))
     }
 
-    /// A node's fair share of the cluster's writes per second, from the last placement
-    /// report (0 before the first; see [`PlacementView::writes_per_sec_per_node`]).
-    pub(super) fn writes_per_sec_per_node(&self) -> f64 {
-        self.placement
-            .read()
-            .expect("placement lock")
-            .as_ref()
-            .map_or(0.0, |view| view.writes_per_sec_per_node)
+    /// A node's fair share of the cluster's writes per second, and the writes per second of
+    /// the ranges this node leads, from the last placement report (0 before the first; see
+    /// [`PlacementView::writes_per_sec_per_node`]).
+    pub(super) fn write_shares(&self) -> (f64, f64) {
+        let view = self.placement.read().expect("placement lock");
+        view.as_ref().map_or((0.0, 0.0), |view| {
+            let led = view.writes_per_sec_led.get(&self.config.id);
+            (view.writes_per_sec_per_node, led.copied().unwrap_or(0.0))
+        })
     }
 
     /// The placement leader as this node knows it, with its address.
@@ -1074,5 +1090,40 @@ pub(super) async fn schedule_loop(inner: Weak<NodeInner>) {
                 .merging = Some(left);
             tokio::spawn(inner.clone().carry_out(Decision::Merge { left }));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(id: RangeId, leader: Option<NodeId>, writes_per_sec: u64) -> RangeLoad {
+        RangeLoad {
+            descriptor: RangeDescriptor {
+                id,
+                start: vec![id as u8],
+                end: vec![id as u8 + 1],
+                epoch: 1,
+                replicas: vec![1, 2, 3],
+            },
+            leader,
+            keys: 0,
+            bytes: 0,
+            reads_per_sec: 0,
+            writes_per_sec,
+        }
+    }
+
+    #[test]
+    fn a_nodes_led_writes_sum_the_ranges_it_was_reported_leading() {
+        let ranges = [
+            range(1, Some(1), 3_000),
+            range(2, Some(2), 2_000),
+            range(3, Some(1), 1_000),
+            // No leader reported: counted for no node.
+            range(4, None, 500),
+        ];
+        let led = writes_per_sec_led(&ranges);
+        assert_eq!(led, BTreeMap::from([(1, 4_000.0), (2, 2_000.0)]));
     }
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use concord_transport::api::RangeId;
 
-use super::{NodeInner, PLACEMENT_GROUP};
+use super::NodeInner;
 use crate::mvcc::{Bounds, Mvcc};
 
 /// When a range splits by size or load.
@@ -122,13 +122,15 @@ const WRITE_SAMPLE_EVERY: u64 = 4;
 
 /// How far past a fair share the writes a node leads must be before one of its ranges splits
 /// by load: a quarter. Even ranges on three nodes land within it (three ranges lead 1/1/1,
-/// eight 3/3/2, a ninth over), while the node leading two of four (half again its share) or
+/// eight 3/3/2, an eighth over), while the node leading two of four (half again its share) or
 /// one hot range among cold ones is past it.
 pub const LEADER_OVERLOAD: f64 = 1.25;
 
-/// The writes per second a load split is weighed on: the hot range's, the sum of every range
-/// its leader leads (this node's), and a node's fair share of the cluster's (the ranges'
-/// reported writes over the nodes not drained; 0 when unknown).
+/// The writes per second a load split is weighed on: the hot range's (measured by its leader
+/// over the last check), and from the placement service's last report, the sum of every
+/// range its leader leads (this node's) and a node's fair share of the cluster's (the ranges'
+/// writes over the nodes not drained; 0 when unknown). The last two come from one report, so
+/// that one window measures both.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct WriteLoad {
     /// The hot range's writes per second.
@@ -204,21 +206,22 @@ pub(super) async fn split_loop(inner: Weak<NodeInner>, settings: SplitSettings) 
         ticker.tick().await;
         let Some(inner) = inner.upgrade() else { return };
         let now = Instant::now();
-        // A node's share of the cluster's writes, as of the last placement report.
-        let node_share = inner.writes_per_sec_per_node();
-        // The ranges this node leads, with their writes per second since the last check.
-        let led: Vec<_> = inner
-            .groups()
+        // A node's fair share of the cluster's writes and what this node leads of them, both
+        // from the last placement report (one window for both).
+        let (node_share, leader) = inner.write_shares();
+        // The ranges this node leads, with their writes per second since the last check,
+        // hottest first: at most one load split per round, the hottest range's (the leader's
+        // load is weighed again, after the split, at the next check).
+        let mut led: Vec<_> = inner
+            .led_ranges()
             .into_iter()
-            .filter(|g| {
-                g.id != PLACEMENT_GROUP && g.raft.is_leader() && g.has_state() && !g.frozen()
-            })
             .map(|g| {
                 let (_, rate) = meter.rates(&g, now);
                 (g, rate)
             })
             .collect();
-        let leader: f64 = led.iter().map(|(_, rate)| rate).sum();
+        led.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let mut split_by_load = false;
         for (group, rate) in led {
             let streak = hot.entry(group.id).or_default();
             // Hot: past the threshold, and a split would spread it, at every check of the
@@ -241,7 +244,7 @@ pub(super) async fn split_loop(inner: Weak<NodeInner>, settings: SplitSettings) 
             let sample = group.counters.sample.take();
             let (at, why) = match by_size {
                 Some(at) => (at, "size"),
-                None if *streak >= settings.hot_checks.max(1) => {
+                None if *streak >= settings.hot_checks.max(1) && !split_by_load => {
                     match load_split_point(&sample, &bounds) {
                         Some(at) => (at, "load"),
                         None => {
@@ -259,6 +262,7 @@ pub(super) async fn split_loop(inner: Weak<NodeInner>, settings: SplitSettings) 
             match inner.split_range(&group, at.clone()).await {
                 Ok(_) => {
                     *streak = 0;
+                    split_by_load |= why == "load";
                     tracing::info!(range = group.id, at = ?String::from_utf8_lossy(&at), rate, "split by {why}")
                 }
                 Err(e) => tracing::warn!(range = group.id, "split by {why}: {e}"),
