@@ -15,6 +15,13 @@ use crate::cluster::Cluster;
 use crate::nemesis::{Crash, Fault};
 use crate::workload;
 
+/// The reshaping client's request timeout: a split, merge or move under a loaded machine
+/// (CI's, with the clients and faults running) can take longer than the 5 s a client waits
+/// by default, and one that timed out counts as not gone through (seed 86 once saw all five
+/// of its operations time out or be refused in a full test run, and failed its check that
+/// one went through).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Longest an operation may take before the campaign moves on (a merge waits for the frozen
 /// range's leader, a move for its learner to catch up).
 const OPERATION_MAX: Duration = Duration::from_secs(30);
@@ -49,7 +56,7 @@ pub async fn apply(
     fault: &Fault,
     registers: u64,
 ) -> anyhow::Result<(Vec<usize>, String)> {
-    let client = Client::connect(cluster.client_config(Duration::from_secs(5))).await?;
+    let client = Client::connect(cluster.client_config(REQUEST_TIMEOUT)).await?;
     let report = match client.placement().await {
         Ok(report) => report,
         Err(e) => return Ok((Vec::new(), format!("no placement view: {e}"))),
