@@ -1033,7 +1033,6 @@ impl NodeInner {
             .any(|g| g.raft.as_leader().is_ok() && g.split_into().contains(&id))
     }
 
-    /// Every group this node hosts, the placement group included.
     /// The ranges this node leads that hold their state and are not frozen for a merge (the
     /// placement group left out): what the split and compaction loops look at.
     fn led_ranges(&self) -> Vec<Arc<Group>> {
@@ -1045,6 +1044,7 @@ impl NodeInner {
             .collect()
     }
 
+    /// Every group this node hosts, the placement group included.
     fn groups(&self) -> Vec<Arc<Group>> {
         self.groups
             .read()
